@@ -1,0 +1,1 @@
+"""lepton-operator: a kopf operator for elastic PyTorch training and compressed inference."""

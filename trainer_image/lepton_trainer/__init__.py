@@ -1,0 +1,1 @@
+"""Workload side of lepton-operator: training, compression and serving."""

@@ -18,6 +18,18 @@ ENV_CHECKPOINT_DIR = "LEPTON_CHECKPOINT_DIR"
 ENV_OUTPUT_DIR = "LEPTON_OUTPUT_DIR"
 ENV_METRICS_PORT = "LEPTON_METRICS_PORT"
 
+# --- Trainer metrics (prometheus-client, served on METRICS_PORT by local rank 0) -------
+# Label names avoid "job" and "namespace": Prometheus sets those on every scraped
+# target and would rename ours to exported_job / exported_namespace.
+METRICS_JOB_LABEL = "lepton_job"
+METRICS_NAMESPACE_LABEL = "lepton_namespace"
+METRIC_STEP = "lepton_train_step"                          # optimizer steps completed
+METRIC_LOSS = "lepton_train_loss"                          # training loss of the last step
+METRIC_SAMPLES_PER_SECOND = "lepton_train_samples_per_second"  # whole job, not per node
+METRIC_WORLD_SIZE = "lepton_train_world_size"              # ranks in the current group
+METRIC_CHECKPOINT_STEP = "lepton_train_last_checkpoint_step"
+METRIC_RESTARTS = "lepton_train_restarts"                  # TORCHELASTIC_RESTART_COUNT
+
 # --- Compression Job and inference server ---------------------------------------------
 ENV_MODEL_DIR = "LEPTON_MODEL_DIR"          # input model directory (compression, serving)
 ENV_MODEL_NAME = "LEPTON_MODEL_NAME"        # served model name (/v2/models/{name})

@@ -1,0 +1,251 @@
+"""Built-in elastic trainers: ``torchrun ... -m lepton_trainer.train --model mlp``.
+
+Runs under torchrun (gloo on CPU, NCCL when CUDA is present) or as one plain process.
+
+Elastic rules:
+
+* **Data order is a function of the step, not of the world size.** The training split
+  is one endless stream: epoch ``e`` is a permutation seeded by ``(seed, e)``, and step
+  ``s`` takes the ``global_batch_size`` positions starting at ``s * global_batch_size``.
+  After a re-rendezvous the same global batch is cut into the new number of shards.
+* **The global batch is constant.** Rank ``r`` of ``W`` takes ``G // W`` examples, and the
+  first ``G % W`` ranks take one more. Each rank's loss is its summed loss times ``W / G``,
+  so DDP's gradient average is exactly the mean over the whole global batch, whatever
+  ``W`` is. ``G`` must be at least ``W``.
+* **Steps never go back past the last checkpoint.** Every (re)start resumes from the
+  newest valid checkpoint; only global rank 0 writes them; every rank loads, and ranks
+  that see different checkpoints stop with an error (the directory must be shared).
+
+Flags fall back to the environment the operator sets (``contract.ENV_*``). The pieces a
+user script may want on its own are :func:`init_distributed`,
+:func:`global_batch_indices`, :func:`rank_slice`,
+:class:`~lepton_trainer.checkpoint.CheckpointManager` and
+:class:`~lepton_trainer.metrics.TrainingMetrics`; a user's own script needs none of them.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import contract, data, modelio, models
+from .checkpoint import CheckpointManager
+from .metrics import TrainingMetrics
+
+log = logging.getLogger("lepton_trainer.train")
+
+DEFAULT_CONFIGS = {
+    "mlp": {"hidden": 256, "layers": 2},
+    "transformer": {"token_dim": 8, "d_model": 64, "heads": 4, "layers": 2},
+}
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    restart_count: int
+    device: torch.device
+    distributed: bool
+
+
+def init_distributed() -> DistEnv:
+    """Join the process group torchrun describes in the environment (if any).
+
+    NCCL when CUDA is available, gloo otherwise. Without torchrun's variables the
+    process trains alone and no process group is created.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if distributed and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return DistEnv(
+        rank=dist.get_rank() if distributed else 0,
+        world_size=dist.get_world_size() if distributed else 1,
+        local_rank=local_rank,
+        restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        device=device,
+        distributed=distributed,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+def global_batch_indices(step: int, global_batch: int, n: int, seed: int) -> torch.Tensor:
+    """Indices into the training split of the global batch of ``step`` (world-size free)."""
+    positions = torch.arange(step * global_batch, (step + 1) * global_batch)
+    epochs, offsets = positions // n, positions % n
+    out = torch.empty(global_batch, dtype=torch.long)
+    for epoch in epochs.unique().tolist():
+        mask = epochs == epoch
+        out[mask] = _epoch_permutation(n, seed, epoch)[offsets[mask]]
+    return out
+
+
+def rank_slice(global_batch: int, world_size: int, rank: int) -> slice:
+    """Rank ``rank``'s part of a global batch: ``G // W`` each, the first ``G % W`` one more."""
+    if global_batch < world_size:
+        raise ValueError(f"global batch size {global_batch} is smaller than the world size "
+                         f"{world_size}: every rank needs at least one example")
+    base, extra = divmod(global_batch, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="python -m lepton_trainer.train",
+                                description="Elastic built-in trainer (run it under torchrun).")
+    p.add_argument("--model", choices=sorted(models.ARCHITECTURES), default="mlp")
+    p.add_argument("--model-config", type=json.loads, default={},
+                   help="JSON object of architecture keyword arguments")
+    p.add_argument("--dataset", choices=sorted(data.DATASETS), default="digits")
+    p.add_argument("--steps", type=int, default=500, help="total optimizer steps")
+    p.add_argument("--global-batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-dir", default=env(contract.ENV_CHECKPOINT_DIR),
+                   help=f"default ${contract.ENV_CHECKPOINT_DIR}; none: no checkpoints")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps; 0: only at the end")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    p.add_argument("--output-dir", default=env(contract.ENV_OUTPUT_DIR),
+                   help=f"final model directory, default ${contract.ENV_OUTPUT_DIR}")
+    p.add_argument("--metrics-port", type=int,
+                   default=int(env(contract.ENV_METRICS_PORT, contract.METRICS_PORT)),
+                   help="served by local rank 0; 0 disables")
+    p.add_argument("--job-name", default=env(contract.ENV_JOB_NAME, "local"))
+    p.add_argument("--log-every", type=int, default=50)
+    args = p.parse_args(argv)
+    for name in ("steps", "global_batch_size", "keep", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.lr <= 0:
+        p.error("--lr must be > 0")
+    if args.checkpoint_every < 0 or not 0 <= args.metrics_port < 65536:
+        p.error("--checkpoint-every must be >= 0 and --metrics-port in 0..65535")
+    if not isinstance(args.model_config, dict):
+        p.error("--model-config must be a JSON object")
+    return args
+
+
+def _resume(ckpts: CheckpointManager | None, model, optimizer, args, env: DistEnv) -> int:
+    state = ckpts.load_latest() if ckpts else None
+    step = 0
+    if state is not None:
+        for key in ("arch", "dataset", "global_batch_size"):
+            mine = {"arch": args.model, "dataset": args.dataset,
+                    "global_batch_size": args.global_batch_size}[key]
+            if state.get(key) != mine:
+                raise ValueError(f"checkpoint step {state['step']} has {key}={state.get(key)!r}, "
+                                 f"this run has {mine!r}; use another --checkpoint-dir")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+    if env.distributed:
+        seen = [None] * env.world_size
+        dist.all_gather_object(seen, step)
+        if len(set(seen)) != 1:
+            raise RuntimeError(f"ranks resumed from different checkpoint steps {seen}: "
+                               "the checkpoint directory must be shared by all nodes")
+    if state is not None:
+        log.info("event=resume step=%d from_world=%s world=%d", step,
+                 state.get("world_size"), env.world_size)
+    return step
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train (resuming if a checkpoint exists); returns the final metrics on rank 0."""
+    env = init_distributed()
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
+                        format=f"%(asctime)s rank={env.rank}/{env.world_size} %(message)s")
+    log.info("event=start pid=%d world=%d local_rank=%d restart=%d device=%s", os.getpid(),
+             env.world_size, env.local_rank, env.restart_count, env.device)
+    split = data.load(args.dataset)
+    config = {"in_features": split.num_features, "num_classes": split.num_classes,
+              **DEFAULT_CONFIGS[args.model], **args.model_config}
+    torch.manual_seed(args.seed)
+    model = models.build(args.model, **config).to(env.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    ckpts = (CheckpointManager(args.checkpoint_dir, every=args.checkpoint_every, keep=args.keep)
+             if args.checkpoint_dir else None)
+    start = _resume(ckpts, model, optimizer, args, env)
+    shard = rank_slice(args.global_batch_size, env.world_size, env.rank)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if env.distributed else model
+
+    metrics = TrainingMetrics(args.job_name, os.environ.get(contract.ENV_JOB_NAMESPACE, ""),
+                              port=args.metrics_port if env.local_rank == 0 and args.metrics_port
+                              else None)
+    metrics.set(contract.METRIC_WORLD_SIZE, env.world_size)
+    metrics.set(contract.METRIC_RESTARTS, env.restart_count)
+    metrics.set(contract.METRIC_STEP, start)
+    if start:
+        metrics.set(contract.METRIC_CHECKPOINT_STEP, start)
+
+    x, y = split.x_train.to(env.device), split.y_train.to(env.device)
+    scale = env.world_size / args.global_batch_size
+    ddp.train()
+    for step in range(start, args.steps):
+        idx = global_batch_indices(step, args.global_batch_size, len(x), args.seed)[shard]
+        loss = F.cross_entropy(ddp(x[idx]), y[idx], reduction="sum") * scale
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        done = step + 1
+        metrics.step(done, loss.item() / scale / len(idx), args.global_batch_size)
+        if done % args.log_every == 0 or done == args.steps:
+            total = loss.detach().clone()
+            if env.distributed:
+                dist.all_reduce(total)
+            log.info("event=step step=%d loss=%.4f world=%d", done,
+                     total.item() / args.global_batch_size / scale, env.world_size)
+        if ckpts and (ckpts.due(done) or done == args.steps):
+            if env.rank == 0:
+                path = ckpts.save(done, {"model": model.state_dict(),
+                                         "optimizer": optimizer.state_dict(),
+                                         "arch": args.model, "config": config,
+                                         "dataset": args.dataset, "seed": args.seed,
+                                         "global_batch_size": args.global_batch_size,
+                                         "world_size": env.world_size})
+                log.info("event=checkpoint step=%d path=%s", done, path)
+            metrics.set(contract.METRIC_CHECKPOINT_STEP, done)
+
+    result: dict = {}
+    if env.rank == 0:
+        acc = models.accuracy(model, split.x_test.to(env.device), split.y_test.to(env.device))
+        result = {"accuracy": acc, "step": args.steps}
+        log.info("event=done step=%d accuracy=%.4f", args.steps, acc)
+        if args.output_dir:
+            modelio.save_model(args.output_dir, model.cpu(), {
+                "arch": args.model, "config": config, "dataset": args.dataset,
+                "input_shape": [split.num_features], "dtype": "float32", "metrics": result})
+            log.info("event=output dir=%s", args.output_dir)
+    if env.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    metrics.close()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Names declared once: API group, kinds, labels, annotations, conditions, reasons, phases.
+
+Ports and environment variable names shared with the workload image live in
+``lepton_trainer.contract``; this module holds the operator-side names.
+"""
+
+# --- API group, versions, kinds -------------------------------------------------------
+GROUP = "lepton.ai"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+CATEGORY = "lepton"
+
+JOB_KIND = "LeptonJob"
+JOB_PLURAL = "leptonjobs"
+JOB_SHORT_NAME = "lj"
+
+FIELD_MANAGER = "lepton-operator"       # the one server-side-apply field manager
+USER_AGENT = "lepton-operator"          # HTTP User-Agent of the operator's own API calls
+
+# --- Labels ---------------------------------------------------------------------------
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_JOB = f"{GROUP}/job"                      # job name on every child of a LeptonJob
+LABEL_ROLE = f"{GROUP}/role"                    # ROLE_* below
+LABEL_WORKER_INDEX = f"{GROUP}/worker-index"    # 0-based worker index
+LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"  # Kueue LocalQueue pass-through
+
+ROLE_WORKER = "worker"
+ROLE_RDZV = "rendezvous"
+MANAGED_BY = "lepton-operator"
+
+# --- Annotations ----------------------------------------------------------------------
+ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"         # hash of the pod template a pod was built from
+ANNOTATION_RESTART_ATTEMPT = f"{GROUP}/attempt"     # job attempt (increments on each restart)
+
+# --- Kubernetes names -----------------------------------------------------------------
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_TAINT_KEY = "nvidia.com/gpu"
+DNS1035_MAX = 63                 # Service names and labels
+CHILD_SUFFIX_MAX = len("-worker-999")   # longest suffix the operator appends to a job name
+JOB_NAME_MAX = DNS1035_MAX - CHILD_SUFFIX_MAX
+
+# --- Conditions (kstatus-compatible) ----------------------------------------------------
+COND_READY = "Ready"
+COND_RECONCILING = "Reconciling"
+COND_STALLED = "Stalled"
+
+TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
+
+# Reasons (CamelCase, stable API: clients may match on them)
+REASON_INVALID_SPEC = "InvalidSpec"
+REASON_CREATING = "CreatingWorkers"
+REASON_WAITING_FOR_CAPACITY = "WaitingForCapacity"
+REASON_WAITING_FOR_WORKERS = "WaitingForWorkers"
+REASON_RUNNING = "Running"
+REASON_SCALING = "Scaling"
+REASON_RESTARTING = "Restarting"
+REASON_SUSPENDED = "Suspended"
+REASON_SUCCEEDED = "Succeeded"
+REASON_BACKOFF_LIMIT = "BackoffLimitExceeded"
+REASON_DEADLINE = "DeadlineExceeded"
+REASON_WORKER_FAILED = "WorkerFailed"
+REASON_WORKER_DISRUPTED = "WorkerDisrupted"
+REASON_RESUMED = "Resumed"
+REASON_TTL_EXPIRED = "TTLExpired"
+REASON_API_ERROR = "APIError"
+
+# --- Event types ---------------------------------------------------------------------
+EVENT_NORMAL = "Normal"
+EVENT_WARNING = "Warning"
+
+# --- LeptonJob phases ------------------------------------------------------------------
+PHASE_PENDING = "Pending"
+PHASE_RUNNING = "Running"
+PHASE_SCALING = "Scaling"
+PHASE_RESTARTING = "Restarting"
+PHASE_SUCCEEDED = "Succeeded"
+PHASE_FAILED = "Failed"
+PHASE_SUSPENDED = "Suspended"
+JOB_PHASES = (PHASE_PENDING, PHASE_RUNNING, PHASE_SCALING, PHASE_RESTARTING,
+              PHASE_SUCCEEDED, PHASE_FAILED, PHASE_SUSPENDED)
+TERMINAL_PHASES = frozenset({PHASE_SUCCEEDED, PHASE_FAILED})

@@ -1,0 +1,215 @@
+"""The one module that talks to the Kubernetes API server.
+
+Built on the official ``kubernetes`` client's ``ApiClient`` (authentication, TLS,
+connection pool) with a small generic layer on top, so every kind (core, apps, batch,
+autoscaling, the lepton.ai CRDs, KEDA, Gateway API) goes through the same few verbs:
+
+- ``apply``: server-side apply with the single field manager ``lepton-operator``;
+- ``create``: create, treating "already exists" as done (idempotent);
+- ``get`` / ``list_objects`` / ``delete`` / ``patch`` / ``patch_status``;
+- ``emit_event``: a core/v1 Event on an object.
+
+All calls are synchronous; from asyncio code use ``await kube.aio(fn, *args)``,
+which runs them in a worker thread. Objects are plain dicts in and out.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import functools
+import json
+import threading
+import uuid
+from typing import Any, Callable, TypeVar
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from .constants import FIELD_MANAGER, USER_AGENT
+
+Obj = dict[str, Any]
+T = TypeVar("T")
+
+__all__ = ["ApiException", "load", "apply", "create", "get", "list_objects", "delete", "patch",
+           "patch_status", "emit_event", "is_not_found", "is_conflict", "aio", "register_plural"]
+
+# kind -> resource plural for kinds whose plural is not ``kind.lower() + "s"``
+_IRREGULAR_PLURALS = {"Endpoints": "endpoints", "Ingress": "ingresses",
+                      "NetworkPolicy": "networkpolicies", "PriorityClass": "priorityclasses",
+                      "StorageClass": "storageclasses"}
+_CLUSTER_SCOPED = {"Node", "Namespace", "CustomResourceDefinition", "PersistentVolume",
+                   "StorageClass", "PriorityClass", "ClusterRole", "ClusterRoleBinding"}
+
+_lock = threading.Lock()
+_client: kubernetes.client.ApiClient | None = None
+
+
+def register_plural(kind: str, plural: str, cluster_scoped: bool = False) -> None:
+    """Declare a kind whose resource plural is irregular (or that is cluster-scoped)."""
+    _IRREGULAR_PLURALS[kind] = plural
+    if cluster_scoped:
+        _CLUSTER_SCOPED.add(kind)
+
+
+def load(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:
+    """Load in-cluster config, else ``kubeconfig`` / ``$KUBECONFIG`` / ~/.kube/config."""
+    global _client
+    with _lock:
+        config = kubernetes.client.Configuration()
+        try:
+            if kubeconfig:
+                raise kubernetes.config.ConfigException("explicit kubeconfig")
+            kubernetes.config.load_incluster_config(client_configuration=config)
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=config)
+        _client = kubernetes.client.ApiClient(config)
+        _client.user_agent = USER_AGENT
+        return _client
+
+
+def _api() -> kubernetes.client.ApiClient:
+    return _client or load()
+
+
+def path(api_version: str, kind: str, namespace: str | None = None, name: str | None = None,
+         subresource: str | None = None) -> str:
+    """REST path of a collection or an object, e.g. ``/api/v1/namespaces/ns/pods/p``."""
+    plural = _IRREGULAR_PLURALS.get(kind, kind.lower() + "s")
+    parts = ["/api/v1" if api_version == "v1" else f"/apis/{api_version}"]
+    if namespace and kind not in _CLUSTER_SCOPED:
+        parts.append(f"namespaces/{namespace}")
+    parts.append(plural)
+    if name:
+        parts.append(name)
+    if subresource:
+        parts.append(subresource)
+    return "/".join(parts)
+
+
+def request(method: str, url_path: str, body: Any = None, query: list[tuple[str, Any]] | None = None,
+            content_type: str = "application/json") -> Obj | None:
+    """One HTTP request; raises ``ApiException`` on a non-2xx answer."""
+    api = _api()
+    method, url, headers, body, _ = api.param_serialize(
+        method=method, resource_path=url_path, query_params=query or [],
+        header_params={"Content-Type": content_type, "Accept": "application/json"},
+        body=body, auth_settings=["BearerToken"])
+    resp = api.call_api(method, url, header_params=headers, body=body)
+    data = resp.read()
+    if not 200 <= resp.status <= 299:
+        raise ApiException(status=resp.status, reason=resp.reason,
+                           body=data.decode("utf-8", "replace") if data else None)
+    return json.loads(data) if data else None
+
+
+def is_not_found(exc: BaseException) -> bool:
+    return isinstance(exc, ApiException) and exc.status == 404
+
+
+def is_conflict(exc: BaseException) -> bool:
+    return isinstance(exc, ApiException) and exc.status == 409
+
+
+def _coords(obj: Obj) -> tuple[str, str, str | None, str]:
+    meta = obj.get("metadata", {})
+    return obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"]
+
+
+def apply(obj: Obj, force: bool = True) -> Obj:
+    """Server-side apply ``obj`` (a full intent) as field manager ``lepton-operator``."""
+    api_version, kind, namespace, name = _coords(obj)
+    query = [("fieldManager", FIELD_MANAGER)] + ([("force", "true")] if force else [])
+    return request("PATCH", path(api_version, kind, namespace, name), obj, query,
+                   "application/apply-patch+yaml")
+
+
+def create(obj: Obj) -> Obj | None:
+    """Create ``obj``; returns the created object, or None if it already existed."""
+    api_version, kind, namespace, _ = _coords(obj)
+    try:
+        return request("POST", path(api_version, kind, namespace), obj,
+                       [("fieldManager", FIELD_MANAGER)])
+    except ApiException as exc:
+        if is_conflict(exc):
+            return None
+        raise
+
+
+def get(api_version: str, kind: str, name: str, namespace: str | None = None) -> Obj | None:
+    """The object, or None if it does not exist."""
+    try:
+        return request("GET", path(api_version, kind, namespace, name))
+    except ApiException as exc:
+        if is_not_found(exc):
+            return None
+        raise
+
+
+def list_objects(api_version: str, kind: str, namespace: str | None = None,
+                 label_selector: str | None = None, field_selector: str | None = None) -> list[Obj]:
+    """Items of a collection (namespace None: across all namespaces)."""
+    query = [(k, v) for k, v in (("labelSelector", label_selector),
+                                 ("fieldSelector", field_selector)) if v]
+    return request("GET", path(api_version, kind, namespace), query=query).get("items", [])
+
+
+def delete(api_version: str, kind: str, name: str, namespace: str | None = None,
+           propagation: str = "Background", grace_period_seconds: int | None = None) -> bool:
+    """Delete; True if a deletion was requested, False if the object was already gone."""
+    body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
+    if grace_period_seconds is not None:
+        body["gracePeriodSeconds"] = grace_period_seconds
+    try:
+        request("DELETE", path(api_version, kind, namespace, name), body)
+        return True
+    except ApiException as exc:
+        if is_not_found(exc):
+            return False
+        raise
+
+
+def patch(api_version: str, kind: str, name: str, namespace: str | None, body: Any,
+          subresource: str | None = None, patch_type: str = "merge") -> Obj:
+    """JSON merge patch (``patch_type="merge"``), or ``"json"`` / ``"strategic"``."""
+    content_type = {"merge": "application/merge-patch+json", "json": "application/json-patch+json",
+                    "strategic": "application/strategic-merge-patch+json"}[patch_type]
+    return request("PATCH", path(api_version, kind, namespace, name, subresource), body,
+                   [("fieldManager", FIELD_MANAGER)], content_type)
+
+
+def patch_status(api_version: str, kind: str, name: str, namespace: str | None,
+                 status: dict[str, Any]) -> Obj:
+    """Merge-patch ``.status`` through the status subresource."""
+    return patch(api_version, kind, name, namespace, {"status": status}, subresource="status")
+
+
+def emit_event(obj: Obj, type_: str, reason: str, message: str,
+               component: str = FIELD_MANAGER) -> Obj | None:
+    """Record a core/v1 Event about ``obj`` (shown by ``kubectl describe``).
+
+    A failure to record the event returns None: an event is never worth failing a
+    reconcile for.
+    """
+    meta = obj.get("metadata", {})
+    namespace = meta.get("namespace") or "default"
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    event = {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"name": f"{meta.get('name', 'object')}.{uuid.uuid4().hex[:16]}",
+                     "namespace": namespace},
+        "involvedObject": {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"),
+                           "name": meta.get("name"), "namespace": meta.get("namespace"),
+                           "uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion")},
+        "type": type_, "reason": reason, "message": message[:1024],
+        "source": {"component": component}, "reportingComponent": component,
+        "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
+    }
+    try:
+        return create(event)
+    except ApiException:
+        return None
+
+
+async def aio(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking call of this module in a worker thread."""
+    return await asyncio.to_thread(functools.partial(fn, *args, **kwargs))

@@ -1,0 +1,26 @@
+"""Operator settings from the environment and flags."""
+import pytest
+
+from lepton_operator import config
+
+pytestmark = pytest.mark.unit
+
+
+def test_defaults_and_env():
+    s = config.from_env({})
+    assert s.all_namespaces and s.trainer_image == config.DEFAULT_TRAINER_IMAGE
+    s = config.from_env({"LEPTON_NAMESPACES": "a, b,", "PROMETHEUS_URL": "http://p:9090/",
+                         "LEPTON_TRAINER_IMAGE": "img:1", "LEPTON_RESYNC_SECONDS": "5"})
+    assert s.namespaces == ("a", "b") and s.prometheus_url == "http://p:9090"
+    assert s.trainer_image == "img:1" and s.resync_seconds == 5.0
+
+
+def test_flags_override_env():
+    s = config.from_env({"LEPTON_METRICS_PORT": "9000"}, metrics_port=9100, trainer_image=None)
+    assert s.metrics_port == 9100 and s.trainer_image == config.DEFAULT_TRAINER_IMAGE
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "0"])
+def test_bad_numbers_are_clear_errors(value):
+    with pytest.raises(ValueError, match="LEPTON_PROMETHEUS_TIMEOUT"):
+        config.from_env({"LEPTON_PROMETHEUS_TIMEOUT": value})

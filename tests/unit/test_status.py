@@ -1,0 +1,59 @@
+"""Condition helpers: transitions, kstatus consistency, observedGeneration."""
+import pytest
+
+from lepton_operator import status as st
+from lepton_operator.constants import COND_READY, COND_RECONCILING, COND_STALLED, FALSE, TRUE
+
+pytestmark = pytest.mark.unit
+
+T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
+
+
+def by_type(conds):
+    return {c["type"]: c for c in conds}
+
+
+def test_transition_time_moves_only_on_status_change():
+    conds = st.set_condition([], COND_READY, FALSE, "CreatingWorkers", "0/2", 1, now=T0)
+    same = st.set_condition(conds, COND_READY, FALSE, "WaitingForWorkers", "1/2", 2, now=T1)
+    c = by_type(same)[COND_READY]
+    assert (c["lastTransitionTime"], c["reason"], c["message"], c["observedGeneration"]) == \
+        (T0, "WaitingForWorkers", "1/2", 2)
+    flipped = st.set_condition(same, COND_READY, TRUE, "Running", "", 2, now=T1)
+    assert by_type(flipped)[COND_READY]["lastTransitionTime"] == T1
+
+
+def test_set_condition_does_not_mutate_input_and_keeps_others():
+    conds = st.set_condition([], "Other", TRUE, "X", now=T0)
+    snapshot = [dict(c) for c in conds]
+    out = st.set_condition(conds, COND_READY, TRUE, "Running", now=T1)
+    assert conds == snapshot
+    assert set(by_type(out)) == {"Other", COND_READY}
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    (dict(ready=True, reason="Running"), (TRUE, FALSE, FALSE)),
+    (dict(ready=False, reason="CreatingWorkers"), (FALSE, TRUE, FALSE)),
+    (dict(ready=False, stalled=True, reason="InvalidSpec"), (FALSE, FALSE, TRUE)),
+])
+def test_set_health_is_kstatus_consistent(kwargs, expected):
+    conds = by_type(st.set_health([], observed_generation=3, now=T0, message="m", **kwargs))
+    assert tuple(conds[t]["status"] for t in (COND_READY, COND_RECONCILING, COND_STALLED)) == expected
+    assert all(c["observedGeneration"] == 3 for c in conds.values())
+    assert all(c["reason"] == kwargs["reason"] for c in conds.values())
+
+
+def test_set_health_rejects_ready_and_stalled():
+    with pytest.raises(ValueError, match="both ready and stalled"):
+        st.set_health([], ready=True, stalled=True, reason="x")
+
+
+def test_set_condition_rejects_bad_status():
+    with pytest.raises(ValueError, match="True, False or Unknown"):
+        st.set_condition([], COND_READY, "yes", "x")
+
+
+def test_time_roundtrip_and_status_diff():
+    assert st.now_iso(st.parse_time(T0)) == T0
+    assert st.parse_time(None) is None
+    assert st.status_changed({"phase": "Pending", "a": 1}, {"phase": "Running", "a": 1}) == {"phase": "Running"}

@@ -25,6 +25,7 @@ from typing import Any, Callable, TypeVar
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
+from . import metrics
 from .constants import FIELD_MANAGER, USER_AGENT
 
 Obj = dict[str, Any]
@@ -96,6 +97,7 @@ def request(method: str, url_path: str, body: Any = None, query: list[tuple[str,
         body=body, auth_settings=["BearerToken"])
     resp = api.call_api(method, url, header_params=headers, body=body)
     data = resp.read()
+    metrics.API_REQUESTS.labels(method, str(resp.status)).inc()
     if not 200 <= resp.status <= 299:
         raise ApiException(status=resp.status, reason=resp.reason,
                            body=data.decode("utf-8", "replace") if data else None)

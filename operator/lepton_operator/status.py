@@ -87,6 +87,8 @@ def set_health(conditions: Iterable[Condition] | None, *, ready: bool, reason: s
 
 
 def status_changed(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
-    """The subset of ``new`` whose values differ from ``old`` (a merge patch for .status)."""
+    """A JSON merge patch turning ``old`` into ``new``: changed keys, and None for removed ones."""
     old = old or {}
-    return {k: v for k, v in new.items() if old.get(k) != v}
+    patch = {k: v for k, v in new.items() if old.get(k) != v}
+    patch.update({k: None for k in old if k not in new})
+    return patch

@@ -56,4 +56,4 @@ def test_set_condition_rejects_bad_status():
 def test_time_roundtrip_and_status_diff():
     assert st.now_iso(st.parse_time(T0)) == T0
     assert st.parse_time(None) is None
-    assert st.status_changed({"phase": "Pending", "a": 1}, {"phase": "Running", "a": 1}) == {"phase": "Running"}
+    assert st.status_changed({"phase": "Pending", "a": 1, "b": 2}, {"phase": "Running", "a": 1}) == {"phase": "Running", "b": None}

@@ -1,0 +1,58 @@
+"""The operator's own Prometheus metrics (prometheus-client), served on ``/metrics``."""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterator
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+RECONCILES = Counter("lepton_operator_reconciles_total", "Reconciles run, by resource kind.", ["kind"])
+ERRORS = Counter("lepton_operator_reconcile_errors_total",
+                 "Reconciles that ended in an error, by kind and error class.", ["kind", "error"])
+DURATION = Histogram("lepton_operator_reconcile_duration_seconds", "Time spent in one reconcile.",
+                     ["kind"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+API_REQUESTS = Counter("lepton_operator_api_requests_total",
+                       "Requests the operator sent to the API server, by HTTP verb and outcome.",
+                       ["verb", "code"])
+JOBS = Gauge("lepton_operator_jobs", "LeptonJobs known to the operator, by phase.", ["phase"])
+
+
+class PhaseTracker:
+    """Keeps a ``<kind> by phase`` gauge equal to the phases of the objects it was told about."""
+
+    def __init__(self, gauge: Gauge):
+        self._gauge, self._phases = gauge, {}
+
+    def set(self, key: object, phase: str | None) -> None:
+        old = self._phases.pop(key, None)
+        if old is not None:
+            self._gauge.labels(old).dec()
+        if phase is not None:
+            self._phases[key] = phase
+            self._gauge.labels(phase).inc()
+
+    def forget(self, key: object) -> None:
+        self.set(key, None)
+
+
+JOB_PHASES = PhaseTracker(JOBS)
+
+
+@contextlib.contextmanager
+def reconcile(kind: str) -> Iterator[None]:
+    """Count and time one reconcile of ``kind``; an exception is counted as an error."""
+    RECONCILES.labels(kind).inc()
+    start = time.perf_counter()
+    try:
+        yield
+    except Exception as exc:
+        ERRORS.labels(kind, type(exc).__name__).inc()
+        raise
+    finally:
+        DURATION.labels(kind).observe(time.perf_counter() - start)
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> None:
+    """Serve ``/metrics`` on ``port`` from a background thread."""
+    start_http_server(port, addr=addr)

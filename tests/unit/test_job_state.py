@@ -1,0 +1,153 @@
+"""The LeptonJob state machine: sizing, gang creation, failures, deadlines, suspend, TTL."""
+import datetime as dt
+
+import pytest
+
+from lepton_operator import jobstate as js
+from lepton_operator.constants import COND_READY, COND_STALLED
+from lepton_operator.spec import parse_job
+
+pytestmark = pytest.mark.unit
+NOW = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+META = {"name": "j", "namespace": "ns", "uid": "u", "generation": 2}
+
+
+def spec(**kw):
+    base = {"workers": {"min": 2, "max": 4, "replicas": 4}, "resources": {"gpus": 1}}
+    base.update(kw)
+    return parse_job("j", base, "img")
+
+
+def pod(i, phase="Running", uid=None, ready=True, node="n1", **kw):
+    return js.PodView(name=f"j-worker-{i}", uid=uid or f"uid-{i}", index=i, phase=phase,
+                      node=node if phase != "Pending" else None, ready=ready and phase == "Running", **kw)
+
+
+def cond(plan, type_):
+    return next(c for c in plan.status["conditions"] if c["type"] == type_)
+
+
+def test_gang_creates_nothing_until_min_fits():
+    plan = js.plan_job(META, spec(), {}, [], free_slots=1, now=NOW)
+    assert plan.create == [] and plan.status["phase"] == "Pending"
+    assert cond(plan, COND_READY)["reason"] == "WaitingForCapacity"
+    plan = js.plan_job(META, spec(), {}, [], free_slots=2, now=NOW)
+    assert plan.create == [0, 1]                        # min at once, capacity-limited beyond
+    assert plan.status["startTime"] == "2026-01-01T12:00:00Z"
+
+
+def test_scale_up_limited_by_capacity_and_reported():
+    prev = {"phase": "Running"}
+    plan = js.plan_job(META, spec(), prev, [pod(0), pod(1)], free_slots=1, now=NOW)
+    assert plan.create == [2]
+    plan = js.plan_job(META, spec(), prev, [pod(0), pod(1), pod(2)], free_slots=0, now=NOW)
+    assert plan.create == [] and plan.status["phase"] == "Running"
+    assert "1 more wait for GPU capacity" in cond(plan, COND_READY)["message"]
+    assert plan.status["workers"] == {"desired": 4, "scheduled": 3, "running": 3, "ready": 3}
+
+
+def test_scale_down_deletes_highest_indices():
+    s = spec(workers={"min": 1, "max": 4, "replicas": 2})
+    plan = js.plan_job(META, s, {"phase": "Running"}, [pod(i) for i in range(4)], free_slots=0, now=NOW)
+    assert plan.delete == ["j-worker-3", "j-worker-2"] and plan.create == []
+    assert plan.status["phase"] == "Scaling" and plan.status["replicas"] == 2
+
+
+def test_all_running_is_ready():
+    plan = js.plan_job(META, spec(), {"phase": "Scaling"}, [pod(i) for i in range(4)], 0, NOW)
+    assert plan.status["phase"] == "Running" and cond(plan, COND_READY)["status"] == "True"
+    assert plan.status["observedGeneration"] == 2 and plan.status["workersReady"] == "4/4"
+    assert plan.events and plan.events[0][1] == "Running"
+
+
+def test_counted_failure_is_replaced_within_budget_and_not_counted_twice():
+    failed = pod(1, "Failed", message="container worker exited with code 1")
+    prev = {"phase": "Running", "startTime": "2026-01-01T11:00:00Z"}
+    plan = js.plan_job(META, spec(), prev, [pod(0), failed, pod(2), pod(3)], 1, NOW)
+    assert plan.status["restarts"] == {"counted": 1, "uncounted": 0}
+    assert plan.delete == ["j-worker-1"] and plan.create == [1]
+    assert plan.status["phase"] == "Restarting" and plan.counted_uids == {"uid-1"}
+    assert any(e[0] == "Warning" and e[1] == "WorkerFailed" for e in plan.events)
+    again = js.plan_job(META, spec(), plan.status, [pod(0), failed, pod(2), pod(3)], 1, NOW,
+                        handled_uids={"uid-1"})
+    assert again.status["restarts"]["counted"] == 1
+
+
+def test_retryable_failure_and_vanished_pods_are_uncounted():
+    evicted = pod(0, "Failed", retryable=True, message="disrupted (Evicted)")
+    plan = js.plan_job(META, spec(), {"phase": "Running"}, [evicted, pod(1)], 2, NOW, vanished=1)
+    assert plan.status["restarts"] == {"counted": 0, "uncounted": 2}
+
+
+def test_backoff_limit_fails_the_job_and_it_stays_failed():
+    s = spec(backoffLimit=1)
+    prev = {"phase": "Running", "restarts": {"counted": 1, "uncounted": 0}}
+    plan = js.plan_job(META, s, prev, [pod(0, "Failed"), pod(1)], 4, NOW)
+    assert plan.status["phase"] == "Failed" and plan.create == []
+    assert plan.delete == ["j-worker-1"] and plan.delete_rendezvous   # failed pod kept for its logs
+    assert cond(plan, COND_STALLED)["status"] == "True"
+    assert cond(plan, COND_READY)["reason"] == "BackoffLimitExceeded"
+    later = js.plan_job(META, s, plan.status, [], 4, NOW + dt.timedelta(hours=1))
+    assert later.status["phase"] == "Failed" and later.create == []
+
+
+def test_deadline():
+    s = spec(activeDeadlineSeconds=60)
+    prev = {"phase": "Running", "startTime": "2026-01-01T11:59:30Z"}
+    plan = js.plan_job(META, s, prev, [pod(0), pod(1)], 0, NOW)
+    assert plan.status["phase"] == "Running" and plan.requeue_after == pytest.approx(30)
+    plan = js.plan_job(META, s, prev, [pod(0), pod(1)], 0, NOW + dt.timedelta(seconds=31))
+    assert plan.status["phase"] == "Failed" and cond(plan, COND_READY)["reason"] == "DeadlineExceeded"
+
+
+def test_suspend_deletes_workers_and_resume_recreates():
+    prev = {"phase": "Running", "startTime": "2026-01-01T11:00:00Z"}
+    plan = js.plan_job(META, spec(suspend=True), prev, [pod(0), pod(1)], 4, NOW)
+    assert plan.status["phase"] == "Suspended" and plan.delete == ["j-worker-0", "j-worker-1"]
+    assert "startTime" not in plan.status and not plan.delete_rendezvous
+    resumed = js.plan_job(META, spec(), plan.status, [], 4, NOW)
+    assert resumed.create == [0, 1, 2, 3] and any(e[1] == "Resumed" for e in resumed.events)
+
+
+def test_success_then_ttl():
+    s = spec(ttlSecondsAfterFinished=30, checkpoint={"claimName": "c"})
+    plan = js.plan_job(META, s, {"phase": "Running"}, [pod(0, "Succeeded"), pod(1, "Succeeded")], 4, NOW)
+    assert plan.status["phase"] == "Succeeded" and plan.status["completionTime"] == "2026-01-01T12:00:00Z"
+    assert plan.status["outputURI"] == "pvc://c/output" and plan.requeue_after == 30
+    assert cond(plan, COND_READY)["status"] == "True"
+    early = js.plan_job(META, s, plan.status, [], 4, NOW + dt.timedelta(seconds=10))
+    assert not early.delete_job and early.requeue_after == pytest.approx(20)
+    late = js.plan_job(META, s, plan.status, [], 4, NOW + dt.timedelta(seconds=30))
+    assert late.delete_job
+
+
+@pytest.mark.parametrize("status, retryable", [
+    ({"reason": "Evicted", "message": "node low on memory"}, True),
+    ({"conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}]}, True),
+    ({"containerStatuses": [{"name": "worker", "state": {"terminated": {"exitCode": 143}}}]}, True),
+    ({"containerStatuses": [{"name": "worker", "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}, False),
+    ({"containerStatuses": [{"name": "worker", "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}, False),
+    ({}, False),
+])
+def test_classify_failure(status, retryable):
+    assert js.classify_failure(status)[0] is retryable
+
+
+def test_worker_slots_subtract_bound_and_unbound_requests_and_respect_taints_and_selectors():
+    taint = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+    nodes = [js.NodeView("a", 8, {"pool": "x"}, (taint,)), js.NodeView("b", 4, {"pool": "y"}, (taint,)),
+             js.NodeView("c", 8, {"pool": "x"}, (), unschedulable=True)]
+    tol = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert js.worker_slots(nodes, {"a": 2}, 2, {}, tol) == (5, 8)
+    assert js.worker_slots(nodes, {"a": 2}, 2, {}, tol, unscheduled_gpus=2) == (4, 8)
+    assert js.worker_slots(nodes, {}, 2, {"pool": "y"}, tol) == (2, 4)
+    assert js.worker_slots(nodes, {}, 2, {}, []) == (0, 0)               # taint not tolerated
+    assert js.worker_slots(nodes, {}, 0, {}, [])[0] >= 10 ** 6            # CPU-only workers
+
+
+def test_pod_view_summarises_a_pod():
+    body = {"metadata": {"name": "j-worker-1", "uid": "x", "labels": {"lepton.ai/worker-index": "1"}},
+            "spec": {"nodeName": "n", "containers": [{"resources": {"limits": {"nvidia.com/gpu": "2"}}}]},
+            "status": {"phase": "Failed", "reason": "Evicted"}}
+    v = js.pod_view(body)
+    assert (v.index, v.gpus, v.node, v.retryable, v.active) == (1, 2, "n", True, False)

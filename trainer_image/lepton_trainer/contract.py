@@ -38,6 +38,21 @@ RESULT_FILE = "result.json"                 # compression result, inside the art
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 MODEL_FILE = "model.pt"                     # a model directory holds model.pt + meta.json
 MODEL_META_FILE = "meta.json"
+# Compression settings the operator passes to `python -m lepton_trainer.compress`
+# (flags of the same meaning win over these).
+ENV_COMPRESSION_METHOD = "LEPTON_COMPRESSION_METHOD"        # int8|fp16|bf16|prune|distill|none
+ENV_COMPRESSION_PARAMS = "LEPTON_COMPRESSION_PARAMS"        # JSON object of method parameters
+ENV_MAX_ACCURACY_DROP = "LEPTON_MAX_ACCURACY_DROP"          # float, absolute accuracy points (0..1)
+# Batching settings of `python -m lepton_trainer.serve`
+ENV_MAX_BATCH_SIZE = "LEPTON_MAX_BATCH_SIZE"
+ENV_MAX_BATCH_DELAY_MS = "LEPTON_MAX_BATCH_DELAY_MS"
+
+# --- Inference server metrics (served on SERVE_PORT at METRICS_PATH) -----------------
+METRICS_MODEL_LABEL = "lepton_model"                          # served model name
+METRIC_SERVE_REQUESTS = "lepton_serve_requests_total"         # counter, label "code"
+METRIC_SERVE_LATENCY = "lepton_serve_request_duration_seconds"  # histogram
+METRIC_SERVE_INFLIGHT = "lepton_serve_inflight_requests"      # gauge
+METRIC_SERVE_BATCH_SIZE = "lepton_serve_batch_size"           # histogram
 
 # --- Inference server HTTP paths (Open Inference Protocol v2) -------------------------
 HEALTH_LIVE_PATH = "/v2/health/live"

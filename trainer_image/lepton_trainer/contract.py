@@ -33,6 +33,8 @@ METRIC_RESTARTS = "lepton_train_restarts"                  # TORCHELASTIC_RESTAR
 # --- Compression Job and inference server ---------------------------------------------
 ENV_MODEL_DIR = "LEPTON_MODEL_DIR"          # input model directory (compression, serving)
 ENV_MODEL_NAME = "LEPTON_MODEL_NAME"        # served model name (/v2/models/{name})
+ENV_MODEL_NAMESPACE = "LEPTON_MODEL_NAMESPACE"  # LeptonModel namespace (metric label)
+ENV_MODEL_REVISION = "LEPTON_MODEL_REVISION"    # serving revision (metric label)
 ENV_ARTIFACT_DIR = "LEPTON_ARTIFACT_DIR"    # where compression writes its artifact
 RESULT_FILE = "result.json"                 # compression result, inside the artifact dir
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
@@ -49,6 +51,8 @@ ENV_MAX_BATCH_DELAY_MS = "LEPTON_MAX_BATCH_DELAY_MS"
 
 # --- Inference server metrics (served on SERVE_PORT at METRICS_PATH) -----------------
 METRICS_MODEL_LABEL = "lepton_model"                          # served model name
+METRICS_MODEL_NAMESPACE_LABEL = "lepton_namespace"            # value of ENV_MODEL_NAMESPACE
+METRICS_REVISION_LABEL = "lepton_revision"                    # value of ENV_MODEL_REVISION
 METRIC_SERVE_REQUESTS = "lepton_serve_requests_total"         # counter, label "code"
 METRIC_SERVE_LATENCY = "lepton_serve_request_duration_seconds"  # histogram
 METRIC_SERVE_INFLIGHT = "lepton_serve_inflight_requests"      # gauge

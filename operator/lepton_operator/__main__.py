@@ -8,6 +8,7 @@ Flags override the environment (see ``lepton_operator.config``)::
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig   # kopf's own login reads it too
     kopf.configure(verbose=args.verbose)
+    if not args.verbose:   # one line per watch event is noise; keep warnings and errors
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     kube.load(args.kubeconfig)
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)

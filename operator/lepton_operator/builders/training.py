@@ -76,13 +76,15 @@ def _tolerations(spec: JobSpec) -> list[Obj]:
     return tolerations
 
 
-def _pod_spec_common(spec: JobSpec) -> Obj:
+def _pod_spec_common(spec: JobSpec, tolerate_gpu_taint: bool = False) -> Obj:
     pod: Obj = {
         "securityContext": {**DEFAULT_POD_SECURITY, **copy.deepcopy(dict(spec.pod_security_context))},
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
     }
     tolerations = _tolerations(spec)
+    if tolerate_gpu_taint and not any(t.get("key") == GPU_TAINT_KEY for t in tolerations):
+        tolerations.append(dict(GPU_TOLERATION))
     if tolerations:
         pod["tolerations"] = tolerations
     if spec.priority_class_name:
@@ -105,7 +107,7 @@ def rendezvous_objects(owner: Mapping[str, Any], spec: JobSpec, trainer_image: s
         "apiVersion": "v1", "kind": "Pod",
         "metadata": _meta(owner, rdzv_name(job), lbls),
         "spec": {
-            **_pod_spec_common(spec),
+            **_pod_spec_common(spec, tolerate_gpu_taint=True),   # may share a GPU node; asks no GPU
             "restartPolicy": "Always",
             "containers": [{
                 "name": "rendezvous",

@@ -29,6 +29,13 @@ TUNED_RDZV_CONF: Mapping[str, object] = {
     "is_host": "false", "join_timeout": 600, "last_call_timeout": 2, "close_timeout": 10,
 }
 
+# Environment for every worker container. With torch's default (the agent of group rank
+# 0 hosts the process-group store and keeps it across worker-group restarts), a restart
+# in which that agent survives re-initialises the process group on a store that still
+# holds the previous incarnation's keys, and init_process_group hangs. With sharing off,
+# rank 0's worker process hosts a fresh store on a free port for every incarnation.
+WORKER_ENV: Mapping[str, str] = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
 
 def rdzv_conf(tuned: bool = True, **overrides: object) -> str:
     """The ``--rdzv-conf`` value: ``key=value`` pairs joined by commas."""

@@ -1,0 +1,89 @@
+"""The built-in trainer: real torchrun training, sharding rules, resume."""
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lepton_trainer import modelio, models, data
+from lepton_trainer.checkpoint import CheckpointManager
+from lepton_trainer.train import global_batch_indices, rank_slice
+from torchrun_procs import Proc, procs, rdzv_endpoint, start_agent  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.trainer
+
+
+def test_two_process_torchrun_mlp_reaches_accuracy(tmp_path, procs, rdzv_endpoint):
+    out = tmp_path / "model"
+    agent = start_agent(procs, tmp_path, "agent", rdzv_endpoint, "acc", (1, 1), nproc=2, script=[
+        "-m", "lepton_trainer.train", "--model", "mlp", "--steps", "300",
+        "--global-batch-size", "64", "--checkpoint-dir", str(tmp_path / "ckpt"),
+        "--output-dir", str(out), "--metrics-port", "0"])
+    assert agent.wait() == 0, agent.text()[-3000:]
+    log = agent.text()
+    assert "rank=1/2 event=start" in log and "rank=0/2 event=start" in log
+    meta = modelio.read_meta(out)
+    assert meta["arch"] == "mlp" and meta["dataset"] == "digits"
+    assert meta["input_shape"] == [64] and meta["dtype"] == "float32"
+    assert meta["metrics"]["accuracy"] >= 0.9
+    model, _ = modelio.load_model(out)
+    split = data.load("digits")
+    assert models.accuracy(model, split.x_test, split.y_test) == pytest.approx(
+        meta["metrics"]["accuracy"])
+    assert CheckpointManager(tmp_path / "ckpt").steps()[-1] == 300
+
+
+def test_global_batch_does_not_depend_on_world_size():
+    n, g = 1437, 64
+    steps = [global_batch_indices(s, g, n, seed=0) for s in range(60)]
+    stream = torch.cat(steps)
+    # one epoch is a permutation of the split, the next one a different permutation
+    assert sorted(stream[:n].tolist()) == list(range(n))
+    assert not torch.equal(stream[:n], stream[n:2 * n])
+    for world in (1, 2, 3, 5):
+        shards = [steps[7][rank_slice(g, world, r)] for r in range(world)]
+        assert torch.equal(torch.cat(shards), steps[7])
+
+
+@pytest.mark.parametrize("g,world,sizes", [(64, 2, [32, 32]), (64, 3, [22, 21, 21]),
+                                           (10, 4, [3, 3, 2, 2]), (3, 3, [1, 1, 1])])
+def test_remainder_goes_to_the_first_ranks(g, world, sizes):
+    assert [len(range(g)[rank_slice(g, world, r)]) for r in range(world)] == sizes
+
+
+def test_global_batch_smaller_than_world_is_an_error():
+    with pytest.raises(ValueError, match="smaller than the world size"):
+        rank_slice(2, 3, 0)
+
+
+def test_corrupt_newest_checkpoint_resumes_from_previous(tmp_path, procs):
+    ckpt = tmp_path / "ckpt"
+    train = [sys.executable, "-m", "lepton_trainer.train", "--checkpoint-dir", str(ckpt),
+             "--checkpoint-every", "50", "--metrics-port", "0", "--log-every", "10"]
+    first = Proc([*train, "--steps", "100"], tmp_path / "first.log")
+    procs.append(first)
+    assert first.wait() == 0, first.text()[-3000:]
+    manager = CheckpointManager(ckpt)
+    assert manager.steps() == [50, 100]
+    newest = manager.path_for(100)
+    newest.write_bytes(newest.read_bytes()[:1000])       # a partial file
+
+    second = Proc([*train, "--steps", "120"], tmp_path / "second.log")
+    procs.append(second)
+    assert second.wait() == 0, second.text()[-3000:]
+    log = second.text()
+    assert "skipping invalid checkpoint" in log and newest.name in log
+    assert "event=resume step=50 " in log
+    steps = [int(s) for s in re.findall(r"event=step step=(\d+)", log)]
+    assert steps[0] == 60 and steps[-1] == 120          # from 50 onwards, never from 0
+    assert manager.load_latest()["step"] == 120
+
+
+def test_bad_flags_are_rejected(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "lepton_trainer.train", "--model", "resnet"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "invalid choice: 'resnet'" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "lepton_trainer.train", "--steps", "0"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "--steps must be >= 1" in res.stderr

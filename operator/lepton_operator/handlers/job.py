@@ -35,7 +35,7 @@ class _JobMemory:
     status: dict[str, Any]
     handled: set[str] = dataclasses.field(default_factory=set)          # failed pod uids counted
     known_active: dict[str, str] = dataclasses.field(default_factory=dict)  # uid -> name
-    deleted: set[str] = dataclasses.field(default_factory=set)          # names we deleted
+    deleted: set[str] = dataclasses.field(default_factory=set)          # pod uids we deleted
     created: dict[str, float] = dataclasses.field(default_factory=dict)  # name -> monotonic time
     children: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)  # created, unseen
     claims_seen: set[tuple[int, str]] = dataclasses.field(default_factory=set)
@@ -229,16 +229,15 @@ async def _reconcile(body: kopf.Body, memory: _JobMemory, indices: dict[str, Any
     # Observed workers, corrected for what the index has not caught up with yet.
     now_mono = time.monotonic()
     pods = {p.name: p for p in indices["lepton_job_workers"].get(key, [])}
-    memory.deleted &= set(pods)
+    current_uids = {p.uid for p in pods.values()}
+    memory.deleted &= current_uids
     memory.created = {n: t for n, t in memory.created.items()
                       if n not in pods and now_mono - t < PENDING_CREATE_TTL}
-    views = [dataclasses.replace(p, deleting=True) if p.name in memory.deleted else p
+    views = [dataclasses.replace(p, deleting=True) if p.uid in memory.deleted else p
              for p in pods.values()]
     views += [jobstate.PodView(name=n, uid="", index=int(n.rsplit("-", 1)[1]), phase="Pending",
                                gpus=spec.resources.gpus) for n in memory.created]
-    current_uids = {p.uid for p in pods.values()}
-    vanished = sum(1 for uid, n in memory.known_active.items()
-                   if uid not in current_uids and n not in memory.deleted and n not in pods)
+    vanished = sum(1 for uid in memory.known_active if uid not in current_uids)
     memory.handled &= current_uids
 
     usage = indices["lepton_gpu_usage"]
@@ -264,7 +263,8 @@ async def _reconcile(body: kopf.Body, memory: _JobMemory, indices: dict[str, Any
     for pod_name in plan.delete:
         if pod_name in pods or pod_name in memory.created:
             await kube.aio(kube.delete, "v1", "Pod", pod_name, namespace)
-            memory.deleted.add(pod_name)
+            if pod_name in pods:
+                memory.deleted.add(pods[pod_name].uid)
             memory.created.pop(pod_name, None)
     phase = plan.status.get("phase")
     if phase not in TERMINAL_PHASES:
@@ -278,7 +278,7 @@ async def _reconcile(body: kopf.Body, memory: _JobMemory, indices: dict[str, Any
             _reserved_gpus[(namespace, pod_name)] = spec.resources.gpus
         memory.created[pod_name] = time.monotonic()
     memory.known_active = {p.uid: p.name for p in pods.values()
-                           if p.active and p.name not in memory.deleted}
+                           if p.active and p.uid not in memory.deleted}
     return plan.requeue_after
 
 

@@ -1,0 +1,144 @@
+"""LeptonJob failure handling on the real control plane: restarts, backoffLimit, deadline,
+suspend/resume, success + TTL, deletion, and every kind of bad input."""
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def uids(pods):
+    return {p["metadata"]["name"]: p["metadata"]["uid"] for p in pods}
+
+
+def test_worker_failure_is_replaced_within_budget_and_disruptions_are_not_counted(k):
+    k.apply(k.manifest("flaky", backoffLimit=2))
+    before = uids(k.wait_workers("flaky", 2))
+    k.wait_phase("flaky", "Running")
+
+    k.kwok_exit("flaky-worker-1", 1)                    # a real failure of the workload
+    k.wait_for("a counted restart", lambda: k.status("flaky").get("restarts", {}).get("counted") == 1)
+    after = uids(k.wait_workers("flaky", 2))
+    assert after["flaky-worker-1"] != before["flaky-worker-1"] and after["flaky-worker-0"] == before["flaky-worker-0"]
+    k.wait_phase("flaky", "Running")
+    assert any(e["type"] == "Warning" and e["reason"] == "WorkerFailed" and "exited with code 1" in e["message"]
+               for e in k.events("flaky"))
+
+    k.kwok_exit("flaky-worker-0", 143)                  # SIGTERM from outside: retryable
+    k.wait_for("an uncounted restart", lambda: k.status("flaky")["restarts"]["uncounted"] == 1)
+    k.kubectl("delete", "pod", "flaky-worker-1", "--wait=false")   # e.g. a drain: retryable
+    k.wait_for("a second uncounted restart", lambda: k.status("flaky")["restarts"]["uncounted"] == 2)
+    k.wait_workers("flaky", 2)
+    status = k.wait_phase("flaky", "Running")
+    assert status["restarts"] == {"counted": 1, "uncounted": 2}
+
+
+def test_backoff_limit_fails_the_job_for_good(k):
+    k.apply(k.manifest("doomed", backoffLimit=1, workers={"min": 1, "max": 2, "replicas": 1}))
+    k.wait_workers("doomed", 1)
+    k.kwok_exit("doomed-worker-0", 2)
+    k.wait_for("a counted restart", lambda: k.status("doomed").get("restarts", {}).get("counted") == 1)
+    pod = k.wait_workers("doomed", 1)[0]
+    k.kwok_exit(pod["metadata"]["name"], 2)
+    status = k.wait_phase("doomed", "Failed")
+    assert status["restarts"]["counted"] == 2 and status.get("completionTime")
+    ready, stalled = k.condition("doomed", "Ready"), k.condition("doomed", "Stalled")
+    assert (ready["status"], ready["reason"]) == ("False", "BackoffLimitExceeded")
+    assert stalled["status"] == "True"
+    k.wait_for("the rendezvous pod to be removed", lambda: k.get("pod", "doomed-rdzv") is None)
+    k.kubectl("scale", "lj/doomed", "--replicas=2")     # a terminal job stays terminal
+    k.wait_for("generation 2 observed", lambda: k.status("doomed").get("observedGeneration") == 2)
+    assert k.status("doomed")["phase"] == "Failed"
+    assert [p for p in k.workers("doomed") if p["status"]["phase"] in ("Pending", "Running")] == []
+
+
+def test_active_deadline_ends_the_job(k):
+    k.apply(k.manifest("slow", activeDeadlineSeconds=3))
+    k.wait_workers("slow", 2)
+    k.wait_phase("slow", "Failed", timeout=30)
+    assert k.condition("slow", "Ready")["reason"] == "DeadlineExceeded"
+    k.wait_for("workers deleted", lambda: k.workers("slow") == [])
+
+
+def test_suspend_deletes_workers_keeps_job_and_checkpoints_then_resumes(k):
+    k.pvc("ckpt")
+    k.apply(k.manifest("pausable", checkpoint={"claimName": "ckpt"}))
+    k.wait_workers("pausable", 2)
+    k.kubectl("patch", "lj", "pausable", "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    k.wait_phase("pausable", "Suspended")
+    k.wait_for("workers deleted", lambda: k.workers("pausable") == [])
+    assert k.get("pvc", "ckpt") and k.get("pod", "pausable-rdzv")
+    assert k.condition("pausable", "Reconciling")["status"] == "False"
+    k.kubectl("patch", "lj", "pausable", "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    k.wait_workers("pausable", 2)
+    k.wait_phase("pausable", "Running")
+    assert any(e["reason"] == "Resumed" for e in k.events("pausable"))
+
+
+def test_success_sets_output_then_ttl_deletes_job_and_children_but_not_the_pvc(k):
+    k.pvc("ckpt")
+    k.apply(k.manifest("done", ttlSecondsAfterFinished=2, checkpoint={"claimName": "ckpt", "subPath": "run"}))
+    for pod in k.wait_workers("done", 2):
+        k.kwok_exit(pod["metadata"]["name"], 0)
+    status = k.wait_phase("done", "Succeeded")
+    assert status["outputURI"] == "pvc://ckpt/run/output" and status["completionTime"]
+    assert k.condition("done", "Ready")["status"] == "True"
+    k.wait_for("the job deleted by its TTL", lambda: k.job("done") is None, timeout=60)
+    k.wait_for("children garbage-collected",
+               lambda: not k.list("pods", "lepton.ai/job=done") and not k.list("services", "lepton.ai/job=done"),
+               timeout=60)
+    assert k.get("pvc", "ckpt") is not None
+
+
+def test_deleting_a_job_removes_pods_and_services_never_the_pvc(k):
+    k.pvc("ckpt")
+    k.apply(k.manifest("gone", checkpoint={"claimName": "ckpt"}))
+    k.wait_workers("gone", 2)
+    k.kubectl("delete", "lj", "gone")
+    k.wait_for("children garbage-collected",
+               lambda: not k.list("pods", "lepton.ai/job=gone") and not k.list("services", "lepton.ai/job=gone"),
+               timeout=60)
+    assert k.get("pvc", "ckpt") is not None
+
+
+@pytest.mark.parametrize("name, spec, message", [
+    ("minmax", {"workers": {"min": 3, "max": 2}}, "workers.min must be less than or equal to workers.max"),
+    ("reps", {"workers": {"min": 1, "max": 2, "replicas": 3}}, "workers.replicas must be between workers.min and workers.max"),
+    ("zero", {"workers": {"min": 0, "max": 1}}, "should be greater than or equal to 1"),
+    ("both", {"command": ["train.py"], "module": "m"}, "set either command (a script run by torchrun) or module"),
+    ("x" * 53, {}, "metadata.name must be at most 52 characters"),
+    ("with.dot", {}, "metadata.name must not contain dots"),
+    ("gpus", {"resources": {"gpus": -1}}, "should be greater than or equal to 0"),
+    ("policy", {"imagePullPolicy": "Sometimes"}, "supported values"),
+])
+def test_schema_rejects_bad_specs_at_apply_time(k, name, spec, message):
+    manifest = k.manifest(name, **spec)
+    result = k.run("apply", "-f", "-", input=__import__("yaml").safe_dump(manifest))
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert k.job(name) is None
+
+
+def test_missing_pvc_is_invalid_spec_until_it_exists(k):
+    k.apply(k.manifest("nopvc", checkpoint={"claimName": "absent"}))
+    ready = k.wait_for("InvalidSpec", lambda: (c := k.condition("nopvc", "Ready")).get("reason") == "InvalidSpec" and c)
+    assert ready["status"] == "False" and "PersistentVolumeClaim 'absent' does not exist" in ready["message"]
+    assert k.condition("nopvc", "Stalled")["status"] == "True"
+    assert any(e["type"] == "Warning" and e["reason"] == "InvalidSpec" for e in k.events("nopvc"))
+    assert k.workers("nopvc") == []
+    k.pvc("absent")
+    k.kubectl("annotate", "lj", "nopvc", "example.com/poke=1")   # any change re-checks at once
+    k.wait_phase("nopvc", "Running")
+    assert k.condition("nopvc", "Stalled")["status"] == "False"
+
+
+def test_gpu_request_no_node_can_satisfy_is_invalid_spec(k, cluster):
+    k.apply(k.manifest("huge", resources={"gpus": cluster.gpus_per_node + 1}))
+    ready = k.wait_for("InvalidSpec", lambda: (c := k.condition("huge", "Ready")).get("reason") == "InvalidSpec" and c)
+    assert "no node can ever run a worker" in ready["message"]
+    k.apply(k.manifest("picky", nodeSelector={"gpu-type": "h100"}))
+    ready = k.wait_for("InvalidSpec", lambda: (c := k.condition("picky", "Ready")).get("reason") == "InvalidSpec" and c)
+    assert "largest node that matches nodeSelector" in ready["message"]
+    assert k.workers("huge") == [] and k.workers("picky") == []
+    # Fixing the spec clears the condition.
+    k.apply(k.manifest("huge", resources={"gpus": 1}))
+    k.wait_phase("huge", "Running")
+    assert k.condition("huge", "Ready")["status"] == "True"

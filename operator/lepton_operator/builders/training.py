@@ -21,7 +21,7 @@ import json
 from typing import Any, Mapping
 
 from lepton_trainer import contract
-from lepton_trainer.rendezvous import torchrun_args
+from lepton_trainer.rendezvous import WORKER_ENV, torchrun_args
 
 from ..constants import (ANNOTATION_SPEC_HASH, GPU_RESOURCE, GPU_TAINT_KEY, LABEL_COMPONENT,
                          LABEL_JOB, LABEL_KUEUE_QUEUE, LABEL_MANAGED_BY, LABEL_NAME, LABEL_ROLE,
@@ -197,6 +197,7 @@ def worker_pod(owner: Mapping[str, Any], spec: JobSpec, index: int) -> Obj:
         _env(contract.ENV_JOB_NAMESPACE, meta["namespace"]),
         _env(contract.ENV_JOB_UID, meta["uid"]),
         _env(contract.ENV_METRICS_PORT, contract.METRICS_PORT),
+        *(_env(k, v) for k, v in WORKER_ENV.items()),
     ]
     if spec.checkpoint:
         env.append(_env(contract.ENV_CHECKPOINT_DIR, spec.checkpoint.path))

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# System packages the local control plane needs: Prometheus (Debian package), openssl.
+# Go and python3 come with the machine. Idempotent; installs nothing when all is present.
+set -euo pipefail
+need=()
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+[ ${#need[@]} -eq 0 ] && exit 0
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "missing ${need[*]} and no apt-get: install them with your package manager" >&2; exit 1
+fi
+sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+echo "[install-system-deps] apt-get install ${need[*]}"
+$sudo apt-get update -qq
+# The Debian package would start its own service; the local cluster runs its own instance.
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# Stop a service instance the package may have started (no-op without an init system).
+$sudo service prometheus stop >/dev/null 2>&1 || true
+command -v go >/dev/null 2>&1 || { echo "go is required to build the control plane binaries" >&2; exit 1; }

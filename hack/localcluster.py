@@ -1,0 +1,535 @@
+#!/usr/bin/env python3
+"""A real Kubernetes control plane on loopback, without Docker.
+
+Starts etcd, kube-apiserver (TLS, client certificates, service-account signing keys,
+RBAC, audit log), kube-controller-manager, kube-scheduler, kwok with fake GPU nodes,
+and Prometheus, each as a plain process on a free loopback port. The binaries come
+from ``hack/build-tools.sh`` (built once per version into ``~/.cache/lepton-operator``);
+Prometheus comes from the machine (Debian package ``prometheus``).
+
+Command line::
+
+    python3 hack/localcluster.py up [--dir .cluster] [--gpu-nodes 2] [--gpus-per-node 8]
+    python3 hack/localcluster.py down [--dir .cluster]
+    python3 hack/localcluster.py status [--dir .cluster]
+
+Library (used by the pytest fixture in tests/conftest.py)::
+
+    cluster = Cluster(state_dir).start()
+    cluster.kubectl("get", "nodes")
+    cluster.stop()
+
+Only the Python standard library is used, so the script runs before any virtualenv
+exists.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HACK = Path(__file__).resolve().parent
+ROOT = HACK.parent
+CACHE = Path(os.environ.get("LEPTON_CACHE", Path.home() / ".cache" / "lepton-operator"))
+
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_NODE_LABEL = "nvidia.com/gpu.present"
+KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+SERVICE_CIDR = "10.0.0.0/24"
+PROCESS_ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "prometheus")
+
+
+def log(msg: str) -> None:
+    print(f"[localcluster {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for line in (HACK / "versions.env").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            out[key] = value
+    return out
+
+
+def tool_path(name: str) -> Path:
+    """The cached binary for a tool at its pinned version (built by build-tools.sh)."""
+    v = versions()
+    version = {"etcd": v["ETCD_VERSION"], "kwok": v["KWOK_VERSION"], "helm": v["HELM_VERSION"]}.get(
+        name, v["K8S_VERSION"])
+    return CACHE / "bin" / f"{name}-{version}"
+
+
+def ensure_tools() -> None:
+    """Build whatever binary is missing; a no-op once the cache is warm."""
+    missing = [n for n in ("etcd", "kwok", "helm", "kube-apiserver", "kube-controller-manager",
+                           "kube-scheduler", "kubectl") if not tool_path(n).exists()]
+    if missing:
+        log(f"building missing tools: {', '.join(missing)}")
+        subprocess.run(["bash", str(HACK / "build-tools.sh"), "all"], check=True)
+    if not shutil.which("prometheus"):
+        raise RuntimeError("prometheus is not installed: run hack/install-system-deps.sh "
+                           "(Debian package 'prometheus')")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+
+
+def make_pki(pki: Path) -> None:
+    """CA, API server serving cert, client certs and the service-account key pair."""
+    if (pki / "done").exists():
+        return
+    pki.mkdir(parents=True, exist_ok=True)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+            "-days", "3650", "-subj", "/CN=lepton-local-ca", cwd=pki)
+    san = ("subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,"
+           "DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local")
+    clients = {
+        "apiserver": ("/CN=kube-apiserver", san),
+        "admin": ("/O=system:masters/CN=lepton-admin", None),
+        "controller-manager": ("/CN=system:kube-controller-manager", None),
+        "scheduler": ("/CN=system:kube-scheduler", None),
+        "kwok": ("/O=system:masters/CN=kwok", None),
+    }
+    for name, (subject, ext) in clients.items():
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", subject, cwd=pki)
+        extfile = pki / f"{name}.ext"
+        extfile.write_text((ext or "extendedKeyUsage=clientAuth") + "\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.crt", "-days", "3650", "-extfile", str(extfile), cwd=pki)
+    openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
+    openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+    (pki / "done").write_text("ok\n")
+
+
+def kubeconfig(server: str, pki: Path, user: str) -> str:
+    return json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "lepton-local",
+        "clusters": [{"name": "lepton-local", "cluster": {
+            "server": server, "certificate-authority": str(pki / "ca.crt")}}],
+        "users": [{"name": user, "user": {
+            "client-certificate": str(pki / f"{user}.crt"), "client-key": str(pki / f"{user}.key")}}],
+        "contexts": [{"name": "lepton-local", "context": {"cluster": "lepton-local", "user": user}}],
+    }, indent=2)
+
+
+def gpu_node(name: str, gpus: int, cpu: str = "64", memory: str = "512Gi") -> dict:
+    capacity = {"cpu": cpu, "memory": memory, "pods": "110", GPU_RESOURCE: str(gpus)}
+    return {
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "annotations": {KWOK_NODE_ANNOTATION: "fake"},
+                     "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+                                "kubernetes.io/arch": "amd64", "type": "kwok",
+                                GPU_NODE_LABEL: "true"}},
+        "spec": {"taints": [{"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}]},
+        "status": {"capacity": capacity, "allocatable": capacity},
+    }
+
+
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
+    "rules": [
+        # Requests by the control plane's own components are noise for our measurements.
+        {"level": "None", "users": ["system:kube-controller-manager", "system:kube-scheduler", "kwok",
+                                    "system:apiserver"]},
+        {"level": "None", "userGroups": ["system:serviceaccounts:kube-system", "system:nodes"]},
+        {"level": "None", "nonResourceURLs": ["/healthz*", "/readyz*", "/livez*", "/version", "/openapi*"]},
+        {"level": "Metadata"},
+    ],
+}
+
+
+@dataclass
+class Cluster:
+    """A local control plane whose state (ports, pids, PKI, logs) lives in ``state_dir``."""
+
+    state_dir: Path
+    gpu_node_count: int = 2
+    gpus_per_node: int = 8
+    scrape_interval: str = "1s"
+    ports: dict[str, int] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
+
+    # ---- paths -------------------------------------------------------------------------
+    @property
+    def pki(self) -> Path:
+        return self.state_dir / "pki"
+
+    @property
+    def kubeconfig(self) -> str:
+        return str(self.state_dir / "kubeconfig")
+
+    @property
+    def audit_log(self) -> str:
+        return str(self.state_dir / "logs" / "audit.log")
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.ports['kube-apiserver']}"
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['prometheus']}"
+
+    @property
+    def gpu_nodes(self) -> list[str]:
+        return [f"kwok-gpu-{i}" for i in range(self.gpu_node_count)]
+
+    @property
+    def bin_dir(self) -> Path:
+        return self.state_dir / "bin"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["KUBECONFIG"] = self.kubeconfig
+        env["PATH"] = f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def start(self) -> "Cluster":
+        t0 = time.monotonic()
+        ensure_tools()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "logs").mkdir(exist_ok=True)
+        self.bin_dir.mkdir(exist_ok=True)
+        for name in ("kubectl", "helm", "kwok", "etcd", "kube-apiserver", "kube-controller-manager",
+                     "kube-scheduler"):
+            link = self.bin_dir / name
+            link.unlink(missing_ok=True)
+            link.symlink_to(tool_path(name))
+        make_pki(self.pki)
+        for name in ("etcd", "etcd-peer", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
+                     "kwok", "prometheus"):
+            self.ports[name] = free_port()
+        for user in ("admin", "controller-manager", "scheduler", "kwok"):
+            (self.state_dir / f"{user}.kubeconfig").write_text(kubeconfig(self.server, self.pki, user))
+        shutil.copy(self.state_dir / "admin.kubeconfig", self.kubeconfig)
+        try:
+            self._start_etcd()
+            self._start_apiserver()
+            self._start_controller_manager()
+            self._start_scheduler()
+            self._create_nodes()
+            self._start_kwok()
+            self.start_prometheus()
+            self._wait_nodes_ready()
+            self._wait_default_service_account("default")
+        except BaseException:
+            self.stop()
+            raise
+        self.save()
+        log(f"cluster up in {time.monotonic() - t0:.1f}s")
+        return self
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        logf = open(self.state_dir / "logs" / f"{name}.log", "ab")
+        proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=self.state_dir)
+        self.pids[name] = proc.pid
+        self.save()
+
+    def _wait(self, what: str, check, timeout: float = 120.0, proc: str | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc and not _alive(self.pids.get(proc)):
+                tail = (self.state_dir / "logs" / f"{proc}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{proc} exited while waiting for {what}:\n{tail}")
+            try:
+                if check():
+                    return
+            except Exception:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}; logs in {self.state_dir}/logs")
+
+    def _start_etcd(self) -> None:
+        data = self.state_dir / "etcd"
+        shutil.rmtree(data, ignore_errors=True)
+        client = f"http://127.0.0.1:{self.ports['etcd']}"
+        peer = f"http://127.0.0.1:{self.ports['etcd-peer']}"
+        self._spawn("etcd", [str(tool_path("etcd")), "--name", "default", "--data-dir", str(data),
+                             "--listen-client-urls", client, "--advertise-client-urls", client,
+                             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                             "--initial-cluster", f"default={peer}", "--unsafe-no-fsync",
+                             "--log-level", "warn"])
+        self._wait("etcd", lambda: _http_ok(f"{client}/health"), proc="etcd")
+
+    def _start_apiserver(self) -> None:
+        pki = self.pki
+        policy = self.state_dir / "audit-policy.json"
+        policy.write_text(json.dumps(AUDIT_POLICY))
+        self._spawn("kube-apiserver", [
+            str(tool_path("kube-apiserver")),
+            "--etcd-servers", f"http://127.0.0.1:{self.ports['etcd']}",
+            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+            "--secure-port", str(self.ports["kube-apiserver"]),
+            "--tls-cert-file", str(pki / "apiserver.crt"), "--tls-private-key-file", str(pki / "apiserver.key"),
+            "--client-ca-file", str(pki / "ca.crt"),
+            "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
+            "--service-account-key-file", str(pki / "sa.pub"),
+            "--service-account-signing-key-file", str(pki / "sa.key"),
+            "--authorization-mode", "RBAC",
+            "--service-cluster-ip-range", SERVICE_CIDR,
+            "--allow-privileged=true",
+            "--audit-policy-file", str(policy), "--audit-log-path", self.audit_log,
+            "--audit-log-format", "json", "--audit-log-maxsize", "200",
+            "--profiling=false", "--v=1",
+        ])
+        ctx = self.ssl_context()
+        self._wait("kube-apiserver /readyz",
+                   lambda: _http_ok(f"{self.server}/readyz", ctx), proc="kube-apiserver", timeout=180)
+
+    def _start_controller_manager(self) -> None:
+        cfg = str(self.state_dir / "controller-manager.kubeconfig")
+        self._spawn("kube-controller-manager", [
+            str(tool_path("kube-controller-manager")),
+            "--kubeconfig", cfg, "--authentication-kubeconfig", cfg, "--authorization-kubeconfig", cfg,
+            "--bind-address", "127.0.0.1", "--secure-port", str(self.ports["kube-controller-manager"]),
+            "--leader-elect=false", "--use-service-account-credentials=true",
+            "--service-account-private-key-file", str(self.pki / "sa.key"),
+            "--root-ca-file", str(self.pki / "ca.crt"),
+            "--cluster-signing-cert-file", str(self.pki / "ca.crt"),
+            "--cluster-signing-key-file", str(self.pki / "ca.key"),
+            "--controllers", "*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-node-route-controller",
+            "--concurrent-gc-syncs", "20", "--v=1",
+        ])
+
+    def _start_scheduler(self) -> None:
+        cfg = str(self.state_dir / "scheduler.kubeconfig")
+        self._spawn("kube-scheduler", [
+            str(tool_path("kube-scheduler")),
+            "--kubeconfig", cfg, "--authentication-kubeconfig", cfg, "--authorization-kubeconfig", cfg,
+            "--bind-address", "127.0.0.1", "--secure-port", str(self.ports["kube-scheduler"]),
+            "--leader-elect=false", "--v=1",
+        ])
+
+    def _create_nodes(self) -> None:
+        nodes = {"apiVersion": "v1", "kind": "List",
+                 "items": [gpu_node(n, self.gpus_per_node) for n in self.gpu_nodes]}
+        self.kubectl("apply", "-f", "-", input=json.dumps(nodes))
+
+    def _start_kwok(self) -> None:
+        self._spawn("kwok", [
+            str(tool_path("kwok")), "--kubeconfig", str(self.state_dir / "kwok.kubeconfig"),
+            "--config", str(HACK / "kwok.yaml"),
+            "--server-address", f"127.0.0.1:{self.ports['kwok']}",
+        ])
+
+    def start_prometheus(self) -> None:
+        """(Re)start Prometheus on its port, scraping the file-discovered targets every second."""
+        targets = self.state_dir / "prometheus" / "targets"
+        targets.mkdir(parents=True, exist_ok=True)
+        config = {
+            "global": {"scrape_interval": self.scrape_interval, "evaluation_interval": self.scrape_interval,
+                       "scrape_timeout": self.scrape_interval},
+            "scrape_configs": [{"job_name": "lepton", "file_sd_configs": [
+                {"files": [str(targets / "*.json")], "refresh_interval": "1s"}]}],
+        }
+        (self.state_dir / "prometheus" / "prometheus.yml").write_text(json.dumps(config, indent=2))
+        self._spawn("prometheus", [
+            shutil.which("prometheus") or "prometheus",
+            "--config.file", str(self.state_dir / "prometheus" / "prometheus.yml"),
+            "--storage.tsdb.path", str(self.state_dir / "prometheus" / "data"),
+            "--web.listen-address", f"127.0.0.1:{self.ports['prometheus']}",
+            "--storage.tsdb.retention.time", "2h", "--log.level", "warn",
+        ])
+        self._wait("prometheus", lambda: _http_ok(f"{self.prometheus_url}/-/ready"), proc="prometheus")
+
+    def stop_prometheus(self) -> None:
+        _terminate(self.pids.pop("prometheus", None))
+        self.save()
+
+    def add_scrape_target(self, name: str, address: str, labels: dict[str, str] | None = None) -> None:
+        """Have Prometheus scrape ``address`` (host:port, /metrics) with extra target labels."""
+        path = self.state_dir / "prometheus" / "targets" / f"{name}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps([{"targets": [address], "labels": labels or {}}]))
+        os.replace(tmp, path)
+
+    def remove_scrape_target(self, name: str) -> None:
+        (self.state_dir / "prometheus" / "targets" / f"{name}.json").unlink(missing_ok=True)
+
+    def _wait_nodes_ready(self) -> None:
+        def ready() -> bool:
+            nodes = json.loads(self.kubectl("get", "nodes", "-o", "json"))["items"]
+            return len(nodes) == self.gpu_node_count and all(
+                any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))
+                for n in nodes)
+        self._wait("kwok nodes Ready", ready, proc="kwok")
+
+    def _wait_default_service_account(self, namespace: str) -> None:
+        self._wait(f"service account {namespace}/default",
+                   lambda: self.kubectl("get", "serviceaccount", "default", "-n", namespace, check=False) != "",
+                   proc="kube-controller-manager")
+
+    def create_namespace(self, name: str) -> str:
+        """Create a namespace and wait until its default service account exists, so pods can be created."""
+        self.kubectl("create", "namespace", name)
+        self._wait_default_service_account(name)
+        return name
+
+    def stop(self) -> None:
+        for name in reversed(PROCESS_ORDER):
+            _terminate(self.pids.pop(name, None))
+        self.save()
+
+    # ---- clients -----------------------------------------------------------------------
+    def ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
+        ctx.load_cert_chain(str(self.pki / "admin.crt"), str(self.pki / "admin.key"))
+        return ctx
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
+        """Run kubectl against this cluster; returns stdout ('' on failure when check=False)."""
+        proc = subprocess.run([str(tool_path("kubectl")), "--kubeconfig", self.kubeconfig, *args],
+                              input=input, capture_output=True, text=True)
+        if proc.returncode != 0:
+            if check:
+                raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
+            return ""
+        return proc.stdout
+
+    def api_client(self):
+        """A ``kubernetes.client.ApiClient`` for the admin user (needs the kubernetes package)."""
+        from kubernetes import config
+        return config.new_client_from_config(config_file=self.kubeconfig)
+
+    # ---- state file --------------------------------------------------------------------
+    def save(self) -> None:
+        if not self.state_dir.exists():
+            return
+        (self.state_dir / "state.json").write_text(json.dumps({
+            "ports": self.ports, "pids": self.pids, "gpu_node_count": self.gpu_node_count,
+            "gpus_per_node": self.gpus_per_node, "scrape_interval": self.scrape_interval}, indent=2))
+
+    @classmethod
+    def load(cls, state_dir: Path) -> "Cluster":
+        state = json.loads((state_dir / "state.json").read_text())
+        return cls(state_dir, state["gpu_node_count"], state["gpus_per_node"], state["scrape_interval"],
+                   state["ports"], state["pids"])
+
+    def running(self) -> dict[str, bool]:
+        return {name: _alive(self.pids.get(name)) for name in PROCESS_ORDER}
+
+    def rss_bytes(self) -> int:
+        """Resident memory summed over the control plane's processes."""
+        total = 0
+        for pid in self.pids.values():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            except OSError:
+                pass
+        return total
+
+
+def _http_ok(url: str, ctx: ssl.SSLContext | None = None) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2, context=ctx) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a zombie child of ours counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _terminate(pid: int | None, grace: float = 10.0) -> None:
+    """SIGTERM the process group led by ``pid``, then SIGKILL what is left after ``grace``."""
+    if not pid or not _alive(pid):
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except OSError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:  # reap it if it is our child
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            if not _alive(pid):
+                return
+            time.sleep(0.05)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("--dir", default=os.environ.get("LEPTON_CLUSTER_DIR", str(ROOT / ".cluster")),
+                        help="state directory (default: .cluster in the repository)")
+    parser.add_argument("--gpu-nodes", type=int, default=int(os.environ.get("LEPTON_GPU_NODES", 2)))
+    parser.add_argument("--gpus-per-node", type=int, default=int(os.environ.get("LEPTON_GPUS_PER_NODE", 8)))
+    args = parser.parse_args(argv)
+    state_dir = Path(args.dir).resolve()
+
+    if args.command == "up":
+        if (state_dir / "state.json").exists():
+            old = Cluster.load(state_dir)
+            if all(old.running().values()):
+                log(f"already running; export KUBECONFIG={old.kubeconfig}")
+                return 0
+            old.stop()
+        cluster = Cluster(state_dir, args.gpu_nodes, args.gpus_per_node).start()
+        print(f"export KUBECONFIG={cluster.kubeconfig}\n"
+              f"export PATH={cluster.bin_dir}:$PATH   # kubectl, helm, kwok at the pinned versions\n"
+              f"# Prometheus: {cluster.prometheus_url}\n"
+              f"# stop with: make cluster-down")
+        return 0
+    if not (state_dir / "state.json").exists():
+        log(f"no cluster state in {state_dir}")
+        return 0 if args.command == "down" else 1
+    cluster = Cluster.load(state_dir)
+    if args.command == "down":
+        cluster.stop()
+        left = [n for n, up in cluster.running().items() if up]
+        log("stopped" if not left else f"still running: {left}")
+        return 1 if left else 0
+    for name, up in cluster.running().items():
+        print(f"{name:26s} {'running' if up else 'stopped'}  port {cluster.ports.get(name, '-')}")
+    print(f"KUBECONFIG={cluster.kubeconfig}")
+    return 0 if all(cluster.running().values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

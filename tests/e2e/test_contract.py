@@ -1,0 +1,157 @@
+"""Contract test: the pods the operator builds really form an elastic torchrun job.
+
+The worker and rendezvous pod specs come from the operator's builders. Their commands run
+as local processes with their env, changed only where a pod's own network namespace and
+volumes do not exist on one machine:
+
+- Service host names -> 127.0.0.1, ``$(POD_IP)`` -> 127.0.0.1;
+- the declared ports (store, metrics) -> free local ports, since all processes share one host;
+- volume mount paths -> a temporary directory (the "PVC"), shared by all workers;
+- ``torchrun`` -> ``python -m torch.distributed.run`` of this interpreter.
+
+They must train; after one worker is killed (its whole process group, as when a pod is lost)
+the survivor re-forms the group and continues from the checkpoint; a replacement worker
+built by the operator for the same index joins again.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from lepton_operator.builders import training
+from lepton_operator.spec import parse_job
+from lepton_trainer import contract
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
+from torchrun_procs import Proc, free_port  # noqa: E402  (shared real-process helper)
+
+pytestmark = pytest.mark.e2e
+
+OWNER = {"apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonJob",
+         "metadata": {"name": "contract", "namespace": "e2e", "uid": "4f1c9a2e-contract"}}
+SPEC = {
+    "module": "lepton_trainer.train",
+    "args": ["--model", "mlp", "--global-batch-size", "60", "--steps", "1000000",
+             "--checkpoint-every", "50", "--log-every", "50", "--keep", "3"],
+    "workers": {"min": 1, "max": 2, "replicas": 2},
+    "elastic": {"maxRestarts": 3, "lastCallTimeoutSeconds": 2, "joinTimeoutSeconds": 120},
+    "checkpoint": {"claimName": "ckpt", "path": "/checkpoints"},
+}
+
+
+def local_command(container: dict, env: dict[str, str], rdzv_port: int) -> list[str]:
+    """The container's command with $(VAR) expanded as the kubelet does and hosts mapped."""
+    def expand(arg: str) -> str:
+        arg = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), arg)
+        return re.sub(r"^--rdzv-endpoint=[^:]+:\d+$", f"--rdzv-endpoint=127.0.0.1:{rdzv_port}", arg)
+    cmd = [expand(a) for a in container["command"]]
+    if cmd[0] == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", *cmd[1:]]
+    elif cmd[0] == "python":
+        cmd[0] = sys.executable
+    return cmd
+
+
+def local_env(pod: dict, volume_root: Path) -> dict[str, str]:
+    """The container's env: literal values, the pod IP, mount paths moved under ``volume_root``."""
+    c = pod["spec"]["containers"][0]
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["spec"].get("volumes", [])
+              if "persistentVolumeClaim" in v}
+    mounts = {m["mountPath"]: volume_root / claims[m["name"]] / m.get("subPath", "")
+              for m in c.get("volumeMounts", []) if m["name"] in claims}
+    env = {}
+    for var in c.get("env", []):
+        if "value" in var:
+            value = var["value"]
+            for path, local in mounts.items():
+                if value == path or value.startswith(path + "/"):
+                    local.mkdir(parents=True, exist_ok=True)
+                    value = str(local) + value[len(path):]
+            env[var["name"]] = value
+        elif var.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP":
+            env[var["name"]] = "127.0.0.1"
+    env[contract.ENV_METRICS_PORT] = str(free_port())
+    return env
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc), parents first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant at once, as when a pod's container is killed.
+
+    torchrun starts its workers in their own sessions, so a process-group kill would
+    leave them running."""
+    for p in process_tree(pid):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_operator_built_pods_form_an_elastic_job_that_survives_a_lost_worker(tmp_path):
+    spec = parse_job("contract", SPEC, "lepton-trainer:test")
+    rdzv_pod, _service = training.rendezvous_objects(OWNER, spec, "lepton-trainer:test")
+    rdzv_port = free_port()
+    started: list[Proc] = []
+
+    def start(pod: dict, name: str) -> Proc:
+        container = pod["spec"]["containers"][0]
+        env = local_env(pod, tmp_path / "volumes")
+        cmd = local_command(container, env, rdzv_port)
+        if pod is rdzv_pod:
+            cmd[cmd.index("--port") + 1] = str(rdzv_port)
+            cmd += ["--host", "127.0.0.1"]
+        proc = Proc(cmd, tmp_path / f"{name}.log", env)
+        started.append(proc)
+        return proc
+
+    try:
+        store = start(rdzv_pod, "rdzv")
+        store.wait_for(r"rendezvous store ready on port")
+        w0 = start(training.worker_pod(OWNER, spec, 0), "worker-0")
+        w1 = start(training.worker_pod(OWNER, spec, 1), "worker-1")
+        w0.wait_for(r"event=start pid=\d+ world=2 ")
+        trained = int(w0.wait_for(r"event=checkpoint step=(\d+)").group(1))
+        assert trained > 0
+
+        # Lose worker 1 the way a pod is lost: agent and its worker die at once.
+        mark = len(w0.text())
+        kill_tree(w1.popen.pid)
+        w1.popen.wait(30)
+        resumed = w0.wait_for(r"event=resume step=(\d+) from_world=2 world=1", after=mark)
+        assert int(resumed.group(1)) >= trained            # continues from the checkpoint, not step 0
+        step_after = int(w0.wait_for(r"event=step step=(\d+) loss=\S+ world=1", after=resumed.end()).group(1))
+        assert step_after > int(resumed.group(1))
+
+        # The operator's replacement for index 1 joins the running job.
+        mark = len(w0.text())
+        start(training.worker_pod(OWNER, spec, 1), "worker-1b")
+        regrown = w0.wait_for(r"event=resume step=(\d+) from_world=1 world=2", after=mark)
+        assert int(regrown.group(1)) >= step_after - 50
+        w0.wait_for(r"event=step step=\d+ loss=\S+ world=2", after=regrown.end())
+        assert store.popen.poll() is None                  # the store outlived the lost worker
+    finally:
+        for proc in reversed(started):
+            survivors = process_tree(proc.popen.pid)[1:]
+            proc.stop()
+            for pid in survivors:
+                kill_tree(pid)

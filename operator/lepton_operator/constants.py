@@ -14,6 +14,10 @@ JOB_KIND = "LeptonJob"
 JOB_PLURAL = "leptonjobs"
 JOB_SHORT_NAME = "lj"
 
+MODEL_KIND = "LeptonModel"
+MODEL_PLURAL = "leptonmodels"
+MODEL_SHORT_NAME = "lm"
+
 FIELD_MANAGER = "lepton-operator"       # the one server-side-apply field manager
 USER_AGENT = "lepton-operator"          # HTTP User-Agent of the operator's own API calls
 
@@ -26,7 +30,11 @@ LABEL_ROLE = f"{GROUP}/role"                    # ROLE_* below
 LABEL_WORKER_INDEX = f"{GROUP}/worker-index"    # 0-based worker index
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"  # Kueue LocalQueue pass-through
 
+LABEL_MODEL = f"{GROUP}/model"                  # model name on every child of a LeptonModel
+LABEL_REVISION = f"{GROUP}/revision"            # serving revision (hash of source+compression+serving)
 ROLE_WORKER = "worker"
+ROLE_SERVING = "serving"
+ROLE_COMPRESSION = "compression"
 ROLE_RDZV = "rendezvous"
 MANAGED_BY = "lepton-operator"
 
@@ -66,6 +74,32 @@ REASON_RESUMED = "Resumed"
 REASON_TTL_EXPIRED = "TTLExpired"
 REASON_API_ERROR = "APIError"
 
+# LeptonModel condition types (besides Ready/Reconciling/Stalled) and reasons
+COND_COMPRESSED = "Compressed"
+COND_ROLLED_OUT = "RolledOut"
+COND_METRICS = "MetricsAvailable"        # the autoscaler's Prometheus answers
+REASON_WAITING_FOR_SOURCE = "WaitingForSource"
+REASON_SOURCE_NOT_FOUND = "SourceNotFound"
+REASON_SOURCE_FAILED = "SourceFailed"
+REASON_COMPRESSING = "Compressing"
+REASON_COMPRESSED = "Compressed"
+REASON_NOT_COMPRESSED = "NoCompression"
+REASON_GATE_FAILED = "AccuracyGateFailed"
+REASON_COMPRESSION_FAILED = "CompressionFailed"
+REASON_DEPLOYING = "Deploying"
+REASON_PODS_NOT_READY = "PodsNotReady"
+REASON_PROGRESSING = "Progressing"
+REASON_CANARY_STEP = "CanaryStep"
+REASON_ANALYSIS_PASSED = "AnalysisPassed"
+REASON_ANALYSIS_FAILED = "AnalysisFailed"
+REASON_ANALYSIS_NO_DATA = "AnalysisNoData"
+REASON_ROLLED_BACK = "RolledBack"
+REASON_PROMOTED = "Promoted"
+REASON_SERVING = "Serving"
+REASON_SCALED = "Scaled"
+REASON_METRICS_OK = "MetricsOK"
+REASON_NO_METRIC_DATA = "NoMetricData"
+
 # --- Event types ---------------------------------------------------------------------
 EVENT_NORMAL = "Normal"
 EVENT_WARNING = "Warning"
@@ -81,3 +115,15 @@ PHASE_SUSPENDED = "Suspended"
 JOB_PHASES = (PHASE_PENDING, PHASE_RUNNING, PHASE_SCALING, PHASE_RESTARTING,
               PHASE_SUCCEEDED, PHASE_FAILED, PHASE_SUSPENDED)
 TERMINAL_PHASES = frozenset({PHASE_SUCCEEDED, PHASE_FAILED})
+
+# --- LeptonModel phases ----------------------------------------------------------------
+MPHASE_PENDING = "Pending"
+MPHASE_COMPRESSING = "Compressing"
+MPHASE_DEPLOYING = "Deploying"
+MPHASE_PROGRESSING = "Progressing"
+MPHASE_READY = "Ready"
+MPHASE_DEGRADED = "Degraded"
+MPHASE_ROLLING_BACK = "RollingBack"
+MPHASE_FAILED = "Failed"
+MODEL_PHASES = (MPHASE_PENDING, MPHASE_COMPRESSING, MPHASE_DEPLOYING, MPHASE_PROGRESSING,
+                MPHASE_READY, MPHASE_DEGRADED, MPHASE_ROLLING_BACK, MPHASE_FAILED)

@@ -5,7 +5,7 @@ PYTEST := .venv/bin/pytest
 CLUSTER_DIR ?= $(CURDIR)/.cluster
 export LEPTON_CLUSTER_DIR := $(CLUSTER_DIR)
 
-.PHONY: setup tools python system-deps cluster-up cluster-down cluster-status run test test-unit \
+.PHONY: sync-crds setup tools python system-deps cluster-up cluster-down cluster-status run test test-unit \
         test-integration test-trainer test-e2e test-chart bench kind-up kind-down help
 
 help:
@@ -66,3 +66,8 @@ kind-up:
 
 kind-down:
 	kind delete cluster --name lepton
+
+# Copy crds/ (the single source) into the chart; tests/chart checks they are equal.
+sync-crds:
+	rm -f charts/lepton-operator/crds/*.yaml
+	cp crds/*.yaml charts/lepton-operator/crds/

@@ -1,0 +1,15 @@
+# The operator image. The workload image (training, compression, serving) is
+# trainer_image/Dockerfile.
+FROM python:3.12-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY operator ./operator
+COPY trainer_image/lepton_trainer ./trainer_image/lepton_trainer
+RUN pip install . && rm -rf /src
+RUN useradd --uid 65532 --user-group --no-create-home --shell /usr/sbin/nologin lepton
+USER 65532:65532
+WORKDIR /
+EXPOSE 8000 8080
+ENTRYPOINT ["lepton-operator"]
+CMD ["--all-namespaces"]

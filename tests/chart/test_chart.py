@@ -1,0 +1,105 @@
+"""The Helm chart: lint, CRD copies, rendering, values schema, security context."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "lepton-operator"
+sys.path.insert(0, str(ROOT / "hack"))
+import localcluster  # noqa: E402
+
+pytestmark = pytest.mark.unit
+KUBE_VERSION = localcluster.versions()["K8S_VERSION"].lstrip("v")
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    helm_bin = localcluster.tool_path("helm")
+    if not helm_bin.exists():
+        pytest.fail(f"helm is not built: run hack/build-tools.sh ({helm_bin} missing)", pytrace=False)
+    return subprocess.run([str(helm_bin), *args], capture_output=True, text=True, check=check)
+
+
+def render(*sets: str) -> list[dict]:
+    args = ["template", "lepton", str(CHART), "-n", "lepton-system", "--kube-version", KUBE_VERSION]
+    for s in sets:
+        args += ["--set", s]
+    return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def test_chart_crds_are_exact_copies_of_crds_dir():
+    source = {p.name: p.read_bytes() for p in (ROOT / "crds").glob("*.yaml")}
+    copies = {p.name: p.read_bytes() for p in (CHART / "crds").glob("*.yaml")}
+    assert source, "crds/ is empty"
+    assert copies.keys() == source.keys(), "charts/lepton-operator/crds must hold exactly the files of crds/"
+    stale = [name for name in source if source[name] != copies[name]]
+    assert not stale, f"chart CRDs differ from crds/: {stale}; copy crds/*.yaml into the chart"
+
+
+def test_helm_lint_strict():
+    result = helm("lint", "--strict", str(CHART), "--kube-version", KUBE_VERSION, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_operator_pod_is_locked_down():
+    dep = by_kind(render(), "Deployment")[0]
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    (container,) = pod["containers"]
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert container["resources"]["limits"]["memory"]
+
+
+def test_all_namespaces_mode_uses_one_cluster_role():
+    docs = render()
+    assert not by_kind(docs, "Role")
+    args = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--all-namespaces" in args
+    rules = by_kind(docs, "ClusterRole")[0]["rules"]
+    groups = {(g, r) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]}
+    assert ("lepton.ai", "leptonjobs") in groups and ("", "pods") in groups
+
+
+def test_watch_namespaces_mode_uses_roles_per_namespace():
+    docs = render("watchNamespaces={team-a,team-b}")
+    roles = by_kind(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    cluster_rules = by_kind(docs, "ClusterRole")[0]["rules"]
+    cluster_resources = {r for rule in cluster_rules for r in rule["resources"]}
+    assert "pods" not in cluster_resources, "namespaced mode must not grant pods cluster-wide"
+    assert "nodes" in cluster_resources, "GPU capacity needs nodes cluster-wide"
+    args = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:2] == ["--namespace=team-a", "--namespace=team-b"]
+
+
+def test_no_rule_grants_wildcards_or_secrets():
+    for docs in (render(), render("watchNamespaces={x}")):
+        for role in by_kind(docs, "ClusterRole") + by_kind(docs, "Role"):
+            for rule in role["rules"]:
+                assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+                assert "secrets" not in rule["resources"], rule
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("metrics.port=http", "got string, want integer"),
+    ("logLevel=verbose", "logLevel"),
+    ("prometheus.url=prometheus:9090", "prometheus/url"),
+    ("watchNamespaces={Bad_NS}", "watchNamespaces/0"),
+    ("unknownKey=1", "unknownKey"),
+])
+def test_values_schema_rejects_bad_values(setting, message):
+    result = helm("template", "x", str(CHART), "--kube-version", KUBE_VERSION, "--set", setting, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr

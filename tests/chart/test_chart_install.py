@@ -1,0 +1,138 @@
+"""Install the chart into a real control plane and run the operator with the chart's
+ServiceAccount token: the RBAC the chart grants must be enough for a LeptonJob's whole
+life, and the API server must never answer the operator with 403.
+
+This module starts its own control plane, so that no other operator instance (the
+integration suite runs one with admin rights) reconciles the same objects.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "hack"))
+import localcluster  # noqa: E402
+
+pytestmark = pytest.mark.integration
+RELEASE_NS = "lepton-system"
+
+
+def wait_until(what, check, timeout=90.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+@pytest.fixture(scope="module")
+def own_cluster(tmp_path_factory):
+    c = localcluster.Cluster(tmp_path_factory.mktemp("chart-cluster"))
+    try:
+        c.start()
+    except Exception as exc:
+        pytest.fail(f"the local control plane did not start: {exc}", pytrace=False)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def installed(own_cluster):
+    c = own_cluster
+    result = subprocess.run(
+        [str(localcluster.tool_path("helm")), "install", "lepton", str(ROOT / "charts" / "lepton-operator"),
+         "-n", RELEASE_NS, "--create-namespace", "--kubeconfig", c.kubeconfig],
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return c
+
+
+@pytest.fixture(scope="module")
+def operator_as_service_account(installed, tmp_path_factory):
+    c = installed
+    token = c.kubectl("create", "token", "lepton-lepton-operator", "-n", RELEASE_NS, "--duration=2h").strip()
+    tmp = tmp_path_factory.mktemp("sa")
+    kubeconfig = tmp / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
+        "clusters": [{"name": "c", "cluster": {"server": c.server,
+                                                "certificate-authority": str(c.pki / "ca.crt")}}],
+        "users": [{"name": "sa", "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "sa"}}]}))
+    log_path = tmp / "operator.log"
+    health = localcluster.free_port()
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lepton_operator", "--all-namespaces", "--kubeconfig", str(kubeconfig),
+             "--metrics-port", str(localcluster.free_port()), "--health-port", str(health)],
+            stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT,
+            env={**c.env, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"})
+
+    def healthy():
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+    wait_until("the operator to become healthy", healthy)
+    yield c, log_path
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_chart_installs_crds_service_account_and_deployment(installed):
+    c = installed
+    for crd in (ROOT / "crds").glob("*.yaml"):
+        name = yaml.safe_load(crd.read_text())["metadata"]["name"]
+        assert c.kubectl("get", "crd", name, "-o", "name").strip() == f"customresourcedefinition.apiextensions.k8s.io/{name}"
+    dep = json.loads(c.kubectl("get", "deployment", "lepton-lepton-operator", "-n", RELEASE_NS, "-o", "json"))
+    assert dep["spec"]["template"]["spec"]["serviceAccountName"] == "lepton-lepton-operator"
+    c.kubectl("get", "serviceaccount", "lepton-lepton-operator", "-n", RELEASE_NS)
+
+
+def test_chart_rbac_is_enough_for_a_job_lifecycle(operator_as_service_account):
+    c, log_path = operator_as_service_account
+    ns = c.create_namespace("rbac-check")
+    c.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([
+        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "rbac-ckpt"},
+         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"],
+                  "hostPath": {"path": "/tmp/lepton-rbac-ckpt"}, "claimRef": {"namespace": ns, "name": "ckpt"}}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "ckpt", "namespace": ns},
+         "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": "rbac-ckpt",
+                  "resources": {"requests": {"storage": "1Gi"}}}},
+        {"apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonJob", "metadata": {"name": "rbac", "namespace": ns},
+         "spec": {"workers": {"min": 2, "max": 3, "replicas": 2}, "resources": {"gpus": 1},
+                  "checkpoint": {"claimName": "ckpt"}}},
+    ]))
+
+    def workers(n):
+        pods = json.loads(c.kubectl("get", "pods", "-n", ns, "-l", "lepton.ai/job=rbac,lepton.ai/role=worker",
+                                    "-o", "json"))["items"]
+        live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        return len(live) == n and all(p["status"].get("phase") == "Running" for p in live) and live
+
+    def phase():
+        return json.loads(c.kubectl("get", "lj", "rbac", "-n", ns, "-o", "json")).get("status", {}).get("phase")
+
+    wait_until("2 running workers", lambda: workers(2))
+    wait_until("phase Running", lambda: phase() == "Running")
+    c.kubectl("scale", "lj/rbac", "-n", ns, "--replicas=3")
+    wait_until("3 running workers", lambda: workers(3))
+    c.kubectl("delete", "lj", "rbac", "-n", ns)
+    wait_until("the job's pods to be gone", lambda: workers(0) == [] or not json.loads(
+        c.kubectl("get", "pods", "-n", ns, "-o", "json"))["items"])
+    assert c.kubectl("get", "pvc", "ckpt", "-n", ns, "-o", "name").strip() == "persistentvolumeclaim/ckpt"
+    log = log_path.read_text()
+    assert "Forbidden" not in log and " 403" not in log, log[-3000:]

@@ -1,0 +1,216 @@
+"""Serving objects of a LeptonModel, as plain dicts (pure).
+
+- one Deployment per revision, ``<model>-<revision>``, running
+  ``python -m lepton_trainer.serve`` with readiness on ``/v2/health/ready``;
+- one Service, ``<model>``, selecting the serving pods of every revision, so a canary's
+  share of traffic is its share of ready replicas (``split``);
+- optionally an autoscaling/v2 HorizontalPodAutoscaler on an External metric, or a
+  KEDA ScaledObject with a prometheus trigger, targeting the stable Deployment.
+
+Deployments leave ``replicas`` out when an autoscaler owns them (the operator's own or
+an HPA), so applying them never fights the autoscaler.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Mapping
+
+from lepton_trainer import contract
+
+from ..constants import LABEL_MODEL, LABEL_REVISION, LABEL_ROLE, ROLE_SERVING
+from ..model_spec import Autoscaling, ModelSpec, PvcPath, render_query
+from .compression import env, labels, meta, pod_common, resources
+from .training import CONTAINER_SECURITY
+
+Obj = dict[str, Any]
+MOUNT = "/model"
+PORT_NAME = "http"
+KEDA_API_VERSION = "keda.sh/v1alpha1"
+# External metric names an HPA reads (served by a Prometheus adapter rule of the same name).
+HPA_METRIC_NAMES = {"rps": "lepton_serve_requests_per_second",
+                    "inflight": contract.METRIC_SERVE_INFLIGHT,
+                    "p95latency": "lepton_serve_p95_latency_seconds"}
+
+
+def deployment_name(model: str, revision: str) -> str:
+    return f"{model}-{revision}"
+
+
+def service_name(model: str) -> str:
+    return model
+
+
+def url(model: str, namespace: str) -> str:
+    return f"http://{service_name(model)}.{namespace}.svc:{contract.SERVE_PORT}"
+
+
+def service_selector(model: str) -> dict[str, str]:
+    return {LABEL_MODEL: model, LABEL_ROLE: ROLE_SERVING}
+
+
+def split(total: int, weight: int) -> tuple[int, int]:
+    """(stable, canary) replicas giving the canary about ``weight`` percent of ``total``.
+
+    A canary with a weight gets at least one replica; the stable revision keeps at least
+    one until the weight reaches 100, so small totals run one replica more than asked.
+    """
+    if not 0 <= weight <= 100:
+        raise ValueError(f"weight must be within 0..100, got {weight}")
+    if weight == 0:
+        return total, 0
+    if weight == 100:
+        return 0, max(total, 1)
+    canary = min(max(1, round(total * weight / 100)), max(total, 1))
+    return max(total - canary, 1), canary
+
+
+def deployment(owner: Mapping[str, Any], spec: ModelSpec, revision: str, model_dir: PvcPath,
+               replicas: int | None, pod_annotations: Mapping[str, str] | None = None) -> Obj:
+    """The Deployment of ``revision`` serving ``model_dir``; ``replicas`` None leaves it out."""
+    m = owner["metadata"]
+    model, s = m["name"], spec.serving
+    lbls = labels(model, ROLE_SERVING, revision)
+    variables = [
+        env(contract.ENV_MODEL_DIR, MOUNT),
+        env(contract.ENV_MODEL_NAME, model),
+        env(contract.ENV_MODEL_NAMESPACE, m["namespace"]),
+        env(contract.ENV_MODEL_REVISION, revision),
+        env(contract.ENV_MAX_BATCH_SIZE, s.max_batch_size),
+        env(contract.ENV_MAX_BATCH_DELAY_MS, s.max_batch_delay_ms),
+        *(copy.deepcopy(dict(v)) for v in s.env),
+    ]
+    mount = {"name": "model", "mountPath": MOUNT, "readOnly": True}
+    if model_dir.path:
+        mount["subPath"] = model_dir.path
+    http = {"port": PORT_NAME}
+    container = {
+        "name": "server",
+        "image": s.image,
+        "imagePullPolicy": s.image_pull_policy,
+        "command": ["python", "-m", "lepton_trainer.serve"],
+        "env": variables,
+        "ports": [{"name": PORT_NAME, "containerPort": contract.SERVE_PORT, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {**http, "path": contract.HEALTH_READY_PATH},
+                           "periodSeconds": 2, "failureThreshold": 2},
+        "livenessProbe": {"httpGet": {**http, "path": contract.HEALTH_LIVE_PATH},
+                          "periodSeconds": 10, "failureThreshold": 3},
+        "startupProbe": {"httpGet": {**http, "path": contract.HEALTH_LIVE_PATH},
+                         "periodSeconds": 2, "failureThreshold": 60},
+        "volumeMounts": [mount],
+        "securityContext": dict(CONTAINER_SECURITY),
+    }
+    res = resources(s.resources)
+    if res:
+        container["resources"] = res
+    annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(contract.SERVE_PORT),
+                   "prometheus.io/path": contract.METRICS_PATH, **dict(pod_annotations or {})}
+    dep_spec: Obj = {
+        "selector": {"matchLabels": {LABEL_MODEL: model, LABEL_REVISION: revision}},
+        "progressDeadlineSeconds": spec.rollout.progress_deadline_seconds,
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "template": {
+            "metadata": {"labels": dict(lbls), "annotations": annotations},
+            "spec": {
+                **pod_common(s.resources),
+                "terminationGracePeriodSeconds": 30,
+                "containers": [container],
+                "volumes": [{"name": "model", "persistentVolumeClaim": {
+                    "claimName": model_dir.claim, "readOnly": True}}],
+            },
+        },
+    }
+    if replicas is not None:
+        dep_spec = {"replicas": replicas, **dep_spec}
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": meta(owner, deployment_name(model, revision), lbls), "spec": dep_spec}
+
+
+def service(owner: Mapping[str, Any]) -> Obj:
+    """ClusterIP Service over the serving pods of every revision."""
+    model = owner["metadata"]["name"]
+    lbls = {k: v for k, v in labels(model, ROLE_SERVING, "").items() if k != LABEL_REVISION}
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta(owner, service_name(model), lbls),
+            "spec": {"selector": service_selector(model),
+                     "ports": [{"name": PORT_NAME, "port": contract.SERVE_PORT, "targetPort": PORT_NAME,
+                                "protocol": "TCP"}]}}
+
+
+# --- autoscaling --------------------------------------------------------------------------
+
+def metric_selector(namespace: str, model: str) -> str:
+    return (f'{contract.METRICS_MODEL_LABEL}="{model}",'
+            f'{contract.METRICS_MODEL_NAMESPACE_LABEL}="{namespace}"')
+
+
+def metric_query(a: Autoscaling, namespace: str, model: str) -> str:
+    """The PromQL the builtin autoscaler and KEDA evaluate (a total over all replicas,
+    except p95 latency)."""
+    sel = metric_selector(namespace, model)
+    if a.metric == "rps":
+        return f"sum(irate({contract.METRIC_SERVE_REQUESTS}{{{sel}}}[1m]))"
+    if a.metric == "inflight":
+        return f"sum({contract.METRIC_SERVE_INFLIGHT}{{{sel}}})"
+    if a.metric == "p95latency":
+        return (f"histogram_quantile(0.95, sum by (le) "
+                f"(rate({contract.METRIC_SERVE_LATENCY}_bucket{{{sel}}}[1m])))")
+    return render_query(a.query or "", namespace, model)
+
+
+def _target(a: Autoscaling) -> tuple[str, str]:
+    """(HPA/KEDA metric target type, value as a Kubernetes quantity string)."""
+    kind = "AverageValue" if a.additive else "Value"
+    return kind, (f"{a.target:g}" if a.target >= 1 or a.target == 0 else f"{round(a.target * 1000)}m")
+
+
+def _behavior(a: Autoscaling) -> Obj:
+    return {"scaleUp": {"stabilizationWindowSeconds": 0},
+            "scaleDown": {"stabilizationWindowSeconds": a.scale_down_delay_seconds}}
+
+
+def hpa(owner: Mapping[str, Any], a: Autoscaling, target_deployment: str) -> Obj:
+    """autoscaling/v2 HPA on an External metric selected by model and namespace labels."""
+    m = owner["metadata"]
+    model, ns = m["name"], m["namespace"]
+    kind, value = _target(a)
+    target = {"type": kind, "averageValue" if kind == "AverageValue" else "value": value}
+    lbls = {k: v for k, v in labels(model, ROLE_SERVING, "").items() if k != LABEL_REVISION}
+    return {
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+        "metadata": meta(owner, model, lbls),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target_deployment},
+            "minReplicas": a.min_replicas, "maxReplicas": a.max_replicas,
+            "metrics": [{"type": "External", "external": {
+                "metric": {"name": HPA_METRIC_NAMES[a.metric], "selector": {"matchLabels": {
+                    contract.METRICS_MODEL_LABEL: model, contract.METRICS_MODEL_NAMESPACE_LABEL: ns}}},
+                "target": target}}],
+            "behavior": _behavior(a),
+        },
+    }
+
+
+def scaled_object(owner: Mapping[str, Any], a: Autoscaling, target_deployment: str,
+                  prometheus_url: str) -> Obj:
+    """KEDA ScaledObject with a prometheus trigger. ``ignoreNullValues: false`` makes an
+    empty answer an error, which KEDA's HPA treats as "hold", never as zero."""
+    m = owner["metadata"]
+    model, ns = m["name"], m["namespace"]
+    kind, _ = _target(a)
+    lbls = {k: v for k, v in labels(model, ROLE_SERVING, "").items() if k != LABEL_REVISION}
+    return {
+        "apiVersion": KEDA_API_VERSION, "kind": "ScaledObject",
+        "metadata": meta(owner, model, lbls),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target_deployment},
+            "minReplicaCount": a.min_replicas, "maxReplicaCount": a.max_replicas,
+            "pollingInterval": max(1, math.ceil(a.interval_seconds)),
+            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": _behavior(a)}},
+            "triggers": [{"type": "prometheus", "metricType": kind, "metadata": {
+                "serverAddress": prometheus_url,
+                "query": metric_query(a, ns, model),
+                "threshold": f"{a.target:g}",
+                "ignoreNullValues": "false",
+            }}],
+        },
+    }

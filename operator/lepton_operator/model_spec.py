@@ -1,0 +1,318 @@
+"""LeptonModel spec -> frozen dataclasses with defaults and semantic validation (pure).
+
+The CRD schema rejects what it can express at apply time (enums, bounds, CEL rules);
+``parse_model`` checks the same rules again, so an API server without CEL still gives
+clear errors, and reports every problem at once in one ``InvalidSpec``.
+
+A *revision* is a hash of what changes the served bits: the source, the compression
+and the serving spec (not replicas, rollout or autoscaling).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import string
+from typing import Any, Mapping
+
+from lepton_trainer import contract
+
+from .spec import InvalidSpec, Resources, _int, _quantity, validate_name
+
+METHODS = ("int8", "fp16", "bf16", "prune", "distill", "none")
+STRATEGIES = ("canary", "replace")
+ENGINES = ("builtin", "hpa", "keda")
+METRICS = ("rps", "inflight", "p95latency", "query")
+URI_SCHEMES = ("pvc",)            # s3:// and others plug in here
+MODEL_NAME_MAX = 43               # "<name>-compress-<10-char revision>" must fit 63
+REVISION_LEN = 10
+ARTIFACT_ROOT = "lepton-models"   # artifacts: <claim>/lepton-models/<model>/<revision>
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    job_name: str | None = None
+    uri: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PvcPath:
+    claim: str
+    path: str             # inside the claim, no leading slash ("" = the root)
+
+    @property
+    def uri(self) -> str:
+        return f"pvc://{self.claim}/{self.path}".rstrip("/")
+
+
+@dataclasses.dataclass(frozen=True)
+class Compression:
+    method: str = "none"
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    max_accuracy_drop: float | None = None
+    resources: Resources = Resources()
+    backoff_limit: int = 1
+
+    @property
+    def runs_job(self) -> bool:
+        return self.method != "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class Serving:
+    image: str
+    image_pull_policy: str = "IfNotPresent"
+    replicas: int = 1
+    resources: Resources = Resources()
+    max_batch_size: int = 32
+    max_batch_delay_ms: int = 5
+    env: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    weight: int
+    pause_seconds: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """One analysis query: the value must be <= ``max`` and/or >= ``min``."""
+    name: str
+    query: str
+    max: float | None = None
+    min: float | None = None
+
+    def failed(self, value: float) -> bool:
+        return (self.max is not None and value > self.max) or (self.min is not None and value < self.min)
+
+    def bound_text(self) -> str:
+        return " and ".join(t for t in (f"<= {self.max}" if self.max is not None else "",
+                                        f">= {self.min}" if self.min is not None else "") if t)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    strategy: str = "canary"
+    steps: tuple[Step, ...] = (Step(20, 30), Step(50, 30))
+    analysis: tuple[Check, ...] = ()
+    progress_deadline_seconds: int = 600
+
+
+@dataclasses.dataclass(frozen=True)
+class Autoscaling:
+    engine: str = "builtin"
+    metric: str = "rps"
+    target: float = 10.0
+    query: str | None = None
+    min_replicas: int = 1
+    max_replicas: int = 10
+    stable_window_seconds: int = 60
+    panic_window_seconds: int = 6
+    panic_threshold: float = 2.0
+    scale_down_delay_seconds: int = 30
+    interval_seconds: float = 2.0
+
+    @property
+    def additive(self) -> bool:
+        """Totals over replicas are divided by the target; latency is proportional."""
+        return self.metric != "p95latency"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    source: Source
+    compression: Compression
+    serving: Serving
+    rollout: Rollout
+    autoscaling: Autoscaling | None
+    compression_image: str
+
+    def revision(self, source_uri: str | None = None) -> str:
+        """Hash of the source, the compression and the serving spec."""
+        serving = dataclasses.asdict(self.serving)
+        serving.pop("replicas")
+        ident = {"source": dataclasses.asdict(self.source), "sourceURI": source_uri,
+                 "compression": dataclasses.asdict(self.compression), "serving": serving,
+                 "compressionImage": self.compression_image}
+        blob = json.dumps(ident, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:REVISION_LEN]
+
+
+def parse_uri(uri: str) -> PvcPath:
+    """``pvc://claim/path`` -> PvcPath; raises ValueError with a clear message otherwise."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        raise ValueError(f"source.uri {uri!r} must look like pvc://claim/path")
+    if scheme not in URI_SCHEMES:
+        raise ValueError(f"source.uri scheme {scheme!r} is not supported; use pvc://claim/path")
+    claim, _, path = rest.partition("/")
+    path = path.strip("/")
+    if not claim:
+        raise ValueError(f"source.uri {uri!r} names no PersistentVolumeClaim")
+    if ".." in path.split("/"):
+        raise ValueError(f"source.uri {uri!r} must not contain '..'")
+    return PvcPath(claim, path)
+
+
+def artifact_path(source: PvcPath, model: str, revision: str) -> PvcPath:
+    """Where the compression Job writes a revision's artifact (same claim as the source)."""
+    return PvcPath(source.claim, f"{ARTIFACT_ROOT}/{model}/{revision}")
+
+
+def render_query(query: str, namespace: str, model: str, revision: str = "") -> str:
+    """Fill ``${namespace}``, ``${model}`` and ``${revision}`` in a PromQL query."""
+    return string.Template(query).safe_substitute(namespace=namespace, model=model, revision=revision)
+
+
+def _float(raw: Mapping[str, Any], key: str, default: float | None, lo: float | None, hi: float | None,
+           problems: list[str], where: str, lo_open: bool = False) -> float | None:
+    value = raw.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        problems.append(f"{where}{key} must be a number, got {value!r}")
+        return default
+    if (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi):
+        problems.append(f"{where}{key} must be {'>' if lo_open else '>='} {lo}"
+                        + (f" and <= {hi}" if hi is not None else "") + f", got {value}")
+        return default
+    return float(value)
+
+
+def _resources(raw: Mapping[str, Any] | None, problems: list[str], where: str) -> Resources:
+    raw = raw or {}
+    return Resources(_int(raw, "gpus", 0, 0, 64, problems, where),
+                     _quantity(raw.get("cpu")), _quantity(raw.get("memory")))
+
+
+def _enum(value: Any, allowed: tuple[str, ...], problems: list[str], where: str) -> str:
+    if value not in allowed:
+        problems.append(f"{where} must be one of {', '.join(allowed)}; got {value!r}")
+        return allowed[0]
+    return value
+
+
+def _source(raw: Mapping[str, Any], problems: list[str]) -> Source:
+    job_ref, uri = raw.get("jobRef"), raw.get("uri")
+    job = (job_ref or {}).get("name") if isinstance(job_ref, Mapping) else None
+    if (job_ref is not None) == bool(uri):
+        problems.append("source must set exactly one of jobRef (a LeptonJob) or uri (pvc://claim/path)")
+    elif job_ref is not None and not job:
+        problems.append("source.jobRef.name is required: name a LeptonJob in this namespace")
+    if uri:
+        try:
+            parse_uri(uri)
+        except ValueError as exc:
+            problems.append(str(exc))
+    return Source(job or None, uri or None)
+
+
+def _rollout(raw: Mapping[str, Any], problems: list[str]) -> Rollout:
+    strategy = _enum(raw.get("strategy", "canary"), STRATEGIES, problems, "rollout.strategy")
+    steps = []
+    for i, s in enumerate(raw.get("steps") or ()):
+        w = _int(s, "weight", None, 1, 100, problems, f"rollout.steps[{i}].")
+        p = _int(s, "pauseSeconds", 0, 0, 86400, problems, f"rollout.steps[{i}].")
+        if w is None:
+            problems.append(f"rollout.steps[{i}].weight is required")
+        else:
+            steps.append(Step(w, p))
+    weights = [s.weight for s in steps]
+    if any(b <= a for a, b in zip(weights, weights[1:])):
+        problems.append(f"rollout.steps weights must strictly increase, got {weights}")
+    checks = []
+    for i, c in enumerate(raw.get("analysis") or ()):
+        where = f"rollout.analysis[{i}]"
+        query = str(c.get("query") or "").strip()
+        if not query:
+            problems.append(f"{where}.query must be a non-empty PromQL query")
+        lo = _float(c, "min", None, None, None, problems, f"{where}.")
+        hi = _float(c, "max", None, None, None, problems, f"{where}.")
+        if lo is None and hi is None:
+            problems.append(f"{where} needs a threshold: set max and/or min")
+        checks.append(Check(c.get("name") or f"query-{i}", query, hi, lo))
+    names = [c.name for c in checks]
+    if len(set(names)) != len(names):
+        problems.append(f"rollout.analysis names must be unique, got {names}")
+    return Rollout(strategy, tuple(steps) if "steps" in raw else Rollout.steps, tuple(checks),
+                   _int(raw, "progressDeadlineSeconds", 600, 30, 86400, problems, "rollout."))
+
+
+def _autoscaling(raw: Mapping[str, Any] | None, problems: list[str]) -> Autoscaling | None:
+    if raw is None:
+        return None
+    where = "autoscaling."
+    engine = _enum(raw.get("engine", "builtin"), ENGINES, problems, "autoscaling.engine")
+    metric = _enum(raw.get("metric", "rps"), METRICS, problems, "autoscaling.metric")
+    query = raw.get("query")
+    if metric == "query" and not str(query or "").strip():
+        problems.append("autoscaling.query must be a non-empty PromQL query when metric is query")
+    if metric != "query" and query:
+        problems.append("autoscaling.query is only used with metric: query")
+    if metric == "query" and engine == "hpa":
+        problems.append("autoscaling.metric query needs engine builtin or keda: an HPA reads a "
+                        "named External metric, not PromQL")
+    target = _float(raw, "target", None, 0, None, problems, where, lo_open=True)
+    if target is None and "target" not in raw:
+        problems.append("autoscaling.target is required (per replica for rps, inflight and query; "
+                        "seconds for p95latency)")
+    lo = _int(raw, "minReplicas", 1, 1, 1000, problems, where)
+    hi = _int(raw, "maxReplicas", max(lo, 10), 1, 1000, problems, where)
+    if hi < lo:
+        problems.append(f"autoscaling.maxReplicas ({hi}) must be >= minReplicas ({lo})")
+    stable = _int(raw, "stableWindowSeconds", 60, 6, 3600, problems, where)
+    panic = _int(raw, "panicWindowSeconds", max(1, stable // 10), 1, 3600, problems, where)
+    if panic > stable:
+        problems.append(f"autoscaling.panicWindowSeconds ({panic}) must be <= stableWindowSeconds ({stable})")
+    return Autoscaling(
+        engine, metric, target or 1.0, query, lo, hi, stable, panic,
+        _float(raw, "panicThreshold", 2.0, 1, 100, problems, where, lo_open=True),
+        _int(raw, "scaleDownDelaySeconds", 30, 0, 3600, problems, where),
+        _float(raw, "intervalSeconds", 2.0, 0.5, 300, problems, where))
+
+
+def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str) -> ModelSpec:
+    """Parse and validate a LeptonModel spec; raises ``InvalidSpec`` listing every problem."""
+    spec = spec or {}
+    problems = validate_name(name)
+    if len(name) > MODEL_NAME_MAX:
+        problems.append(f"metadata.name must be at most {MODEL_NAME_MAX} characters "
+                        f"(child names add up to 20), got {len(name)}")
+    source = _source(spec.get("source") or {}, problems)
+
+    raw_c = spec.get("compression") or {}
+    method = _enum(raw_c.get("method", "none"), METHODS, problems, "compression.method")
+    params = raw_c.get("params") or {}
+    if not isinstance(params, Mapping):
+        problems.append(f"compression.params must be an object, got {params!r}")
+        params = {}
+    compression = Compression(
+        method, dict(params),
+        _float(raw_c, "maxAccuracyDrop", None, 0, 1, problems, "compression."),
+        _resources(raw_c.get("resources"), problems, "compression.resources."),
+        _int(raw_c, "backoffLimit", 1, 0, 10, problems, "compression."))
+
+    raw_s = spec.get("serving") or {}
+    image = raw_s.get("image") or default_image
+    env = tuple(raw_s.get("env") or ())
+    reserved = {contract.ENV_MODEL_DIR, contract.ENV_MODEL_NAME, contract.ENV_MODEL_NAMESPACE,
+                contract.ENV_MODEL_REVISION, contract.ENV_MAX_BATCH_SIZE, contract.ENV_MAX_BATCH_DELAY_MS}
+    for var in env:
+        if var.get("name") in reserved:
+            problems.append(f"serving.env {var.get('name')} is set by the operator and cannot be overridden")
+    batching = raw_s.get("batching") or {}
+    serving = Serving(
+        image, raw_s.get("imagePullPolicy") or "IfNotPresent",
+        _int(raw_s, "replicas", 1, 0, 1000, problems, "serving."),
+        _resources(raw_s.get("resources"), problems, "serving.resources."),
+        _int(batching, "maxBatchSize", 32, 1, 4096, problems, "serving.batching."),
+        _int(batching, "maxBatchDelayMs", 5, 0, 10000, problems, "serving.batching."),
+        env)
+
+    rollout = _rollout(spec.get("rollout") or {}, problems)
+    autoscaling = _autoscaling(spec.get("autoscaling"), problems)
+    if problems:
+        raise InvalidSpec(problems)
+    return ModelSpec(source, compression, serving, rollout, autoscaling,
+                     (raw_c.get("image") or image))

@@ -1,0 +1,130 @@
+"""LeptonModel builders: golden YAML for the compression Job, Deployment, Service, HPA and
+KEDA ScaledObject; table-driven checks for the rules (replica split, replicas ownership)."""
+
+import os
+import pathlib
+
+import pytest
+import yaml
+
+from lepton_operator.builders import compression, serving
+from lepton_operator.model_spec import PvcPath, artifact_path, parse_model
+
+pytestmark = pytest.mark.unit
+
+GOLDEN = pathlib.Path(__file__).parent / "golden" / "model"
+OWNER = {"apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonModel",
+         "metadata": {"name": "digits", "namespace": "ml", "uid": "u-123"}}
+SPEC = {
+    "source": {"uri": "pvc://models/runs/digits"},
+    "compression": {"method": "prune", "params": {"sparsity": 0.5}, "maxAccuracyDrop": 0.02},
+    "serving": {"replicas": 4, "resources": {"cpu": "500m", "memory": "1Gi"},
+                "batching": {"maxBatchSize": 16, "maxBatchDelayMs": 3}},
+    "rollout": {"steps": [{"weight": 25, "pauseSeconds": 10}, {"weight": 50}],
+                "analysis": [{"name": "errors", "query": "sum(x)", "max": 0.05}]},
+    "autoscaling": {"metric": "rps", "target": 20, "minReplicas": 2, "maxReplicas": 8},
+}
+
+
+def spec(**over):
+    return parse_model("digits", {**SPEC, **over}, "trainer:1")
+
+
+def check_golden(name, objects):
+    text = yaml.safe_dump_all(objects, sort_keys=True)
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text(), "run with UPDATE_GOLDEN=1 and review the diff"
+
+
+def test_golden_compression_job():
+    s = spec()
+    rev = s.revision()
+    src = PvcPath("models", "runs/digits")
+    job = compression.compression_job(OWNER, s, rev, src, artifact_path(src, "digits", rev),
+                                      {"kwok.lepton.ai/termination-message": "{}"})
+    check_golden("compression_job.yaml", [job])
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["LEPTON_MODEL_DIR"] == "/models/runs/digits"
+    assert env["LEPTON_ARTIFACT_DIR"] == f"/models/lepton-models/digits/{rev}"
+    assert env["LEPTON_COMPRESSION_PARAMS"] == '{"sparsity": 0.5}'
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert job["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_golden_serving_objects():
+    s = spec()
+    rev = s.revision()
+    objs = [serving.deployment(OWNER, s, rev, PvcPath("models", f"lepton-models/digits/{rev}"), 3),
+            serving.service(OWNER)]
+    check_golden("serving.yaml", objs)
+    dep, svc = objs
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # The Service selects every revision; the Deployment selects only its own.
+    assert set(svc["spec"]["selector"].items()) <= set(dep["spec"]["template"]["metadata"]["labels"].items())
+    assert "lepton.ai/revision" not in svc["spec"]["selector"]
+    assert dep["spec"]["selector"]["matchLabels"]["lepton.ai/revision"] == rev
+
+
+def test_golden_hpa_and_keda():
+    s = spec()
+    a = s.autoscaling
+    check_golden("hpa_rps.yaml", [serving.hpa(OWNER, a, "digits-abc")])
+    check_golden("keda_rps.yaml", [serving.scaled_object(OWNER, a, "digits-abc", "http://prom:9090")])
+    lat = spec(autoscaling={"engine": "hpa", "metric": "p95latency", "target": 0.25, "maxReplicas": 5})
+    h = serving.hpa(OWNER, lat.autoscaling, "digits-abc")
+    check_golden("hpa_p95.yaml", [h])
+    assert h["spec"]["metrics"][0]["external"]["target"] == {"type": "Value", "value": "250m"}
+    q = spec(autoscaling={"engine": "keda", "metric": "query", "target": 3,
+                          "query": 'sum(my_queue{ns="${namespace}",app="${model}"})'})
+    k = serving.scaled_object(OWNER, q.autoscaling, "digits-abc", "http://prom:9090")
+    check_golden("keda_query.yaml", [k])
+    assert k["spec"]["triggers"][0]["metadata"]["query"] == 'sum(my_queue{ns="ml",app="digits"})'
+    assert k["spec"]["triggers"][0]["metadata"]["ignoreNullValues"] == "false"
+
+
+def test_replicas_left_out_when_an_autoscaler_owns_them():
+    s = spec()
+    dep = serving.deployment(OWNER, s, "r1", PvcPath("models", "x"), None)
+    assert "replicas" not in dep["spec"]
+    assert serving.deployment(OWNER, s, "r1", PvcPath("models", "x"), 0)["spec"]["replicas"] == 0
+
+
+@pytest.mark.parametrize("total,weight,expected", [
+    (10, 0, (10, 0)), (10, 10, (9, 1)), (10, 25, (8, 2)), (10, 50, (5, 5)), (10, 100, (0, 10)),
+    (4, 25, (3, 1)), (1, 10, (1, 1)), (2, 50, (1, 1)), (1, 100, (0, 1)), (3, 90, (1, 3)),
+    (0, 50, (1, 1)),
+])
+def test_split(total, weight, expected):
+    assert serving.split(total, weight) == expected
+
+
+def test_split_rejects_bad_weight():
+    with pytest.raises(ValueError, match="within 0..100"):
+        serving.split(3, 101)
+
+
+@pytest.mark.parametrize("metric,query", [
+    ("rps", 'sum(irate(lepton_serve_requests_total{lepton_model="digits",lepton_namespace="ml"}[1m]))'),
+    ("inflight", 'sum(lepton_serve_inflight_requests{lepton_model="digits",lepton_namespace="ml"})'),
+    ("p95latency", 'histogram_quantile(0.95, sum by (le) (rate(lepton_serve_request_duration_seconds_bucket'
+                   '{lepton_model="digits",lepton_namespace="ml"}[1m])))'),
+])
+def test_metric_queries(metric, query):
+    a = spec(autoscaling={"metric": metric, "target": 1}).autoscaling
+    assert serving.metric_query(a, "ml", "digits") == query
+
+
+@pytest.mark.parametrize("pod,expected", [
+    ({"status": {"phase": "Running", "containerStatuses": [{"state": {"running": {}}}]}}, ("running", None)),
+    ({"status": {"containerStatuses": [{"state": {"terminated": {
+        "exitCode": 0, "message": '{"ratio": 3.9}'}}}]}}, ("succeeded", {"ratio": 3.9})),
+    ({"status": {"containerStatuses": [{"state": {"terminated": {
+        "exitCode": 3, "message": "accuracy gate failed"}}}]}}, ("failed", {"message": "accuracy gate failed"})),
+    ({"status": {"phase": "Failed"}}, ("failed", None)),
+])
+def test_read_result(pod, expected):
+    assert compression.read_result(pod) == expected

@@ -52,6 +52,7 @@ class Compression:
     max_accuracy_drop: float | None = None
     resources: Resources = Resources()
     backoff_limit: int = 1
+    pod_annotations: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def runs_job(self) -> bool:
@@ -67,6 +68,7 @@ class Serving:
     max_batch_size: int = 32
     max_batch_delay_ms: int = 5
     env: tuple[Mapping[str, Any], ...] = ()
+    pod_annotations: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,10 +132,12 @@ class ModelSpec:
 
     def revision(self, source_uri: str | None = None) -> str:
         """Hash of the source, the compression and the serving spec."""
-        serving = dataclasses.asdict(self.serving)
-        serving.pop("replicas")
+        serving, compression = dataclasses.asdict(self.serving), dataclasses.asdict(self.compression)
+        for key in ("replicas", "pod_annotations"):
+            serving.pop(key)
+        compression.pop("pod_annotations")
         ident = {"source": dataclasses.asdict(self.source), "sourceURI": source_uri,
-                 "compression": dataclasses.asdict(self.compression), "serving": serving,
+                 "compression": compression, "serving": serving,
                  "compressionImage": self.compression_image}
         blob = json.dumps(ident, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:REVISION_LEN]
@@ -184,6 +188,14 @@ def _resources(raw: Mapping[str, Any] | None, problems: list[str], where: str) -
     raw = raw or {}
     return Resources(_int(raw, "gpus", 0, 0, 64, problems, where),
                      _quantity(raw.get("cpu")), _quantity(raw.get("memory")))
+
+
+def _annotations(raw: Mapping[str, Any], problems: list[str], where: str) -> dict[str, str]:
+    value = raw.get("podAnnotations") or {}
+    if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
+        problems.append(f"{where}podAnnotations must map names to strings")
+        return {}
+    return dict(value)
 
 
 def _enum(value: Any, allowed: tuple[str, ...], problems: list[str], where: str) -> str:
@@ -291,7 +303,8 @@ def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str) -
         method, dict(params),
         _float(raw_c, "maxAccuracyDrop", None, 0, 1, problems, "compression."),
         _resources(raw_c.get("resources"), problems, "compression.resources."),
-        _int(raw_c, "backoffLimit", 1, 0, 10, problems, "compression."))
+        _int(raw_c, "backoffLimit", 1, 0, 10, problems, "compression."),
+        _annotations(raw_c, problems, "compression."))
 
     raw_s = spec.get("serving") or {}
     image = raw_s.get("image") or default_image
@@ -308,7 +321,7 @@ def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str) -
         _resources(raw_s.get("resources"), problems, "serving.resources."),
         _int(batching, "maxBatchSize", 32, 1, 4096, problems, "serving.batching."),
         _int(batching, "maxBatchDelayMs", 5, 0, 10000, problems, "serving.batching."),
-        env)
+        env, _annotations(raw_s, problems, "serving."))
 
     rollout = _rollout(spec.get("rollout") or {}, problems)
     autoscaling = _autoscaling(spec.get("autoscaling"), problems)

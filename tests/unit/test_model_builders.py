@@ -17,7 +17,8 @@ OWNER = {"apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonModel",
          "metadata": {"name": "digits", "namespace": "ml", "uid": "u-123"}}
 SPEC = {
     "source": {"uri": "pvc://models/runs/digits"},
-    "compression": {"method": "prune", "params": {"sparsity": 0.5}, "maxAccuracyDrop": 0.02},
+    "compression": {"method": "prune", "params": {"sparsity": 0.5}, "maxAccuracyDrop": 0.02,
+                    "podAnnotations": {"kwok.lepton.ai/termination-message": "{}"}},
     "serving": {"replicas": 4, "resources": {"cpu": "500m", "memory": "1Gi"},
                 "batching": {"maxBatchSize": 16, "maxBatchDelayMs": 3}},
     "rollout": {"steps": [{"weight": 25, "pauseSeconds": 10}, {"weight": 50}],
@@ -42,8 +43,7 @@ def test_golden_compression_job():
     s = spec()
     rev = s.revision()
     src = PvcPath("models", "runs/digits")
-    job = compression.compression_job(OWNER, s, rev, src, artifact_path(src, "digits", rev),
-                                      {"kwok.lepton.ai/termination-message": "{}"})
+    job = compression.compression_job(OWNER, s, rev, src, artifact_path(src, "digits", rev))
     check_golden("compression_job.yaml", [job])
     c = job["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in c["env"]}

@@ -87,6 +87,8 @@ def test_revision_tracks_served_bits_only():
     assert a.revision() != parse({"compression": {"method": "int8"},
                                   "source": {"uri": "pvc://models/other"}}).revision()
     assert a.revision("pvc://a/x") != a.revision("pvc://a/y")
+    assert a.revision() == parse({"compression": {"method": "int8", "podAnnotations": {"a": "b"}},
+                                  "serving": {"podAnnotations": {"c": "d"}}}).revision()
     assert len(a.revision()) == 10
 
 

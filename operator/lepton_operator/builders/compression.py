@@ -63,7 +63,7 @@ def env(name: str, value: Any) -> Obj:
 
 
 def compression_job(owner: Mapping[str, Any], spec: ModelSpec, revision: str, source: PvcPath,
-                    artifact: PvcPath, pod_annotations: Mapping[str, str] | None = None) -> Obj:
+                    artifact: PvcPath) -> Obj:
     """The batch/v1 Job that compresses ``source`` into ``artifact``."""
     model = owner["metadata"]["name"]
     c = spec.compression
@@ -91,8 +91,8 @@ def compression_job(owner: Mapping[str, Any], spec: ModelSpec, revision: str, so
         "terminationMessagePolicy": "File",
     }
     template_meta: Obj = {"labels": dict(lbls)}
-    if pod_annotations:
-        template_meta["annotations"] = dict(pod_annotations)
+    if c.pod_annotations:
+        template_meta["annotations"] = dict(c.pod_annotations)
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": meta(owner, job_name(model, revision), lbls),

@@ -66,7 +66,7 @@ def split(total: int, weight: int) -> tuple[int, int]:
 
 
 def deployment(owner: Mapping[str, Any], spec: ModelSpec, revision: str, model_dir: PvcPath,
-               replicas: int | None, pod_annotations: Mapping[str, str] | None = None) -> Obj:
+               replicas: int | None) -> Obj:
     """The Deployment of ``revision`` serving ``model_dir``; ``replicas`` None leaves it out."""
     m = owner["metadata"]
     model, s = m["name"], spec.serving
@@ -104,7 +104,7 @@ def deployment(owner: Mapping[str, Any], spec: ModelSpec, revision: str, model_d
     if res:
         container["resources"] = res
     annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(contract.SERVE_PORT),
-                   "prometheus.io/path": contract.METRICS_PATH, **dict(pod_annotations or {})}
+                   "prometheus.io/path": contract.METRICS_PATH, **dict(s.pod_annotations)}
     dep_spec: Obj = {
         "selector": {"matchLabels": {LABEL_MODEL: model, LABEL_REVISION: revision}},
         "progressDeadlineSeconds": spec.rollout.progress_deadline_seconds,

@@ -227,6 +227,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, help="distill: training epochs of the student")
     p.add_argument("--temperature", type=float, help="distill: softmax temperature")
     p.add_argument("--dataset", choices=sorted(data.DATASETS), help="default: the model's own dataset")
+    p.add_argument("--latency-iters", type=int, default=100, help="timed forward passes per latency figure")
     p.add_argument("--termination-message-path",
                    default=env(ENV_TERMINATION_MESSAGE_PATH, contract.TERMINATION_MESSAGE_PATH))
     args = p.parse_args(argv)
@@ -256,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = compress(Path(args.model_dir), Path(args.artifact_dir), args.method,
-                          args.max_accuracy_drop, args.params, args.dataset)
+                          args.max_accuracy_drop, args.params, args.dataset,
+                          max(1, args.latency_iters))
     except GateFailed as e:
         log.error("%s", e)
         write_termination_message(args.termination_message_path, e.result)

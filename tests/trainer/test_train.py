@@ -17,7 +17,7 @@ pytestmark = pytest.mark.trainer
 def test_two_process_torchrun_mlp_reaches_accuracy(tmp_path, procs, rdzv_endpoint):
     out = tmp_path / "model"
     agent = start_agent(procs, tmp_path, "agent", rdzv_endpoint, "acc", (1, 1), nproc=2, script=[
-        "-m", "lepton_trainer.train", "--model", "mlp", "--steps", "300",
+        "-m", "lepton_trainer", "train", "--model", "mlp", "--steps", "300",
         "--global-batch-size", "64", "--checkpoint-dir", str(tmp_path / "ckpt"),
         "--output-dir", str(out), "--metrics-port", "0"])
     assert agent.wait() == 0, agent.text()[-3000:]
@@ -87,3 +87,32 @@ def test_bad_flags_are_rejected(tmp_path):
     res = subprocess.run([sys.executable, "-m", "lepton_trainer.train", "--steps", "0"],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "--steps must be >= 1" in res.stderr
+
+
+def test_training_is_the_same_for_any_world_size(tmp_path, procs, rdzv_endpoint):
+    """Constant global batch, remainder to the first ranks: 1 and 3 ranks take the same
+    steps (64 examples over 3 ranks: 22, 21, 21)."""
+    common = ["--steps", "20", "--checkpoint-every", "20", "--metrics-port", "0"]
+    alone = Proc([sys.executable, "-m", "lepton_trainer.train", *common,
+                  "--checkpoint-dir", str(tmp_path / "w1")], tmp_path / "w1.log")
+    procs.append(alone)
+    assert alone.wait() == 0, alone.text()[-3000:]
+    three = start_agent(procs, tmp_path, "w3", rdzv_endpoint, "w3", (1, 1), nproc=3, script=[
+        "-m", "lepton_trainer.train", *common, "--checkpoint-dir", str(tmp_path / "w3")])
+    assert three.wait() == 0, three.text()[-3000:]
+    one, many = (CheckpointManager(tmp_path / d).load_latest() for d in ("w1", "w3"))
+    assert (one["world_size"], many["world_size"]) == (1, 3)
+    for name, tensor in one["model"].items():
+        torch.testing.assert_close(many["model"][name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_from_another_configuration_is_refused(tmp_path, procs):
+    train = [sys.executable, "-m", "lepton_trainer.train", "--checkpoint-dir",
+             str(tmp_path / "ckpt"), "--steps", "10", "--metrics-port", "0"]
+    first = Proc([*train, "--global-batch-size", "64"], tmp_path / "first.log")
+    procs.append(first)
+    assert first.wait() == 0
+    second = Proc([*train, "--global-batch-size", "32"], tmp_path / "second.log")
+    procs.append(second)
+    assert second.wait() != 0
+    assert "has global_batch_size=64, this run has 32" in second.text()

@@ -149,9 +149,9 @@ def _resume(ckpts: CheckpointManager | None, model, optimizer, args, env: DistEn
     state = ckpts.load_latest() if ckpts else None
     step = 0
     if state is not None:
-        for key in ("arch", "dataset", "global_batch_size"):
-            mine = {"arch": args.model, "dataset": args.dataset,
-                    "global_batch_size": args.global_batch_size}[key]
+        expected = {"arch": args.model, "dataset": args.dataset,
+                    "global_batch_size": args.global_batch_size}
+        for key, mine in expected.items():
             if state.get(key) != mine:
                 raise ValueError(f"checkpoint step {state['step']} has {key}={state.get(key)!r}, "
                                  f"this run has {mine!r}; use another --checkpoint-dir")

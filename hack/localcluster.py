@@ -422,6 +422,23 @@ class Cluster:
         from kubernetes import config
         return config.new_client_from_config(config_file=self.kubeconfig)
 
+    def audit_requests(self, username: str | None = None) -> list[dict]:
+        """Requests recorded in the API server's audit log (one dict per request, at the
+        ResponseComplete stage), optionally only those made by ``username``. Requests by
+        the control plane's own components are not recorded (see AUDIT_POLICY)."""
+        out = []
+        try:
+            lines = Path(self.audit_log).read_text().splitlines()
+        except FileNotFoundError:
+            return out
+        for line in lines:
+            event = json.loads(line)
+            if event.get("stage") != "ResponseComplete":
+                continue
+            if username is None or event.get("user", {}).get("username") == username:
+                out.append(event)
+        return out
+
     # ---- state file --------------------------------------------------------------------
     def save(self) -> None:
         if not self.state_dir.exists():

@@ -75,6 +75,7 @@ class Batcher:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self._task: asyncio.Task | None = None
+        self.draining = False     # set on shutdown: open batches run without waiting
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -85,22 +86,25 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)
         self.executor.shutdown(wait=True)
 
-    async def submit(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    async def submit(self, x: torch.Tensor, wait: bool = True) -> dict[str, torch.Tensor]:
+        """Run ``x`` in the next batch; ``wait=False`` closes a batch it opens at once."""
         fut = asyncio.get_running_loop().create_future()
-        await self.queue.put((x, fut))
+        await self.queue.put((x, fut, wait))
         return await fut
 
     async def _collect(self, first) -> tuple[list, Any]:
         loop = asyncio.get_running_loop()
         items, rows, carry = [first], len(first[0]), None
-        deadline = loop.time() + self.max_delay_s
+        deadline = loop.time() + (self.max_delay_s if first[2] else 0.0)
         while rows < self.max_rows:
-            timeout = deadline - loop.time()
-            try:
+            timeout = 0.0 if self.draining else deadline - loop.time()
+            try:           # waits in short slices so that a drain closes the batch at once
                 item = (self.queue.get_nowait() if timeout <= 0
-                        else await asyncio.wait_for(self.queue.get(), timeout))
-            except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                        else await asyncio.wait_for(self.queue.get(), min(timeout, 0.05)))
+            except asyncio.QueueEmpty:
                 break
+            except asyncio.TimeoutError:
+                continue
             if rows + len(item[0]) > self.max_rows:
                 carry = item          # opens the next batch
                 break
@@ -123,12 +127,12 @@ class Batcher:
                 out = await loop.run_in_executor(self.executor, self.forward, x)
             except Exception as e:  # noqa: BLE001 - the error goes to every caller of the batch
                 log.exception("forward pass failed for a batch of %d rows", len(x))
-                for _, fut in items:
+                for _, fut, _ in items:
                     if not fut.done():
                         fut.set_exception(e)
                 continue
             start = 0
-            for xi, fut in items:
+            for xi, fut, _ in items:
                 end = start + len(xi)
                 if not fut.done():
                     fut.set_result({k: v[start:end] for k, v in out.items()})
@@ -232,7 +236,7 @@ class ModelServer:
             self.dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()),
                               torch.float32)
             self.input_shape = list(self.meta.get("input_shape") or [self.meta["config"]["in_features"]])
-            out = await self.batcher.submit(torch.zeros(1, *self.input_shape))
+            out = await self.batcher.submit(torch.zeros(1, *self.input_shape), wait=False)
             self.num_classes = int(out["logits"].shape[1])
         except Exception:  # noqa: BLE001 - any failure here means this server cannot serve
             log.exception("model %s from %s failed to load or warm up", self.name, self.model_dir)
@@ -392,6 +396,7 @@ async def serve(args: argparse.Namespace) -> int:
     await stop.wait()
     log.info("shutting down: draining in-flight requests")
     server.ready = False
+    server.batcher.draining = True
     loader.cancel()
     await runner.cleanup()          # stop listening, then wait for in-flight handlers
     await server.batcher.close()

@@ -1,0 +1,257 @@
+"""``python -m lepton_trainer.serve`` as a real subprocess on a loopback port."""
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import requests
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from lepton_trainer import contract, data, modelio
+from _models import PYTHON, env, free_port, train_mlp
+
+pytestmark = pytest.mark.trainer
+MODEL = "digits"
+
+
+class Server:
+    def __init__(self, model_dir: Path, log_path: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "lepton_trainer.serve", "--model-dir", str(model_dir), "--model-name", MODEL,
+             "--host", "127.0.0.1", "--port", str(self.port), *args],
+            env=env(), stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def get(self, path: str) -> requests.Response:
+        return requests.get(self.url + path, timeout=30)
+
+    def infer(self, body, name: str = MODEL, **kw) -> requests.Response:
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        return requests.post(f"{self.url}/v2/models/{name}/infer", data=data, timeout=30, **kw)
+
+    def metrics(self) -> dict[str, float]:
+        """Samples of our metric families, keyed by sample name plus its distinguishing label."""
+        out: dict[str, float] = {}
+        for fam in text_string_to_metric_families(self.get(contract.METRICS_PATH).text):
+            for s in fam.samples:
+                extra = s.labels.get("code") or s.labels.get("le")
+                out[s.name + (f"[{extra}]" if extra else "")] = s.value
+                assert s.labels.get(contract.METRICS_MODEL_LABEL) == MODEL
+        return out
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+
+def wait_until(cond, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = cond()
+            if value:
+                return value
+        except (requests.ConnectionError, OSError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def body(x: torch.Tensor, **extra) -> dict:
+    return {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                        "data": x.reshape(-1).tolist()}], **extra}
+
+
+def outputs(resp) -> dict:
+    return {o["name"]: o for o in resp["outputs"]}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return train_mlp(tmp_path_factory.mktemp("serve") / "model", hidden=256, steps=200)
+
+
+def _starter(log_dir: Path):
+    servers: list[Server] = []
+
+    def _start(model_dir: Path, *args: str, ready: bool = True) -> Server:
+        srv = Server(model_dir, log_dir / f"server{len(servers)}.log", *args)
+        servers.append(srv)
+        wait_until(lambda: srv.proc.poll() is not None or srv.get(contract.HEALTH_LIVE_PATH).ok,
+                   what="the server to be live")
+        if ready:
+            wait_until(lambda: srv.get(contract.HEALTH_READY_PATH).status_code == 200, what="ready")
+        return srv
+    return _start, servers
+
+
+@pytest.fixture
+def start(tmp_path):
+    _start, servers = _starter(tmp_path)
+    yield _start
+    for srv in servers:
+        if srv.proc.poll() is None:      # still running: it must shut down cleanly
+            assert srv.stop() == 0, srv.log()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, model_dir):
+    """One server for the request-validation tests (limits: 16 rows, 100000 bytes)."""
+    _start, servers = _starter(tmp_path_factory.mktemp("shared"))
+    yield _start(model_dir, "--max-request-rows", "16", "--max-body-bytes", "100000")
+    assert servers[0].stop() == 0, servers[0].log()
+
+
+def test_ready_only_after_load_and_warm_up(start, tmp_path):
+    model_dir = tmp_path / "later"
+    srv = start(model_dir, ready=False)          # the model directory does not exist yet
+    assert srv.get(contract.HEALTH_LIVE_PATH).status_code == 200
+    assert srv.get(contract.HEALTH_READY_PATH).status_code == 503
+    assert srv.get(f"/v2/models/{MODEL}/ready").json() == {"name": MODEL, "ready": False}
+    x = data.load_digits().x_test[:3]
+    r = srv.infer(body(x))
+    assert r.status_code == 503 and "not ready" in r.json()["error"]
+
+    train_mlp(model_dir, steps=200)
+    wait_until(lambda: srv.get(contract.HEALTH_READY_PATH).status_code == 200, what="ready")
+    assert srv.get(f"/v2/models/{MODEL}/ready").status_code == 200
+    m = srv.metrics()
+    # the warm-up went through the real batching path before readiness, and is not a client request
+    assert m["lepton_serve_batch_size_count"] == 1 and m["lepton_serve_batch_size_sum"] == 1
+    assert m["lepton_serve_requests_total[503]"] == 1 and "lepton_serve_requests_total[200]" not in m
+
+    r = srv.infer(body(x, id="req-1"))
+    assert r.status_code == 200, r.text
+    model, _ = modelio.load_model(model_dir)
+    expected = model(x)
+    got = outputs(r.json())
+    assert r.json()["id"] == "req-1" and got["logits"]["shape"] == [3, 10]
+    assert torch.allclose(torch.tensor(got["logits"]["data"]).reshape(3, 10), expected, atol=1e-4)
+    assert got["predicted_class"]["data"] == expected.argmax(1).tolist()
+    assert got["predicted_class"]["datatype"] == "INT64"
+
+
+def test_a_model_that_cannot_load_stops_the_server_never_ready(start, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / contract.MODEL_META_FILE).write_text(json.dumps({"arch": "resnet9000", "config": {}}))
+    srv = start(bad, ready=False)
+    assert srv.proc.wait(timeout=60) == 1
+    assert "unknown architecture" in srv.log()
+
+
+def test_metadata(shared):
+    srv = shared
+    meta = srv.get(f"/v2/models/{MODEL}").json()
+    assert meta["name"] == MODEL and meta["platform"] == "pytorch"
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
+    assert {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]} == {
+        "logits": ("FP32", [-1, 10]), "probabilities": ("FP32", [-1, 10]), "predicted_class": ("INT64", [-1])}
+    assert srv.get("/v2/models/other").status_code == 404
+    assert srv.get("/v2/models/other/ready").status_code == 404
+
+
+async def test_concurrent_requests_are_batched(start, model_dir):
+    srv = start(model_dir, "--max-batch-size", "8", "--max-batch-delay-ms", "200")
+    x = data.load_digits().x_test[:32]
+    model, _ = modelio.load_model(model_dir)
+    expected = model(x).argmax(1).tolist()
+    async with aiohttp.ClientSession() as session:
+        async def one(i):
+            async with session.post(f"{srv.url}/v2/models/{MODEL}/infer", json=body(x[i:i + 1])) as r:
+                assert r.status == 200
+                return outputs(await r.json())["predicted_class"]["data"][0]
+        got = await asyncio.gather(*(one(i) for i in range(32)))
+    assert got == expected                        # each caller gets its own row back
+    m = srv.metrics()
+    batches = m["lepton_serve_batch_size_count"] - 1          # minus the warm-up
+    assert m["lepton_serve_batch_size_sum"] - 1 == 32
+    assert batches < 32, "no forward pass held more than one request"
+    assert m["lepton_serve_batch_size_bucket[8.0]"] == m["lepton_serve_batch_size_count"]  # <= max
+    assert m["lepton_serve_requests_total[200]"] == 32
+    assert m["lepton_serve_request_duration_seconds_count"] == 32
+    assert m["lepton_serve_inflight_requests"] == 0
+
+
+def _ok(n=1, **over):
+    inp = {"name": "input", "shape": [n, 64], "datatype": "FP32", "data": [0.5] * (64 * n)}
+    return {"inputs": [inp | over]}
+
+
+@pytest.mark.parametrize("payload,message", [
+    (b"{not json", "not valid JSON"),
+    (b'"a string"', "JSON object with an 'inputs' list"),
+    ({"inputs": []}, "exactly one input"),
+    (_ok(name="pixels"), "unknown input 'pixels'"),
+    (_ok(datatype="FP64"), "datatype 'FP64'"),
+    (_ok(datatype="INT32"), "datatype 'INT32'"),
+    (_ok(shape=[1, 63]), "does not match [N, 64]"),
+    (_ok(shape=[64]), "does not match [N, 64]"),
+    (_ok(shape=[2, 64]), "needs 128"),
+    (_ok(data=["0.5"] * 64), "must be numbers"),
+    (_ok(data=[[0.5] * 64, [0.5]]), "not a regular array"),
+    (b'{"inputs":[{"name":"input","shape":[1,64],"datatype":"FP32","data":[NaN' + b',0.5' * 63 + b']}]}',
+     "NaN or infinite"),
+    (_ok(n=17), "request too large: 17 rows"),
+    (_ok() | {"outputs": [{"name": "embeddings"}]}, "unknown outputs ['embeddings']"),
+])
+def test_bad_input_gets_400_with_the_reason(shared, payload, message):
+    srv = shared
+    before = srv.metrics().get("lepton_serve_requests_total[400]", 0)
+    r = srv.infer(payload)
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]
+    assert srv.infer(_ok()).status_code == 200      # the server is unharmed
+    assert srv.metrics()["lepton_serve_requests_total[400]"] == before + 1
+
+
+def test_too_large_body_and_unknown_model(shared):
+    srv = shared
+    before = srv.metrics()
+    r = srv.infer(b"[" + b"0.5," * 60000 + b"0]")
+    assert r.status_code == 400 and "exceeds 100000 bytes" in r.json()["error"]
+    r = srv.infer(_ok(), name="nope")
+    assert r.status_code == 404 and "unknown model 'nope'" in r.json()["error"]
+    assert srv.infer(_ok(3)).status_code == 200
+    m = srv.metrics()
+    assert m["lepton_serve_requests_total[400]"] == before.get("lepton_serve_requests_total[400]", 0) + 1
+    assert m["lepton_serve_requests_total[404]"] == before.get("lepton_serve_requests_total[404]", 0) + 1
+
+
+def _refuses(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        return False
+    except OSError:
+        return True
+
+
+async def test_sigterm_drains_in_flight_requests(start, model_dir):
+    # a batch stays open for up to 60 s, so the request is surely in flight at SIGTERM
+    srv = start(model_dir, "--max-batch-size", "64", "--max-batch-delay-ms", "60000")
+    x = data.load_digits().x_test[:2]
+    async with aiohttp.ClientSession() as session:
+        pending = asyncio.create_task(session.post(f"{srv.url}/v2/models/{MODEL}/infer", json=body(x)))
+        await asyncio.to_thread(wait_until, lambda: srv.metrics()["lepton_serve_inflight_requests"] == 1,
+                                what="the request to be in flight")
+        srv.proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(wait_until, lambda: _refuses(srv.port), what="the listener to close")
+        resp = await asyncio.wait_for(pending, 60)
+        assert resp.status == 200
+        assert outputs(await resp.json())["logits"]["shape"] == [2, 10]
+    assert srv.proc.wait(timeout=60) == 0
+    assert "shutting down" in srv.log() and "stopped" in srv.log()

@@ -8,9 +8,11 @@
             slower than fp32 (bench/results/compression.json), it pays off on CUDA or
             under ``torch.compile``.
 
-``DEFAULT_INT8_BACKEND`` keeps the faster one per device, from bench/compression.py:
-on CPU fbgemm wins (about 1.7x faster than fp32 at batch 32 for a 512-wide MLP, while
-torchao eager is about 3x slower than fp32); fbgemm has no CUDA kernels, so CUDA uses torchao.
+``DEFAULT_INT8_BACKEND`` keeps the faster one per device, from bench/compression.py
+(512-wide MLP, one thread): on CPU fbgemm wins, about 1.7x faster than fp32 at batch 32;
+torchao eager is about 3x slower than fp32, and only matches fbgemm under
+``torch.compile`` after a 40-second compile per process. fbgemm has no CUDA kernels,
+so CUDA uses torchao.
 
 A quantized model directory stores the quantized state dict and
 ``meta["quantization"] = "int8-dynamic:<backend>"``; :func:`prepare_for_load`

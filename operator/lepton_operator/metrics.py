@@ -16,6 +16,18 @@ API_REQUESTS = Counter("lepton_operator_api_requests_total",
                        "Requests the operator sent to the API server, by HTTP verb and outcome.",
                        ["verb", "code"])
 JOBS = Gauge("lepton_operator_jobs", "LeptonJobs known to the operator, by phase.", ["phase"])
+MODELS = Gauge("lepton_operator_models", "LeptonModels known to the operator, by phase.", ["phase"])
+SCALE_DECISIONS = Counter("lepton_operator_scale_decisions_total",
+                          "Autoscaler decisions, by resource kind, reason and direction (up, down, hold).",
+                          ["kind", "reason", "direction"])
+SCALE_DESIRED = Gauge("lepton_operator_autoscaler_desired_replicas",
+                      "Replicas (or workers) the autoscaler wants.", ["kind", "namespace", "name"])
+SCALE_INPUT = Gauge("lepton_operator_autoscaler_metric_value",
+                    "The metric value of the autoscaler's last decision (NaN: no data).",
+                    ["kind", "namespace", "name"])
+ANALYSIS = Counter("lepton_operator_canary_analysis_total",
+                   "Canary analysis query results, by query name and outcome (pass, fail, nodata).",
+                   ["query", "outcome"])
 
 
 class PhaseTracker:
@@ -37,6 +49,16 @@ class PhaseTracker:
 
 
 JOB_PHASES = PhaseTracker(JOBS)
+MODEL_PHASES = PhaseTracker(MODELS)
+
+
+def record_scaling(kind: str, namespace: str, name: str, current: int, decision) -> None:
+    """Count one autoscaler decision (a ``scaling.policy.Decision``) and export its inputs."""
+    direction = "up" if decision.replicas > current else "down" if decision.replicas < current else "hold"
+    SCALE_DECISIONS.labels(kind, decision.reason, direction).inc()
+    SCALE_DESIRED.labels(kind, namespace, name).set(decision.replicas)
+    value = decision.inputs.get("value", decision.inputs.get("throughput"))
+    SCALE_INPUT.labels(kind, namespace, name).set(float("nan") if value is None else value)
 
 
 @contextlib.contextmanager

@@ -50,12 +50,14 @@ def resources(r: Resources) -> Obj:
 
 
 def pod_common(r: Resources) -> Obj:
-    """Security and scheduling settings shared by the compression and serving pods."""
-    pod: Obj = {"securityContext": copy.deepcopy(DEFAULT_POD_SECURITY), "enableServiceLinks": False,
-                "automountServiceAccountToken": False}
-    if r.gpus:
-        pod["tolerations"] = [dict(GPU_TOLERATION)]
-    return pod
+    """Security and scheduling settings shared by the compression and serving pods.
+
+    The GPU taint is tolerated even without a GPU request (like the rendezvous pod), so
+    CPU-only compression and serving can use spare CPU on GPU nodes.
+    """
+    del r   # placement is the same with or without GPUs; the GPU limit does the rest
+    return {"securityContext": copy.deepcopy(DEFAULT_POD_SECURITY), "enableServiceLinks": False,
+            "automountServiceAccountToken": False, "tolerations": [dict(GPU_TOLERATION)]}
 
 
 def env(name: str, value: Any) -> Obj:

@@ -6,6 +6,7 @@ import kopf
 from ..constants import GROUP
 from . import job  # noqa: F401  (registers the LeptonJob handlers)
 from . import model  # noqa: F401  (registers the LeptonModel handlers)
+from . import autoscale  # noqa: F401  (registers the LeptonJob autoscaler)
 
 
 @kopf.on.startup()

@@ -15,6 +15,7 @@ which runs them in a worker thread. Objects are plain dicts in and out.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as _dt
 import functools
 import json
@@ -41,6 +42,8 @@ _IRREGULAR_PLURALS = {"Endpoints": "endpoints", "Ingress": "ingresses",
 _CLUSTER_SCOPED = {"Node", "Namespace", "CustomResourceDefinition", "PersistentVolume",
                    "StorageClass", "PriorityClass", "ClusterRole", "ClusterRoleBinding"}
 
+_THREADS = 16       # concurrent API requests from asyncio code (see ``aio``)
+_executor = concurrent.futures.ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="kube")
 _lock = threading.Lock()
 _client: kubernetes.client.ApiClient | None = None
 
@@ -63,6 +66,7 @@ def load(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:
             kubernetes.config.load_incluster_config(client_configuration=config)
         except kubernetes.config.ConfigException:
             kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=config)
+        config.connection_pool_maxsize = max(config.connection_pool_maxsize or 0, _THREADS)
         _client = kubernetes.client.ApiClient(config)
         _client.user_agent = USER_AGENT
         return _client
@@ -213,5 +217,5 @@ def emit_event(obj: Obj, type_: str, reason: str, message: str,
 
 
 async def aio(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a blocking call of this module in a worker thread."""
-    return await asyncio.to_thread(functools.partial(fn, *args, **kwargs))
+    """Run a blocking call of this module in the API thread pool."""
+    return await asyncio.get_running_loop().run_in_executor(_executor, functools.partial(fn, *args, **kwargs))

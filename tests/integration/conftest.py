@@ -32,7 +32,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.25):
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 120.0, interval: float = 0.25):
     """Poll ``check`` until it returns a truthy value; fail with ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout
     last = None
@@ -158,11 +158,11 @@ class Kube:
         items = self.list("events")
         return [e for e in items if e["involvedObject"].get("name") == name]
 
-    def wait_phase(self, name: str, phase: str, timeout: float = 60.0) -> dict:
+    def wait_phase(self, name: str, phase: str, timeout: float = 120.0) -> dict:
         return wait_for(f"{self.ns}/{name} phase {phase}",
                         lambda: (s := self.status(name)).get("phase") == phase and s, timeout)
 
-    def wait_workers(self, job: str, count: int, phase: str = "Running", timeout: float = 60.0) -> list[dict]:
+    def wait_workers(self, job: str, count: int, phase: str = "Running", timeout: float = 120.0) -> list[dict]:
         def check():
             pods = self.workers(job)
             ok = len(pods) == count and all(p["status"].get("phase") == phase for p in pods)

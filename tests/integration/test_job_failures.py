@@ -53,7 +53,7 @@ def test_backoff_limit_fails_the_job_for_good(k):
 def test_active_deadline_ends_the_job(k):
     k.apply(k.manifest("slow", activeDeadlineSeconds=3))
     k.wait_workers("slow", 2)
-    k.wait_phase("slow", "Failed", timeout=30)
+    k.wait_phase("slow", "Failed")
     assert k.condition("slow", "Ready")["reason"] == "DeadlineExceeded"
     k.wait_for("workers deleted", lambda: k.workers("slow") == [])
 
@@ -81,10 +81,9 @@ def test_success_sets_output_then_ttl_deletes_job_and_children_but_not_the_pvc(k
     status = k.wait_phase("done", "Succeeded")
     assert status["outputURI"] == "pvc://ckpt/run/output" and status["completionTime"]
     assert k.condition("done", "Ready")["status"] == "True"
-    k.wait_for("the job deleted by its TTL", lambda: k.job("done") is None, timeout=60)
+    k.wait_for("the job deleted by its TTL", lambda: k.job("done") is None)
     k.wait_for("children garbage-collected",
-               lambda: not k.list("pods", "lepton.ai/job=done") and not k.list("services", "lepton.ai/job=done"),
-               timeout=60)
+               lambda: not k.list("pods", "lepton.ai/job=done") and not k.list("services", "lepton.ai/job=done"))
     assert k.get("pvc", "ckpt") is not None
 
 
@@ -94,8 +93,7 @@ def test_deleting_a_job_removes_pods_and_services_never_the_pvc(k):
     k.wait_workers("gone", 2)
     k.kubectl("delete", "lj", "gone")
     k.wait_for("children garbage-collected",
-               lambda: not k.list("pods", "lepton.ai/job=gone") and not k.list("services", "lepton.ai/job=gone"),
-               timeout=60)
+               lambda: not k.list("pods", "lepton.ai/job=gone") and not k.list("services", "lepton.ai/job=gone"))
     assert k.get("pvc", "ckpt") is not None
 
 

@@ -94,6 +94,6 @@ def test_gang_creation_waits_until_min_fits(k, cluster):
     assert k.workers("gang") == []                      # all-or-nothing: no half-started gang
     assert k.status("gang")["phase"] == "Pending"
     k.kubectl("delete", "lj", "hog")
-    pods = k.wait_workers("gang", nodes, timeout=90)
+    pods = k.wait_workers("gang", nodes)
     assert len({p["spec"]["nodeName"] for p in pods}) == nodes
     k.wait_phase("gang", "Running")

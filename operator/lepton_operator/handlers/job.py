@@ -44,7 +44,7 @@ class _JobMemory:
 
 _wakeups: dict[tuple[str, str], asyncio.Event] = {}
 _memory: dict[str, _JobMemory] = {}               # by job uid; survives a daemon restart
-_reserved_gpus: dict[tuple[str, str], int] = {}    # pods created, not yet seen by the index
+_reserved_gpus: dict[tuple[str, str], tuple[int, float]] = {}  # pods created, not yet seen: (gpus, when)
 _node_views: dict[str, jobstate.NodeView] = {}
 
 
@@ -186,8 +186,9 @@ async def _write_status(body: kopf.Body, memory: _JobMemory, new: dict[str, Any]
     metrics.JOB_PHASES.set((meta["namespace"], meta["name"]), new.get("phase"))
 
 
-async def _event(body: kopf.Body, type_: str, reason: str, message: str) -> None:
-    await kube.aio(kube.emit_event, dict(body), type_, reason, message)
+async def _events(body: kopf.Body, events: list[tuple[str, str, str]]) -> None:
+    involved = dict(body)
+    await asyncio.gather(*(kube.aio(kube.emit_event, involved, *event) for event in events))
 
 
 async def _report_invalid(body: kopf.Body, memory: _JobMemory, problems: list[str],
@@ -204,7 +205,7 @@ async def _report_invalid(body: kopf.Body, memory: _JobMemory, problems: list[st
     if memory.invalid_message != message:
         memory.invalid_message = message
         logger.warning(message)
-        await _event(body, EVENT_WARNING, REASON_INVALID_SPEC, message)
+        await _events(body, [(EVENT_WARNING, REASON_INVALID_SPEC, message)])
 
 
 async def _reconcile(body: kopf.Body, memory: _JobMemory, indices: dict[str, Any],
@@ -237,12 +238,17 @@ async def _reconcile(body: kopf.Body, memory: _JobMemory, indices: dict[str, Any
              for p in pods.values()]
     views += [jobstate.PodView(name=n, uid="", index=int(n.rsplit("-", 1)[1]), phase="Pending",
                                gpus=spec.resources.gpus) for n in memory.created]
-    vanished = sum(1 for uid in memory.known_active if uid not in current_uids)
+    # Active workers that are gone or going without the operator deleting them (drain,
+    # eviction through the API, kubectl delete) were disrupted.
+    by_uid = {p.uid: p for p in pods.values()}
+    vanished = sum(1 for uid in memory.known_active
+                   if uid not in by_uid or (by_uid[uid].deleting and uid not in memory.deleted))
     memory.handled &= current_uids
 
     usage = indices["lepton_gpu_usage"]
     used = {node: sum(store) for node, store in usage.items() if node}
-    unscheduled = sum(usage.get(None, [])) + sum(_reserved_gpus.values())
+    unscheduled = sum(usage.get(None, [])) + sum(g for g, t in _reserved_gpus.values()
+                                                 if now_mono - t < PENDING_CREATE_TTL)
     slots, _ = jobstate.worker_slots(nodes, used, spec.resources.gpus, spec.node_selector,
                                      training._tolerations(spec), unscheduled)
 
@@ -250,50 +256,56 @@ async def _reconcile(body: kopf.Body, memory: _JobMemory, indices: dict[str, Any
                              _dt.datetime.now(_dt.timezone.utc), memory.handled, vanished,
                              training.worker_selector(name))
 
-    # Report first (restart counts are durable before the pods they count are deleted).
-    await _write_status(body, memory, plan.status)
+    # Restart counts are made durable before the pods they count are deleted.
+    if plan.counted_uids or vanished or plan.delete_job:
+        await _write_status(body, memory, plan.status)
     memory.handled |= plan.counted_uids
-    for type_, reason, message in plan.events:
-        await _event(body, type_, reason, message)
     if plan.delete_job:
+        await _events(body, plan.events)
         await kube.aio(kube.delete, API_VERSION, JOB_KIND, name, namespace)
         return None
 
     owner = _owner(body)
-    for pod_name in plan.delete:
-        if pod_name in pods or pod_name in memory.created:
-            await kube.aio(kube.delete, "v1", "Pod", pod_name, namespace)
-            if pod_name in pods:
-                memory.deleted.add(pods[pod_name].uid)
-            memory.created.pop(pod_name, None)
-    phase = plan.status.get("phase")
-    if phase not in TERMINAL_PHASES:
-        await _ensure_shared_children(owner, spec, settings.trainer_image, indices, key, memory)
+    to_delete = [n for n in plan.delete if n in pods or n in memory.created]
+    for pod_name in to_delete:
+        if pod_name in pods:
+            memory.deleted.add(pods[pod_name].uid)
+        memory.created.pop(pod_name, None)
+    creates = []
+    if plan.status.get("phase") not in TERMINAL_PHASES:
+        creates += _missing_shared_children(owner, spec, settings.trainer_image, indices, key, memory)
     elif plan.delete_rendezvous and indices["lepton_job_rdzv_pods"].get(key):
-        await kube.aio(kube.delete, "v1", "Pod", training.rdzv_name(name), namespace)
+        to_delete.append(training.rdzv_name(name))
     for index in plan.create:
         pod = training.worker_pod(owner, spec, index)
-        pod_name = pod["metadata"]["name"]
-        if await kube.aio(kube.create, pod) is not None and spec.resources.gpus:
-            _reserved_gpus[(namespace, pod_name)] = spec.resources.gpus
-        memory.created[pod_name] = time.monotonic()
+        memory.created[pod["metadata"]["name"]] = time.monotonic()
+        if spec.resources.gpus:
+            _reserved_gpus[(namespace, pod["metadata"]["name"])] = (spec.resources.gpus, time.monotonic())
+        creates.append(pod)
+    # Independent writes go out together (the API client is thread-safe).
+    await asyncio.gather(*(kube.aio(kube.create, obj) for obj in creates),
+                         *(kube.aio(kube.delete, "v1", "Pod", n, namespace) for n in to_delete))
+    await _write_status(body, memory, plan.status)
+    await _events(body, plan.events)
     memory.known_active = {p.uid: p.name for p in pods.values()
                            if p.active and p.uid not in memory.deleted}
     return plan.requeue_after
 
 
-async def _ensure_shared_children(owner: dict[str, Any], spec: JobSpec, trainer_image: str,
-                                  indices: dict[str, Any], key: tuple[str, str],
-                                  memory: _JobMemory) -> None:
-    """Create the rendezvous pod and Services that the indices do not show (yet)."""
+def _missing_shared_children(owner: dict[str, Any], spec: JobSpec, trainer_image: str,
+                             indices: dict[str, Any], key: tuple[str, str],
+                             memory: _JobMemory) -> list[dict[str, Any]]:
+    """The rendezvous pod and Services that the indices do not show (and were not just created)."""
     now = time.monotonic()
     seen = {("Service", n) for n in indices["lepton_job_services"].get(key, [])}
     seen |= {("Pod", n) for n in indices["lepton_job_rdzv_pods"].get(key, [])}
     rdzv_pod, rdzv_service = training.rendezvous_objects(owner, spec, trainer_image)
+    missing = []
     for obj in (rdzv_service, training.workers_service(owner), rdzv_pod):
         ident = (obj["kind"], obj["metadata"]["name"])
         if ident in seen:
             memory.children.pop(ident, None)
         elif now - memory.children.get(ident, -PENDING_CREATE_TTL) >= PENDING_CREATE_TTL:
-            await kube.aio(kube.create, obj)
             memory.children[ident] = now
+            missing.append(obj)
+    return missing

@@ -98,10 +98,15 @@ def gate_verdict(result: Mapping[str, Any], max_drop: float | None) -> tuple[str
     if before is not None and after is not None and limit is not None and before - after > limit + 1e-12:
         return REASON_GATE_FAILED, (f"accuracy gate failed: accuracy {before:.4f} -> {after:.4f}, "
                                     f"drop {before - after:.4f} > maxAccuracyDrop {limit:g}")
-    text = str(result.get("message") or result.get("error") or "")
+    text = _text(result)
     if result.get("gate") in (False, "failed") or "gate" in text.lower():
         return REASON_GATE_FAILED, f"accuracy gate failed: {text or result}"
     return None
+
+
+def _text(result: Mapping[str, Any]) -> str:
+    """The prose of a compression result (``reason`` from lepton_trainer.compress)."""
+    return str(result.get("reason") or result.get("message") or result.get("error") or "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +206,7 @@ def plan(spec: ModelSpec, name: str, prev: Mapping[str, Any], source: SourceStat
                 p.requeue(2)
             elif verdict or comp.state == "Failed":
                 reason, message = verdict or (REASON_COMPRESSION_FAILED,
-                                              f"compression failed: {result.get('message') or result}")
+                                              f"compression failed: {_text(result) or result}")
                 message += (f"; revision {revision} is not rolled out"
                             + (f", revision {stable} keeps serving" if stable else ""))
                 status["compression"] = {**result, "revision": revision, "state": "Failed"}

@@ -136,4 +136,8 @@ def test_sources_and_compression_states():
     assert ms.compression_state({"status": {}}, [], read_result).state == "Running"
     assert ms.compression_state(job_failed, [], read_result).result == {"message": "BackoffLimitExceeded"}
     assert ms.gate_verdict({"message": "out of memory"}, 0.01) is None
+    assert ms.gate_verdict({"passed": False, "reason": "model.pt not found"}, 0.01) is None
+    trainer_gate = {"passed": False, "accuracy_before": 0.9, "accuracy_after": 0.5, "max_accuracy_drop": 0.05,
+                    "reason": "accuracy gate failed: int8 drops held-out accuracy"}
+    assert "drop 0.4000 > maxAccuracyDrop 0.05" in ms.gate_verdict(trainer_gate, None)[1]
     assert Check("x", "q", max=1.0).failed(1.5)

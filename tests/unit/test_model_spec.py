@@ -100,3 +100,16 @@ def test_uris_paths_and_queries():
     assert artifact_path(PvcPath("m", "a"), "digits", "r1") == PvcPath("m", "lepton-models/digits/r1")
     assert render_query('rate(x{rev="${revision}",m="$model"}[1m]) > ${other}', "ns", "digits", "r1") == \
         'rate(x{rev="r1",m="digits"}[1m]) > ${other}'
+
+
+def test_examples_parse():
+    import pathlib
+
+    import yaml
+    root = pathlib.Path(__file__).resolve().parents[2] / "examples"
+    docs = [d for f in sorted(root.glob("*leptonmodel*.yaml")) for d in yaml.safe_load_all(f.read_text())
+            if d and d.get("kind") == "LeptonModel"]
+    assert docs
+    for d in docs:
+        s = parse_model(d["metadata"]["name"], d["spec"], "img")
+        assert s.rollout.analysis and s.autoscaling

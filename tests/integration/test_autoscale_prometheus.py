@@ -124,4 +124,7 @@ def test_job_scales_up_while_goodput_holds_and_stops_when_it_drops(k, exporter, 
     msgs = [e["message"] for e in k.events("elastic") if e["reason"] == "Scaled"]
     assert any("1 -> 2 (GoodputHolds)" in m for m in msgs) and any("2 -> 3 (GoodputHolds)" in m for m in msgs)
     assert any(e["reason"] == "GoodputDropped" for e in k.events("elastic"))
+    auto = k.status("elastic")["autoscaling"]
+    assert auto["metricsAvailable"] is True and auto["baselineRate"] == 100.0
+    assert auto["lastDecision"] == "GoodputDropped" and auto["desiredWorkers"] == 3
     k.wait_phase("elastic", "Running")

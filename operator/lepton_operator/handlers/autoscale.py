@@ -6,7 +6,8 @@ add workers while the per-worker rate stays above ``efficiency`` times the singl
 rate, bounded by ``workers.max`` and by the GPUs free in the cluster (the same capacity
 view the job loop uses), with ``cooldownSeconds`` between scale events. It changes only
 ``spec.workers.replicas`` (like ``kubectl scale``); the job loop does the rest. No data
-holds the size.
+holds the size; ``status.autoscaling`` says whether metrics are available, the learned
+single-worker rate and the last decision (the job loop owns the rest of the status).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class _Memory:
     next_tick: float = 0.0
     no_data: bool = False
     said: str | None = None
+    reported: dict | None = None     # last status.autoscaling written
 
 
 _memory: dict[str, _Memory] = {}
@@ -96,6 +98,13 @@ async def lepton_job_autoscaler(body: kopf.Body, spec: kopf.Spec, status: kopf.S
         await kube.aio(kube.emit_event, dict(body), EVENT_WARNING, REASON_NO_METRIC_DATA,
                        f"holding {current} workers: {result.error}")
     mem.no_data = result.value is None
+    report = {"metricsAvailable": result.ok, "message": (f"{promql} = {result.value:g}" if result.ok else
+                                                          f"holding {current} workers: {result.error}"),
+              "baselineRate": mem.state.baseline, "baselineWorkers": mem.state.baseline_workers,
+              "lastDecision": decision.reason, "desiredWorkers": decision.replicas}
+    if report != mem.reported:
+        await kube.aio(kube.patch_status, API_VERSION, JOB_KIND, name, namespace, {"autoscaling": report})
+        mem.reported = report
     if decision.replicas != current:
         await kube.aio(kube.patch, API_VERSION, JOB_KIND, name, namespace,
                        {"spec": {"workers": {"replicas": decision.replicas}}})

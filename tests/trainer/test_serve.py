@@ -226,6 +226,8 @@ def test_too_large_body_and_unknown_model(shared):
     assert r.status_code == 400 and "exceeds 100000 bytes" in r.json()["error"]
     r = srv.infer(_ok(), name="nope")
     assert r.status_code == 404 and "unknown model 'nope'" in r.json()["error"]
+    r = srv.get(f"/v2/models/{MODEL}/infer")
+    assert r.status_code == 405 and r.json()["error"] and r.headers["Allow"] == "POST"
     assert srv.infer(_ok(3)).status_code == 200
     m = srv.metrics()
     assert m["lepton_serve_requests_total[400]"] == before.get("lepton_serve_requests_total[400]", 0) + 1

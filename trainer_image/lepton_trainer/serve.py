@@ -19,11 +19,15 @@ batch runs as one forward pass in a worker thread while the event loop keeps
 accepting requests, so under load the next batch fills while the current one runs.
 ``--max-batch-size 1`` turns batching off.
 
+A request with more rows than ``--max-batch-size`` runs as a batch of its own.
+
 A missing model directory is waited for (the server stays live, not ready); a model
-that fails to load or to answer the warm-up ends the process with status 1. Bad input
-gets 400 with the reason, an unknown model 404. On SIGTERM or SIGINT the server turns
-not-ready, stops accepting connections, lets in-flight requests finish (up to
-``--drain-timeout`` seconds) and exits 0.
+that fails to load or to answer the warm-up (one request through the batcher) ends
+the process with status 1. Bad input gets 400 with the reason, an unknown model 404,
+anything unexpected 500; the server keeps serving. On SIGTERM or SIGINT the server
+turns not-ready, stops accepting connections, runs open batches without waiting for
+them to fill, lets in-flight requests finish (up to ``--drain-timeout`` seconds) and
+exits 0.
 """
 from __future__ import annotations
 
@@ -121,12 +125,12 @@ class Batcher:
             items = [it for it in items if not it[1].done()]   # the client went away
             if not items:
                 continue
-            x = torch.cat([it[0] for it in items])
-            self.on_batch(len(x))
             try:
+                x = torch.cat([it[0] for it in items])
+                self.on_batch(len(x))
                 out = await loop.run_in_executor(self.executor, self.forward, x)
             except Exception as e:  # noqa: BLE001 - the error goes to every caller of the batch
-                log.exception("forward pass failed for a batch of %d rows", len(x))
+                log.exception("forward pass failed for a batch of %d requests", len(items))
                 for _, fut, _ in items:
                     if not fut.done():
                         fut.set_exception(e)
@@ -340,12 +344,13 @@ async def _errors_as_json(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except web.HTTPException as e:
-        if e.content_type != "application/json" and e.status >= 400:
-            raise _error(type(e), e.reason) from None
-        raise
+        if e.status < 400 or e.content_type == "application/json":
+            raise
+        return web.json_response({"error": e.reason}, status=e.status,
+                                 headers={k: v for k, v in e.headers.items() if k == "Allow"})
     except Exception as e:  # noqa: BLE001
         log.exception("%s %s failed", request.method, request.path)
-        raise _error(web.HTTPInternalServerError, f"internal error: {type(e).__name__}: {e}") from None
+        return web.json_response({"error": f"internal error: {type(e).__name__}: {e}"}, status=500)
 
 
 # --- entry point ---------------------------------------------------------------------------

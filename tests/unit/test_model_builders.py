@@ -128,3 +128,13 @@ def test_metric_queries(metric, query):
 ])
 def test_read_result(pod, expected):
     assert compression.read_result(pod) == expected
+
+
+def test_golden_gateway_route():
+    objs = [serving.revision_service(OWNER, "r2"), serving.http_route(OWNER, [("r1", 75), ("r2", 25)])]
+    check_golden("httproute.yaml", objs)
+    route = objs[1]
+    assert route["spec"]["parentRefs"] == [{"group": "", "kind": "Service", "name": "digits", "port": 8080}]
+    assert [(b["name"], b["weight"]) for b in route["spec"]["rules"][0]["backendRefs"]] == \
+        [("digits-r1", 75), ("digits-r2", 25)]
+    assert objs[0]["spec"]["selector"] == {"lepton.ai/model": "digits", "lepton.ai/revision": "r2"}

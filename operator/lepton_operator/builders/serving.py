@@ -4,6 +4,8 @@
   ``python -m lepton_trainer.serve`` with readiness on ``/v2/health/ready``;
 - one Service, ``<model>``, selecting the serving pods of every revision, so a canary's
   share of traffic is its share of ready replicas (``split``);
+- where the Gateway API is installed, also a Service per revision and an HTTPRoute on the
+  model's Service whose backend weights are the canary weight exactly;
 - optionally an autoscaling/v2 HorizontalPodAutoscaler on an External metric, or a
   KEDA ScaledObject with a prometheus trigger, targeting the stable Deployment.
 
@@ -134,6 +136,33 @@ def service(owner: Mapping[str, Any]) -> Obj:
             "spec": {"selector": service_selector(model),
                      "ports": [{"name": PORT_NAME, "port": contract.SERVE_PORT, "targetPort": PORT_NAME,
                                 "protocol": "TCP"}]}}
+
+
+# --- Gateway API traffic split ----------------------------------------------------------
+
+GATEWAY_API_VERSION = "gateway.networking.k8s.io/v1"
+
+
+def revision_service(owner: Mapping[str, Any], revision: str) -> Obj:
+    """A Service over one revision's pods: the backend an HTTPRoute weights."""
+    model = owner["metadata"]["name"]
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": meta(owner, deployment_name(model, revision), labels(model, ROLE_SERVING, revision)),
+            "spec": {"selector": {LABEL_MODEL: model, LABEL_REVISION: revision},
+                     "ports": [{"name": PORT_NAME, "port": contract.SERVE_PORT, "targetPort": PORT_NAME,
+                                "protocol": "TCP"}]}}
+
+
+def http_route(owner: Mapping[str, Any], backends: list[tuple[str, int]]) -> Obj:
+    """An HTTPRoute attached to the model's Service (Gateway API mesh/GAMMA style) that
+    sends ``weight`` of the traffic to each (revision, weight) backend."""
+    model = owner["metadata"]["name"]
+    lbls = {k: v for k, v in labels(model, ROLE_SERVING, "").items() if k != LABEL_REVISION}
+    return {"apiVersion": GATEWAY_API_VERSION, "kind": "HTTPRoute", "metadata": meta(owner, model, lbls),
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": service_name(model),
+                                     "port": contract.SERVE_PORT}],
+                     "rules": [{"backendRefs": [{"name": deployment_name(model, rev), "port": contract.SERVE_PORT,
+                                                 "weight": weight} for rev, weight in backends]}]}}
 
 
 # --- autoscaling --------------------------------------------------------------------------

@@ -42,11 +42,30 @@ class _Memory:
     service_applied: int | None = None  # generation the Service was applied for
     said: set[str] = dataclasses.field(default_factory=set)   # Warning events already posted
     metrics_condition: tuple | None = None   # (type, status, reason, message) of the last query
+    route: tuple | None = None               # (generation, backends) of the last applied HTTPRoute
+    revision_services: set[str] = dataclasses.field(default_factory=set)
 
 
 _wakeups: dict[tuple[str, str], asyncio.Event] = {}
 _memory: dict[str, _Memory] = {}
 _prometheus: Prometheus | None = None
+_gateway_api: tuple[float, bool] = (-1e9, False)   # (checked at, HTTPRoute served)
+GATEWAY_RECHECK_SECONDS = 30.0
+
+
+async def gateway_api_available() -> bool:
+    """Whether the cluster serves Gateway API HTTPRoutes (rechecked every 30 s)."""
+    global _gateway_api
+    checked, available = _gateway_api
+    if time.monotonic() - checked < GATEWAY_RECHECK_SECONDS:
+        return available
+    try:
+        found = await kube.aio(kube.request, "GET", "/apis/" + sbuild.GATEWAY_API_VERSION)
+        available = any(r.get("name") == "httproutes" for r in (found or {}).get("resources", ()))
+    except kube.ApiException:
+        available = False
+    _gateway_api = (time.monotonic(), available)
+    return available
 
 
 def prometheus() -> Prometheus:
@@ -250,6 +269,10 @@ async def _reconcile(body: kopf.Body, memory: _Memory, logger: logging.Logger) -
     for rev in plan.delete:
         if rev in deployments:
             await kube.aio(kube.delete, "apps/v1", "Deployment", deployments[rev]["metadata"]["name"], namespace)
+        if rev in deployments:   # its Gateway API backend Service, if one was made
+            await kube.aio(kube.delete, "v1", "Service", sbuild.deployment_name(name, rev), namespace)
+        memory.revision_services.discard(rev)
+    routed = await _route(owner, plan.status["revisions"], memory, generation)
     if hpa_owned and plan.status["revisions"].get("stable"):
         target = sbuild.deployment_name(name, plan.status["revisions"]["stable"])
         obj = (sbuild.hpa(owner, a, target) if a.engine == "hpa"
@@ -266,6 +289,7 @@ async def _reconcile(body: kopf.Body, memory: _Memory, logger: logging.Logger) -
     new["observedGeneration"] = generation
     new["url"] = sbuild.url(name, namespace)
     new["desiredReplicas"] = total
+    new["trafficRouting"] = "HTTPRoute" if routed else "ReplicaRatio"
     new["conditions"] = st.set_health(new.get("conditions"), ready=plan.ready, stalled=plan.stalled,
                                       reason=plan.reason, message=plan.message,
                                       observed_generation=generation)
@@ -281,6 +305,25 @@ async def _reconcile(body: kopf.Body, memory: _Memory, logger: logging.Logger) -
         (logger.warning if type_ == EVENT_WARNING else logger.info)("%s: %s", reason, message)
     delays = [d for d in (delay, plan.requeue_after) if d is not None]
     return min(delays) if delays else None
+
+
+async def _route(owner: dict, revs: dict, memory: _Memory, generation: int | None) -> bool:
+    """Weight stable and canary exactly with an HTTPRoute where the Gateway API exists."""
+    stable = revs.get("stable")
+    if not stable or not await gateway_api_available():
+        return False
+    backends = [(stable, 100)]
+    if revs.get("canary"):
+        weight = int(revs.get("canaryWeight", 0))
+        backends = [(stable, 100 - weight), (revs["canary"], weight)]
+    for rev, _ in backends:
+        if rev not in memory.revision_services:
+            await kube.aio(kube.apply, sbuild.revision_service(owner, rev))
+            memory.revision_services.add(rev)
+    if memory.route != (generation, backends):
+        await kube.aio(kube.apply, sbuild.http_route(owner, backends))
+        memory.route = (generation, backends)
+    return True
 
 
 # --- builtin autoscaler -----------------------------------------------------------------

@@ -15,7 +15,7 @@ import requests
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from lepton_trainer import contract, data, modelio
+from lepton_trainer import contract, data, modelio, serve
 from _models import PYTHON, env, free_port, train_mlp
 
 pytestmark = pytest.mark.trainer
@@ -257,3 +257,49 @@ async def test_sigterm_drains_in_flight_requests(start, model_dir):
         assert outputs(await resp.json())["logits"]["shape"] == [2, 10]
     assert srv.proc.wait(timeout=60) == 0
     assert "shutting down" in srv.log() and "stopped" in srv.log()
+
+
+async def _batched(max_rows: int, delay_s: float, sizes: list[int], forward=None):
+    seen: list[int] = []
+    batcher = serve.Batcher(forward or (lambda x: {"y": x * 2}), max_rows, delay_s, seen.append)
+    batcher.start()
+    try:
+        outs = await asyncio.gather(*(batcher.submit(torch.full((n, 2), float(i)))
+                                      for i, n in enumerate(sizes)), return_exceptions=True)
+    finally:
+        await batcher.close()
+    return outs, seen
+
+
+async def test_batcher_respects_the_size_limit_and_returns_each_callers_rows():
+    outs, seen = await _batched(4, 0.2, [1, 1, 3, 1, 6, 2, 1])
+    assert sum(seen) == 15
+    assert all(s <= 4 for s in seen if s != 6) and 6 in seen    # an oversize request runs alone
+    assert max(s for s in seen if s != 6) > 1
+    for i, (n, out) in enumerate(zip([1, 1, 3, 1, 6, 2, 1], outs)):
+        assert torch.equal(out["y"], torch.full((n, 2), 2.0 * i))
+
+
+async def test_batch_size_one_never_batches():
+    _, seen = await _batched(1, 0.2, [1] * 8)
+    assert seen == [1] * 8
+
+
+async def test_a_failing_forward_fails_its_callers_and_the_batcher_goes_on():
+    calls = []
+
+    def forward(x):
+        calls.append(len(x))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return {"y": x}
+
+    seen: list[int] = []
+    batcher = serve.Batcher(forward, 8, 0.0, seen.append)
+    batcher.start()
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            await batcher.submit(torch.zeros(1, 2))
+        assert torch.equal((await batcher.submit(torch.ones(2, 2)))["y"], torch.ones(2, 2))
+    finally:
+        await batcher.close()

@@ -24,3 +24,14 @@ def test_flags_override_env():
 def test_bad_numbers_are_clear_errors(value):
     with pytest.raises(ValueError, match="LEPTON_PROMETHEUS_TIMEOUT"):
         config.from_env({"LEPTON_PROMETHEUS_TIMEOUT": value})
+
+
+def test_command_line_flags():
+    from lepton_operator.__main__ import parse_args
+    _, s = parse_args(["-n", "a", "--namespace", "b", "--metrics-port", "9100", "--trainer-image", "t:1"])
+    assert s.namespaces == ("a", "b") and s.metrics_port == 9100 and s.trainer_image == "t:1"
+    _, s = parse_args(["--all-namespaces"])
+    assert s.all_namespaces
+    for bad in (["-n", "a", "-A"], ["--health-port", "70000"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)

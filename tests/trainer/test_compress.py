@@ -106,3 +106,33 @@ def test_termination_message_stays_under_the_kubelet_limit(tmp_path):
     compress.write_termination_message(str(tmp_path / "t"), {"passed": False, "reason": "x" * 5000, "ratio": 2})
     text = (tmp_path / "t").read_text()
     assert len(text) < 4096 and json.loads(text) == {"passed": False, "ratio": 2}
+
+
+@pytest.fixture(scope="module")
+def transformer(tmp_path_factory):
+    import torch
+    torch.manual_seed(0)
+    split = data.load_digits()
+    model = models.build("transformer", in_features=64)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(150):
+        idx = torch.randint(0, len(split.x_train), (64,))
+        loss = torch.nn.functional.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return modelio.save_model(tmp_path_factory.mktemp("tf") / "model", model, {
+        "arch": "transformer", "config": {"in_features": 64}, "dataset": "digits",
+        "input_shape": [64], "dtype": "float32"})
+
+
+@pytest.mark.parametrize("backend", quantization.INT8_BACKENDS)
+def test_int8_on_the_transformer(transformer, tmp_path, backend):
+    proc, art, _ = run_compress(transformer, tmp_path, "--method", "int8", "--backend", backend,
+                                "--max-accuracy-drop", "0.05")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((art / contract.RESULT_FILE).read_text())
+    assert result["ratio"] > 1.3
+    model, _ = modelio.load_model(art)
+    split = data.load_digits()
+    assert models.accuracy(model, split.x_test, split.y_test) == pytest.approx(result["accuracy_after"], abs=1e-4)

@@ -303,3 +303,16 @@ async def test_a_failing_forward_fails_its_callers_and_the_batcher_goes_on():
         assert torch.equal((await batcher.submit(torch.ones(2, 2)))["y"], torch.ones(2, 2))
     finally:
         await batcher.close()
+
+
+def test_serves_a_compressed_artifact(start, model_dir, tmp_path):
+    from lepton_trainer import compress
+    art = tmp_path / "int8"
+    compress.compress(model_dir, art, "int8", 0.05, {}, latency_iters=5)
+    srv = start(art)
+    assert srv.get(f"/v2/models/{MODEL}").json()["quantization"].startswith("int8-dynamic:")
+    x = data.load_digits().x_test[:16]
+    r = srv.infer(body(x))
+    assert r.status_code == 200, r.text
+    model, _ = modelio.load_model(art)
+    assert outputs(r.json())["predicted_class"]["data"] == model(x).argmax(1).tolist()

@@ -43,6 +43,10 @@ def quantize_int8(model: nn.Module, backend: str) -> nn.Module:
     """Return an int8 dynamically quantized copy-or-in-place version of an fp32 ``model``."""
     model = model.float().eval()
     if backend == "fbgemm":
+        if any(isinstance(m, nn.TransformerEncoderLayer) for m in model.modules()):
+            # The encoder's inference fast path reads ``linear.weight`` as a tensor; in a
+            # dynamically quantized Linear it is a method, so that path is switched off.
+            torch.backends.mha.set_fastpath_enabled(False)
         if "fbgemm" in torch.backends.quantized.supported_engines:
             torch.backends.quantized.engine = "fbgemm"
         with warnings.catch_warnings():

@@ -149,11 +149,18 @@ def test_not_ready_while_serving_pods_crash_loop(k):
     assert not k.list("jobs")   # method none: no compression Job
 
 
-def test_job_source_waits_for_the_job(k):
+def test_missing_sources_are_reported_and_awaited(k):
     k.apply(model(k, "fromjob", source={"jobRef": {"name": "nosuchjob"}}))
-    k.wait_for("SourceNotFound", lambda: cond(k, "fromjob", "Ready").get("reason") == "SourceNotFound")
-    assert "LeptonJob 'nosuchjob' not found" in cond(k, "fromjob", "Ready")["message"]
-    assert mstatus(k, "fromjob")["phase"] == "Pending"
+    k.apply(model(k, "nopvc", source={"uri": "pvc://nosuchclaim/m"}))
+    for name, text in (("fromjob", "LeptonJob 'nosuchjob' not found"),
+                       ("nopvc", "PersistentVolumeClaim 'nosuchclaim' of pvc://nosuchclaim/m not found")):
+        k.wait_for(f"{name} SourceNotFound", lambda: cond(k, name, "Ready").get("reason") == "SourceNotFound")
+        assert text in cond(k, name, "Ready")["message"]
+        assert mstatus(k, name)["phase"] == "Pending"
+    assert not k.list("jobs") and not k.list("deployments")
+    k.pvc("nosuchclaim")     # the claim appears: the model goes on
+    k.wait_for("nopvc compressing", lambda: mstatus(k, "nopvc").get("phase") in ("Compressing", "Deploying", "Ready"),
+               timeout=90)
 
 
 @pytest.mark.parametrize("spec,message", [

@@ -22,8 +22,8 @@ from ..builders import compression as cbuild
 from ..builders import serving as sbuild
 from ..constants import (API_VERSION, COND_METRICS, EVENT_NORMAL, EVENT_WARNING, GROUP, JOB_KIND,
                          JOB_PLURAL, LABEL_MODEL, LABEL_REVISION, LABEL_ROLE, MODEL_KIND, MODEL_PLURAL,
-                         MPHASE_PENDING, REASON_INVALID_SPEC, REASON_METRICS_OK,
-                         REASON_NO_METRIC_DATA, REASON_SCALED, ROLE_COMPRESSION, ROLE_SERVING, VERSION,
+                         MPHASE_PENDING, REASON_INVALID_SPEC, REASON_METRICS_OK, REASON_NO_METRIC_DATA,
+                         REASON_SCALED, REASON_SOURCE_NOT_FOUND, ROLE_COMPRESSION, ROLE_SERVING, VERSION,
                          FALSE, TRUE)
 from ..model_spec import InvalidSpec, ModelSpec, artifact_path, parse_model, parse_uri, render_query
 from ..scaling import policy
@@ -44,6 +44,7 @@ class _Memory:
     metrics_condition: tuple | None = None   # (type, status, reason, message) of the last query
     route: tuple | None = None               # (generation, backends) of the last applied HTTPRoute
     revision_services: set[str] = dataclasses.field(default_factory=set)
+    claims_seen: set[str] = dataclasses.field(default_factory=set)   # source PVCs known to exist
 
 
 _wakeups: dict[tuple[str, str], asyncio.Event] = {}
@@ -162,11 +163,22 @@ async def _write_status(body: kopf.Body, memory: _Memory, new: dict[str, Any]) -
 
 # --- source -----------------------------------------------------------------------------
 
-async def _resolve_source(spec: ModelSpec, namespace: str) -> modelstate.SourceState:
+async def _resolve_source(spec: ModelSpec, namespace: str, memory: _Memory) -> modelstate.SourceState:
+    """The source URI, once its LeptonJob succeeded and its PersistentVolumeClaim exists."""
     if spec.source.uri:
-        return modelstate.SourceState(uri=spec.source.uri)
-    job = await kube.aio(kube.get, API_VERSION, JOB_KIND, spec.source.job_name, namespace)
-    return modelstate.source_from_job(spec.source.job_name, namespace, job)
+        source = modelstate.SourceState(uri=spec.source.uri)
+    else:
+        job = await kube.aio(kube.get, API_VERSION, JOB_KIND, spec.source.job_name, namespace)
+        source = modelstate.source_from_job(spec.source.job_name, namespace, job)
+    if source.uri:
+        claim = parse_uri(source.uri).claim
+        if claim not in memory.claims_seen:
+            if await kube.aio(kube.get, "v1", "PersistentVolumeClaim", claim, namespace) is None:
+                return modelstate.SourceState(None, REASON_SOURCE_NOT_FOUND,
+                                              f"PersistentVolumeClaim {claim!r} of {source.uri} not found "
+                                              f"in namespace {namespace!r}; waiting for it")
+            memory.claims_seen.add(claim)
+    return source
 
 
 # --- compression ------------------------------------------------------------------------
@@ -200,7 +212,7 @@ async def _reconcile(body: kopf.Body, memory: _Memory, logger: logging.Logger) -
     except InvalidSpec as exc:
         message = "invalid spec: " + "; ".join(exc.problems)
         new = dict(memory.status)
-        new.setdefault("phase", MPHASE_PENDING if not (new.get("revisions") or {}).get("stable") else new["phase"])
+        new.setdefault("phase", MPHASE_PENDING)
         new["conditions"] = st.set_health(new.get("conditions"), ready=False, stalled=True,
                                           reason=REASON_INVALID_SPEC, message=message,
                                           observed_generation=generation)
@@ -228,7 +240,7 @@ async def _reconcile(body: kopf.Body, memory: _Memory, logger: logging.Logger) -
     else:
         total = spec.serving.replicas
 
-    source = await _resolve_source(spec, namespace)
+    source = await _resolve_source(spec, namespace, memory)
     revision = spec.revision(source.uri) if source.uri else None
     comp = None
     if revision and spec.compression.runs_job and revision != (new.get("revisions") or {}).get("stable"):

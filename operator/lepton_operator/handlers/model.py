@@ -88,6 +88,16 @@ def _model_changed(namespace: str, name: str, **_: Any) -> None:
     _wake(namespace, name)
 
 
+@kopf.index("deployments", labels={LABEL_MODEL: kopf.PRESENT, LABEL_ROLE: ROLE_SERVING})
+def lepton_model_deployments(namespace: str, labels: dict, body: kopf.Body, **_: Any):
+    """(namespace, model) -> the fields of each serving Deployment that a reconcile reads."""
+    m = body["metadata"]
+    return {(namespace, labels[LABEL_MODEL]): {
+        "metadata": {"name": m["name"], "generation": m.get("generation", 0), "labels": dict(labels)},
+        "spec": {"replicas": body.get("spec", {}).get("replicas", 1)},
+        "status": dict(body.get("status") or {})}}
+
+
 @kopf.on.event("deployments", labels={LABEL_MODEL: kopf.PRESENT})
 def _deployment_changed(namespace: str, labels: dict, **_: Any) -> None:
     _wake(namespace, labels.get(LABEL_MODEL))
@@ -105,7 +115,7 @@ def _job_changed_for_models(namespace: str, **_: Any) -> None:
 
 @kopf.daemon(GROUP, VERSION, MODEL_PLURAL, cancellation_timeout=5.0)
 async def lepton_model(body: kopf.Body, namespace: str, name: str, uid: str,
-                       stopped: kopf.DaemonStopped, logger: logging.Logger, **_: Any) -> None:
+                       stopped: kopf.DaemonStopped, logger: logging.Logger, **kwargs: Any) -> None:
     """Reconcile one LeptonModel until it is deleted."""
     settings = config.get()
     key = (namespace, name)
@@ -116,7 +126,7 @@ async def lepton_model(body: kopf.Body, namespace: str, name: str, uid: str,
             wake.clear()
             with metrics.reconcile(KIND):
                 try:
-                    delay = await _reconcile(body, memory, logger)
+                    delay = await _reconcile(body, memory, logger, kwargs["lepton_model_deployments"])
                 except kube.ApiException as exc:
                     raise kopf.TemporaryError(f"API request failed ({exc.status} {exc.reason}); retrying",
                                               delay=settings.api_retry_seconds) from exc
@@ -203,7 +213,8 @@ async def _compression(owner: dict, spec: ModelSpec, revision: str, source_uri: 
 
 # --- the reconcile ----------------------------------------------------------------------
 
-async def _reconcile(body: kopf.Body, memory: _Memory, logger: logging.Logger) -> float | None:
+async def _reconcile(body: kopf.Body, memory: _Memory, logger: logging.Logger,
+                     deployment_index: Any) -> float | None:
     settings = config.get()
     meta = body["metadata"]
     namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
@@ -223,9 +234,10 @@ async def _reconcile(body: kopf.Body, memory: _Memory, logger: logging.Logger) -
 
     owner = _owner(body)
     now = time.time()
-    deployments = {d["metadata"]["labels"].get(LABEL_REVISION): d for d in await kube.aio(
-        kube.list_objects, "apps/v1", "Deployment", namespace,
-        f"{LABEL_MODEL}={name},{LABEL_ROLE}={ROLE_SERVING}")}
+    # Read from the watch-fed index: a steady reconcile lists nothing. A Deployment just
+    # created may be missing for a moment; creating it again is a no-op (409).
+    deployments = {d["metadata"]["labels"].get(LABEL_REVISION): d
+                   for d in deployment_index.get((namespace, name), [])}
 
     # Size: static, the builtin autoscaler's, or the HPA's (read from the stable Deployment).
     new = dict(memory.status)

@@ -40,15 +40,7 @@ def train(directory: Path, hidden: int = 512, steps: int = 400) -> Path:
     torch.manual_seed(0)
     split = data.load_digits()
     config = {"in_features": 64, "hidden": hidden, "layers": 2, "num_classes": 10}
-    model = models.build("mlp", **config)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randint(0, len(split.x_train), (64,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model = models.fit(models.build("mlp", **config), split.x_train, split.y_train, steps)
     return modelio.save_model(directory, model, {"arch": "mlp", "config": config, "dataset": "digits",
                                                  "input_shape": [64], "dtype": "float32"})
 

@@ -197,14 +197,7 @@ def train(directory: Path) -> Path:
     torch.manual_seed(0)
     split = data.load_digits()
     config = {"in_features": 64, "hidden": 512, "layers": 2, "num_classes": 10}
-    model = models.build("mlp", **config)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(200):
-        idx = torch.randint(0, len(split.x_train), (64,))
-        loss = torch.nn.functional.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model = models.fit(models.build("mlp", **config), split.x_train, split.y_train, 200)
     return modelio.save_model(directory, model, {"arch": "mlp", "config": config, "dataset": "digits",
                                                  "input_shape": [64], "dtype": "float32"})
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "hack"))
@@ -25,15 +25,6 @@ pytestmark = pytest.mark.integration
 RELEASE_NS = "lepton-system"
 
 
-def wait_until(what, check, timeout=90.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +77,7 @@ def operator_as_service_account(installed, tmp_path_factory):
                 return r.status == 200
         except OSError:
             return False
-    wait_until("the operator to become healthy", healthy)
+    wait_for("the operator to become healthy", healthy)
     yield c, log_path
     proc.terminate()
     proc.wait(timeout=20)
@@ -126,12 +117,12 @@ def test_chart_rbac_is_enough_for_a_job_lifecycle(operator_as_service_account):
     def phase():
         return json.loads(c.kubectl("get", "lj", "rbac", "-n", ns, "-o", "json")).get("status", {}).get("phase")
 
-    wait_until("2 running workers", lambda: workers(2))
-    wait_until("phase Running", lambda: phase() == "Running")
+    wait_for("2 running workers", lambda: workers(2))
+    wait_for("phase Running", lambda: phase() == "Running")
     c.kubectl("scale", "lj/rbac", "-n", ns, "--replicas=3")
-    wait_until("3 running workers", lambda: workers(3))
+    wait_for("3 running workers", lambda: workers(3))
     c.kubectl("delete", "lj", "rbac", "-n", ns)
-    wait_until("the job's pods to be gone", lambda: workers(0) == [] or not json.loads(
+    wait_for("the job's pods to be gone", lambda: workers(0) == [] or not json.loads(
         c.kubectl("get", "pods", "-n", ns, "-o", "json"))["items"])
     assert c.kubectl("get", "pvc", "ckpt", "-n", ns, "-o", "name").strip() == "persistentvolumeclaim/ckpt"
     log = log_path.read_text()

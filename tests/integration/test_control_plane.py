@@ -6,26 +6,17 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.parse
 import urllib.request
 import uuid
 
 import pytest
 import yaml
+from waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
 
-def wait_until(what, check, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 @pytest.fixture
@@ -59,9 +50,9 @@ def test_deployment_pods_run_on_gpu_nodes(cluster, ns):
         pods = get_json(cluster, "pods", "-n", ns, "-l", "app=web")["items"]
         ok = len(pods) == 3 and all(p["status"].get("phase") == "Running" for p in pods)
         return ok and pods
-    pods = wait_until("3 running pods", running)
+    pods = wait_for("3 running pods", running)
     assert {p["spec"]["nodeName"] for p in pods} <= set(cluster.gpu_nodes)
-    dep = wait_until("deployment available", lambda: (
+    dep = wait_for("deployment available", lambda: (
         d := get_json(cluster, "deployment", "web", "-n", ns))["status"].get("readyReplicas") == 3 and d)
     assert dep["status"]["availableReplicas"] == 3
 
@@ -71,7 +62,7 @@ def test_unsatisfiable_gpu_request_stays_pending(cluster, ns):
     apply(cluster, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "greedy", "namespace": ns},
                     "spec": {"tolerations": [GPU_TOLERATION], "containers": [{
                         "name": "c", "image": "x", "resources": {"limits": {"nvidia.com/gpu": str(too_many)}}}]}})
-    events = wait_until("a FailedScheduling event", lambda: [
+    events = wait_for("a FailedScheduling event", lambda: [
         e for e in get_json(cluster, "events", "-n", ns)["items"]
         if e["involvedObject"]["name"] == "greedy" and e["reason"] == "FailedScheduling"])
     assert "Insufficient nvidia.com/gpu" in events[0]["message"]
@@ -119,7 +110,7 @@ def test_garbage_collector_deletes_owned_children(cluster, ns):
         "name": "child", "namespace": ns,
         "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": uid}]}})
     cluster.kubectl("delete", "configmap", "owner", "-n", ns)
-    wait_until("the child to be garbage-collected",
+    wait_for("the child to be garbage-collected",
                lambda: cluster.kubectl("get", "configmap", "child", "-n", ns, check=False) == "")
 
 
@@ -134,7 +125,7 @@ def test_rbac_denies_a_service_account_without_permission(cluster, ns):
         return subprocess.run(["kubectl", "--server", cluster.server, "--certificate-authority",
                                str(cluster.pki / "ca.crt"), "--token", token, "-n", ns, *args],
                               capture_output=True, text=True, env={"PATH": cluster.env["PATH"]})
-    allowed = wait_until("the role binding to take effect", lambda: (
+    allowed = wait_for("the role binding to take effect", lambda: (
         r := as_reader("get", "configmaps")).returncode == 0 and r)
     assert allowed.returncode == 0
     denied = as_reader("get", "secrets")
@@ -165,7 +156,7 @@ def test_prometheus_scrapes_a_target_the_test_starts(cluster):
             with urllib.request.urlopen(url, timeout=5) as resp:
                 result = json.load(resp)["data"]["result"]
             return result and result[0]
-        sample = wait_until("Prometheus to return the scraped sample", query)
+        sample = wait_for("Prometheus to return the scraped sample", query)
         assert float(sample["value"][1]) == 42.0
         assert sample["metric"]["instance"] == f"127.0.0.1:{port}"
     finally:

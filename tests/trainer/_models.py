@@ -20,15 +20,7 @@ def train_mlp(directory: Path, hidden: int = 256, steps: int = 300, seed: int = 
     split = data.load_digits()
     config = {"in_features": split.num_features, "hidden": hidden, "layers": 2,
               "num_classes": split.num_classes}
-    model = models.build("mlp", **config)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, len(split.x_train), (64,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model = models.fit(models.build("mlp", **config), split.x_train, split.y_train, steps, seed=seed)
     acc = models.accuracy(model, split.x_test, split.y_test)
     assert acc > 0.9, f"the fixture model only reached {acc:.3f}"
     return modelio.save_model(directory, model, {

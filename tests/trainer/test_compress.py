@@ -113,14 +113,7 @@ def transformer(tmp_path_factory):
     import torch
     torch.manual_seed(0)
     split = data.load_digits()
-    model = models.build("transformer", in_features=64)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(150):
-        idx = torch.randint(0, len(split.x_train), (64,))
-        loss = torch.nn.functional.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model = models.fit(models.build("transformer", in_features=64), split.x_train, split.y_train, 150)
     return modelio.save_model(tmp_path_factory.mktemp("tf") / "model", model, {
         "arch": "transformer", "config": {"in_features": 64}, "dataset": "digits",
         "input_shape": [64], "dtype": "float32"})

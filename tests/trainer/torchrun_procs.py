@@ -64,6 +64,9 @@ class Proc:
             pytest.fail(f"{self.log.name} still running after {timeout}s:\n{self.text()[-4000:]}")
 
     def stop(self) -> None:
+        """Stop the process group, then any descendant in a session of its own (torchrun
+        starts each worker with ``start_new_session``), so a killed agent leaves no orphan."""
+        descendants = _descendants(self.popen.pid)
         if self.popen.poll() is None:
             try:
                 os.killpg(self.popen.pid, signal.SIGTERM)
@@ -73,7 +76,29 @@ class Proc:
                 self.popen.wait(30)
             except ProcessLookupError:
                 pass
+        for pid in descendants:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self._out.close()
+
+
+def _descendants(root: int) -> list[int]:
+    """Pids below ``root`` in the process tree, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 @pytest.fixture

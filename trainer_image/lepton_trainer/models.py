@@ -64,6 +64,23 @@ def build(arch: str, **config) -> nn.Module:
     return cls(**config)
 
 
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int = 64,
+        lr: float = 1e-3, seed: int = 0) -> nn.Module:
+    """Fit ``model`` on (x, y) with ``steps`` Adam steps on random mini-batches, in one
+    process: a reference model for compression and serving, not distributed training."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (batch,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
     """Top-1 accuracy of ``model`` on (x, y), in eval mode, in the model's dtype."""

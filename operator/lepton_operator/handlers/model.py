@@ -8,7 +8,6 @@ model's status. The rollout decisions are in ``modelstate``; scaling math is in
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import time
@@ -28,6 +27,7 @@ from ..constants import (API_VERSION, COND_METRICS, EVENT_NORMAL, EVENT_WARNING,
 from ..model_spec import InvalidSpec, ModelSpec, artifact_path, parse_model, parse_uri, render_query
 from ..scaling import policy
 from ..scaling.prometheus import Prometheus
+from .loop import ReconcileLoops
 
 KIND = MODEL_KIND
 
@@ -47,8 +47,7 @@ class _Memory:
     claims_seen: set[str] = dataclasses.field(default_factory=set)   # source PVCs known to exist
 
 
-_wakeups: dict[tuple[str, str], asyncio.Event] = {}
-_memory: dict[str, _Memory] = {}
+_loops = ReconcileLoops(KIND, metrics.MODEL_PHASES, lambda status: _Memory(status=status))
 _prometheus: Prometheus | None = None
 _gateway_api: tuple[float, bool] = (-1e9, False)   # (checked at, HTTPRoute served)
 GATEWAY_RECHECK_SECONDS = 30.0
@@ -77,10 +76,7 @@ def prometheus() -> Prometheus:
     return _prometheus
 
 
-def _wake(namespace: str | None, name: str | None = None) -> None:
-    for (ns, n), event in _wakeups.items():
-        if ns == namespace and (name is None or n == name):
-            event.set()
+_wake = _loops.wake
 
 
 @kopf.on.event(GROUP, VERSION, MODEL_PLURAL)
@@ -114,33 +110,11 @@ def _job_changed_for_models(namespace: str, **_: Any) -> None:
 
 
 @kopf.daemon(GROUP, VERSION, MODEL_PLURAL, cancellation_timeout=5.0)
-async def lepton_model(body: kopf.Body, namespace: str, name: str, uid: str,
-                       stopped: kopf.DaemonStopped, logger: logging.Logger, **kwargs: Any) -> None:
+async def lepton_model(body: kopf.Body, uid: str, stopped: kopf.DaemonStopped,
+                       logger: logging.Logger, **kwargs: Any) -> None:
     """Reconcile one LeptonModel until it is deleted."""
-    settings = config.get()
-    key = (namespace, name)
-    wake = _wakeups.setdefault(key, asyncio.Event())
-    memory = _memory.setdefault(uid, _Memory(status=dict(body.get("status") or {})))
-    try:
-        while not stopped:
-            wake.clear()
-            with metrics.reconcile(KIND):
-                try:
-                    delay = await _reconcile(body, memory, logger, kwargs["lepton_model_deployments"])
-                except kube.ApiException as exc:
-                    raise kopf.TemporaryError(f"API request failed ({exc.status} {exc.reason}); retrying",
-                                              delay=settings.api_retry_seconds) from exc
-            timeout = settings.resync_seconds if delay is None else max(min(delay, settings.resync_seconds), 0.05)
-            try:
-                await asyncio.wait_for(wake.wait(), timeout=timeout)
-                await asyncio.sleep(0.1)   # coalesce a burst of watch events
-            except asyncio.TimeoutError:
-                pass
-    finally:
-        if stopped:
-            _wakeups.pop(key, None)
-            _memory.pop(uid, None)
-            metrics.MODEL_PHASES.forget(key)
+    deployments = kwargs["lepton_model_deployments"]
+    await _loops.run(body, uid, stopped, lambda memory: _reconcile(body, memory, logger, deployments))
 
 
 def _owner(body: kopf.Body) -> dict[str, Any]:

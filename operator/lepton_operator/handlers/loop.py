@@ -1,0 +1,73 @@
+"""The per-object reconcile loop shared by LeptonJob and LeptonModel.
+
+Each custom resource gets one kopf daemon. It reconciles, then sleeps until a watch
+event wakes it (its own object, a child pod or Deployment, a node's capacity) or until
+the delay the reconcile asked for, capped by the resync period. A burst of watch events
+is coalesced into one reconcile. What a loop remembers between reconciles is kept by
+object uid, so it survives kopf restarting the daemon.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any, Awaitable, Callable, Generic, TypeVar
+
+import kopf
+
+from .. import config, kube, metrics
+
+M = TypeVar("M")
+
+
+@dataclasses.dataclass
+class ReconcileLoops(Generic[M]):
+    """The wake-up events and memories of all loops of one kind."""
+    kind: str
+    phases: metrics.PhaseTracker
+    new_memory: Callable[[dict[str, Any]], M]     # from the status last written
+    coalesce_seconds: float = 0.1
+    wakeups: dict[tuple[str, str], asyncio.Event] = dataclasses.field(default_factory=dict)
+    memory: dict[str, M] = dataclasses.field(default_factory=dict)
+
+    def wake(self, namespace: str | None, name: str | None = None) -> None:
+        """Wake one object's loop, or every loop in ``namespace`` when ``name`` is None."""
+        if name is not None:
+            event = self.wakeups.get((namespace or "", name))
+            if event is not None:
+                event.set()
+            return
+        for (ns, _), event in self.wakeups.items():
+            if ns == namespace:
+                event.set()
+
+    def wake_all(self) -> None:
+        for event in self.wakeups.values():
+            event.set()
+
+    async def run(self, body: kopf.Body, uid: str, stopped: kopf.DaemonStopped,
+                  reconcile: Callable[[M], Awaitable[float | None]]) -> None:
+        """Reconcile until the daemon is stopped; ``reconcile`` returns the next delay or None."""
+        settings = config.get()
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        wake = self.wakeups.setdefault(key, asyncio.Event())
+        memory = self.memory.setdefault(uid, self.new_memory(dict(body.get("status") or {})))
+        try:
+            while not stopped:
+                wake.clear()
+                with metrics.reconcile(self.kind):
+                    try:
+                        delay = await reconcile(memory)
+                    except kube.ApiException as exc:
+                        raise kopf.TemporaryError(f"API request failed ({exc.status} {exc.reason}); "
+                                                  "retrying", delay=settings.api_retry_seconds) from exc
+                timeout = settings.resync_seconds if delay is None else max(min(delay, settings.resync_seconds), 0.05)
+                try:
+                    await asyncio.wait_for(wake.wait(), timeout=timeout)
+                    await asyncio.sleep(self.coalesce_seconds)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            if stopped:
+                self.wakeups.pop(key, None)
+                self.memory.pop(uid, None)
+                self.phases.forget(key)

@@ -71,6 +71,7 @@ REASON_DEADLINE = "DeadlineExceeded"
 REASON_WORKER_FAILED = "WorkerFailed"
 REASON_WORKER_DISRUPTED = "WorkerDisrupted"
 REASON_RESUMED = "Resumed"
+REASON_TEMPLATE_CHANGED = "TemplateChanged"
 REASON_TTL_EXPIRED = "TTLExpired"
 REASON_API_ERROR = "APIError"
 

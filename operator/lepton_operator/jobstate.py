@@ -12,13 +12,14 @@ import datetime as _dt
 from typing import Any, Iterable, Mapping
 
 from . import status as st
-from .constants import (EVENT_NORMAL, EVENT_WARNING, GPU_RESOURCE, LABEL_WORKER_INDEX,
-                        PHASE_FAILED, PHASE_PENDING, PHASE_RESTARTING, PHASE_RUNNING,
-                        PHASE_SCALING, PHASE_SUCCEEDED, PHASE_SUSPENDED, REASON_BACKOFF_LIMIT,
-                        REASON_CREATING, REASON_DEADLINE, REASON_RESTARTING, REASON_RESUMED,
-                        REASON_RUNNING, REASON_SCALING, REASON_SUCCEEDED, REASON_SUSPENDED,
+from .constants import (ANNOTATION_SPEC_HASH, COND_RECONCILING, EVENT_NORMAL, EVENT_WARNING, FALSE,
+                        GPU_RESOURCE, LABEL_WORKER_INDEX, PHASE_FAILED, PHASE_PENDING,
+                        PHASE_RESTARTING, PHASE_RUNNING, PHASE_SCALING, PHASE_SUCCEEDED,
+                        PHASE_SUSPENDED, REASON_BACKOFF_LIMIT, REASON_CREATING, REASON_DEADLINE,
+                        REASON_RESTARTING, REASON_RESUMED, REASON_RUNNING, REASON_SCALING,
+                        REASON_SUCCEEDED, REASON_SUSPENDED, REASON_TEMPLATE_CHANGED,
                         REASON_TTL_EXPIRED, REASON_WAITING_FOR_CAPACITY, REASON_WORKER_DISRUPTED,
-                        REASON_WORKER_FAILED, TERMINAL_PHASES, COND_RECONCILING, FALSE)
+                        REASON_WORKER_FAILED, TERMINAL_PHASES)
 from .spec import JobSpec
 
 # Pod-level reasons that mean the pod was taken away, not that the workload failed.
@@ -42,6 +43,7 @@ class PodView:
     gpus: int = 0
     retryable: bool = False       # meaningful when phase == "Failed"
     message: str = ""
+    template: str = ""            # the spec hash the pod was built from ("" when unknown)
 
     @property
     def active(self) -> bool:
@@ -98,7 +100,8 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
                    index=int((meta.get("labels") or {}).get(LABEL_WORKER_INDEX, -1)),
                    phase=phase, node=spec.get("nodeName"), ready=ready,
                    deleting=bool(meta.get("deletionTimestamp")), gpus=_gpus(spec),
-                   retryable=retryable, message=message)
+                   retryable=retryable, message=message,
+                   template=(meta.get("annotations") or {}).get(ANNOTATION_SPEC_HASH, ""))
 
 
 # --- capacity ------------------------------------------------------------------------
@@ -188,13 +191,16 @@ def _seconds_left(start: str | None, limit: int | None, now: _dt.datetime) -> fl
 def plan_job(meta: Mapping[str, Any], spec: JobSpec, prev: Mapping[str, Any] | None,
              pods: Iterable[PodView], free_slots: int, now: _dt.datetime,
              handled_uids: Iterable[str] = (), vanished: int = 0,
-             selector: str = "") -> Plan:
+             selector: str = "", template: str = "") -> Plan:
     """Decide the next step for a job.
 
     ``handled_uids``: failed pods whose failure was already counted (they may still show
     in the index until their deletion is observed). ``vanished``: active workers that
     disappeared without the operator deleting them (drained, evicted through the API);
-    they are replaced and counted as uncounted restarts.
+    they are replaced and counted as uncounted restarts. ``template``: the spec hash of
+    the worker pod the current spec builds; active workers built from another template
+    are replaced together (the group re-forms once, from the checkpoint), and that
+    restart is not a failure, so it counts against neither maxRestarts nor backoffLimit.
     """
     now_s = st.now_iso(now)
     gen = meta.get("generation")
@@ -293,6 +299,15 @@ def plan_job(meta: Mapping[str, Any], spec: JobSpec, prev: Mapping[str, Any] | N
     if any(p.phase == "Succeeded" for p in pods):   # the group is finishing; add nobody
         return finish(prev_phase or PHASE_RUNNING, REASON_RUNNING, "workers are finishing", ready=True)
 
+    # A changed template (image, command, env, resources...) replaces the whole group.
+    stale = [p for p in active if template and p.template and p.template != template]
+    if stale:
+        plan.delete += [p.name for p in stale]
+        plan.events.append((EVENT_NORMAL, REASON_TEMPLATE_CHANGED,
+                            f"the worker template changed ({stale[0].template} -> {template}): "
+                            f"replacing {len(stale)} worker(s), which resume from the last checkpoint"))
+        active = [p for p in active if p not in stale]
+
     # Sizing: gang-create up to min all at once, then add what capacity allows, up to replicas.
     have = len(active)
     if have > w.replicas:
@@ -308,13 +323,18 @@ def plan_job(meta: Mapping[str, Any], spec: JobSpec, prev: Mapping[str, Any] | N
         else:
             capacity_short = free_slots < want
             want = min(want, free_slots)
+    # A name is free once its old pod is gone; a pod that is going keeps its index.
     used = {p.index for p in active if p.name not in plan.delete}
+    used |= {p.index for p in pods if p.deleting or p in stale}
     plan.create = [i for i in range(w.max) if i not in used][:want]
 
-    restarting = bool(failed_now or vanished) or (
+    restarting = bool(failed_now or vanished or stale) or (
         prev_phase == PHASE_RESTARTING and any(not p.ready for p in active))
     running = [p for p in active if p.phase == "Running" and p.name not in plan.delete]
     total = have + len(plan.create)
+    if stale:
+        return finish(PHASE_RESTARTING, REASON_TEMPLATE_CHANGED,
+                      f"replacing {len(stale)} worker(s) built from an older template", ready=False)
     if restarting and prev_phase not in (None, PHASE_PENDING):
         return finish(PHASE_RESTARTING, REASON_RESTARTING,
                       f"replacing failed workers ({restarts['counted']} counted, "

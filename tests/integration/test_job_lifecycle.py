@@ -97,3 +97,28 @@ def test_gang_creation_waits_until_min_fits(k, cluster):
     pods = k.wait_workers("gang", nodes)
     assert len({p["spec"]["nodeName"] for p in pods}) == nodes
     k.wait_phase("gang", "Running")
+
+
+def test_template_change_replaces_workers_and_scaling_does_not(k):
+    k.apply(k.manifest("roll", workers={"min": 1, "max": 3, "replicas": 2},
+                       env=[{"name": "LR", "value": "0.1"}]))
+    before = {p["metadata"]["name"]: p["metadata"]["uid"] for p in k.wait_workers("roll", 2)}
+    k.wait_phase("roll", "Running")
+    k.kubectl("scale", "lj/roll", "--replicas=3")
+    scaled = {p["metadata"]["name"]: p["metadata"]["uid"] for p in k.wait_workers("roll", 3)}
+    assert {n: scaled[n] for n in before} == before          # a scale keeps the workers it has
+
+    k.kubectl("patch", "lj", "roll", "--type=merge", "-p",
+              '{"spec": {"env": [{"name": "LR", "value": "0.05"}]}}')
+
+    def replaced():
+        pods = k.workers("roll")
+        env = [{e["name"]: e.get("value") for e in p["spec"]["containers"][0]["env"]} for p in pods]
+        return (len(pods) == 3 and all(p["status"].get("phase") == "Running" for p in pods)
+                and all(e["LR"] == "0.05" for e in env) and pods)
+    pods = k.wait_for("3 running workers built from the new template", replaced)
+    assert not {p["metadata"]["uid"] for p in pods} & set(scaled.values())
+    assert len({p["metadata"]["annotations"]["lepton.ai/spec-hash"] for p in pods}) == 1
+    status = k.wait_phase("roll", "Running")
+    assert status["restarts"] == {"counted": 0, "uncounted": 0}    # a rollout is not a failure
+    assert any(e["reason"] == "TemplateChanged" for e in k.events("roll"))

@@ -73,6 +73,27 @@ def test_counted_failure_is_replaced_within_budget_and_not_counted_twice():
     assert again.status["restarts"]["counted"] == 1
 
 
+def test_template_change_replaces_the_whole_group_without_counting_a_restart():
+    s = spec(workers={"min": 2, "max": 2, "replicas": 2})
+    prev = {"phase": "Running", "restarts": {"counted": 0, "uncounted": 0}}
+    old = [pod(0, template="aaa"), pod(1, template="aaa")]
+    same = js.plan_job(META, s, prev, old, 4, NOW, template="aaa")
+    assert same.delete == [] and same.status["phase"] == "Running"
+    plan = js.plan_job(META, s, prev, old, 4, NOW, template="bbb")
+    assert plan.delete == ["j-worker-0", "j-worker-1"]
+    assert plan.create == []                            # the names are free only once the old pods are gone
+    assert plan.status["phase"] == "Restarting" and cond(plan, COND_READY)["reason"] == "TemplateChanged"
+    assert plan.status["restarts"] == {"counted": 0, "uncounted": 0}
+    assert any(e[1] == "TemplateChanged" and "aaa -> bbb" in e[2] for e in plan.events)
+    going = [js.dataclasses.replace(p, deleting=True) for p in old]
+    waiting = js.plan_job(META, s, plan.status, going, 2, NOW, template="bbb")
+    assert waiting.create == [] and waiting.delete == []
+    fresh = js.plan_job(META, s, waiting.status, [], 2, NOW, template="bbb")
+    assert fresh.create == [0, 1]
+    unknown = js.plan_job(META, s, prev, [pod(0), pod(1)], 4, NOW, template="bbb")
+    assert unknown.delete == []                         # pods without a hash are left alone
+
+
 def test_retryable_failure_and_vanished_pods_are_uncounted():
     evicted = pod(0, "Failed", retryable=True, message="disrupted (Evicted)")
     plan = js.plan_job(META, spec(), {"phase": "Running"}, [evicted, pod(1)], 2, NOW, vanished=1)
@@ -151,3 +172,5 @@ def test_pod_view_summarises_a_pod():
             "status": {"phase": "Failed", "reason": "Evicted"}}
     v = js.pod_view(body)
     assert (v.index, v.gpus, v.node, v.retryable, v.active) == (1, 2, "n", True, False)
+    body["metadata"]["annotations"] = {"lepton.ai/spec-hash": "abc"}
+    assert js.pod_view(body).template == "abc"

@@ -20,10 +20,11 @@ import kopf
 from .. import config, jobstate, kube, metrics
 from .. import status as st
 from ..builders import training
-from ..constants import (API_VERSION, EVENT_WARNING, GROUP, JOB_KIND, JOB_PLURAL, LABEL_JOB,
-                         LABEL_ROLE, PHASE_PENDING, REASON_INVALID_SPEC, ROLE_RDZV, ROLE_WORKER,
-                         TERMINAL_PHASES, VERSION)
+from ..constants import (ANNOTATION_SPEC_HASH, API_VERSION, EVENT_WARNING, GROUP, JOB_KIND,
+                         JOB_PLURAL, LABEL_JOB, LABEL_ROLE, PHASE_PENDING, REASON_INVALID_SPEC,
+                         ROLE_RDZV, ROLE_WORKER, TERMINAL_PHASES, VERSION)
 from ..spec import InvalidSpec, JobSpec, parse_job
+from .loop import ReconcileLoops
 
 KIND = "LeptonJob"
 PENDING_CREATE_TTL = 30.0     # seconds a created pod may take to show up in the index
@@ -42,16 +43,15 @@ class _JobMemory:
     invalid_message: str | None = None
 
 
-_wakeups: dict[tuple[str, str], asyncio.Event] = {}
-_memory: dict[str, _JobMemory] = {}               # by job uid; survives a daemon restart
+_loops = ReconcileLoops(KIND, metrics.JOB_PHASES, lambda status: _JobMemory(status=status),
+                        coalesce_seconds=0.2)
 _reserved_gpus: dict[tuple[str, str], tuple[int, float]] = {}  # pods created, not yet seen: (gpus, when)
 _node_views: dict[str, jobstate.NodeView] = {}
 
 
 def _wake(namespace: str | None, name: str | None) -> None:
-    event = _wakeups.get((namespace or "", name or ""))
-    if event is not None:
-        event.set()
+    if name:
+        _loops.wake(namespace, name)
 
 
 # --- indices (kopf keeps them current from its watch streams) ------------------------
@@ -114,40 +114,16 @@ def _job_changed(namespace: str, name: str, **_: Any) -> None:
 
 
 def _wake_waiting_for_capacity() -> None:
-    for event in _wakeups.values():
-        event.set()
+    _loops.wake_all()
 
 
 # --- the per-job loop -----------------------------------------------------------------
 
 @kopf.daemon(GROUP, VERSION, JOB_PLURAL, cancellation_timeout=5.0)
-async def lepton_job(body: kopf.Body, namespace: str, name: str, uid: str,
-                     stopped: kopf.DaemonStopped, logger: logging.Logger, **kwargs: Any) -> None:
+async def lepton_job(body: kopf.Body, uid: str, stopped: kopf.DaemonStopped,
+                     logger: logging.Logger, **kwargs: Any) -> None:
     """Reconcile one LeptonJob until it is deleted."""
-    settings = config.get()
-    key = (namespace, name)
-    wake = _wakeups.setdefault(key, asyncio.Event())
-    memory = _memory.setdefault(uid, _JobMemory(status=dict(body.get("status") or {})))
-    try:
-        while not stopped:
-            wake.clear()
-            with metrics.reconcile(KIND):
-                try:
-                    delay = await _reconcile(body, memory, kwargs, logger)
-                except kube.ApiException as exc:
-                    raise kopf.TemporaryError(f"API request failed ({exc.status} {exc.reason}); "
-                                              "retrying", delay=settings.api_retry_seconds) from exc
-            timeout = settings.resync_seconds if delay is None else max(min(delay, settings.resync_seconds), 0.05)
-            try:
-                await asyncio.wait_for(wake.wait(), timeout=timeout)
-                await asyncio.sleep(0.2)   # coalesce a burst of watch events into one reconcile
-            except asyncio.TimeoutError:
-                pass
-    finally:
-        if stopped:
-            _wakeups.pop(key, None)
-            _memory.pop(uid, None)
-            metrics.JOB_PHASES.forget(key)
+    await _loops.run(body, uid, stopped, lambda memory: _reconcile(body, memory, kwargs, logger))
 
 
 def _owner(body: kopf.Body) -> dict[str, Any]:
@@ -252,9 +228,11 @@ async def _reconcile(body: kopf.Body, memory: _JobMemory, indices: dict[str, Any
     slots, _ = jobstate.worker_slots(nodes, used, spec.resources.gpus, spec.node_selector,
                                      training._tolerations(spec), unscheduled)
 
+    owner = _owner(body)
+    template = training.worker_pod(owner, spec, 0)["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
     plan = jobstate.plan_job(meta, spec, memory.status, views, slots,
                              _dt.datetime.now(_dt.timezone.utc), memory.handled, vanished,
-                             training.worker_selector(name))
+                             training.worker_selector(name), template)
 
     # Restart counts are made durable before the pods they count are deleted.
     if plan.counted_uids or vanished or plan.delete_job:
@@ -265,7 +243,6 @@ async def _reconcile(body: kopf.Body, memory: _JobMemory, indices: dict[str, Any
         await kube.aio(kube.delete, API_VERSION, JOB_KIND, name, namespace)
         return None
 
-    owner = _owner(body)
     to_delete = [n for n in plan.delete if n in pods or n in memory.created]
     for pod_name in to_delete:
         if pod_name in pods:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -84,7 +85,30 @@ def ensure_tools() -> None:
                            "(Debian package 'prometheus')")
 
 
-def free_port() -> int:
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(taken: set[int] = frozenset()) -> int:
+    """A free loopback port below the kernel's ephemeral range, so that no outgoing
+    connection (the API server's to etcd, Prometheus' scrapes) can take it between
+    choosing it and the component binding it."""
+    low, _ = _ephemeral_range()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        if port in taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -228,7 +252,7 @@ class Cluster:
         make_pki(self.pki)
         for name in ("etcd", "etcd-peer", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
                      "kwok", "prometheus"):
-            self.ports[name] = free_port()
+            self.ports[name] = free_port(set(self.ports.values()))
         for user in ("admin", "controller-manager", "scheduler", "kwok"):
             (self.state_dir / f"{user}.kubeconfig").write_text(kubeconfig(self.server, self.pki, user))
         shutil.copy(self.state_dir / "admin.kubeconfig", self.kubeconfig)

@@ -66,7 +66,7 @@ class Serving:
     replicas: int = 1
     resources: Resources = Resources()
     max_batch_size: int = 32
-    max_batch_delay_ms: int = 5
+    max_batch_delay_ms: int = 0
     env: tuple[Mapping[str, Any], ...] = ()
     pod_annotations: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
@@ -320,7 +320,7 @@ def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str) -
         _int(raw_s, "replicas", 1, 0, 1000, problems, "serving."),
         _resources(raw_s.get("resources"), problems, "serving.resources."),
         _int(batching, "maxBatchSize", 32, 1, 4096, problems, "serving.batching."),
-        _int(batching, "maxBatchDelayMs", 5, 0, 10000, problems, "serving.batching."),
+        _int(batching, "maxBatchDelayMs", 0, 0, 10000, problems, "serving.batching."),
         env, _annotations(raw_s, problems, "serving."))
 
     rollout = _rollout(spec.get("rollout") or {}, problems)

@@ -364,8 +364,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=contract.SERVE_PORT)
     p.add_argument("--max-batch-size", type=int, default=int(env(contract.ENV_MAX_BATCH_SIZE, 32)),
                    help="most rows in one forward pass (1 = no batching)")
-    p.add_argument("--max-batch-delay-ms", type=float, default=float(env(contract.ENV_MAX_BATCH_DELAY_MS, 5)),
-                   help="longest wait for a batch to fill")
+    p.add_argument("--max-batch-delay-ms", type=float, default=float(env(contract.ENV_MAX_BATCH_DELAY_MS, 0)),
+                   help="longest wait for a batch to fill; 0 batches what queued during the previous batch")
     p.add_argument("--max-request-rows", type=int, default=1024, help="most rows in one request")
     p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest request body")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let requests finish on SIGTERM")

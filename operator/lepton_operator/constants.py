@@ -40,6 +40,7 @@ MANAGED_BY = "lepton-operator"
 
 # --- Annotations ----------------------------------------------------------------------
 ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"         # hash of the pod template a pod was built from
+ANNOTATION_GENERATION = f"{GROUP}/generation"      # the owner's metadata.generation it was built at
 ANNOTATION_RESTART_ATTEMPT = f"{GROUP}/attempt"     # job attempt (increments on each restart)
 
 # --- Kubernetes names -----------------------------------------------------------------

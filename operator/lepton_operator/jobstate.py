@@ -12,7 +12,7 @@ import datetime as _dt
 from typing import Any, Iterable, Mapping
 
 from . import status as st
-from .constants import (ANNOTATION_SPEC_HASH, COND_RECONCILING, EVENT_NORMAL, EVENT_WARNING, FALSE,
+from .constants import (ANNOTATION_GENERATION, ANNOTATION_SPEC_HASH, COND_RECONCILING, EVENT_NORMAL, EVENT_WARNING, FALSE,
                         GPU_RESOURCE, LABEL_WORKER_INDEX, PHASE_FAILED, PHASE_PENDING,
                         PHASE_RESTARTING, PHASE_RUNNING, PHASE_SCALING, PHASE_SUCCEEDED,
                         PHASE_SUSPENDED, REASON_BACKOFF_LIMIT, REASON_CREATING, REASON_DEADLINE,
@@ -44,6 +44,7 @@ class PodView:
     retryable: bool = False       # meaningful when phase == "Failed"
     message: str = ""
     template: str = ""            # the spec hash the pod was built from ("" when unknown)
+    generation: int = 0           # the job generation it was built at (0 when unknown)
 
     @property
     def active(self) -> bool:
@@ -96,12 +97,14 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
     ready = any(c.get("type") == "Ready" and c.get("status") == "True"
                 for c in status.get("conditions") or ())
     retryable, message = classify_failure(status) if phase == "Failed" else (False, "")
+    annotations = meta.get("annotations") or {}
     return PodView(name=meta.get("name", ""), uid=meta.get("uid", ""),
                    index=int((meta.get("labels") or {}).get(LABEL_WORKER_INDEX, -1)),
                    phase=phase, node=spec.get("nodeName"), ready=ready,
                    deleting=bool(meta.get("deletionTimestamp")), gpus=_gpus(spec),
                    retryable=retryable, message=message,
-                   template=(meta.get("annotations") or {}).get(ANNOTATION_SPEC_HASH, ""))
+                   template=annotations.get(ANNOTATION_SPEC_HASH, ""),
+                   generation=int(annotations.get(ANNOTATION_GENERATION, 0) or 0))
 
 
 # --- capacity ------------------------------------------------------------------------
@@ -199,7 +202,8 @@ def plan_job(meta: Mapping[str, Any], spec: JobSpec, prev: Mapping[str, Any] | N
     disappeared without the operator deleting them (drained, evicted through the API);
     they are replaced and counted as uncounted restarts. ``template``: the spec hash of
     the worker pod the current spec builds; active workers built from another template
-    are replaced together (the group re-forms once, from the checkpoint), and that
+    at an older job generation are replaced together (the group re-forms once, from the
+    checkpoint), and that
     restart is not a failure, so it counts against neither maxRestarts nor backoffLimit.
     """
     now_s = st.now_iso(now)
@@ -300,7 +304,10 @@ def plan_job(meta: Mapping[str, Any], spec: JobSpec, prev: Mapping[str, Any] | N
         return finish(prev_phase or PHASE_RUNNING, REASON_RUNNING, "workers are finishing", ready=True)
 
     # A changed template (image, command, env, resources...) replaces the whole group.
-    stale = [p for p in active if template and p.template and p.template != template]
+    # Only a change of the job's own spec counts: an operator upgrade that builds pods
+    # differently does not restart running training.
+    stale = [p for p in active if template and p.template and p.template != template
+             and gen and 0 < p.generation < gen]
     if stale:
         plan.delete += [p.name for p in stale]
         plan.events.append((EVENT_NORMAL, REASON_TEMPLATE_CHANGED,

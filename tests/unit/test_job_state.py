@@ -76,7 +76,7 @@ def test_counted_failure_is_replaced_within_budget_and_not_counted_twice():
 def test_template_change_replaces_the_whole_group_without_counting_a_restart():
     s = spec(workers={"min": 2, "max": 2, "replicas": 2})
     prev = {"phase": "Running", "restarts": {"counted": 0, "uncounted": 0}}
-    old = [pod(0, template="aaa"), pod(1, template="aaa")]
+    old = [pod(0, template="aaa", generation=1), pod(1, template="aaa", generation=1)]
     same = js.plan_job(META, s, prev, old, 4, NOW, template="aaa")
     assert same.delete == [] and same.status["phase"] == "Running"
     plan = js.plan_job(META, s, prev, old, 4, NOW, template="bbb")
@@ -92,6 +92,9 @@ def test_template_change_replaces_the_whole_group_without_counting_a_restart():
     assert fresh.create == [0, 1]
     unknown = js.plan_job(META, s, prev, [pod(0), pod(1)], 4, NOW, template="bbb")
     assert unknown.delete == []                         # pods without a hash are left alone
+    current = [pod(0, template="aaa", generation=2), pod(1, template="aaa", generation=2)]
+    upgraded = js.plan_job(META, s, prev, current, 4, NOW, template="bbb")
+    assert upgraded.delete == []                        # same generation: an operator upgrade, not a spec change
 
 
 def test_retryable_failure_and_vanished_pods_are_uncounted():
@@ -172,5 +175,5 @@ def test_pod_view_summarises_a_pod():
             "status": {"phase": "Failed", "reason": "Evicted"}}
     v = js.pod_view(body)
     assert (v.index, v.gpus, v.node, v.retryable, v.active) == (1, 2, "n", True, False)
-    body["metadata"]["annotations"] = {"lepton.ai/spec-hash": "abc"}
-    assert js.pod_view(body).template == "abc"
+    body["metadata"]["annotations"] = {"lepton.ai/spec-hash": "abc", "lepton.ai/generation": "3"}
+    assert (js.pod_view(body).template, js.pod_view(body).generation) == ("abc", 3)

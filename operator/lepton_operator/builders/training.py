@@ -23,7 +23,7 @@ from typing import Any, Mapping
 from lepton_trainer import contract
 from lepton_trainer.rendezvous import WORKER_ENV, torchrun_args
 
-from ..constants import (ANNOTATION_SPEC_HASH, GPU_RESOURCE, GPU_TAINT_KEY, LABEL_COMPONENT,
+from ..constants import (ANNOTATION_GENERATION, ANNOTATION_SPEC_HASH, GPU_RESOURCE, GPU_TAINT_KEY, LABEL_COMPONENT,
                          LABEL_JOB, LABEL_KUEUE_QUEUE, LABEL_MANAGED_BY, LABEL_NAME, LABEL_ROLE,
                          LABEL_WORKER_INDEX, MANAGED_BY, ROLE_RDZV, ROLE_WORKER)
 from ..spec import JobSpec
@@ -231,6 +231,8 @@ def worker_pod(owner: Mapping[str, Any], spec: JobSpec, index: int) -> Obj:
         pod_spec["affinity"] = copy.deepcopy(dict(spec.affinity))
     metadata = _meta(owner, worker_name(job, index), lbls)
     metadata["annotations"] = {ANNOTATION_SPEC_HASH: template_hash(pod_spec)}
+    if meta.get("generation") is not None:
+        metadata["annotations"][ANNOTATION_GENERATION] = str(meta["generation"])
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata,
             "spec": {**pod_spec, "hostname": worker_name(job, index)}}
 

@@ -129,7 +129,8 @@ async def lepton_job(body: kopf.Body, uid: str, stopped: kopf.DaemonStopped,
 def _owner(body: kopf.Body) -> dict[str, Any]:
     meta = body["metadata"]
     return {"apiVersion": API_VERSION, "kind": JOB_KIND,
-            "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]}}
+            "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
+                         "generation": meta.get("generation")}}
 
 
 async def _cluster_problems(spec: JobSpec, namespace: str, generation: int, memory: _JobMemory,

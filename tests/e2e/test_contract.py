@@ -28,7 +28,7 @@ from lepton_operator.spec import parse_job
 from lepton_trainer import contract
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
-from torchrun_procs import Proc, free_port  # noqa: E402  (shared real-process helper)
+from torchrun_procs import Proc, free_port, process_tree  # noqa: E402  (shared real-process helper)
 
 pytestmark = pytest.mark.e2e
 
@@ -77,22 +77,6 @@ def local_env(pod: dict, volume_root: Path) -> dict[str, str]:
             env[var["name"]] = "127.0.0.1"
     env[contract.ENV_METRICS_PORT] = str(free_port())
     return env
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (from /proc), parents first."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo += children.get(tree[-1], [])
-    return tree
 
 
 def kill_tree(pid: int) -> None:

@@ -66,7 +66,7 @@ class Proc:
     def stop(self) -> None:
         """Stop the process group, then any descendant in a session of its own (torchrun
         starts each worker with ``start_new_session``), so a killed agent leaves no orphan."""
-        descendants = _descendants(self.popen.pid)
+        descendants = process_tree(self.popen.pid)[1:]
         if self.popen.poll() is None:
             try:
                 os.killpg(self.popen.pid, signal.SIGTERM)
@@ -84,8 +84,8 @@ class Proc:
         self._out.close()
 
 
-def _descendants(root: int) -> list[int]:
-    """Pids below ``root`` in the process tree, from /proc."""
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc), parents first."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -93,12 +93,11 @@ def _descendants(root: int) -> list[int]:
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [root]
+    tree, todo = [], [pid]
     while todo:
-        for child in children.get(todo.pop(), ()):
-            found.append(child)
-            todo.append(child)
-    return found
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
 
 
 @pytest.fixture

@@ -29,6 +29,17 @@ def run_compress(teacher, tmp_path, *args):
     return proc, art, term
 
 
+def reloads_with_gate_accuracy(art, result):
+    """Load the artifact and check it scores what the gate measured. Dynamic int8 kernels
+    may round one borderline example differently across thread counts, so the two must
+    agree to within one held-out example."""
+    model, meta = modelio.load_model(art)
+    split = data.load_digits()
+    assert models.accuracy(model, split.x_test, split.y_test) == pytest.approx(
+        result["accuracy_after"], abs=1.5 / len(split.y_test))
+    return model, meta
+
+
 @pytest.mark.parametrize("method,args", [
     ("int8", []), ("int8", ["--backend", "torchao"]), ("fp16", []), ("bf16", []),
     ("prune", ["--sparsity", "0.6"]), ("distill", ["--student-hidden", "64", "--epochs", "20"]),
@@ -46,9 +57,7 @@ def test_each_method_writes_its_result_and_a_loadable_artifact(teacher, tmp_path
     assert result["accuracy_before"] - result["accuracy_after"] <= 0.05
     assert all(result[k] > 0 for k in RESULT_KEYS if k.startswith("latency"))
 
-    model, meta = modelio.load_model(art)       # what the server will do, weights_only=True
-    split = data.load_digits()
-    assert models.accuracy(model, split.x_test, split.y_test) == pytest.approx(result["accuracy_after"], abs=1e-4)
+    model, meta = reloads_with_gate_accuracy(art, result)   # what the server will do, weights_only=True
     if method == "int8":
         assert result["ratio"] >= 3.0, result
         assert meta["quantization"] == quantization.quant_name(result["backend"])
@@ -126,6 +135,4 @@ def test_int8_on_the_transformer(transformer, tmp_path, backend):
     assert proc.returncode == 0, proc.stderr
     result = json.loads((art / contract.RESULT_FILE).read_text())
     assert result["ratio"] > 1.3
-    model, _ = modelio.load_model(art)
-    split = data.load_digits()
-    assert models.accuracy(model, split.x_test, split.y_test) == pytest.approx(result["accuracy_after"], abs=1e-4)
+    reloads_with_gate_accuracy(art, result)

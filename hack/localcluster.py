@@ -85,19 +85,19 @@ def ensure_tools() -> None:
                            "(Debian package 'prometheus')")
 
 
-def _ephemeral_range() -> tuple[int, int]:
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out to outgoing connections."""
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port(taken: set[int] = frozenset()) -> int:
     """A free loopback port below the kernel's ephemeral range, so that no outgoing
     connection (the API server's to etcd, Prometheus' scrapes) can take it between
     choosing it and the component binding it."""
-    low, _ = _ephemeral_range()
+    low = _ephemeral_low()
     rng = random.Random()
     for _ in range(200):
         port = rng.randrange(max(1024, low - 12000), low)

@@ -12,8 +12,8 @@ import datetime as _dt
 from typing import Any, Iterable, Mapping
 
 from . import status as st
-from .constants import (ANNOTATION_GENERATION, ANNOTATION_SPEC_HASH, COND_RECONCILING, EVENT_NORMAL, EVENT_WARNING, FALSE,
-                        GPU_RESOURCE, LABEL_WORKER_INDEX, PHASE_FAILED, PHASE_PENDING,
+from .constants import (ANNOTATION_GENERATION, ANNOTATION_SPEC_HASH, COND_RECONCILING,
+                        EVENT_NORMAL, EVENT_WARNING, FALSE, GPU_RESOURCE, LABEL_WORKER_INDEX, PHASE_FAILED, PHASE_PENDING,
                         PHASE_RESTARTING, PHASE_RUNNING, PHASE_SCALING, PHASE_SUCCEEDED,
                         PHASE_SUSPENDED, REASON_BACKOFF_LIMIT, REASON_CREATING, REASON_DEADLINE,
                         REASON_RESTARTING, REASON_RESUMED, REASON_RUNNING, REASON_SCALING,
@@ -203,8 +203,8 @@ def plan_job(meta: Mapping[str, Any], spec: JobSpec, prev: Mapping[str, Any] | N
     they are replaced and counted as uncounted restarts. ``template``: the spec hash of
     the worker pod the current spec builds; active workers built from another template
     at an older job generation are replaced together (the group re-forms once, from the
-    checkpoint), and that
-    restart is not a failure, so it counts against neither maxRestarts nor backoffLimit.
+    checkpoint); that restart is not a failure, so it counts against neither maxRestarts
+    nor backoffLimit.
     """
     now_s = st.now_iso(now)
     gen = meta.get("generation")
@@ -335,7 +335,7 @@ def plan_job(meta: Mapping[str, Any], spec: JobSpec, prev: Mapping[str, Any] | N
     used |= {p.index for p in pods if p.deleting or p in stale}
     plan.create = [i for i in range(w.max) if i not in used][:want]
 
-    restarting = bool(failed_now or vanished or stale) or (
+    restarting = bool(failed_now or vanished) or (
         prev_phase == PHASE_RESTARTING and any(not p.ready for p in active))
     running = [p for p in active if p.phase == "Running" and p.name not in plan.delete]
     total = have + len(plan.create)

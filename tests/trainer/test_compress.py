@@ -31,12 +31,14 @@ def run_compress(teacher, tmp_path, *args):
 
 def reloads_with_gate_accuracy(art, result):
     """Load the artifact and check it scores what the gate measured. Dynamic int8 kernels
-    may round one borderline example differently across thread counts, so the two must
-    agree to within one held-out example."""
+    quantize activations at run time and may round one borderline example differently at
+    another thread count, so for int8 the two must agree to within one held-out example;
+    every other method must agree exactly."""
     model, meta = modelio.load_model(art)
     split = data.load_digits()
+    tolerance = 1.5 / len(split.y_test) if result["method"] == "int8" else 1e-4
     assert models.accuracy(model, split.x_test, split.y_test) == pytest.approx(
-        result["accuracy_after"], abs=1.5 / len(split.y_test))
+        result["accuracy_after"], abs=tolerance)
     return model, meta
 
 

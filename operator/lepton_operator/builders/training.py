@@ -23,9 +23,9 @@ from typing import Any, Mapping
 from lepton_trainer import contract
 from lepton_trainer.rendezvous import WORKER_ENV, torchrun_args
 
-from ..constants import (ANNOTATION_GENERATION, ANNOTATION_SPEC_HASH, GPU_RESOURCE, GPU_TAINT_KEY, LABEL_COMPONENT,
-                         LABEL_JOB, LABEL_KUEUE_QUEUE, LABEL_MANAGED_BY, LABEL_NAME, LABEL_ROLE,
-                         LABEL_WORKER_INDEX, MANAGED_BY, ROLE_RDZV, ROLE_WORKER)
+from ..constants import (ANNOTATION_GENERATION, ANNOTATION_SPEC_HASH, GPU_RESOURCE, GPU_TAINT_KEY,
+                         LABEL_COMPONENT, LABEL_JOB, LABEL_KUEUE_QUEUE, LABEL_MANAGED_BY, LABEL_NAME,
+                         LABEL_ROLE, LABEL_WORKER_INDEX, MANAGED_BY, ROLE_RDZV, ROLE_WORKER)
 from ..spec import JobSpec
 from . import owner_reference
 

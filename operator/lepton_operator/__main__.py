@@ -14,7 +14,8 @@ import sys
 
 import kopf
 
-from . import config, kube, metrics
+from . import config, metrics
+from .core import kube
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, config.Settings]:

@@ -8,15 +8,12 @@ Ports and environment variable names shared with the workload image live in
 GROUP = "lepton.ai"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
-CATEGORY = "lepton"
 
 JOB_KIND = "LeptonJob"
 JOB_PLURAL = "leptonjobs"
-JOB_SHORT_NAME = "lj"
 
 MODEL_KIND = "LeptonModel"
 MODEL_PLURAL = "leptonmodels"
-MODEL_SHORT_NAME = "lm"
 
 FIELD_MANAGER = "lepton-operator"       # the one server-side-apply field manager
 USER_AGENT = "lepton-operator"          # HTTP User-Agent of the operator's own API calls
@@ -41,7 +38,6 @@ MANAGED_BY = "lepton-operator"
 # --- Annotations ----------------------------------------------------------------------
 ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"         # hash of the pod template a pod was built from
 ANNOTATION_GENERATION = f"{GROUP}/generation"      # the owner's metadata.generation it was built at
-ANNOTATION_RESTART_ATTEMPT = f"{GROUP}/attempt"     # job attempt (increments on each restart)
 
 # --- Kubernetes names -----------------------------------------------------------------
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -61,7 +57,6 @@ TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
 REASON_INVALID_SPEC = "InvalidSpec"
 REASON_CREATING = "CreatingWorkers"
 REASON_WAITING_FOR_CAPACITY = "WaitingForCapacity"
-REASON_WAITING_FOR_WORKERS = "WaitingForWorkers"
 REASON_RUNNING = "Running"
 REASON_SCALING = "Scaling"
 REASON_RESTARTING = "Restarting"
@@ -74,25 +69,20 @@ REASON_WORKER_DISRUPTED = "WorkerDisrupted"
 REASON_RESUMED = "Resumed"
 REASON_TEMPLATE_CHANGED = "TemplateChanged"
 REASON_TTL_EXPIRED = "TTLExpired"
-REASON_API_ERROR = "APIError"
 
 # LeptonModel condition types (besides Ready/Reconciling/Stalled) and reasons
 COND_COMPRESSED = "Compressed"
-COND_ROLLED_OUT = "RolledOut"
 COND_METRICS = "MetricsAvailable"        # the autoscaler's Prometheus answers
 REASON_WAITING_FOR_SOURCE = "WaitingForSource"
 REASON_SOURCE_NOT_FOUND = "SourceNotFound"
 REASON_SOURCE_FAILED = "SourceFailed"
 REASON_COMPRESSING = "Compressing"
 REASON_COMPRESSED = "Compressed"
-REASON_NOT_COMPRESSED = "NoCompression"
 REASON_GATE_FAILED = "AccuracyGateFailed"
 REASON_COMPRESSION_FAILED = "CompressionFailed"
 REASON_DEPLOYING = "Deploying"
 REASON_PODS_NOT_READY = "PodsNotReady"
-REASON_PROGRESSING = "Progressing"
 REASON_CANARY_STEP = "CanaryStep"
-REASON_ANALYSIS_PASSED = "AnalysisPassed"
 REASON_ANALYSIS_FAILED = "AnalysisFailed"
 REASON_ANALYSIS_NO_DATA = "AnalysisNoData"
 REASON_ROLLED_BACK = "RolledBack"

@@ -48,8 +48,8 @@ class PhaseTracker:
         self.set(key, None)
 
 
-JOB_PHASES = PhaseTracker(JOBS)
-MODEL_PHASES = PhaseTracker(MODELS)
+JOBS_BY_PHASE = PhaseTracker(JOBS)
+MODELS_BY_PHASE = PhaseTracker(MODELS)
 
 
 def record_scaling(kind: str, namespace: str, name: str, current: int, decision) -> None:

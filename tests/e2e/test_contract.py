@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from lepton_operator.builders import training
-from lepton_operator.spec import parse_job
+from lepton_operator.job import objects as training
+from lepton_operator.job.spec import parse_job
 from lepton_trainer import contract
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))

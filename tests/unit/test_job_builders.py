@@ -5,9 +5,10 @@ import pathlib
 import pytest
 import yaml
 
-from lepton_operator.builders import training
+from lepton_operator.job import objects as training
 from lepton_operator.constants import GPU_RESOURCE, LABEL_KUEUE_QUEUE
-from lepton_operator.spec import parse_job
+from lepton_operator.core.objects import GPU_TOLERATION
+from lepton_operator.job.spec import parse_job
 from lepton_trainer import contract
 
 pytestmark = pytest.mark.unit
@@ -79,7 +80,7 @@ def test_security_context_and_gpu_defaults():
 ])
 def test_gpu_toleration_only_when_needed(spec, tolerated):
     tol = built(spec)[0]["spec"].get("tolerations", [])
-    assert (training.GPU_TOLERATION in tol) is tolerated
+    assert (GPU_TOLERATION in tol) is tolerated
 
 
 def test_pod_security_context_override_and_env_and_volumes():

@@ -4,7 +4,7 @@ import pathlib
 import pytest
 import yaml
 
-from lepton_operator.spec import parse_job
+from lepton_operator.job.spec import parse_job
 
 pytestmark = pytest.mark.unit
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -1,7 +1,7 @@
 """LeptonJob spec parsing: defaults and every semantic rule, table-driven."""
 import pytest
 
-from lepton_operator.spec import DEFAULT_MODULE, InvalidSpec, parse_job
+from lepton_operator.job.spec import DEFAULT_MODULE, InvalidSpec, parse_job
 
 pytestmark = pytest.mark.unit
 IMG = "trainer:1"

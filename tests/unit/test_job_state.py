@@ -3,9 +3,9 @@ import datetime as dt
 
 import pytest
 
-from lepton_operator import jobstate as js
+from lepton_operator.job import state as js
 from lepton_operator.constants import COND_READY, COND_STALLED
-from lepton_operator.spec import parse_job
+from lepton_operator.job.spec import parse_job
 
 pytestmark = pytest.mark.unit
 NOW = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)

@@ -7,8 +7,8 @@ import pathlib
 import pytest
 import yaml
 
-from lepton_operator.builders import compression, serving
-from lepton_operator.model_spec import PvcPath, artifact_path, parse_model
+from lepton_operator.model import objects, state
+from lepton_operator.model.spec import PvcPath, artifact_path, parse_model
 
 pytestmark = pytest.mark.unit
 
@@ -43,7 +43,7 @@ def test_golden_compression_job():
     s = spec()
     rev = s.revision()
     src = PvcPath("models", "runs/digits")
-    job = compression.compression_job(OWNER, s, rev, src, artifact_path(src, "digits", rev))
+    job = objects.compression_job(OWNER, s, rev, src, artifact_path(src, "digits", rev))
     check_golden("compression_job.yaml", [job])
     c = job["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in c["env"]}
@@ -57,8 +57,8 @@ def test_golden_compression_job():
 def test_golden_serving_objects():
     s = spec()
     rev = s.revision()
-    objs = [serving.deployment(OWNER, s, rev, PvcPath("models", f"lepton-models/digits/{rev}"), 3),
-            serving.service(OWNER)]
+    objs = [objects.deployment(OWNER, s, rev, PvcPath("models", f"lepton-models/digits/{rev}"), 3),
+            objects.service(OWNER)]
     check_golden("serving.yaml", objs)
     dep, svc = objs
     c = dep["spec"]["template"]["spec"]["containers"][0]
@@ -72,15 +72,15 @@ def test_golden_serving_objects():
 def test_golden_hpa_and_keda():
     s = spec()
     a = s.autoscaling
-    check_golden("hpa_rps.yaml", [serving.hpa(OWNER, a, "digits-abc")])
-    check_golden("keda_rps.yaml", [serving.scaled_object(OWNER, a, "digits-abc", "http://prom:9090")])
+    check_golden("hpa_rps.yaml", [objects.hpa(OWNER, a, "digits-abc")])
+    check_golden("keda_rps.yaml", [objects.scaled_object(OWNER, a, "digits-abc", "http://prom:9090")])
     lat = spec(autoscaling={"engine": "hpa", "metric": "p95latency", "target": 0.25, "maxReplicas": 5})
-    h = serving.hpa(OWNER, lat.autoscaling, "digits-abc")
+    h = objects.hpa(OWNER, lat.autoscaling, "digits-abc")
     check_golden("hpa_p95.yaml", [h])
     assert h["spec"]["metrics"][0]["external"]["target"] == {"type": "Value", "value": "250m"}
     q = spec(autoscaling={"engine": "keda", "metric": "query", "target": 3,
                           "query": 'sum(my_queue{ns="${namespace}",app="${model}"})'})
-    k = serving.scaled_object(OWNER, q.autoscaling, "digits-abc", "http://prom:9090")
+    k = objects.scaled_object(OWNER, q.autoscaling, "digits-abc", "http://prom:9090")
     check_golden("keda_query.yaml", [k])
     assert k["spec"]["triggers"][0]["metadata"]["query"] == 'sum(my_queue{ns="ml",app="digits"})'
     assert k["spec"]["triggers"][0]["metadata"]["ignoreNullValues"] == "false"
@@ -88,9 +88,9 @@ def test_golden_hpa_and_keda():
 
 def test_replicas_left_out_when_an_autoscaler_owns_them():
     s = spec()
-    dep = serving.deployment(OWNER, s, "r1", PvcPath("models", "x"), None)
+    dep = objects.deployment(OWNER, s, "r1", PvcPath("models", "x"), None)
     assert "replicas" not in dep["spec"]
-    assert serving.deployment(OWNER, s, "r1", PvcPath("models", "x"), 0)["spec"]["replicas"] == 0
+    assert objects.deployment(OWNER, s, "r1", PvcPath("models", "x"), 0)["spec"]["replicas"] == 0
 
 
 @pytest.mark.parametrize("total,weight,expected", [
@@ -99,12 +99,12 @@ def test_replicas_left_out_when_an_autoscaler_owns_them():
     (0, 50, (1, 1)),
 ])
 def test_split(total, weight, expected):
-    assert serving.split(total, weight) == expected
+    assert objects.split(total, weight) == expected
 
 
 def test_split_rejects_bad_weight():
     with pytest.raises(ValueError, match="within 0..100"):
-        serving.split(3, 101)
+        objects.split(3, 101)
 
 
 @pytest.mark.parametrize("metric,query", [
@@ -115,7 +115,7 @@ def test_split_rejects_bad_weight():
 ])
 def test_metric_queries(metric, query):
     a = spec(autoscaling={"metric": metric, "target": 1}).autoscaling
-    assert serving.metric_query(a, "ml", "digits") == query
+    assert objects.metric_query(a, "ml", "digits") == query
 
 
 @pytest.mark.parametrize("pod,expected", [
@@ -127,11 +127,11 @@ def test_metric_queries(metric, query):
     ({"status": {"phase": "Failed"}}, ("failed", None)),
 ])
 def test_read_result(pod, expected):
-    assert compression.read_result(pod) == expected
+    assert state.read_result(pod) == expected
 
 
 def test_golden_gateway_route():
-    objs = [serving.revision_service(OWNER, "r2"), serving.http_route(OWNER, [("r1", 75), ("r2", 25)])]
+    objs = [objects.revision_service(OWNER, "r2"), objects.http_route(OWNER, [("r1", 75), ("r2", 25)])]
     check_golden("httproute.yaml", objs)
     route = objs[1]
     assert route["spec"]["parentRefs"] == [{"group": "", "kind": "Service", "name": "digits", "port": 8080}]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lepton_operator.model_spec import (InvalidSpec, PvcPath, artifact_path, parse_model, parse_uri,
+from lepton_operator.model.spec import (InvalidSpec, PvcPath, artifact_path, parse_model, parse_uri,
                                         render_query)
 
 pytestmark = pytest.mark.unit

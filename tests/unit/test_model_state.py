@@ -2,9 +2,9 @@
 
 import pytest
 
-from lepton_operator import modelstate as ms
-from lepton_operator.builders.compression import read_result
-from lepton_operator.model_spec import Check, parse_model
+from lepton_operator.model import state as ms
+from lepton_operator.model.state import read_result
+from lepton_operator.model.spec import Check, parse_model
 from lepton_operator.scaling.prometheus import QueryResult
 
 pytestmark = pytest.mark.unit

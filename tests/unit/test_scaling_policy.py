@@ -191,11 +191,6 @@ def test_training_out_of_bounds_is_corrected_and_at_max_holds():
     assert (d.replicas, d.reason) == (4, P.AT_MAX)
 
 
-def test_training_state_round_trips_through_status():
-    s = P.TrainingState(baseline=12.5, baseline_workers=2, last_scale=99.0)
-    assert P.TrainingState.from_dict(s.to_dict()) == s
-    assert P.TrainingState.from_dict(None) == P.TrainingState()
-
 
 @pytest.mark.parametrize("kw", [dict(min_workers=0), dict(min_workers=3, max_workers=2),
                                 dict(efficiency=0), dict(efficiency=1.5), dict(step=0)])

@@ -1,7 +1,7 @@
 """Condition helpers: transitions, kstatus consistency, observedGeneration."""
 import pytest
 
-from lepton_operator import status as st
+from lepton_operator.core import status as st
 from lepton_operator.constants import COND_READY, COND_RECONCILING, COND_STALLED, FALSE, TRUE
 
 pytestmark = pytest.mark.unit
@@ -56,4 +56,4 @@ def test_set_condition_rejects_bad_status():
 def test_time_roundtrip_and_status_diff():
     assert st.now_iso(st.parse_time(T0)) == T0
     assert st.parse_time(None) is None
-    assert st.status_changed({"phase": "Pending", "a": 1, "b": 2}, {"phase": "Running", "a": 1}) == {"phase": "Running", "b": None}
+    assert st.merge_patch({"phase": "Pending", "a": 1, "b": 2}, {"phase": "Running", "a": 1}) == {"phase": "Running", "b": None}

@@ -46,9 +46,6 @@ class Decision:
     reason: str
     inputs: dict = field(default_factory=dict)
 
-    def changes(self, current: int) -> bool:
-        return self.replicas != current
-
 
 def _bound(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, n))
@@ -182,20 +179,11 @@ class TrainingPolicy:
 
 @dataclass(frozen=True)
 class TrainingState:
-    """Kept in the job's status so an operator restart does not forget it."""
+    """Kept in the job's status (``job.autoscale``) so an operator restart does not forget it."""
 
     baseline: float | None = None          # samples/s of one worker (learned)
     baseline_workers: int | None = None    # size at which the baseline was measured
     last_scale: float | None = None        # time of the last scale event
-
-    def to_dict(self) -> dict:
-        return {"baselineRate": self.baseline, "baselineWorkers": self.baseline_workers,
-                "lastScaleTime": self.last_scale}
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "TrainingState":
-        d = d or {}
-        return cls(d.get("baselineRate"), d.get("baselineWorkers"), d.get("lastScaleTime"))
 
 
 def decide_training(policy: TrainingPolicy, state: TrainingState, now: float,

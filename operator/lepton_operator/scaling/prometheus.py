@@ -4,15 +4,21 @@ An outage, a timeout, an error answer or an empty result is *no data*: ``value``
 None and ``error`` says why. It is never read as 0, so an unreachable Prometheus can
 never scale anything down. Timeouts are short, so a slow Prometheus never blocks a
 reconcile for long.
+
+``render`` fills ``${name}`` placeholders in a user's PromQL; ``client()`` is the
+operator's one client, built from its settings on first use.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import string
 from dataclasses import dataclass
 
 import aiohttp
+
+from .. import config
 
 
 @dataclass(frozen=True)
@@ -95,3 +101,20 @@ class Prometheus:
     async def close(self) -> None:
         if self._session is not None and not self._session.closed:
             await self._session.close()
+
+
+def render(query: str, **values: str) -> str:
+    """Fill ``${key}`` placeholders (``$key`` too) in a PromQL query; others stay as they are."""
+    return string.Template(query).safe_substitute(values)
+
+
+_client: Prometheus | None = None
+
+
+def client() -> Prometheus:
+    """The operator's Prometheus client (URL and timeout from its settings)."""
+    global _client
+    if _client is None:
+        s = config.get()
+        _client = Prometheus(s.prometheus_url, s.prometheus_timeout)
+    return _client

@@ -24,16 +24,21 @@ import uuid
 from typing import Any, Callable, TypeVar
 
 import kubernetes
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
-from . import metrics
-from .constants import FIELD_MANAGER, USER_AGENT
+from .. import metrics
+from ..constants import FIELD_MANAGER, USER_AGENT
 
 Obj = dict[str, Any]
 T = TypeVar("T")
 
 __all__ = ["ApiException", "load", "apply", "create", "get", "list_objects", "delete", "patch",
-           "patch_status", "emit_event", "is_not_found", "is_conflict", "aio", "register_plural"]
+           "patch_status", "emit_event", "is_not_found", "is_conflict", "aio", "RETRYABLE", "describe"]
+
+# Errors after which a reconcile is retried: an error answer, or no answer at all (the
+# API server restarting: connection refused or reset, retries exhausted).
+RETRYABLE = (ApiException, urllib3.exceptions.HTTPError, ConnectionError)
 
 # kind -> resource plural for kinds whose plural is not ``kind.lower() + "s"``
 _IRREGULAR_PLURALS = {"Endpoints": "endpoints", "Ingress": "ingresses",
@@ -46,13 +51,6 @@ _THREADS = 16       # concurrent API requests from asyncio code (see ``aio``)
 _executor = concurrent.futures.ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="kube")
 _lock = threading.Lock()
 _client: kubernetes.client.ApiClient | None = None
-
-
-def register_plural(kind: str, plural: str, cluster_scoped: bool = False) -> None:
-    """Declare a kind whose resource plural is irregular (or that is cluster-scoped)."""
-    _IRREGULAR_PLURALS[kind] = plural
-    if cluster_scoped:
-        _CLUSTER_SCOPED.add(kind)
 
 
 def load(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:
@@ -106,6 +104,13 @@ def request(method: str, url_path: str, body: Any = None, query: list[tuple[str,
         raise ApiException(status=resp.status, reason=resp.reason,
                            body=data.decode("utf-8", "replace") if data else None)
     return json.loads(data) if data else None
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line description of a failed request."""
+    if isinstance(exc, ApiException):
+        return f"{exc.status} {exc.reason}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def is_not_found(exc: BaseException) -> bool:

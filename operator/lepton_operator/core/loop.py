@@ -3,27 +3,42 @@
 Each custom resource gets one kopf daemon. It reconciles, then sleeps until a watch
 event wakes it (its own object, a child pod or Deployment, a node's capacity) or until
 the delay the reconcile asked for, capped by the resync period. A burst of watch events
-is coalesced into one reconcile. What a loop remembers between reconciles is kept by
-object uid, so it survives kopf restarting the daemon.
+is coalesced into one reconcile. What a loop remembers between reconciles (a
+``Memory``) is kept by object uid, so it survives kopf restarting the daemon; what
+must survive an operator restart lives in the object's status.
+
+An API error or a lost connection to the API server ends one reconcile, never the
+loop: the loop logs it and tries again after ``api_retry_seconds``.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from typing import Any, Awaitable, Callable, Generic, TypeVar
 
 import kopf
 
-from .. import config, kube, metrics
+from .. import config, metrics
+from . import kube
 
-M = TypeVar("M")
+M = TypeVar("M", bound="Memory")
+
+
+@dataclasses.dataclass
+class Memory:
+    """What every loop remembers: the status it last wrote (the base of the next merge
+    patch), the messages it has posted as events, and the last invalid-spec message."""
+    status: dict[str, Any]
+    phases: metrics.PhaseTracker
+    said: set[str] = dataclasses.field(default_factory=set)
+    invalid_message: str | None = None
 
 
 @dataclasses.dataclass
 class ReconcileLoops(Generic[M]):
     """The wake-up events and memories of all loops of one kind."""
     kind: str
-    phases: metrics.PhaseTracker
     new_memory: Callable[[dict[str, Any]], M]     # from the status last written
     coalesce_seconds: float = 0.1
     wakeups: dict[tuple[str, str], asyncio.Event] = dataclasses.field(default_factory=dict)
@@ -44,7 +59,7 @@ class ReconcileLoops(Generic[M]):
         for event in self.wakeups.values():
             event.set()
 
-    async def run(self, body: kopf.Body, uid: str, stopped: kopf.DaemonStopped,
+    async def run(self, body: kopf.Body, uid: str, stopped: kopf.DaemonStopped, logger: logging.Logger,
                   reconcile: Callable[[M], Awaitable[float | None]]) -> None:
         """Reconcile until the daemon is stopped; ``reconcile`` returns the next delay or None."""
         settings = config.get()
@@ -54,12 +69,12 @@ class ReconcileLoops(Generic[M]):
         try:
             while not stopped:
                 wake.clear()
-                with metrics.reconcile(self.kind):
-                    try:
+                try:
+                    with metrics.reconcile(self.kind):
                         delay = await reconcile(memory)
-                    except kube.ApiException as exc:
-                        raise kopf.TemporaryError(f"API request failed ({exc.status} {exc.reason}); "
-                                                  "retrying", delay=settings.api_retry_seconds) from exc
+                except kube.RETRYABLE as exc:
+                    delay = settings.api_retry_seconds
+                    logger.warning("API request failed (%s); retrying in %gs", kube.describe(exc), delay)
                 timeout = settings.resync_seconds if delay is None else max(min(delay, settings.resync_seconds), 0.05)
                 try:
                     await asyncio.wait_for(wake.wait(), timeout=timeout)
@@ -70,4 +85,4 @@ class ReconcileLoops(Generic[M]):
             if stopped:
                 self.wakeups.pop(key, None)
                 self.memory.pop(uid, None)
-                self.phases.forget(key)
+                memory.phases.forget(key)

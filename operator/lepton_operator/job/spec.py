@@ -3,33 +3,25 @@
 The CRD schema rejects what it can express at apply time; ``parse_job`` checks the
 same rules again (so an API server without CEL still gets clear errors) plus what
 the schema cannot express, such as child object names. Every problem found is
-reported at once in one ``InvalidSpec``.
+reported at once in one ``InvalidSpec``, ``spec.autoscaling`` included.
 """
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Mapping
 
 from lepton_trainer import contract
 
-from .constants import JOB_NAME_MAX
+from ..constants import CHILD_SUFFIX_MAX, JOB_NAME_MAX
+from ..core.fields import InvalidSpec, Resources, integer, number, quantity, valid_claim_name, validate_name
 
 DEFAULT_MODULE = "lepton_trainer.train"
 MAX_WORKERS = 999
 RESERVED_ENV = frozenset({contract.ENV_JOB_NAME, contract.ENV_JOB_NAMESPACE, contract.ENV_JOB_UID,
                           contract.ENV_CHECKPOINT_DIR, contract.ENV_OUTPUT_DIR,
                           contract.ENV_METRICS_PORT, "POD_IP"})
-_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-_DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
-
-class InvalidSpec(ValueError):
-    """A spec that no retry will fix; ``problems`` lists every rule it breaks."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("; ".join(self.problems))
+__all__ = ["InvalidSpec", "JobSpec", "parse_job", "DEFAULT_MODULE"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,13 +30,6 @@ class Workers:
     max: int
     replicas: int
     nproc_per_node: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Resources:
-    gpus: int = 0
-    cpu: str | None = None
-    memory: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +49,16 @@ class Mount:
     @property
     def uri(self) -> str:
         return f"pvc://{self.claim_name}/{self.sub_path}".rstrip("/")
+
+
+@dataclasses.dataclass(frozen=True)
+class Autoscaling:
+    """``spec.autoscaling``: grow ``workers.replicas`` while goodput holds."""
+    query: str | None = None          # None: the trainer's samples/s for this job
+    efficiency: float = 0.8
+    cooldown_seconds: float = 60.0
+    step: int = 1
+    interval_seconds: float = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,27 +85,12 @@ class JobSpec:
     checkpoint: Mount | None
     output: Mount | None
     pod_security_context: Mapping[str, Any]
-    autoscaling: Mapping[str, Any] | None
+    autoscaling: Autoscaling | None
 
     @property
     def claim_names(self) -> tuple[str, ...]:
         """The PVCs the workers mount (each once)."""
         return tuple(dict.fromkeys(m.claim_name for m in (self.checkpoint, self.output) if m))
-
-
-def _int(spec: Mapping[str, Any], key: str, default: int | None, lo: int, hi: int | None,
-         problems: list[str], where: str) -> int | None:
-    value = spec.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        problems.append(f"{where}{key} must be an integer, got {value!r}")
-        return default
-    if value < lo or (hi is not None and value > hi):
-        bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
-        problems.append(f"{where}{key} must be {bound}, got {value}")
-        return default
-    return value
 
 
 def _mount(raw: Mapping[str, Any] | None, default_path: str, default_claim: str | None,
@@ -121,7 +101,7 @@ def _mount(raw: Mapping[str, Any] | None, default_path: str, default_claim: str 
     if not claim:
         problems.append(f"{where}.claimName is required")
         return None
-    if not _DNS1123.match(claim) or len(claim) > 253:
+    if not valid_claim_name(claim):
         problems.append(f"{where}.claimName {claim!r} is not a valid PVC name")
     path = raw.get("path", default_path)
     if not str(path).startswith("/"):
@@ -132,25 +112,27 @@ def _mount(raw: Mapping[str, Any] | None, default_path: str, default_claim: str 
     return Mount(claim, path, sub_path)
 
 
-def validate_name(name: str) -> list[str]:
-    """Problems with a job name as the prefix of its child objects' names."""
-    problems = []
-    if "." in name:
-        problems.append(f"metadata.name {name!r} must not contain dots: it prefixes Service "
-                        "and pod host names, which are DNS labels")
-    elif not _DNS1035.match(name):
-        problems.append(f"metadata.name {name!r} must start with a letter and contain only "
-                        "lowercase letters, digits and '-'")
-    if len(name) > JOB_NAME_MAX:
-        problems.append(f"metadata.name must be at most {JOB_NAME_MAX} characters "
-                        f"(child names add up to 11), got {len(name)}")
-    return problems
+def _autoscaling(raw: Mapping[str, Any] | None, problems: list[str]) -> Autoscaling | None:
+    if raw is None:
+        return None
+    where = "autoscaling."
+    query = raw.get("query")
+    if query is not None and not str(query).strip():
+        problems.append("autoscaling.query must be a non-empty PromQL query (or left out for the default)")
+    return Autoscaling(
+        query=str(query) if query is not None else None,
+        efficiency=number(raw, "efficiency", 0.8, 0, 1, problems, where, lo_open=True),
+        cooldown_seconds=float(integer(raw, "cooldownSeconds", 60, 0, 86400, problems, where)),
+        step=integer(raw, "step", 1, 1, 64, problems, where),
+        interval_seconds=number(raw, "intervalSeconds", 5, 0.5, 3600, problems, where))
 
 
-def parse_job(name: str, spec: Mapping[str, Any] | None, default_image: str) -> JobSpec:
-    """Parse and validate a LeptonJob spec; raises ``InvalidSpec`` listing every problem."""
+def parse_job(name: str, spec: Mapping[str, Any] | None, default_image: str,
+              default_pull_policy: str = "IfNotPresent") -> JobSpec:
+    """Parse and validate a LeptonJob spec; raises ``InvalidSpec`` listing every problem.
+    ``default_image`` and ``default_pull_policy`` apply where the spec names none."""
     spec = spec or {}
-    problems = validate_name(name)
+    problems = validate_name(name, JOB_NAME_MAX, CHILD_SUFFIX_MAX)
 
     command = tuple(spec.get("command") or ())
     module = spec.get("module")
@@ -160,9 +142,9 @@ def parse_job(name: str, spec: Mapping[str, Any] | None, default_image: str) -> 
         module = DEFAULT_MODULE
 
     raw_workers = spec.get("workers") or {}
-    w_min = _int(raw_workers, "min", 1, 1, MAX_WORKERS, problems, "workers.")
-    w_max = _int(raw_workers, "max", w_min, 1, MAX_WORKERS, problems, "workers.")
-    replicas = _int(raw_workers, "replicas", w_min, 0, MAX_WORKERS, problems, "workers.")
+    w_min = integer(raw_workers, "min", 1, 1, MAX_WORKERS, problems, "workers.")
+    w_max = integer(raw_workers, "max", w_min, 1, MAX_WORKERS, problems, "workers.")
+    replicas = integer(raw_workers, "replicas", w_min, 0, MAX_WORKERS, problems, "workers.")
     if w_max < w_min:
         problems.append(f"workers.max ({w_max}) must be >= workers.min ({w_min})")
     elif not w_min <= replicas <= w_max:
@@ -170,16 +152,16 @@ def parse_job(name: str, spec: Mapping[str, Any] | None, default_image: str) -> 
                         f"and workers.max ({w_max})")
 
     raw_res = spec.get("resources") or {}
-    gpus = _int(raw_res, "gpus", 0, 0, 64, problems, "resources.")
-    resources = Resources(gpus, _quantity(raw_res.get("cpu")), _quantity(raw_res.get("memory")))
-    nproc = _int(raw_workers, "nprocPerNode", max(gpus, 1), 1, 64, problems, "workers.")
+    gpus = integer(raw_res, "gpus", 0, 0, 64, problems, "resources.")
+    resources = Resources(gpus, quantity(raw_res.get("cpu")), quantity(raw_res.get("memory")))
+    nproc = integer(raw_workers, "nprocPerNode", max(gpus, 1), 1, 64, problems, "workers.")
 
     raw_el = spec.get("elastic") or {}
     elastic = Elastic(
-        _int(raw_el, "maxRestarts", 3, 0, 1000, problems, "elastic."),
-        _int(raw_el, "joinTimeoutSeconds", 600, 1, 86400, problems, "elastic."),
-        _int(raw_el, "lastCallTimeoutSeconds", 2, 0, 3600, problems, "elastic."),
-        _int(raw_el, "closeTimeoutSeconds", 10, 0, 3600, problems, "elastic."))
+        integer(raw_el, "maxRestarts", 3, 0, 1000, problems, "elastic."),
+        integer(raw_el, "joinTimeoutSeconds", 600, 1, 86400, problems, "elastic."),
+        integer(raw_el, "lastCallTimeoutSeconds", 2, 0, 3600, problems, "elastic."),
+        integer(raw_el, "closeTimeoutSeconds", 10, 0, 3600, problems, "elastic."))
 
     env = tuple(spec.get("env") or ())
     for var in env:
@@ -195,7 +177,7 @@ def parse_job(name: str, spec: Mapping[str, Any] | None, default_image: str) -> 
 
     job = JobSpec(
         image=spec.get("image") or default_image,
-        image_pull_policy=spec.get("imagePullPolicy") or "IfNotPresent",
+        image_pull_policy=spec.get("imagePullPolicy") or default_pull_policy,
         command=command, module=module if not command else None, args=tuple(spec.get("args") or ()),
         env=env,
         workers=Workers(w_min, w_max, replicas, nproc),
@@ -206,18 +188,14 @@ def parse_job(name: str, spec: Mapping[str, Any] | None, default_image: str) -> 
         priority_class_name=spec.get("priorityClassName"),
         scheduler_name=spec.get("schedulerName"),
         queue_name=spec.get("queueName"),
-        backoff_limit=_int(spec, "backoffLimit", 3, 0, 1000, problems, ""),
-        active_deadline_seconds=_int(spec, "activeDeadlineSeconds", None, 1, None, problems, ""),
+        backoff_limit=integer(spec, "backoffLimit", 3, 0, 1000, problems, ""),
+        active_deadline_seconds=integer(spec, "activeDeadlineSeconds", None, 1, None, problems, ""),
         suspend=bool(spec.get("suspend", False)),
-        ttl_seconds_after_finished=_int(spec, "ttlSecondsAfterFinished", None, 0, None, problems, ""),
+        ttl_seconds_after_finished=integer(spec, "ttlSecondsAfterFinished", None, 0, None, problems, ""),
         checkpoint=checkpoint, output=output,
         pod_security_context=dict(spec.get("podSecurityContext") or {}),
-        autoscaling=spec.get("autoscaling"),
+        autoscaling=_autoscaling(spec.get("autoscaling"), problems),
     )
     if problems:
         raise InvalidSpec(problems)
     return job
-
-
-def _quantity(value: Any) -> str | None:
-    return None if value is None else str(value)

@@ -12,20 +12,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import string
 from typing import Any, Mapping
 
 from lepton_trainer import contract
 
-from .spec import InvalidSpec, Resources, _int, _quantity, validate_name
+from ..core.fields import InvalidSpec, Resources, choice, integer, number, resources, string_map, validate_name
+from ..scaling import prometheus
+
+__all__ = ["InvalidSpec", "ModelSpec", "PvcPath", "parse_model", "parse_uri", "artifact_path", "render_query"]
 
 METHODS = ("int8", "fp16", "bf16", "prune", "distill", "none")
 STRATEGIES = ("canary", "replace")
 ENGINES = ("builtin", "hpa", "keda")
 METRICS = ("rps", "inflight", "p95latency", "query")
 URI_SCHEMES = ("pvc",)            # s3:// and others plug in here
-MODEL_NAME_MAX = 43               # "<name>-compress-<10-char revision>" must fit 63
 REVISION_LEN = 10
+CHILD_SUFFIX_LEN = len("-compress-") + REVISION_LEN
+MODEL_NAME_MAX = 63 - CHILD_SUFFIX_LEN   # "<name>-compress-<revision>" must fit 63
 ARTIFACT_ROOT = "lepton-models"   # artifacts: <claim>/lepton-models/<model>/<revision>
 
 
@@ -166,43 +169,7 @@ def artifact_path(source: PvcPath, model: str, revision: str) -> PvcPath:
 
 def render_query(query: str, namespace: str, model: str, revision: str = "") -> str:
     """Fill ``${namespace}``, ``${model}`` and ``${revision}`` in a PromQL query."""
-    return string.Template(query).safe_substitute(namespace=namespace, model=model, revision=revision)
-
-
-def _float(raw: Mapping[str, Any], key: str, default: float | None, lo: float | None, hi: float | None,
-           problems: list[str], where: str, lo_open: bool = False) -> float | None:
-    value = raw.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        problems.append(f"{where}{key} must be a number, got {value!r}")
-        return default
-    if (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi):
-        problems.append(f"{where}{key} must be {'>' if lo_open else '>='} {lo}"
-                        + (f" and <= {hi}" if hi is not None else "") + f", got {value}")
-        return default
-    return float(value)
-
-
-def _resources(raw: Mapping[str, Any] | None, problems: list[str], where: str) -> Resources:
-    raw = raw or {}
-    return Resources(_int(raw, "gpus", 0, 0, 64, problems, where),
-                     _quantity(raw.get("cpu")), _quantity(raw.get("memory")))
-
-
-def _annotations(raw: Mapping[str, Any], problems: list[str], where: str) -> dict[str, str]:
-    value = raw.get("podAnnotations") or {}
-    if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
-        problems.append(f"{where}podAnnotations must map names to strings")
-        return {}
-    return dict(value)
-
-
-def _enum(value: Any, allowed: tuple[str, ...], problems: list[str], where: str) -> str:
-    if value not in allowed:
-        problems.append(f"{where} must be one of {', '.join(allowed)}; got {value!r}")
-        return allowed[0]
-    return value
+    return prometheus.render(query, namespace=namespace, model=model, revision=revision)
 
 
 def _source(raw: Mapping[str, Any], problems: list[str]) -> Source:
@@ -221,11 +188,11 @@ def _source(raw: Mapping[str, Any], problems: list[str]) -> Source:
 
 
 def _rollout(raw: Mapping[str, Any], problems: list[str]) -> Rollout:
-    strategy = _enum(raw.get("strategy", "canary"), STRATEGIES, problems, "rollout.strategy")
+    strategy = choice(raw.get("strategy", "canary"), STRATEGIES, problems, "rollout.strategy")
     steps = []
     for i, s in enumerate(raw.get("steps") or ()):
-        w = _int(s, "weight", None, 1, 100, problems, f"rollout.steps[{i}].")
-        p = _int(s, "pauseSeconds", 0, 0, 86400, problems, f"rollout.steps[{i}].")
+        w = integer(s, "weight", None, 1, 100, problems, f"rollout.steps[{i}].")
+        p = integer(s, "pauseSeconds", 0, 0, 86400, problems, f"rollout.steps[{i}].")
         if w is None:
             problems.append(f"rollout.steps[{i}].weight is required")
         else:
@@ -239,8 +206,8 @@ def _rollout(raw: Mapping[str, Any], problems: list[str]) -> Rollout:
         query = str(c.get("query") or "").strip()
         if not query:
             problems.append(f"{where}.query must be a non-empty PromQL query")
-        lo = _float(c, "min", None, None, None, problems, f"{where}.")
-        hi = _float(c, "max", None, None, None, problems, f"{where}.")
+        lo = number(c, "min", None, None, None, problems, f"{where}.")
+        hi = number(c, "max", None, None, None, problems, f"{where}.")
         if lo is None and hi is None:
             problems.append(f"{where} needs a threshold: set max and/or min")
         checks.append(Check(c.get("name") or f"query-{i}", query, hi, lo))
@@ -248,15 +215,15 @@ def _rollout(raw: Mapping[str, Any], problems: list[str]) -> Rollout:
     if len(set(names)) != len(names):
         problems.append(f"rollout.analysis names must be unique, got {names}")
     return Rollout(strategy, tuple(steps) if "steps" in raw else Rollout.steps, tuple(checks),
-                   _int(raw, "progressDeadlineSeconds", 600, 30, 86400, problems, "rollout."))
+                   integer(raw, "progressDeadlineSeconds", 600, 30, 86400, problems, "rollout."))
 
 
 def _autoscaling(raw: Mapping[str, Any] | None, problems: list[str]) -> Autoscaling | None:
     if raw is None:
         return None
     where = "autoscaling."
-    engine = _enum(raw.get("engine", "builtin"), ENGINES, problems, "autoscaling.engine")
-    metric = _enum(raw.get("metric", "rps"), METRICS, problems, "autoscaling.metric")
+    engine = choice(raw.get("engine", "builtin"), ENGINES, problems, "autoscaling.engine")
+    metric = choice(raw.get("metric", "rps"), METRICS, problems, "autoscaling.metric")
     query = raw.get("query")
     if metric == "query" and not str(query or "").strip():
         problems.append("autoscaling.query must be a non-empty PromQL query when metric is query")
@@ -265,46 +232,45 @@ def _autoscaling(raw: Mapping[str, Any] | None, problems: list[str]) -> Autoscal
     if metric == "query" and engine == "hpa":
         problems.append("autoscaling.metric query needs engine builtin or keda: an HPA reads a "
                         "named External metric, not PromQL")
-    target = _float(raw, "target", None, 0, None, problems, where, lo_open=True)
+    target = number(raw, "target", None, 0, None, problems, where, lo_open=True)
     if target is None and "target" not in raw:
         problems.append("autoscaling.target is required (per replica for rps, inflight and query; "
                         "seconds for p95latency)")
-    lo = _int(raw, "minReplicas", 1, 1, 1000, problems, where)
-    hi = _int(raw, "maxReplicas", max(lo, 10), 1, 1000, problems, where)
+    lo = integer(raw, "minReplicas", 1, 1, 1000, problems, where)
+    hi = integer(raw, "maxReplicas", max(lo, 10), 1, 1000, problems, where)
     if hi < lo:
         problems.append(f"autoscaling.maxReplicas ({hi}) must be >= minReplicas ({lo})")
-    stable = _int(raw, "stableWindowSeconds", 60, 6, 3600, problems, where)
-    panic = _int(raw, "panicWindowSeconds", max(1, stable // 10), 1, 3600, problems, where)
+    stable = integer(raw, "stableWindowSeconds", 60, 6, 3600, problems, where)
+    panic = integer(raw, "panicWindowSeconds", max(1, stable // 10), 1, 3600, problems, where)
     if panic > stable:
         problems.append(f"autoscaling.panicWindowSeconds ({panic}) must be <= stableWindowSeconds ({stable})")
     return Autoscaling(
         engine, metric, target or 1.0, query, lo, hi, stable, panic,
-        _float(raw, "panicThreshold", 2.0, 1, 100, problems, where, lo_open=True),
-        _int(raw, "scaleDownDelaySeconds", 30, 0, 3600, problems, where),
-        _float(raw, "intervalSeconds", 2.0, 0.5, 300, problems, where))
+        number(raw, "panicThreshold", 2.0, 1, 100, problems, where, lo_open=True),
+        integer(raw, "scaleDownDelaySeconds", 30, 0, 3600, problems, where),
+        number(raw, "intervalSeconds", 2.0, 0.5, 300, problems, where))
 
 
-def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str) -> ModelSpec:
-    """Parse and validate a LeptonModel spec; raises ``InvalidSpec`` listing every problem."""
+def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str,
+                default_pull_policy: str = "IfNotPresent") -> ModelSpec:
+    """Parse and validate a LeptonModel spec; raises ``InvalidSpec`` listing every problem.
+    ``default_image`` and ``default_pull_policy`` apply where the spec names none."""
     spec = spec or {}
-    problems = validate_name(name)
-    if len(name) > MODEL_NAME_MAX:
-        problems.append(f"metadata.name must be at most {MODEL_NAME_MAX} characters "
-                        f"(child names add up to 20), got {len(name)}")
+    problems = validate_name(name, MODEL_NAME_MAX, CHILD_SUFFIX_LEN)
     source = _source(spec.get("source") or {}, problems)
 
     raw_c = spec.get("compression") or {}
-    method = _enum(raw_c.get("method", "none"), METHODS, problems, "compression.method")
+    method = choice(raw_c.get("method", "none"), METHODS, problems, "compression.method")
     params = raw_c.get("params") or {}
     if not isinstance(params, Mapping):
         problems.append(f"compression.params must be an object, got {params!r}")
         params = {}
     compression = Compression(
         method, dict(params),
-        _float(raw_c, "maxAccuracyDrop", None, 0, 1, problems, "compression."),
-        _resources(raw_c.get("resources"), problems, "compression.resources."),
-        _int(raw_c, "backoffLimit", 1, 0, 10, problems, "compression."),
-        _annotations(raw_c, problems, "compression."))
+        number(raw_c, "maxAccuracyDrop", None, 0, 1, problems, "compression."),
+        resources(raw_c.get("resources"), problems, "compression.resources."),
+        integer(raw_c, "backoffLimit", 1, 0, 10, problems, "compression."),
+        string_map(raw_c, "podAnnotations", problems, "compression."))
 
     raw_s = spec.get("serving") or {}
     image = raw_s.get("image") or default_image
@@ -316,12 +282,12 @@ def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str) -
             problems.append(f"serving.env {var.get('name')} is set by the operator and cannot be overridden")
     batching = raw_s.get("batching") or {}
     serving = Serving(
-        image, raw_s.get("imagePullPolicy") or "IfNotPresent",
-        _int(raw_s, "replicas", 1, 0, 1000, problems, "serving."),
-        _resources(raw_s.get("resources"), problems, "serving.resources."),
-        _int(batching, "maxBatchSize", 32, 1, 4096, problems, "serving.batching."),
-        _int(batching, "maxBatchDelayMs", 0, 0, 10000, problems, "serving.batching."),
-        env, _annotations(raw_s, problems, "serving."))
+        image, raw_s.get("imagePullPolicy") or default_pull_policy,
+        integer(raw_s, "replicas", 1, 0, 1000, problems, "serving."),
+        resources(raw_s.get("resources"), problems, "serving.resources."),
+        integer(batching, "maxBatchSize", 32, 1, 4096, problems, "serving.batching."),
+        integer(batching, "maxBatchDelayMs", 0, 0, 10000, problems, "serving.batching."),
+        env, string_map(raw_s, "podAnnotations", problems, "serving."))
 
     rollout = _rollout(spec.get("rollout") or {}, problems)
     autoscaling = _autoscaling(spec.get("autoscaling"), problems)

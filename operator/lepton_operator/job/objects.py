@@ -12,10 +12,15 @@ A job owns:
 
 Every child carries an ownerReference to the job, so deleting the job deletes them;
 the checkpoint PVC is never owned and never deleted.
+
+``template_hash`` identifies the worker template from the parsed spec alone (the
+fields that shape a worker pod), so it is known without building a pod and an
+operator upgrade that builds pods differently never looks like a spec change.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 from typing import Any, Mapping
@@ -23,20 +28,19 @@ from typing import Any, Mapping
 from lepton_trainer import contract
 from lepton_trainer.rendezvous import WORKER_ENV, torchrun_args
 
-from ..constants import (ANNOTATION_GENERATION, ANNOTATION_SPEC_HASH, GPU_RESOURCE, GPU_TAINT_KEY,
-                         LABEL_COMPONENT, LABEL_JOB, LABEL_KUEUE_QUEUE, LABEL_MANAGED_BY, LABEL_NAME,
-                         LABEL_ROLE, LABEL_WORKER_INDEX, MANAGED_BY, ROLE_RDZV, ROLE_WORKER)
-from ..spec import JobSpec
-from . import owner_reference
+from ..constants import (ANNOTATION_GENERATION, ANNOTATION_SPEC_HASH, JOB_KIND, LABEL_JOB,
+                         LABEL_KUEUE_QUEUE, LABEL_ROLE, LABEL_WORKER_INDEX, ROLE_RDZV, ROLE_WORKER)
+from ..core.objects import (container_security, env, meta, pod_security, resources,
+                            with_gpu_toleration)
+from ..core.objects import labels as child_labels
+from .spec import JobSpec
 
 Obj = dict[str, Any]
 
 RDZV_RESOURCES = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}}
-GPU_TOLERATION = {"key": GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}
-DEFAULT_POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                        "seccompProfile": {"type": "RuntimeDefault"}}
-CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "privileged": False,
-                      "capabilities": {"drop": ["ALL"]}}
+# JobSpec fields that do not shape a worker pod (sizing, lifecycle, autoscaling).
+_NOT_TEMPLATE = ("suspend", "backoff_limit", "active_deadline_seconds", "ttl_seconds_after_finished",
+                 "autoscaling")
 
 
 def rdzv_name(job: str) -> str:
@@ -57,45 +61,41 @@ def worker_selector(job: str) -> str:
 
 
 def labels(job: str, role: str, index: int | None = None) -> dict[str, str]:
-    out = {LABEL_NAME: "lepton-job", LABEL_MANAGED_BY: MANAGED_BY, LABEL_COMPONENT: role,
-           LABEL_JOB: job, LABEL_ROLE: role}
-    if index is not None:
-        out[LABEL_WORKER_INDEX] = str(index)
-    return out
+    """Labels of a job's child with ``role`` (workers also carry their index)."""
+    return child_labels(JOB_KIND, job, role, **({LABEL_WORKER_INDEX: str(index)} if index is not None else {}))
 
 
-def _meta(owner: Mapping[str, Any], name: str, lbls: dict[str, str]) -> Obj:
-    return {"name": name, "namespace": owner["metadata"]["namespace"], "labels": lbls,
-            "ownerReferences": [owner_reference(owner)]}
+def tolerations(spec: JobSpec, gpu: bool | None = None) -> list[Obj]:
+    """The spec's tolerations, plus the GPU taint's when the pods ask for GPUs (or ``gpu``)."""
+    wants_gpu = bool(spec.resources.gpus) if gpu is None else gpu
+    if wants_gpu:
+        return with_gpu_toleration(spec.tolerations)
+    return [dict(t) for t in spec.tolerations]
 
 
-def _tolerations(spec: JobSpec) -> list[Obj]:
-    tolerations = [dict(t) for t in spec.tolerations]
-    if spec.resources.gpus and not any(t.get("key") == GPU_TAINT_KEY for t in tolerations):
-        tolerations.append(dict(GPU_TOLERATION))
-    return tolerations
+def template_hash(spec: JobSpec) -> str:
+    """Short stable hash of everything in the spec that shapes a worker pod."""
+    fields = dataclasses.asdict(spec)
+    for key in _NOT_TEMPLATE:
+        fields.pop(key)
+    fields["workers"].pop("replicas")
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _pod_spec_common(spec: JobSpec, tolerate_gpu_taint: bool = False) -> Obj:
     pod: Obj = {
-        "securityContext": {**DEFAULT_POD_SECURITY, **copy.deepcopy(dict(spec.pod_security_context))},
+        "securityContext": pod_security(spec.pod_security_context),
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
     }
-    tolerations = _tolerations(spec)
-    if tolerate_gpu_taint and not any(t.get("key") == GPU_TAINT_KEY for t in tolerations):
-        tolerations.append(dict(GPU_TOLERATION))
-    if tolerations:
-        pod["tolerations"] = tolerations
+    tols = tolerations(spec, gpu=True if tolerate_gpu_taint else None)
+    if tols:
+        pod["tolerations"] = tols
     if spec.priority_class_name:
         pod["priorityClassName"] = spec.priority_class_name
     if spec.scheduler_name:
         pod["schedulerName"] = spec.scheduler_name
     return pod
-
-
-def _env(name: str, value: Any) -> Obj:
-    return {"name": name, "value": str(value)}
 
 
 def rendezvous_objects(owner: Mapping[str, Any], spec: JobSpec, trainer_image: str) -> list[Obj]:
@@ -105,7 +105,7 @@ def rendezvous_objects(owner: Mapping[str, Any], spec: JobSpec, trainer_image: s
     port = {"name": "rdzv", "containerPort": contract.RDZV_PORT, "protocol": "TCP"}
     pod = {
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": _meta(owner, rdzv_name(job), lbls),
+        "metadata": meta(owner, rdzv_name(job), lbls),
         "spec": {
             **_pod_spec_common(spec, tolerate_gpu_taint=True),   # may share a GPU node; asks no GPU
             "restartPolicy": "Always",
@@ -118,13 +118,13 @@ def rendezvous_objects(owner: Mapping[str, Any], spec: JobSpec, trainer_image: s
                 "ports": [port],
                 "readinessProbe": {"tcpSocket": {"port": "rdzv"}, "periodSeconds": 2},
                 "resources": copy.deepcopy(RDZV_RESOURCES),
-                "securityContext": dict(CONTAINER_SECURITY),
+                "securityContext": container_security(),
             }],
         },
     }
     service = {
         "apiVersion": "v1", "kind": "Service",
-        "metadata": _meta(owner, rdzv_name(job), lbls),
+        "metadata": meta(owner, rdzv_name(job), lbls),
         "spec": {"selector": {LABEL_JOB: job, LABEL_ROLE: ROLE_RDZV},
                  "ports": [{"name": "rdzv", "port": contract.RDZV_PORT, "targetPort": "rdzv",
                             "protocol": "TCP"}]},
@@ -137,7 +137,7 @@ def workers_service(owner: Mapping[str, Any]) -> Obj:
     job = owner["metadata"]["name"]
     return {
         "apiVersion": "v1", "kind": "Service",
-        "metadata": _meta(owner, workers_service_name(job), labels(job, ROLE_WORKER)),
+        "metadata": meta(owner, workers_service_name(job), labels(job, ROLE_WORKER)),
         "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
                  "selector": {LABEL_JOB: job, LABEL_ROLE: ROLE_WORKER},
                  "ports": [{"name": "metrics", "port": contract.METRICS_PORT,
@@ -147,10 +147,10 @@ def workers_service(owner: Mapping[str, Any]) -> Obj:
 
 def worker_command(owner: Mapping[str, Any], spec: JobSpec) -> list[str]:
     """``torchrun <options> (-m module | script) args``; ``$(POD_IP)`` is expanded by the kubelet."""
-    meta = owner["metadata"]
+    m = owner["metadata"]
     w, el = spec.workers, spec.elastic
     opts = torchrun_args(
-        endpoint=f"{rdzv_name(meta['name'])}:{contract.RDZV_PORT}", run_id=meta["uid"],
+        endpoint=f"{rdzv_name(m['name'])}:{contract.RDZV_PORT}", run_id=m["uid"],
         min_nodes=w.min, max_nodes=w.max, nproc_per_node=w.nproc_per_node,
         max_restarts=el.max_restarts, local_addr="$(POD_IP)",
         join_timeout=el.join_timeout, last_call_timeout=el.last_call_timeout,
@@ -174,54 +174,45 @@ def _volumes(spec: JobSpec) -> tuple[list[Obj], list[Obj]]:
     return volumes, mounts
 
 
-def _resources(spec: JobSpec) -> Obj:
-    r = spec.resources
-    requests = {k: v for k, v in (("cpu", r.cpu), ("memory", r.memory)) if v}
-    limits = dict(requests)
-    if r.gpus:
-        limits[GPU_RESOURCE] = r.gpus
-        requests[GPU_RESOURCE] = r.gpus
-    return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
-
-
 def worker_pod(owner: Mapping[str, Any], spec: JobSpec, index: int) -> Obj:
     """Worker pod ``index``: a torchrun agent; restartPolicy Never (the operator replaces it)."""
-    meta = owner["metadata"]
-    job = meta["name"]
+    m = owner["metadata"]
+    job = m["name"]
     lbls = labels(job, ROLE_WORKER, index)
     if spec.queue_name:
         lbls[LABEL_KUEUE_QUEUE] = spec.queue_name
-    env = [
+    variables = [
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-        _env(contract.ENV_JOB_NAME, job),
-        _env(contract.ENV_JOB_NAMESPACE, meta["namespace"]),
-        _env(contract.ENV_JOB_UID, meta["uid"]),
-        _env(contract.ENV_METRICS_PORT, contract.METRICS_PORT),
-        *(_env(k, v) for k, v in WORKER_ENV.items()),
+        env(contract.ENV_JOB_NAME, job),
+        env(contract.ENV_JOB_NAMESPACE, m["namespace"]),
+        env(contract.ENV_JOB_UID, m["uid"]),
+        env(contract.ENV_METRICS_PORT, contract.METRICS_PORT),
+        *(env(k, v) for k, v in WORKER_ENV.items()),
     ]
     if spec.checkpoint:
-        env.append(_env(contract.ENV_CHECKPOINT_DIR, spec.checkpoint.path))
+        variables.append(env(contract.ENV_CHECKPOINT_DIR, spec.checkpoint.path))
     if spec.output:
-        env.append(_env(contract.ENV_OUTPUT_DIR, spec.output.path))
-    env += [copy.deepcopy(dict(v)) for v in spec.env]
+        variables.append(env(contract.ENV_OUTPUT_DIR, spec.output.path))
+    variables += [copy.deepcopy(dict(v)) for v in spec.env]
     volumes, mounts = _volumes(spec)
     container = {
         "name": "worker",
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
         "command": worker_command(owner, spec),
-        "env": env,
+        "env": variables,
         "ports": [{"name": "metrics", "containerPort": contract.METRICS_PORT, "protocol": "TCP"}],
         "volumeMounts": mounts,
-        "securityContext": dict(CONTAINER_SECURITY),
+        "securityContext": container_security(),
     }
-    resources = _resources(spec)
-    if resources:
-        container["resources"] = resources
+    res = resources(spec.resources)
+    if res:
+        container["resources"] = res
     pod_spec = {
         **_pod_spec_common(spec),
         "restartPolicy": "Never",
         "subdomain": workers_service_name(job),
+        "hostname": worker_name(job, index),
         "containers": [container],
         "volumes": volumes,
     }
@@ -229,14 +220,8 @@ def worker_pod(owner: Mapping[str, Any], spec: JobSpec, index: int) -> Obj:
         pod_spec["nodeSelector"] = dict(spec.node_selector)
     if spec.affinity:
         pod_spec["affinity"] = copy.deepcopy(dict(spec.affinity))
-    metadata = _meta(owner, worker_name(job, index), lbls)
-    metadata["annotations"] = {ANNOTATION_SPEC_HASH: template_hash(pod_spec)}
-    if meta.get("generation") is not None:
-        metadata["annotations"][ANNOTATION_GENERATION] = str(meta["generation"])
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata,
-            "spec": {**pod_spec, "hostname": worker_name(job, index)}}
-
-
-def template_hash(pod_spec: Mapping[str, Any]) -> str:
-    """Short stable hash of a worker pod spec without its per-worker host name."""
-    return hashlib.sha256(json.dumps(pod_spec, sort_keys=True).encode()).hexdigest()[:12]
+    metadata = meta(owner, worker_name(job, index), lbls)
+    metadata["annotations"] = {ANNOTATION_SPEC_HASH: template_hash(spec)}
+    if m.get("generation") is not None:
+        metadata["annotations"][ANNOTATION_GENERATION] = str(m["generation"])
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}

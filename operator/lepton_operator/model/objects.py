@@ -1,5 +1,10 @@
-"""Serving objects of a LeptonModel, as plain dicts (pure).
+"""Child objects of a LeptonModel, as plain dicts (pure).
 
+- per revision that needs it, a compression Job ``<model>-compress-<revision>`` that runs
+  ``python -m lepton_trainer.compress`` once. The source model's claim is mounted at
+  ``COMPRESSION_MOUNT``; the input is the source directory and the artifact goes to
+  ``lepton-models/<model>/<revision>`` on the same claim. The program writes its result
+  JSON to the termination-message file, where the operator reads it (``model.state``);
 - one Deployment per revision, ``<model>-<revision>``, running
   ``python -m lepton_trainer.serve`` with readiness on ``/v2/health/ready``;
 - one Service, ``<model>``, selecting the serving pods of every revision, so a canary's
@@ -15,17 +20,21 @@ an HPA), so applying them never fights the autoscaler.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from typing import Any, Mapping
 
 from lepton_trainer import contract
 
-from ..constants import LABEL_MODEL, LABEL_REVISION, LABEL_ROLE, ROLE_SERVING
-from ..model_spec import Autoscaling, ModelSpec, PvcPath, render_query
-from .compression import env, labels, meta, pod_common, resources
-from .training import CONTAINER_SECURITY
+from ..constants import LABEL_MODEL, LABEL_REVISION, LABEL_ROLE, MODEL_KIND, ROLE_COMPRESSION, ROLE_SERVING
+from ..core.fields import Resources
+from ..core.objects import GPU_TOLERATION, container_security, env, meta, pod_security, resources
+from ..core.objects import labels as child_labels
+from .spec import Autoscaling, ModelSpec, PvcPath, render_query
 
 Obj = dict[str, Any]
+COMPRESSION_MOUNT = "/models"
+COMPRESSION_RESOURCES = Resources(cpu="1", memory="2Gi")   # when the spec sets none
 MOUNT = "/model"
 PORT_NAME = "http"
 KEDA_API_VERSION = "keda.sh/v1alpha1"
@@ -34,6 +43,78 @@ HPA_METRIC_NAMES = {"rps": "lepton_serve_requests_per_second",
                     "inflight": contract.METRIC_SERVE_INFLIGHT,
                     "p95latency": "lepton_serve_p95_latency_seconds"}
 
+
+def labels(model: str, role: str, revision: str | None = None) -> dict[str, str]:
+    """Labels of a model's child with ``role`` (per-revision children carry the revision)."""
+    return child_labels(MODEL_KIND, model, role, **({LABEL_REVISION: revision} if revision else {}))
+
+
+def _pod_common() -> Obj:
+    """Security and scheduling settings shared by the compression and serving pods.
+
+    The GPU taint is tolerated even without a GPU request (like the rendezvous pod), so
+    CPU-only compression and serving can use spare CPU on GPU nodes.
+    """
+    return {"securityContext": pod_security(), "enableServiceLinks": False,
+            "automountServiceAccountToken": False, "tolerations": [dict(GPU_TOLERATION)]}
+
+
+# --- compression ------------------------------------------------------------------------
+
+def compression_job_name(model: str, revision: str) -> str:
+    return f"{model}-compress-{revision}"
+
+
+def compression_job(owner: Mapping[str, Any], spec: ModelSpec, revision: str, source: PvcPath,
+                    artifact: PvcPath) -> Obj:
+    """The batch/v1 Job that compresses ``source`` into ``artifact``."""
+    model = owner["metadata"]["name"]
+    c = spec.compression
+    lbls = labels(model, ROLE_COMPRESSION, revision)
+    variables = [
+        env(contract.ENV_MODEL_DIR, f"{COMPRESSION_MOUNT}/{source.path}".rstrip("/")),
+        env(contract.ENV_ARTIFACT_DIR, f"{COMPRESSION_MOUNT}/{artifact.path}"),
+        env(contract.ENV_MODEL_NAME, model),
+        env(contract.ENV_COMPRESSION_METHOD, c.method),
+        env(contract.ENV_COMPRESSION_PARAMS, json.dumps(dict(c.params), sort_keys=True)),
+    ]
+    if c.max_accuracy_drop is not None:
+        variables.append(env(contract.ENV_MAX_ACCURACY_DROP, c.max_accuracy_drop))
+    res = c.resources if c.resources != Resources() else COMPRESSION_RESOURCES
+    container = {
+        "name": "compress",
+        "image": spec.compression_image,
+        "imagePullPolicy": spec.serving.image_pull_policy,
+        "command": ["python", "-m", "lepton_trainer.compress"],
+        "env": variables,
+        "volumeMounts": [{"name": "models", "mountPath": COMPRESSION_MOUNT}],
+        "resources": resources(res),
+        "securityContext": container_security(),
+        "terminationMessagePath": contract.TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "File",
+    }
+    template_meta: Obj = {"labels": dict(lbls)}
+    if c.pod_annotations:
+        template_meta["annotations"] = dict(c.pod_annotations)
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": meta(owner, compression_job_name(model, revision), lbls),
+        "spec": {
+            "backoffLimit": c.backoff_limit,
+            "template": {
+                "metadata": template_meta,
+                "spec": {
+                    **_pod_common(),
+                    "restartPolicy": "Never",
+                    "containers": [container],
+                    "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": source.claim}}],
+                },
+            },
+        },
+    }
+
+
+# --- serving ----------------------------------------------------------------------------
 
 def deployment_name(model: str, revision: str) -> str:
     return f"{model}-{revision}"
@@ -100,7 +181,7 @@ def deployment(owner: Mapping[str, Any], spec: ModelSpec, revision: str, model_d
         "startupProbe": {"httpGet": {**http, "path": contract.HEALTH_LIVE_PATH},
                          "periodSeconds": 2, "failureThreshold": 60},
         "volumeMounts": [mount],
-        "securityContext": dict(CONTAINER_SECURITY),
+        "securityContext": container_security(),
     }
     res = resources(s.resources)
     if res:
@@ -114,7 +195,7 @@ def deployment(owner: Mapping[str, Any], spec: ModelSpec, revision: str, model_d
         "template": {
             "metadata": {"labels": dict(lbls), "annotations": annotations},
             "spec": {
-                **pod_common(s.resources),
+                **_pod_common(),
                 "terminationGracePeriodSeconds": 30,
                 "containers": [container],
                 "volumes": [{"name": "model", "persistentVolumeClaim": {
@@ -131,7 +212,7 @@ def deployment(owner: Mapping[str, Any], spec: ModelSpec, revision: str, model_d
 def service(owner: Mapping[str, Any]) -> Obj:
     """ClusterIP Service over the serving pods of every revision."""
     model = owner["metadata"]["name"]
-    lbls = {k: v for k, v in labels(model, ROLE_SERVING, "").items() if k != LABEL_REVISION}
+    lbls = labels(model, ROLE_SERVING)
     return {"apiVersion": "v1", "kind": "Service", "metadata": meta(owner, service_name(model), lbls),
             "spec": {"selector": service_selector(model),
                      "ports": [{"name": PORT_NAME, "port": contract.SERVE_PORT, "targetPort": PORT_NAME,
@@ -157,7 +238,7 @@ def http_route(owner: Mapping[str, Any], backends: list[tuple[str, int]]) -> Obj
     """An HTTPRoute attached to the model's Service (Gateway API mesh/GAMMA style) that
     sends ``weight`` of the traffic to each (revision, weight) backend."""
     model = owner["metadata"]["name"]
-    lbls = {k: v for k, v in labels(model, ROLE_SERVING, "").items() if k != LABEL_REVISION}
+    lbls = labels(model, ROLE_SERVING)
     return {"apiVersion": GATEWAY_API_VERSION, "kind": "HTTPRoute", "metadata": meta(owner, model, lbls),
             "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": service_name(model),
                                      "port": contract.SERVE_PORT}],
@@ -203,7 +284,7 @@ def hpa(owner: Mapping[str, Any], a: Autoscaling, target_deployment: str) -> Obj
     model, ns = m["name"], m["namespace"]
     kind, value = _target(a)
     target = {"type": kind, "averageValue" if kind == "AverageValue" else "value": value}
-    lbls = {k: v for k, v in labels(model, ROLE_SERVING, "").items() if k != LABEL_REVISION}
+    lbls = labels(model, ROLE_SERVING)
     return {
         "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
         "metadata": meta(owner, model, lbls),
@@ -226,7 +307,7 @@ def scaled_object(owner: Mapping[str, Any], a: Autoscaling, target_deployment: s
     m = owner["metadata"]
     model, ns = m["name"], m["namespace"]
     kind, _ = _target(a)
-    lbls = {k: v for k, v in labels(model, ROLE_SERVING, "").items() if k != LABEL_REVISION}
+    lbls = labels(model, ROLE_SERVING)
     return {
         "apiVersion": KEDA_API_VERSION, "kind": "ScaledObject",
         "metadata": meta(owner, model, lbls),

@@ -1,0 +1,88 @@
+"""Pieces every child object shares (pure: specs in, plain dicts out, no API client).
+
+Owner references, object metadata and labels, the pod security defaults, resource
+requests, GPU tolerations and env entries. ``job.objects`` and ``model.objects`` build
+their children from these.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Mapping
+
+from ..constants import (GPU_RESOURCE, GPU_TAINT_KEY, JOB_KIND, LABEL_COMPONENT, LABEL_JOB,
+                         LABEL_MANAGED_BY, LABEL_MODEL, LABEL_NAME, MANAGED_BY, MODEL_KIND, LABEL_ROLE)
+from .fields import Resources
+
+Obj = dict[str, Any]
+
+GPU_TOLERATION = {"key": GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}
+DEFAULT_POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                        "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "privileged": False,
+                      "capabilities": {"drop": ["ALL"]}}
+
+# Per owner kind: the app name label and the label that carries the owner's name.
+_APP = {JOB_KIND: ("lepton-job", LABEL_JOB), MODEL_KIND: ("lepton-model", LABEL_MODEL)}
+
+
+def owner_reference(owner: Mapping[str, Any], controller: bool = True) -> Obj:
+    """An ownerReference to ``owner`` (a resource body), so deleting the owner deletes the child."""
+    meta = owner["metadata"]
+    return {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": meta["name"],
+            "uid": meta["uid"], "controller": controller, "blockOwnerDeletion": True}
+
+
+def labels(owner_kind: str, owner_name: str, role: str, **extra: str) -> dict[str, str]:
+    """The labels of a child of a LeptonJob or LeptonModel with ``role``; ``extra`` maps
+    further label keys to values (worker index, revision)."""
+    app, owner_label = _APP[owner_kind]
+    return {LABEL_NAME: app, LABEL_MANAGED_BY: MANAGED_BY, LABEL_COMPONENT: role,
+            owner_label: owner_name, LABEL_ROLE: role, **extra}
+
+
+def meta(owner: Mapping[str, Any], name: str, lbls: Mapping[str, str]) -> Obj:
+    """Metadata of a child named ``name`` in the owner's namespace, owned by it."""
+    return {"name": name, "namespace": owner["metadata"]["namespace"], "labels": dict(lbls),
+            "ownerReferences": [owner_reference(owner)]}
+
+
+def env(name: str, value: Any) -> Obj:
+    """A plain ``{name, value}`` env entry (values are strings)."""
+    return {"name": name, "value": str(value)}
+
+
+def resources(r: Resources) -> Obj:
+    """requests == limits for cpu/memory; GPUs as nvidia.com/gpu."""
+    requests = {k: v for k, v in (("cpu", r.cpu), ("memory", r.memory)) if v}
+    limits = dict(requests)
+    if r.gpus:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = r.gpus
+    return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+
+
+def gpus_requested(pod_spec: Mapping[str, Any]) -> int:
+    """GPUs a pod spec asks for (limits, else requests, summed over containers)."""
+    total = 0
+    for c in pod_spec.get("containers") or ():
+        res = c.get("resources") or {}
+        value = (res.get("limits") or {}).get(GPU_RESOURCE) or (res.get("requests") or {}).get(GPU_RESOURCE)
+        total += int(value or 0)
+    return total
+
+
+def with_gpu_toleration(tolerations: Iterable[Mapping[str, Any]]) -> list[Obj]:
+    """``tolerations`` plus the GPU taint's, unless one for that key is already there."""
+    out = [dict(t) for t in tolerations]
+    if not any(t.get("key") == GPU_TAINT_KEY for t in out):
+        out.append(dict(GPU_TOLERATION))
+    return out
+
+
+def pod_security(override: Mapping[str, Any] | None = None) -> Obj:
+    """The pod securityContext: the defaults with the spec's fields on top."""
+    return {**copy.deepcopy(DEFAULT_POD_SECURITY), **copy.deepcopy(dict(override or {}))}
+
+
+def container_security() -> Obj:
+    """The container securityContext: no privilege escalation, every capability dropped."""
+    return copy.deepcopy(CONTAINER_SECURITY)

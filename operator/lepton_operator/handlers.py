@@ -1,0 +1,18 @@
+"""Importing this module registers every kopf handler, plus the operator-wide kopf settings."""
+import logging
+
+import kopf
+
+from .constants import GROUP
+from .job import handlers as _job_handlers  # noqa: F401  (registers the LeptonJob handlers)
+from .model import handlers as _model_handlers  # noqa: F401  (registers the LeptonModel handlers)
+
+
+@kopf.on.startup()
+def _kopf_settings(settings: kopf.OperatorSettings, **_) -> None:
+    """Events are posted by the operator itself (core.status.emit), not for every log line."""
+    settings.posting.enabled = False
+    settings.posting.level = logging.WARNING
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.watching.server_timeout = 600
+    settings.watching.client_timeout = 660

@@ -1,0 +1,1 @@
+"""LeptonJob: spec, state machine, child objects, handlers and the goodput autoscaler."""

@@ -1,0 +1,294 @@
+"""LeptonJob handlers: kopf indices feed one reconcile loop per job.
+
+Each LeptonJob gets a kopf daemon that reconciles whenever the job, one of its pods or
+the GPU capacity changes (watch events wake it), and at the latest after the resync
+period, the next deadline or TTL, or the next autoscaler tick. A reconcile reads as its
+steps: parse, observe the workers, measure capacity, plan (``job.state``), make the
+counted restarts durable, apply, autoscale (``job.autoscale``), report. Reads come
+from kopf indices, fed by the watch streams kopf already holds, so a reconcile that
+changes nothing makes no API request; writes go through ``core.kube``. The loop is the
+only writer of the job's status.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as _dt
+import logging
+import time
+from typing import Any, Iterable
+
+import kopf
+
+from .. import config, metrics
+from ..constants import (API_VERSION, GROUP, JOB_KIND, JOB_PLURAL, LABEL_JOB, LABEL_ROLE, PHASE_PENDING,
+                         ROLE_RDZV, ROLE_WORKER, TERMINAL_PHASES, VERSION)
+from ..core import kube
+from ..core import status as st
+from ..core.fields import InvalidSpec
+from ..core.loop import Memory, ReconcileLoops
+from ..core.objects import gpus_requested
+from . import autoscale, objects, state
+from .spec import JobSpec, parse_job
+
+PENDING_CREATE_TTL = 30.0     # seconds a created pod may take to show up in the index
+
+
+@dataclasses.dataclass
+class JobMemory(Memory):
+    """What one job's loop remembers between reconciles (the status it wrote is the truth)."""
+    handled: set[str] = dataclasses.field(default_factory=set)          # failed pod uids counted
+    known_active: dict[str, str] = dataclasses.field(default_factory=dict)  # uid -> name
+    deleted: set[str] = dataclasses.field(default_factory=set)          # pod uids we deleted
+    created: dict[str, tuple[int, float]] = dataclasses.field(default_factory=dict)  # name -> (index, monotonic)
+    children: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)  # created, unseen
+    claims_seen: set[tuple[int, str]] = dataclasses.field(default_factory=set)
+    autoscaler: autoscale.AutoscalerMemory = dataclasses.field(default_factory=autoscale.AutoscalerMemory)
+
+
+_loops = ReconcileLoops(JOB_KIND, lambda status: JobMemory(status=status, phases=metrics.JOBS_BY_PHASE),
+                        coalesce_seconds=0.2)
+_reserved_gpus: dict[tuple[str, str], tuple[int, float]] = {}  # pods created, not yet seen: (gpus, when)
+_node_views: dict[str, state.NodeView] = {}
+
+
+def _wake(namespace: str | None, name: str | None) -> None:
+    if name:
+        _loops.wake(namespace, name)
+
+
+# --- indices (kopf keeps them current from its watch streams) ------------------------
+
+@kopf.index("pods", labels={LABEL_JOB: kopf.PRESENT, LABEL_ROLE: ROLE_WORKER})
+def lepton_job_workers(namespace: str, labels: dict, body: kopf.Body, **_: Any):
+    """(namespace, job) -> PodView of each worker pod."""
+    return {(namespace, labels[LABEL_JOB]): state.pod_view(body)}
+
+
+@kopf.index("pods", labels={LABEL_JOB: kopf.PRESENT, LABEL_ROLE: ROLE_RDZV})
+def lepton_job_rdzv_pods(namespace: str, labels: dict, name: str, **_: Any):
+    """(namespace, job) -> rendezvous pod name."""
+    return {(namespace, labels[LABEL_JOB]): name}
+
+
+@kopf.index("services", labels={LABEL_JOB: kopf.PRESENT})
+def lepton_job_services(namespace: str, labels: dict, name: str, **_: Any):
+    """(namespace, job) -> Service names."""
+    return {(namespace, labels[LABEL_JOB]): name}
+
+
+@kopf.index("pods")
+def lepton_gpu_usage(spec: dict, status: dict, **_: Any):
+    """node name (None: not bound yet) -> GPUs requested by each non-terminal pod."""
+    gpus = gpus_requested(spec)
+    if not gpus or (status or {}).get("phase") in ("Succeeded", "Failed"):
+        return None
+    return {spec.get("nodeName"): gpus}
+
+
+@kopf.index("nodes")
+def lepton_gpu_nodes(body: kopf.Body, name: str, **_: Any):
+    """node name -> NodeView (GPU nodes only)."""
+    view = state.node_view(body)
+    return {name: view} if view.gpus else None
+
+
+# --- wake-ups ------------------------------------------------------------------------
+
+@kopf.on.event("pods", labels={LABEL_JOB: kopf.PRESENT})
+def _pod_changed(namespace: str, labels: dict, name: str, type: str, **_: Any) -> None:
+    _reserved_gpus.pop((namespace, name), None)
+    _wake(namespace, labels.get(LABEL_JOB))
+    if type == "DELETED" or labels.get(LABEL_ROLE) == ROLE_WORKER:
+        _wake_waiting_for_capacity()
+
+
+@kopf.on.event("nodes")
+def _node_changed(body: kopf.Body, name: str, type: str, **_: Any) -> None:
+    view = None if type == "DELETED" else state.node_view(body)
+    if _node_views.get(name) != view:          # ignore heartbeats; react to capacity changes
+        _node_views[name] = view
+        _wake_waiting_for_capacity()
+
+
+@kopf.on.event(GROUP, VERSION, JOB_PLURAL)
+def _job_changed(namespace: str, name: str, **_: Any) -> None:
+    _wake(namespace, name)
+
+
+def _wake_waiting_for_capacity() -> None:
+    _loops.wake_all()
+
+
+# --- the per-job loop -----------------------------------------------------------------
+
+@kopf.daemon(GROUP, VERSION, JOB_PLURAL, cancellation_timeout=5.0)
+async def lepton_job(body: kopf.Body, uid: str, stopped: kopf.DaemonStopped,
+                     logger: logging.Logger, **kwargs: Any) -> None:
+    """Reconcile one LeptonJob until it is deleted."""
+    await _loops.run(body, uid, stopped, logger, lambda memory: _reconcile(body, memory, kwargs, logger))
+
+
+def _owner(body: kopf.Body) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {"apiVersion": API_VERSION, "kind": JOB_KIND,
+            "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
+                         "generation": meta.get("generation")}}
+
+
+@dataclasses.dataclass
+class _Observed:
+    """The job's workers as the plan should see them."""
+    pods: dict[str, state.PodView]      # by name, from the index
+    views: list[state.PodView]          # corrected for deletes and creates not yet seen
+    vanished: int
+
+
+async def _cluster_problems(spec: JobSpec, namespace: str, generation: int, memory: JobMemory,
+                            nodes: Iterable[state.NodeView]) -> list[str]:
+    """Spec problems only the cluster can reveal: missing PVCs, GPUs no node can ever give."""
+    problems = []
+    for claim in spec.claim_names:
+        if (generation, claim) in memory.claims_seen:
+            continue
+        if await kube.aio(kube.get, "v1", "PersistentVolumeClaim", claim, namespace) is None:
+            problems.append(f"PersistentVolumeClaim {claim!r} does not exist in namespace {namespace!r}")
+        else:
+            memory.claims_seen.add((generation, claim))
+    if spec.resources.gpus:
+        _, largest = state.worker_slots(nodes, {}, spec.resources.gpus, spec.node_selector,
+                                        objects.tolerations(spec))
+        if largest < spec.resources.gpus:
+            problems.append(f"resources.gpus={spec.resources.gpus} per worker, but the largest node "
+                            f"that matches nodeSelector/tolerations has {largest} GPUs: no node can "
+                            "ever run a worker")
+    return problems
+
+
+def _observe(spec: JobSpec, memory: JobMemory, pods: Iterable[state.PodView]) -> _Observed:
+    """Workers from the index, corrected for what it has not caught up with yet: pods the
+    operator deleted look deleting, pods it created look Pending. Active workers that are
+    gone or going without the operator deleting them (drain, eviction through the API,
+    kubectl delete) were disrupted."""
+    now = time.monotonic()
+    by_name = {p.name: p for p in pods}
+    current_uids = {p.uid for p in by_name.values()}
+    memory.deleted &= current_uids
+    memory.created = {n: (i, t) for n, (i, t) in memory.created.items()
+                      if n not in by_name and now - t < PENDING_CREATE_TTL}
+    views = [dataclasses.replace(p, deleting=True) if p.uid in memory.deleted else p for p in by_name.values()]
+    views += [state.PodView(name=n, uid="", index=i, phase="Pending", gpus=spec.resources.gpus)
+              for n, (i, _) in memory.created.items()]
+    by_uid = {p.uid: p for p in by_name.values()}
+    vanished = sum(1 for uid in memory.known_active
+                   if uid not in by_uid or (by_uid[uid].deleting and uid not in memory.deleted))
+    memory.handled &= current_uids
+    return _Observed(by_name, views, vanished)
+
+
+def _free_slots(spec: JobSpec, indices: dict[str, Any], nodes: list[state.NodeView]) -> int:
+    """Workers of this spec that fit on the GPUs free now (pods created but not yet seen
+    hold their GPUs for a while, so two jobs never count the same GPUs)."""
+    now = time.monotonic()
+    usage = indices["lepton_gpu_usage"]
+    used = {node: sum(store) for node, store in usage.items() if node}
+    unscheduled = sum(usage.get(None, [])) + sum(g for g, t in _reserved_gpus.values()
+                                                 if now - t < PENDING_CREATE_TTL)
+    slots, _ = state.worker_slots(nodes, used, spec.resources.gpus, spec.node_selector,
+                                  objects.tolerations(spec), unscheduled)
+    return slots
+
+
+def _writes(owner: dict[str, Any], spec: JobSpec, plan: state.Plan, observed: _Observed, memory: JobMemory,
+            indices: dict[str, Any], key: tuple[str, str], trainer_image: str) -> tuple[list, list[str]]:
+    """(objects to create, worker pod names to delete) for a plan, recorded in memory."""
+    namespace, name = key
+    to_delete = [n for n in plan.delete if n in observed.pods or n in memory.created]
+    for pod_name in to_delete:
+        if pod_name in observed.pods:
+            memory.deleted.add(observed.pods[pod_name].uid)
+        memory.created.pop(pod_name, None)
+    creates = []
+    if plan.status.get("phase") not in TERMINAL_PHASES:
+        creates += _missing_shared_children(owner, spec, trainer_image, indices, key, memory)
+    elif plan.delete_rendezvous and indices["lepton_job_rdzv_pods"].get(key):
+        to_delete.append(objects.rdzv_name(name))
+    for index in plan.create:
+        pod = objects.worker_pod(owner, spec, index)
+        pod_name = pod["metadata"]["name"]
+        memory.created[pod_name] = (index, time.monotonic())
+        if spec.resources.gpus:
+            _reserved_gpus[(namespace, pod_name)] = (spec.resources.gpus, time.monotonic())
+        creates.append(pod)
+    return creates, to_delete
+
+
+async def _reconcile(body: kopf.Body, memory: JobMemory, indices: dict[str, Any],
+                     logger: logging.Logger) -> float | None:
+    settings = config.get()
+    meta = body["metadata"]
+    namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
+    key = (namespace, name)
+    nodes = [v for store in indices["lepton_gpu_nodes"].values() for v in store]
+
+    # Parse: a spec no retry will fix is reported once and waits for the next change.
+    try:
+        spec = parse_job(name, body.get("spec"), settings.trainer_image, settings.image_pull_policy)
+        if memory.status.get("phase") not in TERMINAL_PHASES:
+            problems = await _cluster_problems(spec, namespace, generation, memory, nodes)
+            if problems:
+                raise InvalidSpec(problems)
+    except InvalidSpec as exc:
+        await st.report_invalid(body, memory, exc.problems, PHASE_PENDING, logger)
+        return None
+    memory.invalid_message = None
+
+    # Observe, measure, plan.
+    observed = _observe(spec, memory, indices["lepton_job_workers"].get(key, []))
+    slots = _free_slots(spec, indices, nodes)
+    plan = state.plan_job(meta, spec, memory.status, observed.views, slots,
+                          _dt.datetime.now(_dt.timezone.utc), memory.handled, observed.vanished,
+                          objects.worker_selector(name), objects.template_hash(spec))
+
+    # Restart counts are made durable before the pods they count are deleted.
+    if plan.counted_uids or observed.vanished or plan.delete_job:
+        await st.write(body, memory, plan.status)
+    memory.handled |= plan.counted_uids
+    if plan.delete_job:
+        await st.emit(body, memory, plan.events, logger)
+        await kube.aio(kube.delete, API_VERSION, JOB_KIND, name, namespace)
+        return None
+
+    # Apply: independent writes go out together (the API client is thread-safe).
+    owner = _owner(body)
+    creates, to_delete = _writes(owner, spec, plan, observed, memory, indices, key, settings.trainer_image)
+    await asyncio.gather(*(kube.aio(kube.create, obj) for obj in creates),
+                         *(kube.aio(kube.delete, "v1", "Pod", n, namespace) for n in to_delete))
+
+    # Autoscale, then report.
+    tick = await autoscale.tick(body, spec, memory, memory.autoscaler, plan.status, slots, logger)
+    await st.write(body, memory, plan.status)
+    await st.emit(body, memory, plan.events, logger)
+    memory.known_active = {p.uid: p.name for p in observed.pods.values()
+                           if p.active and p.uid not in memory.deleted}
+    delays = [d for d in (plan.requeue_after, tick) if d is not None]
+    return min(delays) if delays else None
+
+
+def _missing_shared_children(owner: dict[str, Any], spec: JobSpec, trainer_image: str,
+                             indices: dict[str, Any], key: tuple[str, str],
+                             memory: JobMemory) -> list[dict[str, Any]]:
+    """The rendezvous pod and Services that the indices do not show (and were not just created)."""
+    now = time.monotonic()
+    seen = {("Service", n) for n in indices["lepton_job_services"].get(key, [])}
+    seen |= {("Pod", n) for n in indices["lepton_job_rdzv_pods"].get(key, [])}
+    rdzv_pod, rdzv_service = objects.rendezvous_objects(owner, spec, trainer_image)
+    missing = []
+    for obj in (rdzv_service, objects.workers_service(owner), rdzv_pod):
+        ident = (obj["kind"], obj["metadata"]["name"])
+        if ident in seen:
+            memory.children.pop(ident, None)
+        elif now - memory.children.get(ident, -PENDING_CREATE_TTL) >= PENDING_CREATE_TTL:
+            memory.children[ident] = now
+            missing.append(obj)
+    return missing

@@ -1,0 +1,432 @@
+"""The LeptonJob state machine (pure): observed pods and capacity in, a plan out.
+
+``plan_job`` decides which worker pods to create and delete, whether to delete the job
+(TTL), the new ``.status`` and the events to record. It never touches the API server;
+``job.handlers`` gathers the inputs from kopf indices and applies the plan.
+
+It reads as a list of named steps, in the manner of Argo Rollouts' ``rolloutCanary``:
+a finished job stays finished; suspend; resume; count failures (and fail past
+``backoffLimit``); the deadline; completion; replace workers of a stale template; size
+the group; summarise. A step that settles the job returns an ``Outcome`` and ends the
+plan; the others only add to it.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as _dt
+from typing import Any, Callable, Iterable, Mapping
+
+from ..constants import (ANNOTATION_GENERATION, ANNOTATION_SPEC_HASH, COND_READY, EVENT_NORMAL,
+                         EVENT_WARNING, GPU_RESOURCE, LABEL_WORKER_INDEX, PHASE_FAILED, PHASE_PENDING,
+                         PHASE_RESTARTING, PHASE_RUNNING, PHASE_SCALING, PHASE_SUCCEEDED,
+                         PHASE_SUSPENDED, REASON_BACKOFF_LIMIT, REASON_CREATING, REASON_DEADLINE,
+                         REASON_RESTARTING, REASON_RESUMED, REASON_RUNNING, REASON_SCALING,
+                         REASON_SUCCEEDED, REASON_SUSPENDED, REASON_TEMPLATE_CHANGED,
+                         REASON_TTL_EXPIRED, REASON_WAITING_FOR_CAPACITY, REASON_WORKER_DISRUPTED,
+                         REASON_WORKER_FAILED, TERMINAL_PHASES)
+from ..core import status as st
+from ..core.objects import gpus_requested
+from ..core.status import Outcome
+from .spec import JobSpec
+
+# Pod-level reasons that mean the pod was taken away, not that the workload failed.
+DISRUPTION_REASONS = frozenset({"Evicted", "Preempting", "Preempted", "NodeLost", "Shutdown",
+                                "NodeShutdown", "Terminated", "UnexpectedAdmissionError",
+                                "NodeAffinity", "OutOfcpu", "OutOfmemory", "OutOfpods"})
+SIGTERM_EXIT, SIGKILL_EXIT = 143, 137
+ACTIVE_PHASES = frozenset({"Pending", "Running", "Unknown"})
+
+
+@dataclasses.dataclass(frozen=True)
+class PodView:
+    """What the state machine needs to know about one worker pod."""
+    name: str
+    uid: str
+    index: int
+    phase: str
+    node: str | None = None
+    ready: bool = False
+    deleting: bool = False
+    gpus: int = 0
+    retryable: bool = False       # meaningful when phase == "Failed"
+    message: str = ""
+    template: str = ""            # the spec hash the pod was built from ("" when unknown)
+    generation: int = 0           # the job generation it was built at (0 when unknown)
+
+    @property
+    def active(self) -> bool:
+        return self.phase in ACTIVE_PHASES and not self.deleting
+
+
+def classify_failure(pod_status: Mapping[str, Any]) -> tuple[bool, str]:
+    """(retryable, message) for a Failed pod.
+
+    Retryable (not counted against backoffLimit): evictions, preemptions, node loss or
+    shutdown (pod reason or a ``DisruptionTarget`` condition), and a container killed by
+    SIGTERM/SIGKILL from outside (exit 143/137) that was not an OOM kill.
+    Everything else, an OOM kill included, is the workload's failure and is counted.
+    """
+    reason = pod_status.get("reason") or ""
+    conditions = pod_status.get("conditions") or ()
+    disruption = next((c for c in conditions
+                       if c.get("type") == "DisruptionTarget" and c.get("status") == "True"), None)
+    if reason in DISRUPTION_REASONS or disruption:
+        why = reason or (disruption or {}).get("reason", "DisruptionTarget")
+        return True, f"disrupted ({why}): {pod_status.get('message') or (disruption or {}).get('message', '')}".strip()
+    for cs in pod_status.get("containerStatuses") or ():
+        term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+        if not term:
+            continue
+        code, why = term.get("exitCode"), term.get("reason") or ""
+        if why == "OOMKilled":
+            return False, f"container {cs.get('name')} was OOMKilled (exit {code})"
+        if code in (SIGTERM_EXIT, SIGKILL_EXIT):
+            return True, f"container {cs.get('name')} was terminated by a signal (exit {code})"
+        if code:
+            msg = (term.get("message") or "").strip()
+            return False, f"container {cs.get('name')} exited with code {code} ({why}){': ' + msg if msg else ''}"
+    return False, f"pod failed: {reason or 'unknown reason'} {pod_status.get('message') or ''}".strip()
+
+
+def pod_view(pod: Mapping[str, Any]) -> PodView:
+    """Summarise a worker pod body (used by the kopf index, so memory stays small)."""
+    meta, spec, status = pod.get("metadata", {}), pod.get("spec", {}), pod.get("status", {}) or {}
+    phase = status.get("phase") or "Pending"
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                for c in status.get("conditions") or ())
+    retryable, message = classify_failure(status) if phase == "Failed" else (False, "")
+    annotations = meta.get("annotations") or {}
+    return PodView(name=meta.get("name", ""), uid=meta.get("uid", ""),
+                   index=int((meta.get("labels") or {}).get(LABEL_WORKER_INDEX, -1)),
+                   phase=phase, node=spec.get("nodeName"), ready=ready,
+                   deleting=bool(meta.get("deletionTimestamp")), gpus=gpus_requested(spec),
+                   retryable=retryable, message=message,
+                   template=annotations.get(ANNOTATION_SPEC_HASH, ""),
+                   generation=int(annotations.get(ANNOTATION_GENERATION, 0) or 0))
+
+
+# --- capacity ------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class NodeView:
+    name: str
+    gpus: int
+    labels: Mapping[str, str]
+    taints: tuple[Mapping[str, Any], ...] = ()
+    unschedulable: bool = False
+
+
+def node_view(node: Mapping[str, Any]) -> NodeView:
+    meta, spec, status = node.get("metadata", {}), node.get("spec", {}) or {}, node.get("status", {}) or {}
+    return NodeView(name=meta.get("name", ""),
+                    gpus=int((status.get("allocatable") or {}).get(GPU_RESOURCE, 0) or 0),
+                    labels=dict(meta.get("labels") or {}), taints=tuple(spec.get("taints") or ()),
+                    unschedulable=bool(spec.get("unschedulable")))
+
+
+def _tolerates(tolerations: Iterable[Mapping[str, Any]], taint: Mapping[str, Any]) -> bool:
+    for t in tolerations:
+        if t.get("effect") and t.get("effect") != taint.get("effect"):
+            continue
+        if t.get("operator") == "Exists" and (not t.get("key") or t.get("key") == taint.get("key")):
+            return True
+        if t.get("key") == taint.get("key") and t.get("value", "") == taint.get("value", ""):
+            return True
+    return False
+
+
+def node_fits(node: NodeView, node_selector: Mapping[str, str],
+              tolerations: Iterable[Mapping[str, Any]]) -> bool:
+    """Node selector and NoSchedule/NoExecute taints allow a worker on this node."""
+    tolerations = list(tolerations)
+    return (not node.unschedulable
+            and all(node.labels.get(k) == v for k, v in node_selector.items())
+            and all(_tolerates(tolerations, t) for t in node.taints
+                    if t.get("effect") in ("NoSchedule", "NoExecute")))
+
+
+def worker_slots(nodes: Iterable[NodeView], used: Mapping[str, int], gpus_per_worker: int,
+                 node_selector: Mapping[str, str], tolerations: Iterable[Mapping[str, Any]],
+                 unscheduled_gpus: int = 0) -> tuple[int, int]:
+    """(workers that fit now, largest GPU count on any fitting node).
+
+    Free GPUs per node are allocatable minus the requests of pods bound to it; GPUs
+    requested by pods not yet bound (``unscheduled_gpus``) are taken off the total,
+    so two jobs do not both count the same free GPUs.
+    """
+    tolerations = list(tolerations)
+    fitting = [n for n in nodes if node_fits(n, node_selector, tolerations)]
+    largest = max((n.gpus for n in fitting), default=0)
+    if gpus_per_worker <= 0:
+        return 10 ** 6, largest
+    slots, pending = 0, unscheduled_gpus
+    for n in sorted(fitting, key=lambda n: n.name):
+        free = max(n.gpus - used.get(n.name, 0), 0)
+        take = min(free, pending)        # pods not yet bound will land somewhere: reserve
+        free, pending = free - take, pending - take
+        slots += free // gpus_per_worker
+    return slots, largest
+
+
+# --- the plan ------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Plan:
+    status: dict[str, Any]
+    create: list[int] = dataclasses.field(default_factory=list)     # worker indices
+    delete: list[str] = dataclasses.field(default_factory=list)     # worker pod names
+    delete_rendezvous: bool = False
+    delete_job: bool = False
+    counted_uids: set[str] = dataclasses.field(default_factory=set)  # failures handled now
+    events: list[st.Event] = dataclasses.field(default_factory=list)
+    requeue_after: float | None = None
+    outcome: Outcome | None = None
+
+
+@dataclasses.dataclass
+class _Job:
+    """The inputs of one plan, and what the steps have decided so far."""
+    spec: JobSpec
+    plan: Plan
+    pods: list[PodView]                 # every worker pod, by index
+    active: list[PodView]               # workers that run or will run (stale ones leave it)
+    free_slots: int
+    now: _dt.datetime
+    handled: set[str]
+    vanished: int
+    template: str
+    generation: int | None
+    prev_phase: str | None
+    failed_now: list[PodView] = dataclasses.field(default_factory=list)
+    stale: list[PodView] = dataclasses.field(default_factory=list)
+    capacity_short: bool = False
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return self.plan.status
+
+    @property
+    def restarts(self) -> dict[str, int]:
+        return self.plan.status["restarts"]
+
+
+def _seconds_left(start: str | None, limit: int | None, now: _dt.datetime) -> float | None:
+    t0 = st.parse_time(start)
+    if t0 is None or limit is None:
+        return None
+    return limit - (now - t0).total_seconds()
+
+
+def _terminal(job: _Job, phase: str, reason: str, message: str) -> Outcome:
+    """Finish the job: delete its workers and store, start the TTL clock."""
+    job.plan.delete = [p.name for p in job.active]
+    job.plan.delete_rendezvous = True
+    job.status["completionTime"] = st.now_iso(job.now)
+    if job.spec.ttl_seconds_after_finished is not None:
+        job.plan.requeue_after = float(job.spec.ttl_seconds_after_finished)
+    ok = phase == PHASE_SUCCEEDED
+    if ok and job.spec.output:
+        job.status["outputURI"] = job.spec.output.uri
+    return Outcome(phase, reason, message, ready=ok, stalled=not ok)
+
+
+# --- the steps, in order -------------------------------------------------------------
+
+def stay_terminal(job: _Job) -> Outcome | None:
+    """A finished job stays finished: clean up what is left, then wait for its TTL."""
+    if job.prev_phase not in TERMINAL_PHASES:
+        return None
+    plan = job.plan
+    plan.delete = [p.name for p in job.active]
+    plan.delete_rendezvous = True
+    left = _seconds_left(job.status.get("completionTime"), job.spec.ttl_seconds_after_finished, job.now)
+    if left is not None and left <= 0:
+        plan.delete_job = True
+        plan.events.append((EVENT_NORMAL, REASON_TTL_EXPIRED,
+                            f"deleting the job {job.spec.ttl_seconds_after_finished}s after it finished"))
+    plan.requeue_after = left if left is not None and left > 0 else None
+    cond = st.get_condition(job.status.get("conditions"), COND_READY) or {}
+    return Outcome(job.prev_phase, cond.get("reason", job.prev_phase), cond.get("message", ""),
+                   ready=job.prev_phase == PHASE_SUCCEEDED, stalled=job.prev_phase == PHASE_FAILED)
+
+
+def suspend(job: _Job) -> Outcome | None:
+    """``suspend: true`` deletes the workers and keeps the store, checkpoints and status."""
+    if not job.spec.suspend:
+        return None
+    job.plan.delete = [p.name for p in job.pods if not p.deleting]
+    job.status.pop("startTime", None)    # the deadline counts from the last resume
+    return Outcome(PHASE_SUSPENDED, REASON_SUSPENDED, "suspended: workers deleted, checkpoints kept",
+                   settled=True)
+
+
+def resume(job: _Job) -> None:
+    """Leaving suspension is an event; the deadline clock starts now."""
+    if job.prev_phase == PHASE_SUSPENDED:
+        job.plan.events.append((EVENT_NORMAL, REASON_RESUMED, "resumed: recreating workers"))
+    job.status.setdefault("startTime", st.now_iso(job.now))
+
+
+def count_failures(job: _Job) -> Outcome | None:
+    """Classify each failed pod once (counted or not), replace it, and fail the job past
+    ``backoffLimit``. Workers that vanished without the operator deleting them count as
+    uncounted restarts."""
+    plan, restarts = job.plan, job.restarts
+    job.failed_now = [p for p in job.pods if p.phase == "Failed" and not p.deleting and p.uid not in job.handled]
+    for p in job.failed_now:
+        restarts["uncounted" if p.retryable else "counted"] += 1
+        plan.counted_uids.add(p.uid)
+        plan.events.append((EVENT_NORMAL if p.retryable else EVENT_WARNING,
+                            REASON_WORKER_DISRUPTED if p.retryable else REASON_WORKER_FAILED,
+                            f"worker {p.name}: {p.message}"))
+    if job.vanished:
+        restarts["uncounted"] += job.vanished
+        plan.events.append((EVENT_NORMAL, REASON_WORKER_DISRUPTED,
+                            f"{job.vanished} worker pod(s) disappeared; replacing them"))
+    plan.delete = [p.name for p in job.pods if p.phase == "Failed" and not p.deleting]
+    if restarts["counted"] > job.spec.backoff_limit:
+        last = f"; last: {job.failed_now[-1].message}" if job.failed_now else ""
+        return _terminal(job, PHASE_FAILED, REASON_BACKOFF_LIMIT,
+                         f"{restarts['counted']} worker failures exceed backoffLimit {job.spec.backoff_limit}{last}")
+    return None
+
+
+def check_deadline(job: _Job) -> Outcome | None:
+    """``activeDeadlineSeconds``, counted from the start or the last resume."""
+    left = _seconds_left(job.status["startTime"], job.spec.active_deadline_seconds, job.now)
+    if left is not None and left <= 0:
+        return _terminal(job, PHASE_FAILED, REASON_DEADLINE,
+                         f"the job ran longer than activeDeadlineSeconds={job.spec.active_deadline_seconds}")
+    job.plan.requeue_after = left
+    return None
+
+
+def check_completion(job: _Job) -> Outcome | None:
+    """A worker that succeeded means training finished: wait for the others, add nobody."""
+    if not any(p.phase == "Succeeded" for p in job.pods):
+        return None
+    if not job.active:
+        return _terminal(job, PHASE_SUCCEEDED, REASON_SUCCEEDED, "training finished")
+    return Outcome(job.prev_phase or PHASE_RUNNING, REASON_RUNNING, "workers are finishing", ready=True)
+
+
+def replace_stale(job: _Job) -> None:
+    """A changed worker template (image, command, env, resources...) replaces the whole
+    group once. Only a change of the job's own spec counts: workers built at an older
+    generation from another template."""
+    gen = job.generation
+    job.stale = [p for p in job.active if job.template and p.template and p.template != job.template
+                 and gen and 0 < p.generation < gen]
+    if not job.stale:
+        return
+    job.plan.delete += [p.name for p in job.stale]
+    job.plan.events.append((EVENT_NORMAL, REASON_TEMPLATE_CHANGED,
+                            f"the worker template changed ({job.stale[0].template} -> {job.template}): "
+                            f"replacing {len(job.stale)} worker(s), which resume from the last checkpoint"))
+    job.active = [p for p in job.active if p not in job.stale]
+
+
+def size_group(job: _Job) -> None:
+    """Gang-create up to ``min`` all at once, then add what capacity allows, up to
+    ``replicas``; remove the highest indices above ``replicas``."""
+    w, plan = job.spec.workers, job.plan
+    have = len(job.active)
+    if have > w.replicas:
+        extra = sorted(job.active, key=lambda p: p.index, reverse=True)[:have - w.replicas]
+        plan.delete += [p.name for p in extra]
+        have = w.replicas
+    want = w.replicas - have
+    gang = max(w.min - have, 0)
+    if want:
+        if gang and job.free_slots < gang:
+            want, job.capacity_short = 0, True
+        else:
+            job.capacity_short = job.free_slots < want
+            want = min(want, job.free_slots)
+    # A name is free once its old pod is gone; a pod that is going keeps its index.
+    used = {p.index for p in job.active if p.name not in plan.delete}
+    used |= {p.index for p in job.pods if p.deleting or p in job.stale}
+    plan.create = [i for i in range(w.max) if i not in used][:want]
+
+
+def summarise(job: _Job) -> Outcome:
+    """The phase the group is in after this plan."""
+    w, plan, restarts = job.spec.workers, job.plan, job.restarts
+    restarting = bool(job.failed_now or job.vanished) or (
+        job.prev_phase == PHASE_RESTARTING and any(not p.ready for p in job.active))
+    running = [p for p in job.active if p.phase == "Running" and p.name not in plan.delete]
+    have = min(len(job.active), w.replicas)
+    total = have + len(plan.create)
+    if job.stale:
+        return Outcome(PHASE_RESTARTING, REASON_TEMPLATE_CHANGED,
+                       f"replacing {len(job.stale)} worker(s) built from an older template")
+    if restarting and job.prev_phase not in (None, PHASE_PENDING):
+        return Outcome(PHASE_RESTARTING, REASON_RESTARTING,
+                       f"replacing failed workers ({restarts['counted']} counted, "
+                       f"{restarts['uncounted']} uncounted restarts)")
+    if len(running) < w.min:
+        if job.capacity_short and not job.active:
+            return Outcome(PHASE_PENDING, REASON_WAITING_FOR_CAPACITY,
+                           f"waiting for GPU capacity for {w.min} workers "
+                           f"({job.spec.resources.gpus} GPU each); {job.free_slots} fit now")
+        return Outcome(PHASE_PENDING, REASON_CREATING, f"{len(running)}/{w.min} workers running (min {w.min})")
+    short = f"; {w.replicas - total} more wait for GPU capacity" if job.capacity_short else ""
+    if len(running) < total or plan.delete:
+        return Outcome(PHASE_SCALING, REASON_SCALING,
+                       f"{len(running)} of {total} workers running, desired {w.replicas}{short}")
+    return Outcome(PHASE_RUNNING, REASON_RUNNING, f"{len(running)}/{w.replicas} workers running{short}",
+                   ready=True)
+
+
+SETTLING_STEPS: tuple[Callable[[_Job], Outcome | None], ...] = (
+    stay_terminal, suspend, resume, count_failures, check_deadline, check_completion)
+SHAPING_STEPS: tuple[Callable[[_Job], None], ...] = (replace_stale, size_group)
+
+
+def _report(job: _Job, outcome: Outcome, selector: str) -> Plan:
+    """Write the outcome and the worker counts into the status; an event on a phase change."""
+    plan, status, w = job.plan, job.plan.status, job.spec.workers
+    plan.outcome = outcome
+    st.apply_outcome(status, outcome, job.generation, st.now_iso(job.now))
+    running = [p for p in job.active if p.phase == "Running"]
+    status["workers"] = {"desired": w.replicas, "scheduled": sum(1 for p in job.active if p.node),
+                         "running": len(running), "ready": sum(1 for p in running if p.ready)}
+    status["replicas"] = (len(job.active) - sum(1 for p in job.active if p.name in plan.delete)
+                          + len(plan.create))
+    status["selector"] = selector
+    status["workersReady"] = f"{status['workers']['ready']}/{w.replicas}"
+    if outcome.phase != job.prev_phase:
+        plan.events.append((EVENT_WARNING if outcome.phase == PHASE_FAILED else EVENT_NORMAL, outcome.reason,
+                            f"{job.prev_phase or 'New'} -> {outcome.phase}: {outcome.message}"))
+    return plan
+
+
+def plan_job(meta: Mapping[str, Any], spec: JobSpec, prev: Mapping[str, Any] | None,
+             pods: Iterable[PodView], free_slots: int, now: _dt.datetime,
+             handled_uids: Iterable[str] = (), vanished: int = 0,
+             selector: str = "", template: str = "") -> Plan:
+    """Decide the next step for a job.
+
+    ``handled_uids``: failed pods whose failure was already counted (they may still show
+    in the index until their deletion is observed). ``vanished``: active workers that
+    disappeared without the operator deleting them (drained, evicted through the API);
+    they are replaced and counted as uncounted restarts. ``template``: the hash of the
+    worker template the current spec builds (``objects.template_hash``); active workers
+    built from another template at an older job generation are replaced together (the
+    group re-forms once, from the checkpoint); that restart is not a failure, so it
+    counts against neither maxRestarts nor backoffLimit.
+    """
+    status = copy.deepcopy(dict(prev or {}))
+    status.setdefault("restarts", {"counted": 0, "uncounted": 0})
+    pods = sorted(pods, key=lambda p: p.index)
+    job = _Job(spec=spec, plan=Plan(status=status), pods=pods, active=[p for p in pods if p.active],
+               free_slots=free_slots, now=now, handled=set(handled_uids), vanished=vanished,
+               template=template, generation=meta.get("generation"), prev_phase=status.get("phase"))
+    for step in SETTLING_STEPS:
+        outcome = step(job)
+        if outcome is not None:
+            return _report(job, outcome, selector)
+    for shape in SHAPING_STEPS:
+        shape(job)
+    return _report(job, summarise(job), selector)

@@ -1,0 +1,1 @@
+"""LeptonModel: spec, rollout planner, child objects, handlers and the builtin autoscaler."""

@@ -8,7 +8,7 @@ import yaml
 from lepton_operator.job import objects as training
 from lepton_operator.constants import GPU_RESOURCE, LABEL_KUEUE_QUEUE
 from lepton_operator.core.objects import GPU_TOLERATION
-from lepton_operator.job.spec import parse_job
+from lepton_operator.job.spec import InvalidSpec, parse_job
 from lepton_trainer import contract
 
 pytestmark = pytest.mark.unit
@@ -63,7 +63,10 @@ def test_security_context_and_gpu_defaults():
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert c["securityContext"] == {"allowPrivilegeEscalation": False, "privileged": False,
-                                    "capabilities": {"drop": ["ALL"]}}
+                                    "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+    uid = contract.IMAGE_UID
+    assert (spec["securityContext"]["runAsUser"], spec["securityContext"]["runAsGroup"],
+            spec["securityContext"]["fsGroup"]) == (uid, uid, uid)
     assert c["resources"]["limits"][GPU_RESOURCE] == 2
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
     assert pod["metadata"]["labels"][LABEL_KUEUE_QUEUE] == "team-a-queue"
@@ -111,3 +114,32 @@ def test_template_hash_ignores_worker_index():
     a, b = training.worker_pod(OWNER, job, 0), training.worker_pod(OWNER, job, 3)
     assert a["metadata"]["annotations"] == b["metadata"]["annotations"]
     assert (a["spec"]["hostname"], b["spec"]["hostname"]) == ("mnist-worker-0", "mnist-worker-3")
+
+
+def test_read_only_root_with_a_writable_home_and_tmp_in_every_pod():
+    """The root filesystem is read-only, so HOME and TMPDIR must point at the /tmp emptyDir
+    (torchrun writes /tmp/torchelastic_*, torch.compile /tmp/torchinductor_<user>)."""
+    for pod in built()[:2]:                       # a worker and the rendezvous store
+        spec, c = pod["spec"], pod["spec"]["containers"][0]
+        tmp = next(v for v in spec["volumes"] if v["name"] == "tmp")
+        assert tmp == {"name": "tmp", "emptyDir": {}}
+        assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["HOME"] == env["TMPDIR"] == "/tmp"
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_container_security_fields_override_one_by_one():
+    pod = built({**FULL_SPEC, "securityContext": {"readOnlyRootFilesystem": False}})[0]
+    c = pod["spec"]["containers"][0]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is False
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}      # the rest stays hardened
+    with pytest.raises(InvalidSpec, match="HOME is set by the operator"):
+        parse_job("mnist", {"env": [{"name": "HOME", "value": "/root"}]}, "t")
+
+
+def test_the_image_user_is_the_pods_user():
+    """trainer_image/Dockerfile creates the user the builders run pods as."""
+    dockerfile = (pathlib.Path(__file__).parents[2] / "trainer_image" / "Dockerfile").read_text()
+    uid = contract.IMAGE_UID
+    assert f"--uid {uid}" in dockerfile and f"USER {uid}:{uid}" in dockerfile

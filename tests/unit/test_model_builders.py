@@ -138,3 +138,25 @@ def test_golden_gateway_route():
     assert [(b["name"], b["weight"]) for b in route["spec"]["rules"][0]["backendRefs"]] == \
         [("digits-r1", 75), ("digits-r2", 25)]
     assert objs[0]["spec"]["selector"] == {"lepton.ai/model": "digits", "lepton.ai/revision": "r2"}
+
+
+def test_compression_and_serving_pods_take_their_own_security_overrides():
+    s = spec(compression={**SPEC["compression"], "securityContext": {"readOnlyRootFilesystem": False},
+                          "podSecurityContext": {"runAsUser": 4242}},
+             serving={**SPEC["serving"], "podSecurityContext": {"fsGroup": 7}})
+    rev = s.revision()
+    src = PvcPath("models", "runs/digits")
+    job = objects.compression_job(OWNER, s, rev, src, artifact_path(src, "digits", rev))
+    pod = job["spec"]["template"]["spec"]
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is False
+    assert pod["securityContext"]["runAsUser"] == 4242 and pod["securityContext"]["runAsNonRoot"] is True
+    dep = objects.deployment(OWNER, s, rev, PvcPath("models", "x"), 1)["spec"]["template"]["spec"]
+    assert dep["securityContext"]["fsGroup"] == 7 and dep["securityContext"]["runAsUser"] == 10001
+    assert dep["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    for p in (pod, dep):
+        assert {"name": "tmp", "mountPath": "/tmp"} in p["containers"][0]["volumeMounts"]
+        assert {"name": "tmp", "emptyDir": {}} in p["volumes"]
+        env = {e["name"]: e["value"] for e in p["containers"][0]["env"]}
+        assert env["HOME"] == env["TMPDIR"] == "/tmp"
+    # Overrides change what is served, so they make a new revision; none set leaves it as it was.
+    assert s.revision() != spec().revision()

@@ -9,6 +9,7 @@ declared exactly once.
 RDZV_PORT = 29400          # c10d TCPStore served by the dedicated rendezvous pod
 METRICS_PORT = 9400        # trainer's Prometheus metrics (prometheus-client)
 SERVE_PORT = 8080          # inference server: Open Inference Protocol v2 REST + /metrics
+GRPC_PORT = 8081           # inference server: v2 gRPC (inference.GRPCInferenceService)
 
 # --- Environment set by the operator on training workers -----------------------------
 ENV_JOB_NAME = "LEPTON_JOB_NAME"
@@ -36,15 +37,35 @@ ENV_MODEL_NAME = "LEPTON_MODEL_NAME"        # served model name (/v2/models/{nam
 ENV_MODEL_NAMESPACE = "LEPTON_MODEL_NAMESPACE"  # LeptonModel namespace (metric label)
 ENV_MODEL_REVISION = "LEPTON_MODEL_REVISION"    # serving revision (metric label)
 ENV_ARTIFACT_DIR = "LEPTON_ARTIFACT_DIR"    # where compression writes its artifact
+ENV_MODEL_FORMAT = "LEPTON_MODEL_FORMAT"    # builtin|torch.export|torchscript|huggingface; unset = detect
+ENV_GRPC_PORT = "LEPTON_GRPC_PORT"          # gRPC port of the server (default GRPC_PORT; 0 = off)
 RESULT_FILE = "result.json"                 # compression result, inside the artifact dir
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 MODEL_FILE = "model.pt"                     # a model directory holds model.pt + meta.json
 MODEL_META_FILE = "meta.json"
 # Compression settings the operator passes to `python -m lepton_trainer.compress`
 # (flags of the same meaning win over these).
-ENV_COMPRESSION_METHOD = "LEPTON_COMPRESSION_METHOD"        # int8|fp16|bf16|prune|distill|none
+ENV_COMPRESSION_METHOD = "LEPTON_COMPRESSION_METHOD"        # one of COMPRESSION_METHODS
 ENV_COMPRESSION_PARAMS = "LEPTON_COMPRESSION_PARAMS"        # JSON object of method parameters
 ENV_MAX_ACCURACY_DROP = "LEPTON_MAX_ACCURACY_DROP"          # float, absolute accuracy points (0..1)
+ENV_COMPRESSION_EVALUATION = "LEPTON_COMPRESSION_EVALUATION"  # JSON object: the gate (gates.py)
+COMPRESSION_METHODS = ("int8", "fp16", "bf16", "prune", "prune-structured", "distill", "none", "auto")
+MODEL_FORMATS = ("builtin", "torch.export", "torchscript", "huggingface")   # ENV_MODEL_FORMAT values
+# Keys of the ENV_COMPRESSION_EVALUATION object (gates.py) and of the auto parameters in
+# ENV_COMPRESSION_PARAMS (compress.py); paths in them are absolute paths in the container.
+EVALUATION_FIELDS = ("type", "path", "metric", "k", "maxDrop", "threshold", "samples", "output")
+EVALUATION_TYPES = ("data", "fidelity")
+EVALUATION_METRICS = {"data": ("accuracy", "top_k", "mse"), "fidelity": ("top1_agreement", "cosine")}
+AUTO_PARAMS = ("candidates", "objective", "latencyTargetMs", "latencyBatch")
+AUTO_OBJECTIVES = ("size", "latency")
+# The compression result (RESULT_FILE and the termination message). RESULT_PASSED and
+# RESULT_REASON are the verdict: the operator reports them and never re-derives them.
+RESULT_PASSED = "passed"          # bool
+RESULT_REASON = "reason"          # str (dropped from the termination message only if it alone overflows 4 KiB)
+RESULT_METHOD = "method"          # the method applied; for auto, the one chosen
+RESULT_GATE = "gate"              # {type, metric, output, before, after, rows, passed, ...}
+RESULT_CANDIDATES = "candidates"  # auto only: one row per candidate (the table)
+COMPRESS_EXIT_GATE_FAILED = 3     # exit status when the gate fails (no artifact written)
 # Batching settings of `python -m lepton_trainer.serve`
 ENV_MAX_BATCH_SIZE = "LEPTON_MAX_BATCH_SIZE"
 ENV_MAX_BATCH_DELAY_MS = "LEPTON_MAX_BATCH_DELAY_MS"
@@ -62,3 +83,12 @@ METRIC_SERVE_BATCH_SIZE = "lepton_serve_batch_size"           # histogram
 HEALTH_LIVE_PATH = "/v2/health/live"
 HEALTH_READY_PATH = "/v2/health/ready"
 METRICS_PATH = "/metrics"
+
+# --- The image's user and its writable paths -------------------------------------------
+# trainer_image/Dockerfile creates this user (uid = gid); pods run as it unless the spec
+# says otherwise. The root filesystem is read-only by default, so every pod gets an
+# emptyDir at WRITABLE_DIR and HOME and TMPDIR point there (torchrun, torch's compile
+# caches and tokenizers write under them).
+IMAGE_UID = 10001
+IMAGE_USER = "lepton"
+WRITABLE_DIR = "/tmp"

@@ -1,25 +1,35 @@
 """Pieces every child object shares (pure: specs in, plain dicts out, no API client).
 
-Owner references, object metadata and labels, the pod security defaults, resource
-requests, GPU tolerations and env entries. ``job.objects`` and ``model.objects`` build
-their children from these.
+Owner references, object metadata and labels, the security defaults, resource
+requests, GPU tolerations, env entries and the writable scratch directory.
+``job.objects`` and ``model.objects`` build their children from these.
+
+Security defaults, for every pod the operator makes: run as the image's own non-root
+user (``contract.IMAGE_UID``), RuntimeDefault seccomp, no privilege escalation, every
+capability dropped and a read-only root filesystem. A spec's ``podSecurityContext`` and
+``securityContext`` override single fields (``readOnlyRootFilesystem: false`` turns the
+read-only root off). HOME and TMPDIR point at an emptyDir, so the image writes nowhere
+else.
 """
 from __future__ import annotations
 
 import copy
 from typing import Any, Iterable, Mapping
 
+from lepton_trainer import contract
+
 from ..constants import (GPU_RESOURCE, GPU_TAINT_KEY, JOB_KIND, LABEL_COMPONENT, LABEL_JOB,
-                         LABEL_MANAGED_BY, LABEL_MODEL, LABEL_NAME, MANAGED_BY, MODEL_KIND, LABEL_ROLE)
+                         LABEL_MANAGED_BY, LABEL_MODEL, LABEL_NAME, LABEL_ROLE, MANAGED_BY, MODEL_KIND)
 from .fields import Resources
 
 Obj = dict[str, Any]
 
 GPU_TOLERATION = {"key": GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}
-DEFAULT_POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                        "seccompProfile": {"type": "RuntimeDefault"}}
-CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "privileged": False,
+DEFAULT_POD_SECURITY = {"runAsNonRoot": True, "runAsUser": contract.IMAGE_UID, "runAsGroup": contract.IMAGE_UID,
+                        "fsGroup": contract.IMAGE_UID, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "privileged": False, "readOnlyRootFilesystem": True,
                       "capabilities": {"drop": ["ALL"]}}
+SCRATCH_VOLUME = "tmp"
 
 # Per owner kind: the app name label and the label that carries the owner's name.
 _APP = {JOB_KIND: ("lepton-job", LABEL_JOB), MODEL_KIND: ("lepton-model", LABEL_MODEL)}
@@ -83,6 +93,20 @@ def pod_security(override: Mapping[str, Any] | None = None) -> Obj:
     return {**copy.deepcopy(DEFAULT_POD_SECURITY), **copy.deepcopy(dict(override or {}))}
 
 
-def container_security() -> Obj:
-    """The container securityContext: no privilege escalation, every capability dropped."""
-    return copy.deepcopy(CONTAINER_SECURITY)
+def container_security(override: Mapping[str, Any] | None = None) -> Obj:
+    """The container securityContext: the defaults with the spec's fields on top."""
+    return {**copy.deepcopy(CONTAINER_SECURITY), **copy.deepcopy(dict(override or {}))}
+
+
+def scratch_volume() -> Obj:
+    """The emptyDir behind HOME and TMPDIR."""
+    return {"name": SCRATCH_VOLUME, "emptyDir": {}}
+
+
+def scratch_mount() -> Obj:
+    return {"name": SCRATCH_VOLUME, "mountPath": contract.WRITABLE_DIR}
+
+
+def scratch_env() -> list[Obj]:
+    """HOME and TMPDIR in the writable scratch directory."""
+    return [env("HOME", contract.WRITABLE_DIR), env("TMPDIR", contract.WRITABLE_DIR)]

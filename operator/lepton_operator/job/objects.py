@@ -30,8 +30,8 @@ from lepton_trainer.rendezvous import WORKER_ENV, torchrun_args
 
 from ..constants import (ANNOTATION_GENERATION, ANNOTATION_SPEC_HASH, JOB_KIND, LABEL_JOB,
                          LABEL_KUEUE_QUEUE, LABEL_ROLE, LABEL_WORKER_INDEX, ROLE_RDZV, ROLE_WORKER)
-from ..core.objects import (container_security, env, meta, pod_security, resources,
-                            with_gpu_toleration)
+from ..core.objects import (container_security, env, meta, pod_security, resources, scratch_env,
+                            scratch_mount, scratch_volume, with_gpu_toleration)
 from ..core.objects import labels as child_labels
 from .spec import JobSpec
 
@@ -116,10 +116,13 @@ def rendezvous_objects(owner: Mapping[str, Any], spec: JobSpec, trainer_image: s
                 "command": ["python", "-m", "lepton_trainer.rendezvous",
                             "--port", str(contract.RDZV_PORT)],
                 "ports": [port],
+                "env": scratch_env(),
                 "readinessProbe": {"tcpSocket": {"port": "rdzv"}, "periodSeconds": 2},
                 "resources": copy.deepcopy(RDZV_RESOURCES),
-                "securityContext": container_security(),
+                "securityContext": container_security(spec.security_context),
+                "volumeMounts": [scratch_mount()],
             }],
+            "volumes": [scratch_volume()],
         },
     }
     service = {
@@ -160,8 +163,8 @@ def worker_command(owner: Mapping[str, Any], spec: JobSpec) -> list[str]:
 
 
 def _volumes(spec: JobSpec) -> tuple[list[Obj], list[Obj]]:
-    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
-    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}, scratch_volume()]
+    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, scratch_mount()]
     claim_volume = {claim: f"pvc-{i}" for i, claim in enumerate(spec.claim_names)}
     volumes += [{"name": vol, "persistentVolumeClaim": {"claimName": claim}}
                 for claim, vol in claim_volume.items()]
@@ -188,6 +191,7 @@ def worker_pod(owner: Mapping[str, Any], spec: JobSpec, index: int) -> Obj:
         env(contract.ENV_JOB_UID, m["uid"]),
         env(contract.ENV_METRICS_PORT, contract.METRICS_PORT),
         *(env(k, v) for k, v in WORKER_ENV.items()),
+        *scratch_env(),
     ]
     if spec.checkpoint:
         variables.append(env(contract.ENV_CHECKPOINT_DIR, spec.checkpoint.path))
@@ -203,7 +207,7 @@ def worker_pod(owner: Mapping[str, Any], spec: JobSpec, index: int) -> Obj:
         "env": variables,
         "ports": [{"name": "metrics", "containerPort": contract.METRICS_PORT, "protocol": "TCP"}],
         "volumeMounts": mounts,
-        "securityContext": container_security(),
+        "securityContext": container_security(spec.security_context),
     }
     res = resources(spec.resources)
     if res:

@@ -19,7 +19,7 @@ DEFAULT_MODULE = "lepton_trainer.train"
 MAX_WORKERS = 999
 RESERVED_ENV = frozenset({contract.ENV_JOB_NAME, contract.ENV_JOB_NAMESPACE, contract.ENV_JOB_UID,
                           contract.ENV_CHECKPOINT_DIR, contract.ENV_OUTPUT_DIR,
-                          contract.ENV_METRICS_PORT, "POD_IP"})
+                          contract.ENV_METRICS_PORT, "POD_IP", "HOME", "TMPDIR"})
 
 __all__ = ["InvalidSpec", "JobSpec", "parse_job", "DEFAULT_MODULE"]
 
@@ -85,6 +85,7 @@ class JobSpec:
     checkpoint: Mount | None
     output: Mount | None
     pod_security_context: Mapping[str, Any]
+    security_context: Mapping[str, Any]
     autoscaling: Autoscaling | None
 
     @property
@@ -194,6 +195,7 @@ def parse_job(name: str, spec: Mapping[str, Any] | None, default_image: str,
         ttl_seconds_after_finished=integer(spec, "ttlSecondsAfterFinished", None, 0, None, problems, ""),
         checkpoint=checkpoint, output=output,
         pod_security_context=dict(spec.get("podSecurityContext") or {}),
+        security_context=dict(spec.get("securityContext") or {}),
         autoscaling=_autoscaling(spec.get("autoscaling"), problems),
     )
     if problems:

@@ -28,7 +28,8 @@ from lepton_trainer import contract
 
 from ..constants import LABEL_MODEL, LABEL_REVISION, LABEL_ROLE, MODEL_KIND, ROLE_COMPRESSION, ROLE_SERVING
 from ..core.fields import Resources
-from ..core.objects import GPU_TOLERATION, container_security, env, meta, pod_security, resources
+from ..core.objects import (GPU_TOLERATION, container_security, env, meta, pod_security, resources, scratch_env,
+                            scratch_mount, scratch_volume)
 from ..core.objects import labels as child_labels
 from .spec import Autoscaling, ModelSpec, PvcPath, render_query
 
@@ -49,13 +50,13 @@ def labels(model: str, role: str, revision: str | None = None) -> dict[str, str]
     return child_labels(MODEL_KIND, model, role, **({LABEL_REVISION: revision} if revision else {}))
 
 
-def _pod_common() -> Obj:
+def _pod_common(pod_security_context: Mapping[str, Any]) -> Obj:
     """Security and scheduling settings shared by the compression and serving pods.
 
     The GPU taint is tolerated even without a GPU request (like the rendezvous pod), so
     CPU-only compression and serving can use spare CPU on GPU nodes.
     """
-    return {"securityContext": pod_security(), "enableServiceLinks": False,
+    return {"securityContext": pod_security(pod_security_context), "enableServiceLinks": False,
             "automountServiceAccountToken": False, "tolerations": [dict(GPU_TOLERATION)]}
 
 
@@ -77,6 +78,7 @@ def compression_job(owner: Mapping[str, Any], spec: ModelSpec, revision: str, so
         env(contract.ENV_MODEL_NAME, model),
         env(contract.ENV_COMPRESSION_METHOD, c.method),
         env(contract.ENV_COMPRESSION_PARAMS, json.dumps(dict(c.params), sort_keys=True)),
+        *scratch_env(),
     ]
     if c.max_accuracy_drop is not None:
         variables.append(env(contract.ENV_MAX_ACCURACY_DROP, c.max_accuracy_drop))
@@ -87,9 +89,9 @@ def compression_job(owner: Mapping[str, Any], spec: ModelSpec, revision: str, so
         "imagePullPolicy": spec.serving.image_pull_policy,
         "command": ["python", "-m", "lepton_trainer.compress"],
         "env": variables,
-        "volumeMounts": [{"name": "models", "mountPath": COMPRESSION_MOUNT}],
+        "volumeMounts": [{"name": "models", "mountPath": COMPRESSION_MOUNT}, scratch_mount()],
         "resources": resources(res),
-        "securityContext": container_security(),
+        "securityContext": container_security(c.security_context),
         "terminationMessagePath": contract.TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "File",
     }
@@ -104,10 +106,11 @@ def compression_job(owner: Mapping[str, Any], spec: ModelSpec, revision: str, so
             "template": {
                 "metadata": template_meta,
                 "spec": {
-                    **_pod_common(),
+                    **_pod_common(c.pod_security_context),
                     "restartPolicy": "Never",
                     "containers": [container],
-                    "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": source.claim}}],
+                    "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": source.claim}},
+                                scratch_volume()],
                 },
             },
         },
@@ -161,6 +164,7 @@ def deployment(owner: Mapping[str, Any], spec: ModelSpec, revision: str, model_d
         env(contract.ENV_MODEL_REVISION, revision),
         env(contract.ENV_MAX_BATCH_SIZE, s.max_batch_size),
         env(contract.ENV_MAX_BATCH_DELAY_MS, s.max_batch_delay_ms),
+        *scratch_env(),
         *(copy.deepcopy(dict(v)) for v in s.env),
     ]
     mount = {"name": "model", "mountPath": MOUNT, "readOnly": True}
@@ -180,8 +184,8 @@ def deployment(owner: Mapping[str, Any], spec: ModelSpec, revision: str, model_d
                           "periodSeconds": 10, "failureThreshold": 3},
         "startupProbe": {"httpGet": {**http, "path": contract.HEALTH_LIVE_PATH},
                          "periodSeconds": 2, "failureThreshold": 60},
-        "volumeMounts": [mount],
-        "securityContext": container_security(),
+        "volumeMounts": [mount, scratch_mount()],
+        "securityContext": container_security(s.security_context),
     }
     res = resources(s.resources)
     if res:
@@ -195,11 +199,11 @@ def deployment(owner: Mapping[str, Any], spec: ModelSpec, revision: str, model_d
         "template": {
             "metadata": {"labels": dict(lbls), "annotations": annotations},
             "spec": {
-                **_pod_common(),
+                **_pod_common(s.pod_security_context),
                 "terminationGracePeriodSeconds": 30,
                 "containers": [container],
                 "volumes": [{"name": "model", "persistentVolumeClaim": {
-                    "claimName": model_dir.claim, "readOnly": True}}],
+                    "claimName": model_dir.claim, "readOnly": True}}, scratch_volume()],
             },
         },
     }

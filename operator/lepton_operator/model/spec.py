@@ -56,6 +56,8 @@ class Compression:
     resources: Resources = Resources()
     backoff_limit: int = 1
     pod_annotations: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    pod_security_context: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    security_context: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def runs_job(self) -> bool:
@@ -72,6 +74,8 @@ class Serving:
     max_batch_delay_ms: int = 0
     env: tuple[Mapping[str, Any], ...] = ()
     pod_annotations: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    pod_security_context: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    security_context: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +143,10 @@ class ModelSpec:
         for key in ("replicas", "pod_annotations"):
             serving.pop(key)
         compression.pop("pod_annotations")
+        for part in (serving, compression):     # unset overrides leave the hash as it was
+            for key in ("pod_security_context", "security_context"):
+                if not part[key]:
+                    part.pop(key)
         ident = {"source": dataclasses.asdict(self.source), "sourceURI": source_uri,
                  "compression": compression, "serving": serving,
                  "compressionImage": self.compression_image}
@@ -170,6 +178,14 @@ def artifact_path(source: PvcPath, model: str, revision: str) -> PvcPath:
 def render_query(query: str, namespace: str, model: str, revision: str = "") -> str:
     """Fill ``${namespace}``, ``${model}`` and ``${revision}`` in a PromQL query."""
     return prometheus.render(query, namespace=namespace, model=model, revision=revision)
+
+
+def _object(raw: Mapping[str, Any], key: str, problems: list[str], where: str) -> dict[str, Any]:
+    value = raw.get(key) or {}
+    if not isinstance(value, Mapping):
+        problems.append(f"{where}{key} must be an object, got {value!r}")
+        return {}
+    return dict(value)
 
 
 def _source(raw: Mapping[str, Any], problems: list[str]) -> Source:
@@ -270,13 +286,16 @@ def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str,
         number(raw_c, "maxAccuracyDrop", None, 0, 1, problems, "compression."),
         resources(raw_c.get("resources"), problems, "compression.resources."),
         integer(raw_c, "backoffLimit", 1, 0, 10, problems, "compression."),
-        string_map(raw_c, "podAnnotations", problems, "compression."))
+        string_map(raw_c, "podAnnotations", problems, "compression."),
+        _object(raw_c, "podSecurityContext", problems, "compression."),
+        _object(raw_c, "securityContext", problems, "compression."))
 
     raw_s = spec.get("serving") or {}
     image = raw_s.get("image") or default_image
     env = tuple(raw_s.get("env") or ())
     reserved = {contract.ENV_MODEL_DIR, contract.ENV_MODEL_NAME, contract.ENV_MODEL_NAMESPACE,
-                contract.ENV_MODEL_REVISION, contract.ENV_MAX_BATCH_SIZE, contract.ENV_MAX_BATCH_DELAY_MS}
+                contract.ENV_MODEL_REVISION, contract.ENV_MAX_BATCH_SIZE, contract.ENV_MAX_BATCH_DELAY_MS,
+                "HOME", "TMPDIR"}
     for var in env:
         if var.get("name") in reserved:
             problems.append(f"serving.env {var.get('name')} is set by the operator and cannot be overridden")
@@ -287,7 +306,9 @@ def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str,
         resources(raw_s.get("resources"), problems, "serving.resources."),
         integer(batching, "maxBatchSize", 32, 1, 4096, problems, "serving.batching."),
         integer(batching, "maxBatchDelayMs", 0, 0, 10000, problems, "serving.batching."),
-        env, string_map(raw_s, "podAnnotations", problems, "serving."))
+        env, string_map(raw_s, "podAnnotations", problems, "serving."),
+        _object(raw_s, "podSecurityContext", problems, "serving."),
+        _object(raw_s, "securityContext", problems, "serving."))
 
     rollout = _rollout(spec.get("rollout") or {}, problems)
     autoscaling = _autoscaling(spec.get("autoscaling"), problems)

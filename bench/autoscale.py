@@ -24,23 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
-from pathlib import Path
 
-import kubernetes
-import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "hack"), str(ROOT / "tests" / "integration")]
-import localcluster  # noqa: E402
-from exporter import Exporter  # noqa: E402
+from harness import ROOT, Bench, poll
 
 NS = "bench-autoscale"
 MODEL = "react"
@@ -48,60 +36,23 @@ INTERVAL = 0.5          # the builtin autoscaler's query interval (seconds)
 HPA_SYNC_S, KEDA_POLL_S = 15.0, 30.0
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def poll(check, timeout=60.0, every=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return time.monotonic(), value
-        time.sleep(every)
-    raise TimeoutError("condition not reached")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7)
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-autoscale-"))
-    cluster = localcluster.Cluster(tmp / "cluster").start()
-    scrape_s = float(cluster.scrape_interval.rstrip("s"))
-    op = exporter = None
-    try:
-        for crd in sorted((ROOT / "crds").glob("*.yaml")):
-            cluster.kubectl("apply", "--server-side", "-f", str(crd))
-        cluster.kubectl("wait", "--for=condition=Established", "crd/leptonmodels.lepton.ai")
-        cluster.create_namespace(NS)
-        env = {**cluster.env, "PROMETHEUS_URL": cluster.prometheus_url, "LEPTON_PROMETHEUS_TIMEOUT": "1",
-               "LEPTON_TRAINER_IMAGE": "lepton-trainer:bench", "PYTHONUNBUFFERED": "1"}
-        log = open(tmp / "operator.log", "wb")
-        op = subprocess.Popen([sys.executable, "-m", "lepton_operator", "--all-namespaces",
-                               "--metrics-port", str(free_port()), "--health-port", str(free_port())],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        exporter = Exporter(cluster, "bench", free_port())
+    with Bench(NS) as b:
+        cluster, exporter = b.cluster, b.exporter
+        scrape_s = float(cluster.scrape_interval.rstrip("s"))
         labels = {"lepton_model": MODEL, "lepton_namespace": NS}
         exporter.set("lepton_serve_inflight_requests", 1.0, **labels)
-        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([
-            {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "bench-models"},
-             "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"],
-                      "hostPath": {"path": str(tmp / "pv")}, "claimRef": {"namespace": NS, "name": "models"}}},
-            {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "models", "namespace": NS},
-             "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": "bench-models",
-                      "resources": {"requests": {"storage": "1Gi"}}}},
+        b.apply([
             {"apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonModel", "metadata": {"name": MODEL, "namespace": NS},
              "spec": {"source": {"uri": "pvc://models/m"}, "compression": {"method": "none"},
                       "serving": {"replicas": 1},
                       "autoscaling": {"metric": "inflight", "target": 1, "maxReplicas": 8,
                                       "stableWindowSeconds": 6, "panicWindowSeconds": 1, "panicThreshold": 2,
-                                      "scaleDownDelaySeconds": 0, "intervalSeconds": INTERVAL}}}]))
-        apps = kubernetes.client.AppsV1Api(cluster.api_client())
-        core = kubernetes.client.CoreV1Api(cluster.api_client())
+                                      "scaleDownDelaySeconds": 0, "intervalSeconds": INTERVAL}}}])
+        apps, core = b.apps, b.core
 
         def dep_replicas():
             deps = apps.list_namespaced_deployment(NS, label_selector=f"lepton.ai/model={MODEL}").items
@@ -134,7 +85,7 @@ def main() -> int:
 
         result = {
             "benchmark": "builtin autoscaler reaction time (LeptonModel, metric inflight, target 1, load 1 -> 4)",
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "machine": b.machine(),
             "prometheus_scrape_interval_s": scrape_s,
             "autoscaler_interval_s": INTERVAL,
             "runs": len(runs),
@@ -155,13 +106,6 @@ def main() -> int:
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps({k: result[k] for k in ("median", "goal_met", "prometheus_scrape_interval_s")}))
         return 0
-    finally:
-        if exporter:
-            exporter.stop()
-        if op:
-            op.terminate()
-            op.wait(timeout=20)
-        cluster.stop()
 
 
 if __name__ == "__main__":

@@ -38,6 +38,10 @@ MANAGED_BY = "lepton-operator"
 # --- Annotations ----------------------------------------------------------------------
 ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"         # hash of the pod template a pod was built from
 ANNOTATION_GENERATION = f"{GROUP}/generation"      # the owner's metadata.generation it was built at
+# Set by a person on a LeptonModel whose rollout is paused: the canary revision to resume
+# (its step counts as passed) or to abort (rolled back).
+ANNOTATION_RESUME = f"{GROUP}/resume"
+ANNOTATION_ABORT = f"{GROUP}/abort"
 
 # --- Kubernetes names -----------------------------------------------------------------
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -57,6 +61,7 @@ TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
 REASON_INVALID_SPEC = "InvalidSpec"
 REASON_CREATING = "CreatingWorkers"
 REASON_WAITING_FOR_CAPACITY = "WaitingForCapacity"
+REASON_CAPACITY_TIMEOUT = "CapacityTimeout"
 REASON_RUNNING = "Running"
 REASON_SCALING = "Scaling"
 REASON_RESTARTING = "Restarting"
@@ -73,6 +78,7 @@ REASON_TTL_EXPIRED = "TTLExpired"
 # LeptonModel condition types (besides Ready/Reconciling/Stalled) and reasons
 COND_COMPRESSED = "Compressed"
 COND_METRICS = "MetricsAvailable"        # the autoscaler's Prometheus answers
+COND_SOURCE_AVAILABLE = "SourceAvailable"  # the source (job output, PVC) can be read now
 REASON_WAITING_FOR_SOURCE = "WaitingForSource"
 REASON_SOURCE_NOT_FOUND = "SourceNotFound"
 REASON_SOURCE_FAILED = "SourceFailed"
@@ -85,6 +91,14 @@ REASON_PODS_NOT_READY = "PodsNotReady"
 REASON_CANARY_STEP = "CanaryStep"
 REASON_ANALYSIS_FAILED = "AnalysisFailed"
 REASON_ANALYSIS_NO_DATA = "AnalysisNoData"
+REASON_ANALYSIS_INCONCLUSIVE = "AnalysisInconclusive"
+REASON_ANALYSIS_ERROR = "AnalysisError"
+REASON_WAITING_FOR_TRAFFIC = "WaitingForTraffic"
+REASON_PROGRESS_DEADLINE = "ProgressDeadlineExceeded"
+REASON_ABORTED = "Aborted"
+REASON_RESUMED_BY_PERSON = "ResumedByPerson"
+REASON_SOURCE_AVAILABLE = "SourceAvailable"
+REASON_INVALID_QUERY = "InvalidQuery"
 REASON_ROLLED_BACK = "RolledBack"
 REASON_PROMOTED = "Promoted"
 REASON_SERVING = "Serving"
@@ -117,5 +131,6 @@ MPHASE_READY = "Ready"
 MPHASE_DEGRADED = "Degraded"
 MPHASE_ROLLING_BACK = "RollingBack"
 MPHASE_FAILED = "Failed"
+MPHASE_PAUSED = "Paused"           # a rollout waits for a person (rollout.onInconclusive: pause)
 MODEL_PHASES = (MPHASE_PENDING, MPHASE_COMPRESSING, MPHASE_DEPLOYING, MPHASE_PROGRESSING,
-                MPHASE_READY, MPHASE_DEGRADED, MPHASE_ROLLING_BACK, MPHASE_FAILED)
+                MPHASE_READY, MPHASE_DEGRADED, MPHASE_ROLLING_BACK, MPHASE_FAILED, MPHASE_PAUSED)

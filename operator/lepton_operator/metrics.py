@@ -26,8 +26,9 @@ SCALE_INPUT = Gauge("lepton_operator_autoscaler_metric_value",
                     "The metric value of the autoscaler's last decision (NaN: no data).",
                     ["kind", "namespace", "name"])
 ANALYSIS = Counter("lepton_operator_canary_analysis_total",
-                   "Canary analysis query results, by query name and outcome (pass, fail, nodata).",
-                   ["query", "outcome"])
+                   "Canary analysis measurements, by model and query, and verdict "
+                   "(Successful, Failed, Inconclusive, Error).",
+                   ["namespace", "model", "query", "verdict"])
 
 
 class PhaseTracker:

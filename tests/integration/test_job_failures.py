@@ -2,6 +2,8 @@
 suspend/resume, success + TTL, deletion, and every kind of bad input."""
 import pytest
 
+import localcluster
+
 pytestmark = pytest.mark.integration
 
 
@@ -128,15 +130,43 @@ def test_missing_pvc_is_invalid_spec_until_it_exists(k):
     assert k.condition("nopvc", "Stalled")["status"] == "False"
 
 
-def test_gpu_request_no_node_can_satisfy_is_invalid_spec(k, cluster):
-    k.apply(k.manifest("huge", resources={"gpus": cluster.gpus_per_node + 1}))
+def test_gpu_request_no_node_can_satisfy_is_invalid_spec_on_a_fixed_pool(k, cluster):
+    """capacity.mode observed: the cluster is what it is, so such a worker is a bad spec."""
+    fixed = {"mode": "observed"}
+    k.apply(k.manifest("huge", resources={"gpus": cluster.gpus_per_node + 1}, capacity=fixed))
     ready = k.wait_for("InvalidSpec", lambda: (c := k.condition("huge", "Ready")).get("reason") == "InvalidSpec" and c)
     assert "no node can ever run a worker" in ready["message"]
-    k.apply(k.manifest("picky", nodeSelector={"gpu-type": "h100"}))
+    k.apply(k.manifest("picky", nodeSelector={"gpu-type": "h100"}, capacity=fixed))
     ready = k.wait_for("InvalidSpec", lambda: (c := k.condition("picky", "Ready")).get("reason") == "InvalidSpec" and c)
     assert "largest node that matches nodeSelector" in ready["message"]
     assert k.workers("huge") == [] and k.workers("picky") == []
     # Fixing the spec clears the condition.
-    k.apply(k.manifest("huge", resources={"gpus": 1}))
+    k.apply(k.manifest("huge", resources={"gpus": 1}, capacity=fixed))
     k.wait_phase("huge", "Running")
     assert k.condition("huge", "Ready")["status"] == "True"
+
+
+def test_a_gpu_pool_that_scales_from_zero_gets_pending_pods_then_runs(k, cluster):
+    """provision (default): the pool the workers select has no node yet. The gang's Pending
+    pods are the demand; the test plays the cluster autoscaler and adds a node once it sees
+    them. (kwok's node stands in for a provisioned machine: it runs nothing, which is not
+    the point here: the demand and the scheduling are.)"""
+    pool = f"pool-{k.ns[-5:]}"
+    k.apply(k.manifest("zero", nodeSelector={"lepton.ai/test-pool": pool}, workers={"min": 2, "max": 3, "replicas": 3}))
+    pods = k.wait_workers("zero", 2, phase="Pending")
+    assert all(not p["spec"].get("nodeName") for p in pods)
+    ready = k.wait_for("WaitingForCapacity", lambda: (c := k.condition("zero", "Ready")).get("reason")
+                       == "WaitingForCapacity" and c, timeout=30)
+    assert "ask the cluster autoscaler for nodes" in ready["message"] and k.status("zero")["phase"] == "Pending"
+    assert len(k.workers("zero")) == 2                  # min, not replicas: nothing beyond min is provisioned
+    assert any(e["reason"] == "WaitingForCapacity" for e in k.events("zero"))
+    node = localcluster.gpu_node(f"kwok-{pool}", cluster.gpus_per_node)
+    node["metadata"]["labels"]["lepton.ai/test-pool"] = pool
+    k.apply(node)
+    try:
+        k.wait_workers("zero", 3, timeout=120)
+        status = k.wait_phase("zero", "Running")
+        assert "waitingForCapacitySince" not in status
+    finally:
+        k.kubectl("delete", "lj", "zero", "--wait=true")
+        cluster.kubectl("delete", "node", f"kwok-{pool}", "--wait=false")

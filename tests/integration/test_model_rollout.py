@@ -16,7 +16,9 @@ pytestmark = pytest.mark.integration
 
 GOOD = {"accuracy_before": 0.97, "accuracy_after": 0.965, "bytes_before": 40000, "bytes_after": 10000,
         "ratio": 4.0, "latency_p50_ms_before": 0.2, "latency_p50_ms_after": 0.1}
-BAD = {**GOOD, "accuracy_after": 0.80, "message": "accuracy gate failed"}
+# What the compression program writes when the gate says no (it exits with status 3).
+BAD = {**GOOD, "accuracy_after": 0.80, "passed": False,
+       "reason": "prune breaks the accuracy gate: accuracy 0.9700 -> 0.8000, drop 0.1700 > maxAccuracyDrop 0.02"}
 
 
 def result_annotations(result: dict, code: int = 0) -> dict:
@@ -76,7 +78,7 @@ def test_gated_compression_pass_then_fail_keeps_serving(k):
     # A new revision whose compression fails the gate: rejected with the numbers; the old one serves.
     k.apply(model(k, "gate", rollout={"strategy": "replace"},
                   compression={"method": "prune", "maxAccuracyDrop": 0.02,
-                               "podAnnotations": result_annotations(BAD, code=1)}))
+                               "podAnnotations": result_annotations(BAD, code=3)}))
     s = k.wait_for("gate failure", lambda: (s := mstatus(k, "gate")).get("revisions", {}).get("failed") and s)
     ready = cond(k, "gate", "Ready")
     assert ready["status"] == "False" and ready["reason"] == "AccuracyGateFailed"

@@ -32,7 +32,10 @@ def test_crd_names_subresources_and_columns():
     assert version["subresources"]["scale"] == {"specReplicasPath": ".spec.workers.replicas",
                                                 "statusReplicasPath": ".status.replicas",
                                                 "labelSelectorPath": ".status.selector"}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Ready", "Restarts", "Age"]
+    cols = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert list(cols) == ["Phase", "Ready", "Restarts", "Failures", "Age"]
+    # RESTARTS are restarts that happened; failures counted against backoffLimit are their own column.
+    assert cols["Restarts"] == ".status.restartCount" and cols["Failures"] == ".status.restarts.counted"
 
 
 def unknown_fields(obj, schema, path="spec"):

@@ -177,3 +177,58 @@ def test_pod_view_summarises_a_pod():
     assert (v.index, v.gpus, v.node, v.retryable, v.active) == (1, 2, "n", True, False)
     body["metadata"]["annotations"] = {"lepton.ai/spec-hash": "abc", "lepton.ai/generation": "3"}
     assert (js.pod_view(body).template, js.pod_view(body).generation) == ("abc", 3)
+
+
+def test_restart_count_counts_replacements_not_failures():
+    """RESTARTS (restartCount) counts workers really replaced; a failure that ends the job
+    (backoffLimit 0) is a failure, not a restart."""
+    failed = pod(1, "Failed", message="container worker exited with code 1")
+    prev = {"phase": "Running", "startTime": "2026-01-01T11:00:00Z"}
+    plan = js.plan_job(META, spec(), prev, [pod(0), failed, pod(2), pod(3)], 1, NOW)
+    assert plan.status["restartCount"] == 1 and plan.status["workersReady"] == "3/4"
+    ended = js.plan_job(META, spec(backoffLimit=0), prev, [pod(0), failed, pod(2), pod(3)], 1, NOW)
+    assert ended.status["phase"] == "Failed" and ended.status["restartCount"] == 0
+    assert ended.status["restarts"]["counted"] == 1 and ended.status["workersReady"] == "-"
+    vanished = js.plan_job(META, spec(), prev, [pod(0), pod(2), pod(3)], 1, NOW, vanished=1)
+    assert vanished.status["restartCount"] == 1 and vanished.status["restarts"]["uncounted"] == 1
+
+
+def test_a_pool_at_zero_gets_the_gang_as_pending_pods():
+    """provision (default): no node can hold a worker, so the gang at min is created as
+    Pending pods, the demand a cluster autoscaler acts on; nothing beyond min."""
+    plan = js.plan_job(META, spec(), {}, [], free_slots=0, now=NOW, no_node_fits=True)
+    assert plan.create == [0, 1] and plan.status["phase"] == "Pending"
+    ready = cond(plan, COND_READY)
+    assert ready["reason"] == "WaitingForCapacity" and "ask the cluster autoscaler for nodes" in ready["message"]
+    assert plan.status["waitingForCapacitySince"] == "2026-01-01T12:00:00Z"
+    pending = [pod(0, "Pending"), pod(1, "Pending")]
+    again = js.plan_job(META, spec(), plan.status, pending, free_slots=0, now=NOW, no_node_fits=True)
+    assert again.create == [] and cond(again, COND_READY)["reason"] == "WaitingForCapacity"
+    # Nodes appear: the pods run, the wait is over.
+    up = js.plan_job(META, spec(), again.status, [pod(0), pod(1)], free_slots=2, now=NOW)
+    assert up.create == [2, 3] and "waitingForCapacitySince" not in up.status
+    # observed: a fixed pool; nothing is created (the handler reports the spec as invalid).
+    fixed = js.plan_job(META, spec(capacity={"mode": "observed"}), {}, [], 0, NOW, no_node_fits=True)
+    assert fixed.create == []
+    # Nodes that exist but are busy: all or nothing, whatever the mode.
+    busy = js.plan_job(META, spec(), {}, [], free_slots=1, now=NOW, no_node_fits=False)
+    assert busy.create == [] and cond(busy, COND_READY)["reason"] == "WaitingForCapacity"
+
+
+@pytest.mark.parametrize("on_timeout, phase", [("Fail", "Failed"), ("Suspend", "Suspended")])
+def test_a_wait_for_capacity_ends_at_its_deadline(on_timeout, phase):
+    s = spec(capacity={"timeoutSeconds": 600, "onTimeout": on_timeout})
+    prev = {"phase": "Pending", "startTime": "2026-01-01T11:00:00Z", "waitingForCapacitySince": "2026-01-01T11:55:00Z"}
+    pending = [pod(0, "Pending"), pod(1, "Pending")]
+    waiting = js.plan_job(META, s, prev, pending, 0, NOW, no_node_fits=True)
+    assert waiting.status["phase"] == "Pending" and waiting.requeue_after == 300
+    late = {**prev, "waitingForCapacitySince": "2026-01-01T11:45:00Z"}
+    ended = js.plan_job(META, s, late, pending, 0, NOW, no_node_fits=True)
+    assert ended.status["phase"] == phase and cond(ended, COND_READY)["reason"] == "CapacityTimeout"
+    assert sorted(ended.delete) == ["j-worker-0", "j-worker-1"] and ended.create == []
+    assert any(e[1] == "CapacityTimeout" and e[0] == "Warning" for e in ended.events)
+    if on_timeout == "Suspend":
+        still = js.plan_job(META, s, ended.status, [], 0, NOW, no_node_fits=True)
+        assert still.status["phase"] == "Suspended" and still.create == []
+        retry = js.plan_job({**META, "generation": 3}, s, ended.status, [], 0, NOW, no_node_fits=True)
+        assert retry.create == [0, 1] and "capacitySuspendedGeneration" not in retry.status

@@ -1,6 +1,7 @@
 """LeptonModel builders: golden YAML for the compression Job, Deployment, Service, HPA and
 KEDA ScaledObject; table-driven checks for the rules (replica split, replicas ownership)."""
 
+import json
 import os
 import pathlib
 
@@ -123,7 +124,10 @@ def test_metric_queries(metric, query):
     ({"status": {"containerStatuses": [{"state": {"terminated": {
         "exitCode": 0, "message": '{"ratio": 3.9}'}}}]}}, ("succeeded", {"ratio": 3.9})),
     ({"status": {"containerStatuses": [{"state": {"terminated": {
-        "exitCode": 3, "message": "accuracy gate failed"}}}]}}, ("failed", {"message": "accuracy gate failed"})),
+        "exitCode": 3, "message": "accuracy gate failed"}}}]}}, ("gate-failed", {"message": "accuracy gate failed"})),
+    ({"status": {"containerStatuses": [{"state": {"terminated": {
+        "exitCode": 1, "message": '{"passed": false, "reason": "OSError"}'}}}]}},
+     ("failed", {"passed": False, "reason": "OSError"})),
     ({"status": {"phase": "Failed"}}, ("failed", None)),
 ])
 def test_read_result(pod, expected):
@@ -160,3 +164,27 @@ def test_compression_and_serving_pods_take_their_own_security_overrides():
         assert env["HOME"] == env["TMPDIR"] == "/tmp"
     # Overrides change what is served, so they make a new revision; none set leaves it as it was.
     assert s.revision() != spec().revision()
+
+
+def test_format_evaluation_and_auto_reach_the_compression_job():
+    s = parse_model("digits", {"source": {"uri": "pvc://models/minilm", "format": "huggingface"},
+                               "compression": {"method": "auto", "params": {"objective": "latency"},
+                                               "evaluation": {"type": "fidelity", "metric": "cosine",
+                                                              "threshold": 0.98, "path": "eval/samples.jsonl"}}},
+                    "trainer:1")
+    rev = s.revision()
+    src = PvcPath("models", "minilm")
+    job = objects.compression_job(OWNER, s, rev, src, artifact_path(src, "digits", rev))
+    env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LEPTON_MODEL_FORMAT"] == "huggingface" and env["LEPTON_COMPRESSION_METHOD"] == "auto"
+    assert json.loads(env["LEPTON_COMPRESSION_EVALUATION"]) == {
+        "type": "fidelity", "metric": "cosine", "threshold": 0.98, "path": "/models/eval/samples.jsonl"}
+    assert json.loads(env["LEPTON_COMPRESSION_PARAMS"]) == {"objective": "latency"}
+    # Served straight from the source (no compression), the format reaches the server.
+    plain = parse_model("digits", {"source": {"uri": "pvc://models/m.pt2", "format": "torch.export"}}, "trainer:1")
+    dep = objects.deployment(OWNER, plain, "r1", PvcPath("models", "m.pt2"), 1)
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "LEPTON_MODEL_FORMAT", "value": "torch.export"} in c["env"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8080, "grpc": 8081}
+    # An unset format and gate leave a revision's hash as it was.
+    assert spec().revision() == parse_model("digits", {**SPEC, "source": {**SPEC["source"]}}, "trainer:1").revision()

@@ -109,7 +109,11 @@ def request(method: str, url_path: str, body: Any = None, query: list[tuple[str,
 def describe(exc: BaseException) -> str:
     """A one-line description of a failed request."""
     if isinstance(exc, ApiException):
-        return f"{exc.status} {exc.reason}"
+        try:
+            message = json.loads(exc.body or "{}").get("message", "")
+        except ValueError:
+            message = (exc.body or "")[:300]
+        return f"{exc.status} {exc.reason}" + (f": {message}" if message else "")
     return f"{type(exc).__name__}: {exc}"
 
 

@@ -135,6 +135,26 @@ def apply_outcome(status: dict[str, Any], outcome: Outcome, generation: int | No
     return status
 
 
+# Conditions whose False means something the user should hear about (with Ready).
+_WATCHED = (COND_READY, "SourceAvailable", "MetricsAvailable", "Compressed")
+
+
+def transition_events(old: Iterable[Condition] | None, new: Iterable[Condition]) -> list["Event"]:
+    """An event for each watched condition whose status or reason changed: every wait and
+    every decision shows once, when it starts, not on every reconcile. Ready turning
+    False while Stalled, or another condition turning False, is a Warning."""
+    events: list[Event] = []
+    stalled = (get_condition(new, COND_STALLED) or {}).get("status") == TRUE
+    for type_ in _WATCHED:
+        now, before = get_condition(new, type_), get_condition(old, type_) or {}
+        if now is None or (now.get("status"), now.get("reason")) == (before.get("status"), before.get("reason")):
+            continue
+        bad = now.get("status") == FALSE and (type_ != COND_READY or stalled)
+        events.append((EVENT_WARNING if bad else "Normal", now.get("reason", type_),
+                       f"{type_}={now.get('status')}: {now.get('message', '')}"))
+    return events
+
+
 # --- I/O: the status writer, events, invalid specs ------------------------------------------
 
 Event = tuple[str, str, str]     # (type, reason, message)
@@ -150,17 +170,23 @@ async def write(body: Mapping[str, Any], memory: "Memory", new: dict[str, Any]) 
     memory.phases.set((meta["namespace"], meta["name"]), new.get("phase"))
 
 
+_log = logging.getLogger("lepton_operator")
+
+
 async def emit(body: Mapping[str, Any], memory: "Memory", events: Iterable[Event],
                logger: logging.Logger | None = None, once: bool = False) -> None:
-    """Post each event on ``body`` and log it (info, or warning for a Warning event).
-    ``once``: skip a message this object's loop has already posted."""
+    """Post each event on ``body`` and log it once at info (warning for a Warning event),
+    on the operator's own logger, which the default verbosity shows. ``once``: skip a
+    message this object's loop has already posted. ``logger`` is accepted for the
+    callers' symmetry with kopf and not needed."""
+    meta = body["metadata"]
     for type_, reason, message in events:
         if once:
             if message in memory.said:
                 continue
             memory.said.add(message)
-        if logger is not None:
-            (logger.warning if type_ == EVENT_WARNING else logger.info)("%s: %s", reason, message)
+        (_log.warning if type_ == EVENT_WARNING else _log.info)(
+            "%s %s/%s %s: %s", body.get("kind"), meta.get("namespace"), meta.get("name"), reason, message)
         await kube.aio(kube.emit_event, dict(body), type_, reason, message)
 
 

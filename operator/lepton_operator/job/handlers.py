@@ -155,7 +155,7 @@ async def _cluster_problems(spec: JobSpec, namespace: str, generation: int, memo
             problems.append(f"PersistentVolumeClaim {claim!r} does not exist in namespace {namespace!r}")
         else:
             memory.claims_seen.add((generation, claim))
-    if spec.resources.gpus:
+    if spec.resources.gpus and spec.capacity.mode == "observed":
         _, largest = state.worker_slots(nodes, {}, spec.resources.gpus, spec.node_selector,
                                         objects.tolerations(spec))
         if largest < spec.resources.gpus:
@@ -186,17 +186,18 @@ def _observe(spec: JobSpec, memory: JobMemory, pods: Iterable[state.PodView]) ->
     return _Observed(by_name, views, vanished)
 
 
-def _free_slots(spec: JobSpec, indices: dict[str, Any], nodes: list[state.NodeView]) -> int:
-    """Workers of this spec that fit on the GPUs free now (pods created but not yet seen
-    hold their GPUs for a while, so two jobs never count the same GPUs)."""
+def _free_slots(spec: JobSpec, indices: dict[str, Any], nodes: list[state.NodeView]) -> tuple[int, bool]:
+    """(workers of this spec that fit on the GPUs free now, whether no current node can
+    hold one at all). Pods created but not yet seen hold their GPUs for a while, so two
+    jobs never count the same GPUs."""
     now = time.monotonic()
     usage = indices["lepton_gpu_usage"]
     used = {node: sum(store) for node, store in usage.items() if node}
     unscheduled = sum(usage.get(None, [])) + sum(g for g, t in _reserved_gpus.values()
                                                  if now - t < PENDING_CREATE_TTL)
-    slots, _ = state.worker_slots(nodes, used, spec.resources.gpus, spec.node_selector,
-                                  objects.tolerations(spec), unscheduled)
-    return slots
+    slots, largest = state.worker_slots(nodes, used, spec.resources.gpus, spec.node_selector,
+                                        objects.tolerations(spec), unscheduled)
+    return slots, bool(spec.resources.gpus) and largest < spec.resources.gpus
 
 
 def _writes(owner: dict[str, Any], spec: JobSpec, plan: state.Plan, observed: _Observed, memory: JobMemory,
@@ -245,10 +246,10 @@ async def _reconcile(body: kopf.Body, memory: JobMemory, indices: dict[str, Any]
 
     # Observe, measure, plan.
     observed = _observe(spec, memory, indices["lepton_job_workers"].get(key, []))
-    slots = _free_slots(spec, indices, nodes)
+    slots, no_node_fits = _free_slots(spec, indices, nodes)
     plan = state.plan_job(meta, spec, memory.status, observed.views, slots,
                           _dt.datetime.now(_dt.timezone.utc), memory.handled, observed.vanished,
-                          objects.worker_selector(name), objects.template_hash(spec))
+                          objects.worker_selector(name), objects.template_hash(spec), no_node_fits)
 
     # Restart counts are made durable before the pods they count are deleted.
     if plan.counted_uids or observed.vanished or plan.delete_job:
@@ -267,8 +268,11 @@ async def _reconcile(body: kopf.Body, memory: JobMemory, indices: dict[str, Any]
 
     # Autoscale, then report.
     tick = await autoscale.tick(body, spec, memory, memory.autoscaler, plan.status, slots, logger)
+    old_conditions = memory.status.get("conditions")
     await st.write(body, memory, plan.status)
-    await st.emit(body, memory, plan.events, logger)
+    decided = {reason for _, reason, _ in plan.events}
+    waits = [e for e in st.transition_events(old_conditions, plan.status["conditions"]) if e[1] not in decided]
+    await st.emit(body, memory, plan.events + waits, logger)
     memory.known_active = {p.uid: p.name for p in observed.pods.values()
                            if p.active and p.uid not in memory.deleted}
     delays = [d for d in (plan.requeue_after, tick) if d is not None]

@@ -40,7 +40,7 @@ Obj = dict[str, Any]
 RDZV_RESOURCES = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}}
 # JobSpec fields that do not shape a worker pod (sizing, lifecycle, autoscaling).
 _NOT_TEMPLATE = ("suspend", "backoff_limit", "active_deadline_seconds", "ttl_seconds_after_finished",
-                 "autoscaling")
+                 "autoscaling", "capacity")
 
 
 def rdzv_name(job: str) -> str:

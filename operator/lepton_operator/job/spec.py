@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from lepton_trainer import contract
 
 from ..constants import CHILD_SUFFIX_MAX, JOB_NAME_MAX
-from ..core.fields import InvalidSpec, Resources, integer, number, quantity, valid_claim_name, validate_name
+from ..core.fields import InvalidSpec, Resources, choice, integer, number, quantity, valid_claim_name, validate_name
 
 DEFAULT_MODULE = "lepton_trainer.train"
 MAX_WORKERS = 999
@@ -61,6 +61,24 @@ class Autoscaling:
     interval_seconds: float = 5.0
 
 
+CAPACITY_MODES = ("provision", "observed")
+ON_CAPACITY_TIMEOUT = ("Fail", "Suspend")
+
+
+@dataclasses.dataclass(frozen=True)
+class Capacity:
+    """``spec.capacity``: what the job does when no current node can run a worker.
+
+    ``provision`` (default): create the gang at ``workers.min`` as Pending pods, the signal
+    a cluster autoscaler or Karpenter provisions nodes for, and wait ``timeout_seconds``
+    for them; then fail or suspend. ``observed``: the cluster is what it is (fixed pools):
+    a worker no node can ever hold is an invalid spec.
+    """
+    mode: str = "provision"
+    timeout_seconds: int = 1800
+    on_timeout: str = "Fail"
+
+
 @dataclasses.dataclass(frozen=True)
 class JobSpec:
     image: str
@@ -87,6 +105,7 @@ class JobSpec:
     pod_security_context: Mapping[str, Any]
     security_context: Mapping[str, Any]
     autoscaling: Autoscaling | None
+    capacity: Capacity = Capacity()
 
     @property
     def claim_names(self) -> tuple[str, ...]:
@@ -111,6 +130,12 @@ def _mount(raw: Mapping[str, Any] | None, default_path: str, default_claim: str 
     if sub_path.startswith("/") or ".." in sub_path.split("/"):
         problems.append(f"{where}.subPath must be relative and must not contain '..', got {sub_path!r}")
     return Mount(claim, path, sub_path)
+
+
+def _capacity(raw: Mapping[str, Any], problems: list[str]) -> Capacity:
+    return Capacity(choice(raw.get("mode", "provision"), CAPACITY_MODES, problems, "capacity.mode"),
+                    integer(raw, "timeoutSeconds", 1800, 1, 7 * 86400, problems, "capacity."),
+                    choice(raw.get("onTimeout", "Fail"), ON_CAPACITY_TIMEOUT, problems, "capacity.onTimeout"))
 
 
 def _autoscaling(raw: Mapping[str, Any] | None, problems: list[str]) -> Autoscaling | None:
@@ -197,6 +222,7 @@ def parse_job(name: str, spec: Mapping[str, Any] | None, default_image: str,
         pod_security_context=dict(spec.get("podSecurityContext") or {}),
         security_context=dict(spec.get("securityContext") or {}),
         autoscaling=_autoscaling(spec.get("autoscaling"), problems),
+        capacity=_capacity(spec.get("capacity") or {}, problems),
     )
     if problems:
         raise InvalidSpec(problems)

@@ -6,8 +6,8 @@
 
 It reads as a list of named steps, in the manner of Argo Rollouts' ``rolloutCanary``:
 a finished job stays finished; suspend; resume; count failures (and fail past
-``backoffLimit``); the deadline; completion; replace workers of a stale template; size
-the group; summarise. A step that settles the job returns an ``Outcome`` and ends the
+``backoffLimit``); the deadline; the capacity deadline; completion; replace workers of a
+stale template; size the group (provisioning a pool at zero); summarise. A step that settles the job returns an ``Outcome`` and ends the
 plan; the others only add to it.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterable, Mapping
 from ..constants import (ANNOTATION_GENERATION, ANNOTATION_SPEC_HASH, COND_READY, EVENT_NORMAL,
                          EVENT_WARNING, GPU_RESOURCE, LABEL_WORKER_INDEX, PHASE_FAILED, PHASE_PENDING,
                          PHASE_RESTARTING, PHASE_RUNNING, PHASE_SCALING, PHASE_SUCCEEDED,
-                         PHASE_SUSPENDED, REASON_BACKOFF_LIMIT, REASON_CREATING, REASON_DEADLINE,
+                         PHASE_SUSPENDED, REASON_BACKOFF_LIMIT, REASON_CAPACITY_TIMEOUT, REASON_CREATING,
+                         REASON_DEADLINE,
                          REASON_RESTARTING, REASON_RESUMED, REASON_RUNNING, REASON_SCALING,
                          REASON_SUCCEEDED, REASON_SUSPENDED, REASON_TEMPLATE_CHANGED,
                          REASON_TTL_EXPIRED, REASON_WAITING_FOR_CAPACITY, REASON_WORKER_DISRUPTED,
@@ -198,6 +199,7 @@ class _Job:
     template: str
     generation: int | None
     prev_phase: str | None
+    no_node_fits: bool = False         # no current node can hold a worker (a pool at zero)
     failed_now: list[PodView] = dataclasses.field(default_factory=list)
     stale: list[PodView] = dataclasses.field(default_factory=list)
     capacity_short: bool = False
@@ -209,6 +211,11 @@ class _Job:
     @property
     def restarts(self) -> dict[str, int]:
         return self.plan.status["restarts"]
+
+    @property
+    def provisioning(self) -> bool:
+        """The gang's Pending pods ask a cluster autoscaler for nodes that do not exist yet."""
+        return self.no_node_fits and self.spec.capacity.mode == "provision"
 
 
 def _seconds_left(start: str | None, limit: int | None, now: _dt.datetime) -> float | None:
@@ -289,6 +296,8 @@ def count_failures(job: _Job) -> Outcome | None:
         last = f"; last: {job.failed_now[-1].message}" if job.failed_now else ""
         return _terminal(job, PHASE_FAILED, REASON_BACKOFF_LIMIT,
                          f"{restarts['counted']} worker failures exceed backoffLimit {job.spec.backoff_limit}{last}")
+    # Workers replaced after a failure or a disruption: restarts that really happen.
+    job.status["restartCount"] = job.status.get("restartCount", 0) + len(job.failed_now) + job.vanished
     return None
 
 
@@ -300,6 +309,32 @@ def check_deadline(job: _Job) -> Outcome | None:
                          f"the job ran longer than activeDeadlineSeconds={job.spec.active_deadline_seconds}")
     job.plan.requeue_after = left
     return None
+
+
+def check_capacity_timeout(job: _Job) -> Outcome | None:
+    """A wait for GPU capacity ends after ``capacity.timeoutSeconds``: the job fails, or its
+    workers are released (Suspended) until its spec changes."""
+    c, status = job.spec.capacity, job.status
+    held = status.get("capacitySuspendedGeneration")
+    if held is not None and held != job.generation:        # the spec changed: try again
+        status.pop("capacitySuspendedGeneration")
+        status.pop("waitingForCapacitySince", None)
+        held = None
+    if held is None:
+        left = _seconds_left(status.get("waitingForCapacitySince"), c.timeout_seconds, job.now)
+        if left is None or left > 0:
+            if left is not None:
+                job.plan.requeue_after = min(left, job.plan.requeue_after or left)
+            return None
+        message = f"no GPU capacity for {job.spec.workers.min} worker(s) within capacity.timeoutSeconds={c.timeout_seconds}"
+        if c.on_timeout == "Fail":
+            return _terminal(job, PHASE_FAILED, REASON_CAPACITY_TIMEOUT, message)
+        status["capacitySuspendedGeneration"] = job.generation
+        job.plan.events.append((EVENT_WARNING, REASON_CAPACITY_TIMEOUT, message + "; workers released"))
+    job.plan.delete = [p.name for p in job.pods if not p.deleting]
+    return Outcome(PHASE_SUSPENDED, REASON_CAPACITY_TIMEOUT,
+                   f"no GPU capacity within capacity.timeoutSeconds={c.timeout_seconds}; workers released. "
+                   "Any change of the job's spec tries again", settled=True)
 
 
 def check_completion(job: _Job) -> Outcome | None:
@@ -340,7 +375,9 @@ def size_group(job: _Job) -> None:
     gang = max(w.min - have, 0)
     if want:
         if gang and job.free_slots < gang:
-            want, job.capacity_short = 0, True
+            # All or nothing on nodes that exist; on a pool at zero, the gang's Pending pods are
+            # the demand the cluster autoscaler provisions for (nothing beyond min).
+            want, job.capacity_short = (gang if job.provisioning else 0), True
         else:
             job.capacity_short = job.free_slots < want
             want = min(want, job.free_slots)
@@ -366,10 +403,16 @@ def summarise(job: _Job) -> Outcome:
                        f"replacing failed workers ({restarts['counted']} counted, "
                        f"{restarts['uncounted']} uncounted restarts)")
     if len(running) < w.min:
+        if job.provisioning and job.capacity_short:
+            return Outcome(PHASE_PENDING, REASON_WAITING_FOR_CAPACITY,
+                           f"no current node can run a worker ({job.spec.resources.gpus} GPU each); {w.min} "
+                           f"Pending worker(s) ask the cluster autoscaler for nodes, for at most "
+                           f"{job.spec.capacity.timeout_seconds}s")
         if job.capacity_short and not job.active:
             return Outcome(PHASE_PENDING, REASON_WAITING_FOR_CAPACITY,
                            f"waiting for GPU capacity for {w.min} workers "
-                           f"({job.spec.resources.gpus} GPU each); {job.free_slots} fit now")
+                           f"({job.spec.resources.gpus} GPU each); {job.free_slots} fit now, for at most "
+                           f"{job.spec.capacity.timeout_seconds}s")
         return Outcome(PHASE_PENDING, REASON_CREATING, f"{len(running)}/{w.min} workers running (min {w.min})")
     short = f"; {w.replicas - total} more wait for GPU capacity" if job.capacity_short else ""
     if len(running) < total or plan.delete:
@@ -380,7 +423,7 @@ def summarise(job: _Job) -> Outcome:
 
 
 SETTLING_STEPS: tuple[Callable[[_Job], Outcome | None], ...] = (
-    stay_terminal, suspend, resume, count_failures, check_deadline, check_completion)
+    stay_terminal, suspend, resume, count_failures, check_deadline, check_capacity_timeout, check_completion)
 SHAPING_STEPS: tuple[Callable[[_Job], None], ...] = (replace_stale, size_group)
 
 
@@ -389,13 +432,19 @@ def _report(job: _Job, outcome: Outcome, selector: str) -> Plan:
     plan, status, w = job.plan, job.plan.status, job.spec.workers
     plan.outcome = outcome
     st.apply_outcome(status, outcome, job.generation, st.now_iso(job.now))
+    if outcome.reason == REASON_WAITING_FOR_CAPACITY:     # the capacity deadline counts from here
+        status.setdefault("waitingForCapacitySince", st.now_iso(job.now))
+    elif outcome.reason != REASON_CAPACITY_TIMEOUT:
+        status.pop("waitingForCapacitySince", None)
     running = [p for p in job.active if p.phase == "Running"]
     status["workers"] = {"desired": w.replicas, "scheduled": sum(1 for p in job.active if p.node),
                          "running": len(running), "ready": sum(1 for p in running if p.ready)}
     status["replicas"] = (len(job.active) - sum(1 for p in job.active if p.name in plan.delete)
                           + len(plan.create))
     status["selector"] = selector
-    status["workersReady"] = f"{status['workers']['ready']}/{w.replicas}"
+    # A finished or suspended job runs no workers: READY says so instead of "0/N".
+    status["workersReady"] = ("-" if outcome.phase in TERMINAL_PHASES or outcome.phase == PHASE_SUSPENDED
+                              else f"{status['workers']['ready']}/{w.replicas}")
     if outcome.phase != job.prev_phase:
         plan.events.append((EVENT_WARNING if outcome.phase == PHASE_FAILED else EVENT_NORMAL, outcome.reason,
                             f"{job.prev_phase or 'New'} -> {outcome.phase}: {outcome.message}"))
@@ -405,7 +454,7 @@ def _report(job: _Job, outcome: Outcome, selector: str) -> Plan:
 def plan_job(meta: Mapping[str, Any], spec: JobSpec, prev: Mapping[str, Any] | None,
              pods: Iterable[PodView], free_slots: int, now: _dt.datetime,
              handled_uids: Iterable[str] = (), vanished: int = 0,
-             selector: str = "", template: str = "") -> Plan:
+             selector: str = "", template: str = "", no_node_fits: bool = False) -> Plan:
     """Decide the next step for a job.
 
     ``handled_uids``: failed pods whose failure was already counted (they may still show
@@ -415,14 +464,18 @@ def plan_job(meta: Mapping[str, Any], spec: JobSpec, prev: Mapping[str, Any] | N
     worker template the current spec builds (``objects.template_hash``); active workers
     built from another template at an older job generation are replaced together (the
     group re-forms once, from the checkpoint); that restart is not a failure, so it
-    counts against neither maxRestarts nor backoffLimit.
+    counts against neither maxRestarts nor backoffLimit. ``no_node_fits``: no current node
+    matching the workers' selector and tolerations has their GPUs (``capacity.mode``
+    decides what that means).
     """
     status = copy.deepcopy(dict(prev or {}))
     status.setdefault("restarts", {"counted": 0, "uncounted": 0})
+    status.setdefault("restartCount", 0)
     pods = sorted(pods, key=lambda p: p.index)
     job = _Job(spec=spec, plan=Plan(status=status), pods=pods, active=[p for p in pods if p.active],
                free_slots=free_slots, now=now, handled=set(handled_uids), vanished=vanished,
-               template=template, generation=meta.get("generation"), prev_phase=status.get("phase"))
+               template=template, generation=meta.get("generation"), prev_phase=status.get("phase"),
+               no_node_fits=no_node_fits)
     for step in SETTLING_STEPS:
         outcome = step(job)
         if outcome is not None:

@@ -40,9 +40,9 @@ async def tick(body: Mapping[str, Any], spec: ModelSpec, memory: Memory, auto: A
     """One tick; updates ``auto.total`` and ``status["autoscaling"]`` and returns the
     seconds until the next tick."""
     a = spec.autoscaling
+    floor = min(spec.floor, a.max_replicas)
     if auto.total is None:
-        auto.total = max(a.min_replicas, min(a.max_replicas,
-                                             status.get("desiredReplicas") or spec.serving.replicas or 1))
+        auto.total = max(floor, min(a.max_replicas, status.get("desiredReplicas") or spec.serving.replicas or 1))
     now = time.monotonic()
     left = auto.last_tick + a.interval_seconds - now
     if left > 0:
@@ -51,7 +51,7 @@ async def tick(body: Mapping[str, Any], spec: ModelSpec, memory: Memory, auto: A
     meta = body["metadata"]
     query = objects.metric_query(a, meta["namespace"], meta["name"])
     result = await prometheus.client().query(query)
-    pol = policy.InferencePolicy(a.target, a.min_replicas, a.max_replicas, a.stable_window_seconds,
+    pol = policy.InferencePolicy(a.target, floor, a.max_replicas, a.stable_window_seconds,
                                  a.panic_window_seconds, a.panic_threshold, a.scale_down_delay_seconds,
                                  a.additive)
     decision, auto.state = policy.decide_inference(pol, auto.state, now, result.value, auto.total)

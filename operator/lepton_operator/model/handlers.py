@@ -18,9 +18,9 @@ from typing import Any
 import kopf
 
 from .. import config, metrics
-from ..constants import (API_VERSION, EVENT_WARNING, GROUP, JOB_KIND, JOB_PLURAL, LABEL_MODEL, LABEL_REVISION,
-                         LABEL_ROLE, MODEL_KIND, MODEL_PLURAL, MPHASE_PENDING, REASON_SOURCE_NOT_FOUND,
-                         ROLE_COMPRESSION, ROLE_SERVING, VERSION)
+from ..constants import (ANNOTATION_ABORT, ANNOTATION_RESUME, API_VERSION, EVENT_WARNING, GROUP, JOB_KIND,
+                         JOB_PLURAL, LABEL_MODEL, LABEL_REVISION, LABEL_ROLE, MODEL_KIND, MODEL_PLURAL,
+                         MPHASE_PENDING, REASON_SOURCE_NOT_FOUND, ROLE_COMPRESSION, ROLE_SERVING, VERSION)
 from ..core import kube
 from ..core import status as st
 from ..core.fields import InvalidSpec
@@ -39,6 +39,7 @@ class ModelMemory(Memory):
     route: tuple | None = None          # (generation, backends) of the last applied HTTPRoute
     revision_services: set[str] = dataclasses.field(default_factory=set)
     claims_seen: set[str] = dataclasses.field(default_factory=set)   # source PVCs known to exist
+    query_problems: tuple | None = None  # (generation, problems Prometheus found in its PromQL)
 
 
 _loops = ReconcileLoops(MODEL_KIND, lambda status: ModelMemory(status=status, phases=metrics.MODELS_BY_PHASE))
@@ -120,7 +121,7 @@ async def _size(body: kopf.Body, spec: ModelSpec, memory: ModelMemory, deploymen
         delay = await autoscale.tick(body, spec, memory, memory.autoscaler, status, logger)
         return memory.autoscaler.total, delay
     stable = deployments.get((status.get("revisions") or {}).get("stable"))
-    return (stable or {}).get("spec", {}).get("replicas") or a.min_replicas, None
+    return (stable or {}).get("spec", {}).get("replicas") or spec.floor, None
 
 
 async def _resolve_source(spec: ModelSpec, namespace: str, memory: ModelMemory) -> state.SourceState:
@@ -159,14 +160,52 @@ async def _compression(owner: dict, spec: ModelSpec, revision: str, source_uri: 
     return state.compression_state(current, pods)
 
 
-async def _analyse(spec: ModelSpec, namespace: str, name: str, revision: str) -> list:
-    """Run each analysis query of the canary ``revision`` once: (check, result) pairs."""
+async def _query_problems(spec: ModelSpec, namespace: str, name: str, memory: ModelMemory,
+                          generation: int | None) -> list[str]:
+    """PromQL that Prometheus cannot parse, found before any canary exists (once per
+    generation; an unreachable Prometheus finds nothing and measurements say so later)."""
+    if memory.query_problems is not None and memory.query_problems[0] == generation:
+        return memory.query_problems[1]
+    queries = [(f"rollout.analysis[{i}] {c.name!r}", c.query) for i, c in enumerate(spec.rollout.analysis)]
+    if spec.autoscaling is not None and spec.autoscaling.metric == "query":
+        queries.append(("autoscaling.query", spec.autoscaling.query or ""))
+    problems = []
+    for where, query in queries:
+        why = await prometheus.client().validate(render_query(query, namespace, name, "revision"))
+        if why:
+            problems.append(f"{where}: Prometheus cannot parse {query!r}: {why}")
+    memory.query_problems = (generation, problems)
+    return problems
+
+
+async def _analyse(checks: list, namespace: str, name: str, revision: str) -> list:
+    """Measure each due check of the canary ``revision`` once: (check, result) pairs."""
     results = [(check, await prometheus.client().query(render_query(check.query, namespace, name, revision)))
-               for check in spec.rollout.analysis]
+               for check in checks]
     for check, result in results:
-        metrics.ANALYSIS.labels(check.name, "nodata" if not result.ok else
-                                "fail" if check.failed(result.value) else "pass").inc()
+        metrics.ANALYSIS.labels(namespace, name, check.name, check.judge(result)[0]).inc()
     return results
+
+
+async def _traffic(spec: ModelSpec, status: dict[str, Any], namespace: str, name: str, now: float) -> float | None:
+    """Requests the canary served since its step's pods were ready (for rollout.minRequests)."""
+    revs = status.get("revisions") or {}
+    ready = st.parse_time(revs.get("stepReadyTime"))
+    if not spec.rollout.min_requests or not revs.get("canary") or ready is None:
+        return None
+    seconds = max(int(now - ready.timestamp()), 1)
+    return (await prometheus.client().query(objects.traffic_query(namespace, name, revs["canary"], seconds))).value
+
+
+def _decision(body: kopf.Body, status: dict[str, Any]) -> str | None:
+    """A person's "resume" or "abort" of the paused canary (the annotation names it)."""
+    canary = (status.get("revisions") or {}).get("canary")
+    annotations = body["metadata"].get("annotations") or {}
+    if canary and annotations.get(ANNOTATION_ABORT) == canary:
+        return "abort"
+    if canary and annotations.get(ANNOTATION_RESUME) == canary:
+        return "resume"
+    return None
 
 
 async def _apply(body: kopf.Body, spec: ModelSpec, plan: state.Plan, revision: str | None,
@@ -205,8 +244,8 @@ async def _apply(body: kopf.Body, spec: ModelSpec, plan: state.Plan, revision: s
     routed = await _route(owner, revs, memory, generation)
     if hpa_owned and revs.get("stable"):
         target = objects.deployment_name(name, revs["stable"])
-        obj = (objects.hpa(owner, a, target) if a.engine == "hpa"
-               else objects.scaled_object(owner, a, target, config.get().prometheus_url))
+        obj = (objects.hpa(owner, a, target, spec.floor) if a.engine == "hpa"
+               else objects.scaled_object(owner, a, target, config.get().prometheus_url, spec.floor))
         try:
             await kube.aio(kube.apply, obj)
         except kube.ApiException as exc:
@@ -245,6 +284,10 @@ def _report(spec: ModelSpec, plan: state.Plan, memory: ModelMemory, meta: dict, 
     new["url"] = objects.url(meta["name"], meta["namespace"])
     new["desiredReplicas"] = total
     new["trafficRouting"] = "HTTPRoute" if routed else "ReplicaRatio"
+    if spec.autoscaling is not None:
+        new["autoscaling"] = {**(new.get("autoscaling") or {}), "floor": spec.floor,
+                              "floorFrom": "spec.serving.replicas" if spec.floor > spec.autoscaling.min_replicas
+                              else "autoscaling.minReplicas"}
     for cond_type, status_, reason, message in plan.conditions:
         new["conditions"] = st.set_condition(new["conditions"], cond_type, status_, reason, message,
                                              observed_generation=generation)
@@ -262,6 +305,9 @@ async def _reconcile(body: kopf.Body, memory: ModelMemory, logger: logging.Logge
     namespace, name = meta["namespace"], meta["name"]
     try:
         spec = parse_model(name, body.get("spec"), settings.trainer_image, settings.image_pull_policy)
+        problems = await _query_problems(spec, namespace, name, memory, meta.get("generation"))
+        if problems:
+            raise InvalidSpec(problems)
     except InvalidSpec as exc:
         await st.report_invalid(body, memory, exc.problems, MPHASE_PENDING, logger)
         return None
@@ -274,21 +320,28 @@ async def _reconcile(body: kopf.Body, memory: ModelMemory, logger: logging.Logge
     new = dict(memory.status)
     total, tick = await _size(body, spec, memory, deployments, new, logger)
     source = await _resolve_source(spec, namespace, memory)
-    revision = spec.revision(source.uri) if source.uri else None
+    revision = spec.revision(source.uri, source.identity) if source.uri else None
     comp = None
     if revision and spec.compression.runs_job and revision != (new.get("revisions") or {}).get("stable"):
         comp = await _compression(_owner(body), spec, revision, source.uri, memory)
 
     now = time.time()
     due = state.analysis_due(spec, new, revision, now)
-    analysis = await _analyse(spec, namespace, name, due) if due else None
+    traffic = await _traffic(spec, new, namespace, name, now)
+    if traffic is not None and traffic < spec.rollout.min_requests:
+        due = []                       # not judged on too little traffic
+    analysis = await _analyse(due, namespace, name, revision) if due else None
     views = {r: state.deployment_view(d) for r, d in deployments.items()}
     hpa_owned = spec.autoscaling is not None and spec.autoscaling.engine != "builtin"
-    plan = state.plan(spec, name, new, source, revision, comp, total, views, now,
-                      analysis=analysis, hold_stable=hpa_owned)
+    plan = state.plan(spec, name, new, source, revision, comp, total, views, now, analysis=analysis,
+                      hold_stable=hpa_owned, decision=_decision(body, new), traffic=traffic, namespace=namespace)
 
     routed = await _apply(body, spec, plan, revision, deployments, memory, logger)
-    await st.write(body, memory, _report(spec, plan, memory, meta, total, routed))
-    await st.emit(body, memory, plan.events, logger)
+    old_conditions = memory.status.get("conditions")
+    new = _report(spec, plan, memory, meta, total, routed)
+    await st.write(body, memory, new)
+    decided = {reason for _, reason, _ in plan.events}
+    waits = [e for e in st.transition_events(old_conditions, new["conditions"]) if e[1] not in decided]
+    await st.emit(body, memory, plan.events + waits, logger)
     delays = [d for d in (tick, plan.requeue_after) if d is not None]
     return min(delays) if delays else None

@@ -7,7 +7,7 @@
   JSON to the termination-message file, where the operator reads it (``model.state``);
 - one Deployment per revision, ``<model>-<revision>``, running
   ``python -m lepton_trainer.serve`` with readiness on ``/v2/health/ready``;
-- one Service, ``<model>``, selecting the serving pods of every revision, so a canary's
+- one Service, ``<model>`` (ports ``http`` and ``grpc``), selecting the serving pods of every revision, so a canary's
   share of traffic is its share of ready replicas (``split``);
 - where the Gateway API is installed, also a Service per revision and an HTTPRoute on the
   model's Service whose backend weights are the canary weight exactly;
@@ -38,6 +38,7 @@ COMPRESSION_MOUNT = "/models"
 COMPRESSION_RESOURCES = Resources(cpu="1", memory="2Gi")   # when the spec sets none
 MOUNT = "/model"
 PORT_NAME = "http"
+GRPC_PORT_NAME = "grpc"
 KEDA_API_VERSION = "keda.sh/v1alpha1"
 # External metric names an HPA reads (served by a Prometheus adapter rule of the same name).
 HPA_METRIC_NAMES = {"rps": "lepton_serve_requests_per_second",
@@ -82,6 +83,13 @@ def compression_job(owner: Mapping[str, Any], spec: ModelSpec, revision: str, so
     ]
     if c.max_accuracy_drop is not None:
         variables.append(env(contract.ENV_MAX_ACCURACY_DROP, c.max_accuracy_drop))
+    if c.evaluation:                 # its path is on the source claim, mounted at COMPRESSION_MOUNT
+        evaluation = dict(c.evaluation)
+        if evaluation.get("path"):
+            evaluation["path"] = f"{COMPRESSION_MOUNT}/{evaluation['path']}"
+        variables.append(env(contract.ENV_COMPRESSION_EVALUATION, json.dumps(evaluation, sort_keys=True)))
+    if spec.source.format:
+        variables.append(env(contract.ENV_MODEL_FORMAT, spec.source.format))
     res = c.resources if c.resources != Resources() else COMPRESSION_RESOURCES
     container = {
         "name": "compress",
@@ -164,6 +172,8 @@ def deployment(owner: Mapping[str, Any], spec: ModelSpec, revision: str, model_d
         env(contract.ENV_MODEL_REVISION, revision),
         env(contract.ENV_MAX_BATCH_SIZE, s.max_batch_size),
         env(contract.ENV_MAX_BATCH_DELAY_MS, s.max_batch_delay_ms),
+        *([env(contract.ENV_MODEL_FORMAT, spec.source.format)] if spec.source.format and not spec.compression.runs_job
+          else []),
         *scratch_env(),
         *(copy.deepcopy(dict(v)) for v in s.env),
     ]
@@ -177,7 +187,8 @@ def deployment(owner: Mapping[str, Any], spec: ModelSpec, revision: str, model_d
         "imagePullPolicy": s.image_pull_policy,
         "command": ["python", "-m", "lepton_trainer.serve"],
         "env": variables,
-        "ports": [{"name": PORT_NAME, "containerPort": contract.SERVE_PORT, "protocol": "TCP"}],
+        "ports": [{"name": PORT_NAME, "containerPort": contract.SERVE_PORT, "protocol": "TCP"},
+                  {"name": GRPC_PORT_NAME, "containerPort": contract.GRPC_PORT, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {**http, "path": contract.HEALTH_READY_PATH},
                            "periodSeconds": 2, "failureThreshold": 2},
         "livenessProbe": {"httpGet": {**http, "path": contract.HEALTH_LIVE_PATH},
@@ -213,14 +224,19 @@ def deployment(owner: Mapping[str, Any], spec: ModelSpec, revision: str, model_d
             "metadata": meta(owner, deployment_name(model, revision), lbls), "spec": dep_spec}
 
 
+def _service_ports() -> list[Obj]:
+    """REST (Open Inference Protocol v2 over HTTP, and /metrics) and v2 gRPC."""
+    return [{"name": PORT_NAME, "port": contract.SERVE_PORT, "targetPort": PORT_NAME, "protocol": "TCP"},
+            {"name": GRPC_PORT_NAME, "port": contract.GRPC_PORT, "targetPort": GRPC_PORT_NAME, "protocol": "TCP"}]
+
+
 def service(owner: Mapping[str, Any]) -> Obj:
     """ClusterIP Service over the serving pods of every revision."""
     model = owner["metadata"]["name"]
     lbls = labels(model, ROLE_SERVING)
     return {"apiVersion": "v1", "kind": "Service", "metadata": meta(owner, service_name(model), lbls),
             "spec": {"selector": service_selector(model),
-                     "ports": [{"name": PORT_NAME, "port": contract.SERVE_PORT, "targetPort": PORT_NAME,
-                                "protocol": "TCP"}]}}
+                     "ports": _service_ports()}}
 
 
 # --- Gateway API traffic split ----------------------------------------------------------
@@ -234,8 +250,7 @@ def revision_service(owner: Mapping[str, Any], revision: str) -> Obj:
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": meta(owner, deployment_name(model, revision), labels(model, ROLE_SERVING, revision)),
             "spec": {"selector": {LABEL_MODEL: model, LABEL_REVISION: revision},
-                     "ports": [{"name": PORT_NAME, "port": contract.SERVE_PORT, "targetPort": PORT_NAME,
-                                "protocol": "TCP"}]}}
+                     "ports": _service_ports()}}
 
 
 def http_route(owner: Mapping[str, Any], backends: list[tuple[str, int]]) -> Obj:
@@ -282,7 +297,13 @@ def _behavior(a: Autoscaling) -> Obj:
             "scaleDown": {"stabilizationWindowSeconds": a.scale_down_delay_seconds}}
 
 
-def hpa(owner: Mapping[str, Any], a: Autoscaling, target_deployment: str) -> Obj:
+def traffic_query(namespace: str, model: str, revision: str, seconds: int) -> str:
+    """Requests one revision served in the last ``seconds`` (the canary's traffic guard)."""
+    sel = f'{metric_selector(namespace, model)},{contract.METRICS_REVISION_LABEL}="{revision}"'
+    return f"sum(increase({contract.METRIC_SERVE_REQUESTS}{{{sel}}}[{seconds}s]))"
+
+
+def hpa(owner: Mapping[str, Any], a: Autoscaling, target_deployment: str, floor: int | None = None) -> Obj:
     """autoscaling/v2 HPA on an External metric selected by model and namespace labels."""
     m = owner["metadata"]
     model, ns = m["name"], m["namespace"]
@@ -294,7 +315,7 @@ def hpa(owner: Mapping[str, Any], a: Autoscaling, target_deployment: str) -> Obj
         "metadata": meta(owner, model, lbls),
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target_deployment},
-            "minReplicas": a.min_replicas, "maxReplicas": a.max_replicas,
+            "minReplicas": max(a.min_replicas, floor or 0), "maxReplicas": a.max_replicas,
             "metrics": [{"type": "External", "external": {
                 "metric": {"name": HPA_METRIC_NAMES[a.metric], "selector": {"matchLabels": {
                     contract.METRICS_MODEL_LABEL: model, contract.METRICS_MODEL_NAMESPACE_LABEL: ns}}},
@@ -305,7 +326,7 @@ def hpa(owner: Mapping[str, Any], a: Autoscaling, target_deployment: str) -> Obj
 
 
 def scaled_object(owner: Mapping[str, Any], a: Autoscaling, target_deployment: str,
-                  prometheus_url: str) -> Obj:
+                  prometheus_url: str, floor: int | None = None) -> Obj:
     """KEDA ScaledObject with a prometheus trigger. ``ignoreNullValues: false`` makes an
     empty answer an error, which KEDA's HPA treats as "hold", never as zero."""
     m = owner["metadata"]
@@ -317,7 +338,7 @@ def scaled_object(owner: Mapping[str, Any], a: Autoscaling, target_deployment: s
         "metadata": meta(owner, model, lbls),
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target_deployment},
-            "minReplicaCount": a.min_replicas, "maxReplicaCount": a.max_replicas,
+            "minReplicaCount": max(a.min_replicas, floor or 0), "maxReplicaCount": a.max_replicas,
             "pollingInterval": max(1, math.ceil(a.interval_seconds)),
             "advanced": {"horizontalPodAutoscalerConfig": {"behavior": _behavior(a)}},
             "triggers": [{"type": "prometheus", "metricType": kind, "metadata": {

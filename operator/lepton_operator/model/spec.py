@@ -21,7 +21,7 @@ from ..scaling import prometheus
 
 __all__ = ["InvalidSpec", "ModelSpec", "PvcPath", "parse_model", "parse_uri", "artifact_path", "render_query"]
 
-METHODS = ("int8", "fp16", "bf16", "prune", "distill", "none")
+METHODS = contract.COMPRESSION_METHODS
 STRATEGIES = ("canary", "replace")
 ENGINES = ("builtin", "hpa", "keda")
 METRICS = ("rps", "inflight", "p95latency", "query")
@@ -36,6 +36,7 @@ ARTIFACT_ROOT = "lepton-models"   # artifacts: <claim>/lepton-models/<model>/<re
 class Source:
     job_name: str | None = None
     uri: str | None = None
+    format: str | None = None        # contract.MODEL_FORMATS; None: detected from the directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Compression:
     pod_annotations: Mapping[str, str] = dataclasses.field(default_factory=dict)
     pod_security_context: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     security_context: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    evaluation: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # the gate (contract.EVALUATION_*)
 
     @property
     def runs_job(self) -> bool:
@@ -84,16 +86,53 @@ class Step:
     pause_seconds: int = 0
 
 
+# Measurement verdicts (the names of Argo Rollouts' analysis phases).
+SUCCESSFUL, FAILED, INCONCLUSIVE, ERROR = "Successful", "Failed", "Inconclusive", "Error"
+ON_INCONCLUSIVE = ("rollback", "pause")
+
+
 @dataclasses.dataclass(frozen=True)
 class Check:
-    """One analysis query: the value must be <= ``max`` and/or >= ``min``."""
+    """One analysis query: every series' value must be <= ``max`` and/or >= ``min``.
+
+    It is measured ``count`` times, every ``interval_seconds``; the step passes once
+    ``count`` measurements were Successful. More than ``failure_limit`` Failed
+    measurements roll the canary back; more than ``inconclusive_limit`` Inconclusive
+    ones, or more than ``consecutive_error_limit`` Errors in a row, end the rollout as
+    ``rollout.onInconclusive`` says.
+    """
     name: str
     query: str
     max: float | None = None
     min: float | None = None
+    count: int = 1
+    interval_seconds: int = 10
+    failure_limit: int = 0
+    inconclusive_limit: int = 5
+    consecutive_error_limit: int = 4
 
     def failed(self, value: float) -> bool:
         return (self.max is not None and value > self.max) or (self.min is not None and value < self.min)
+
+    def judge(self, result) -> tuple[str, float | None]:
+        """(verdict, the value that decided it) of one measurement (a QueryResult).
+
+        A failed query is Error; no number (no series, NaN) is Inconclusive; ±Inf compares
+        as a number; with several series each is judged and the worst decides.
+        """
+        if result.failed:
+            return ERROR, None
+        if not result.values:
+            return INCONCLUSIVE, None
+        bad = [v for v in result.values if self.failed(v)]
+        if bad:
+            return FAILED, max(bad, key=lambda v: self._excess(v))
+        return SUCCESSFUL, max(result.values, key=lambda v: self._excess(v))
+
+    def _excess(self, v: float) -> float:
+        """How far ``v`` is toward (or past) a bound: larger is worse."""
+        return max(v - self.max if self.max is not None else float("-inf"),
+                   self.min - v if self.min is not None else float("-inf"))
 
     def bound_text(self) -> str:
         return " and ".join(t for t in (f"<= {self.max}" if self.max is not None else "",
@@ -106,6 +145,8 @@ class Rollout:
     steps: tuple[Step, ...] = (Step(20, 30), Step(50, 30))
     analysis: tuple[Check, ...] = ()
     progress_deadline_seconds: int = 600
+    on_inconclusive: str = "rollback"
+    min_requests: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,19 +178,31 @@ class ModelSpec:
     autoscaling: Autoscaling | None
     compression_image: str
 
-    def revision(self, source_uri: str | None = None) -> str:
-        """Hash of the source, the compression and the serving spec."""
+    @property
+    def floor(self) -> int:
+        """The fewest replicas an autoscaler may run: minReplicas, or more when
+        ``spec.serving.replicas`` (what ``kubectl scale`` sets) asks for more."""
+        a = self.autoscaling
+        return max(a.min_replicas, self.serving.replicas) if a else self.serving.replicas
+
+    def revision(self, source_uri: str | None = None, source_identity: str = "") -> str:
+        """Hash of the source (and the run that made it), the compression and the serving spec."""
         serving, compression = dataclasses.asdict(self.serving), dataclasses.asdict(self.compression)
         for key in ("replicas", "pod_annotations"):
             serving.pop(key)
         compression.pop("pod_annotations")
-        for part in (serving, compression):     # unset overrides leave the hash as it was
-            for key in ("pod_security_context", "security_context"):
+        source = dataclasses.asdict(self.source)
+        for part, keys in ((serving, ("pod_security_context", "security_context")),   # unset fields
+                           (compression, ("pod_security_context", "security_context", "evaluation")),
+                           (source, ("format",))):                                    # leave the hash
+            for key in keys:                                                           # as it was
                 if not part[key]:
                     part.pop(key)
-        ident = {"source": dataclasses.asdict(self.source), "sourceURI": source_uri,
+        ident = {"source": source, "sourceURI": source_uri,
                  "compression": compression, "serving": serving,
                  "compressionImage": self.compression_image}
+        if source_identity:                     # the run that made the source (LeptonJob uid)
+            ident["sourceIdentity"] = source_identity
         blob = json.dumps(ident, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:REVISION_LEN]
 
@@ -188,6 +241,34 @@ def _object(raw: Mapping[str, Any], key: str, problems: list[str], where: str) -
     return dict(value)
 
 
+def _evaluation(raw: Any, problems: list[str]) -> dict[str, Any]:
+    """``compression.evaluation``: the gate's data file (a path on the source claim) and
+    metric, or a fidelity threshold; passed to the compression program as JSON."""
+    if raw is None:
+        return {}
+    where = "compression.evaluation."
+    if not isinstance(raw, Mapping):
+        problems.append(f"compression.evaluation must be an object, got {raw!r}")
+        return {}
+    unknown = sorted(set(raw) - set(contract.EVALUATION_FIELDS))
+    if unknown:
+        problems.append(f"compression.evaluation has unknown fields {unknown}")
+    kind = choice(raw.get("type", "fidelity"), contract.EVALUATION_TYPES, problems, where + "type")
+    metrics = contract.EVALUATION_METRICS[kind]
+    if "metric" in raw:
+        choice(raw["metric"], metrics, problems, where + f"metric (for type {kind})")
+    path = raw.get("path")
+    if kind == "data" and not path:
+        problems.append("compression.evaluation.path is required for type data: a file on the source claim")
+    if path and (str(path).startswith("/") or ".." in str(path).split("/")):
+        problems.append(f"compression.evaluation.path must be relative to the source claim, got {path!r}")
+    number(raw, "threshold", None, 0, 1, problems, where)
+    number(raw, "maxDrop", None, 0, None, problems, where)
+    integer(raw, "k", 5, 1, 1000, problems, where)
+    integer(raw, "samples", 64, 1, 100000, problems, where)
+    return dict(raw)
+
+
 def _source(raw: Mapping[str, Any], problems: list[str]) -> Source:
     job_ref, uri = raw.get("jobRef"), raw.get("uri")
     job = (job_ref or {}).get("name") if isinstance(job_ref, Mapping) else None
@@ -200,7 +281,10 @@ def _source(raw: Mapping[str, Any], problems: list[str]) -> Source:
             parse_uri(uri)
         except ValueError as exc:
             problems.append(str(exc))
-    return Source(job or None, uri or None)
+    fmt = raw.get("format")
+    if fmt is not None:
+        fmt = choice(fmt, contract.MODEL_FORMATS, problems, "source.format")
+    return Source(job or None, uri or None, fmt)
 
 
 def _rollout(raw: Mapping[str, Any], problems: list[str]) -> Rollout:
@@ -226,12 +310,20 @@ def _rollout(raw: Mapping[str, Any], problems: list[str]) -> Rollout:
         hi = number(c, "max", None, None, None, problems, f"{where}.")
         if lo is None and hi is None:
             problems.append(f"{where} needs a threshold: set max and/or min")
-        checks.append(Check(c.get("name") or f"query-{i}", query, hi, lo))
+        w = f"{where}."
+        checks.append(Check(c.get("name") or f"query-{i}", query, hi, lo,
+                            integer(c, "count", 1, 1, 1000, problems, w),
+                            integer(c, "intervalSeconds", 10, 1, 3600, problems, w),
+                            integer(c, "failureLimit", 0, 0, 1000, problems, w),
+                            integer(c, "inconclusiveLimit", 5, 0, 1000, problems, w),
+                            integer(c, "consecutiveErrorLimit", 4, 0, 1000, problems, w)))
     names = [c.name for c in checks]
     if len(set(names)) != len(names):
         problems.append(f"rollout.analysis names must be unique, got {names}")
     return Rollout(strategy, tuple(steps) if "steps" in raw else Rollout.steps, tuple(checks),
-                   integer(raw, "progressDeadlineSeconds", 600, 30, 86400, problems, "rollout."))
+                   integer(raw, "progressDeadlineSeconds", 600, 30, 86400, problems, "rollout."),
+                   choice(raw.get("onInconclusive", "rollback"), ON_INCONCLUSIVE, problems, "rollout.onInconclusive"),
+                   integer(raw, "minRequests", 0, 0, 10**9, problems, "rollout."))
 
 
 def _autoscaling(raw: Mapping[str, Any] | None, problems: list[str]) -> Autoscaling | None:
@@ -288,7 +380,8 @@ def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str,
         integer(raw_c, "backoffLimit", 1, 0, 10, problems, "compression."),
         string_map(raw_c, "podAnnotations", problems, "compression."),
         _object(raw_c, "podSecurityContext", problems, "compression."),
-        _object(raw_c, "securityContext", problems, "compression."))
+        _object(raw_c, "securityContext", problems, "compression."),
+        _evaluation(raw_c.get("evaluation"), problems))
 
     raw_s = spec.get("serving") or {}
     image = raw_s.get("image") or default_image

@@ -21,23 +21,28 @@ gate rejected or the analysis rolled back, not retried until the spec changes.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as _dt
 import json
+import math
 from typing import Any, Callable, Iterable, Mapping
 
-from ..constants import (COND_COMPRESSED, EVENT_NORMAL, EVENT_WARNING, FALSE, MPHASE_COMPRESSING,
-                         MPHASE_DEGRADED, MPHASE_DEPLOYING, MPHASE_FAILED, MPHASE_PENDING,
-                         MPHASE_PROGRESSING, MPHASE_READY, MPHASE_ROLLING_BACK, REASON_ANALYSIS_FAILED,
-                         REASON_ANALYSIS_NO_DATA, REASON_CANARY_STEP, REASON_COMPRESSED,
-                         REASON_COMPRESSING, REASON_COMPRESSION_FAILED, REASON_DEPLOYING,
-                         REASON_GATE_FAILED, REASON_PODS_NOT_READY, REASON_PROMOTED, REASON_ROLLED_BACK,
-                         REASON_SERVING, REASON_SOURCE_FAILED, REASON_SOURCE_NOT_FOUND,
-                         REASON_WAITING_FOR_SOURCE, TRUE)
+from lepton_trainer import contract
+
+from ..constants import (ANNOTATION_ABORT, ANNOTATION_RESUME, COND_COMPRESSED, COND_SOURCE_AVAILABLE, EVENT_NORMAL,
+                         EVENT_WARNING, FALSE, MPHASE_COMPRESSING, MPHASE_DEGRADED, MPHASE_DEPLOYING, MPHASE_FAILED,
+                         MPHASE_PAUSED, MPHASE_PENDING, MPHASE_PROGRESSING, MPHASE_READY, MPHASE_ROLLING_BACK,
+                         REASON_ABORTED, REASON_ANALYSIS_ERROR, REASON_ANALYSIS_FAILED, REASON_ANALYSIS_INCONCLUSIVE,
+                         REASON_ANALYSIS_NO_DATA, REASON_CANARY_STEP, REASON_COMPRESSED, REASON_COMPRESSING,
+                         REASON_COMPRESSION_FAILED, REASON_DEPLOYING, REASON_GATE_FAILED, REASON_PODS_NOT_READY,
+                         REASON_PROGRESS_DEADLINE, REASON_PROMOTED, REASON_RESUMED_BY_PERSON, REASON_ROLLED_BACK,
+                         REASON_SERVING, REASON_SOURCE_AVAILABLE, REASON_SOURCE_FAILED, REASON_SOURCE_NOT_FOUND,
+                         REASON_WAITING_FOR_SOURCE, REASON_WAITING_FOR_TRAFFIC, TRUE)
 from ..core import status as st
 from ..core.status import Outcome
 from .objects import split
-from .spec import ModelSpec, PvcPath, artifact_path, parse_uri
+from .spec import ERROR, FAILED, INCONCLUSIVE, SUCCESSFUL, ModelSpec, PvcPath, artifact_path, parse_uri
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +51,12 @@ class SourceState:
     reason: str | None = None
     message: str = ""
     stalled: bool = False
+    identity: str = ""              # the run that made it (job uid and completion time)
 
 
 def source_from_job(job_name: str, namespace: str, job: Mapping[str, Any] | None) -> SourceState:
-    """The model source from its LeptonJob: its outputURI once it succeeded."""
+    """The model source from its LeptonJob: its outputURI once it succeeded, identified by
+    the run (a new successful run of a same-named job is a new source)."""
     if job is None:
         return SourceState(None, REASON_SOURCE_NOT_FOUND,
                            f"source.jobRef: LeptonJob {job_name!r} not found in namespace {namespace!r}; "
@@ -57,7 +64,9 @@ def source_from_job(job_name: str, namespace: str, job: Mapping[str, Any] | None
     s = job.get("status") or {}
     phase = s.get("phase") or "Pending"
     if phase == "Failed":
-        return SourceState(None, REASON_SOURCE_FAILED, f"source LeptonJob {job_name!r} failed", stalled=True)
+        why = (st.get_condition(s.get("conditions"), "Ready") or {})
+        detail = f" ({why.get('reason')}: {why.get('message')})" if why.get("reason") else ""
+        return SourceState(None, REASON_SOURCE_FAILED, f"source LeptonJob {job_name!r} failed{detail}", stalled=True)
     if phase != "Succeeded":
         return SourceState(None, REASON_WAITING_FOR_SOURCE,
                            f"waiting for LeptonJob {job_name!r} to succeed (phase {phase})")
@@ -65,14 +74,16 @@ def source_from_job(job_name: str, namespace: str, job: Mapping[str, Any] | None
         return SourceState(None, REASON_SOURCE_FAILED,
                            f"LeptonJob {job_name!r} succeeded but records no outputURI "
                            "(give the job spec.output or spec.checkpoint)", stalled=True)
-    return SourceState(s["outputURI"])
+    meta = job.get("metadata") or {}
+    return SourceState(s["outputURI"], identity=f"{meta.get('uid', '')}@{s.get('completionTime', '')}")
 
 
 def read_result(pod: Mapping[str, Any]) -> tuple[str, dict | None]:
     """(state, result) of a compression pod from its termination message.
 
-    state is "running", "succeeded" or "failed"; result is the parsed JSON object, or
-    a dict ``{"message": text}`` when the message is not JSON.
+    state is "running", "succeeded", "gate-failed" (the exit status the compression
+    program gives a failed gate) or "failed"; result is the parsed JSON object, or a
+    dict ``{"message": text}`` when the message is not JSON.
     """
     for cs in (pod.get("status") or {}).get("containerStatuses") or ():
         term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
@@ -85,7 +96,10 @@ def read_result(pod: Mapping[str, Any]) -> tuple[str, dict | None]:
             result = {"message": text[-1024:]}
         if result is not None and not isinstance(result, dict):
             result = {"message": text[-1024:]}
-        return ("succeeded" if term.get("exitCode") == 0 else "failed"), result
+        code = term.get("exitCode")
+        state_ = ("succeeded" if code == 0 else "gate-failed" if code == contract.COMPRESS_EXIT_GATE_FAILED
+                  else "failed")
+        return state_, result
     phase = (pod.get("status") or {}).get("phase")
     if phase in ("Succeeded", "Failed"):
         return phase.lower(), None
@@ -96,6 +110,7 @@ def read_result(pod: Mapping[str, Any]) -> tuple[str, dict | None]:
 class CompressionState:
     state: str                      # Running | Succeeded | Failed
     result: Mapping[str, Any] | None
+    gate_failed: bool = False       # Failed because the gate said no (not a crash)
 
 
 def compression_state(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]],
@@ -110,33 +125,28 @@ def compression_state(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]],
     done = next((r for s, r in outcomes if s == "succeeded"), None)
     if done is not None or "Complete" in conds:
         return CompressionState("Succeeded", done or {})
+    gate = next((r for s, r in outcomes if s == "gate-failed" and r), None)
+    if gate is not None:        # the gate's verdict is final: no retry changes it
+        return CompressionState("Failed", gate, gate_failed=True)
     if "Failed" in conds:
         failed = next((r for s, r in outcomes if s == "failed" and r), None)
         return CompressionState("Failed", failed or {"message": conds["Failed"].get("message", "the Job failed")})
     return CompressionState("Running", None)
 
 
-def _pick(result: Mapping[str, Any], *keys: str) -> float | None:
-    for key in keys:
-        value: Any = result
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, Mapping) else None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return None
+def verdict(comp: CompressionState) -> tuple[str, str] | None:
+    """(reason, message) when compression did not give a servable artifact, else None.
 
-
-def gate_verdict(result: Mapping[str, Any], max_drop: float | None) -> tuple[str, str] | None:
-    """(reason, message) when the result shows a failed accuracy gate, else None."""
-    before = _pick(result, "accuracy_before", "accuracyBefore", "accuracy.before")
-    after = _pick(result, "accuracy_after", "accuracyAfter", "accuracy.after")
-    limit = max_drop if max_drop is not None else _pick(result, "max_accuracy_drop", "maxAccuracyDrop")
-    if before is not None and after is not None and limit is not None and before - after > limit + 1e-12:
-        return REASON_GATE_FAILED, (f"accuracy gate failed: accuracy {before:.4f} -> {after:.4f}, "
-                                    f"drop {before - after:.4f} > maxAccuracyDrop {limit:g}")
-    text = _text(result)
-    if result.get("gate") in (False, "failed") or "gate" in text.lower():
-        return REASON_GATE_FAILED, f"accuracy gate failed: {text or result}"
+    The compression program's own verdict (``passed`` and ``reason``, and its gate exit
+    status) decides; nothing here re-derives it from the numbers.
+    """
+    result = comp.result or {}
+    text = _text(result) or json.dumps(result, sort_keys=True)[:512]
+    if comp.state == "Failed":
+        return (REASON_GATE_FAILED, text) if comp.gate_failed else (REASON_COMPRESSION_FAILED,
+                                                                    f"compression failed: {text}")
+    if result.get(contract.RESULT_PASSED) is False:
+        return REASON_GATE_FAILED, text
     return None
 
 
@@ -194,15 +204,17 @@ class Plan:
     def message(self) -> str:
         return self.outcome.message
 
-    def settle(self, phase: str, reason: str, message: str, ready: bool = False, stalled: bool = False) -> None:
+    def settle(self, phase: str, reason: str, message: str, ready: bool = False, stalled: bool = False,
+               settled: bool = False) -> None:
         self.status["phase"] = phase
-        self.outcome = Outcome(phase, reason, message, ready=ready, stalled=stalled)
+        self.outcome = Outcome(phase, reason, message, ready=ready, stalled=stalled, settled=settled)
 
     def requeue(self, seconds: float) -> None:
         self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
 
 
-_CANARY_KEYS = ("canary", "canaryStep", "canaryWeight", "stepStartTime", "stepReadyTime")
+_CANARY_KEYS = ("canary", "canaryStep", "canaryWeight", "stepStartTime", "stepReadyTime", "pausedReason",
+                "pausedMessage")
 
 
 def _iso(t: float) -> str:
@@ -223,13 +235,31 @@ def _pause_left(spec: ModelSpec, revs: Mapping[str, Any], now: float) -> float:
     return _steps(spec)[revs.get("canaryStep", 0)].pause_seconds - _since(revs["stepReadyTime"], now)
 
 
-def analysis_due(spec: ModelSpec, status: Mapping[str, Any], revision: str | None, now: float) -> str | None:
-    """The canary revision whose current step waits for its analysis now, else None."""
+def _records(status: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["name"]: r for r in status.get("analysis") or ()}
+
+
+def _next_measurement(check, record: Mapping[str, Any] | None, ready_at: float) -> float | None:
+    """When ``check`` is measured next (None: it has its ``count`` Successful measurements)."""
+    if record is None:
+        return ready_at
+    if record.get("successful", 0) >= check.count:
+        return None
+    last = st.parse_time(record.get("lastTime"))
+    return (last.timestamp() if last else ready_at) + check.interval_seconds
+
+
+def analysis_due(spec: ModelSpec, status: Mapping[str, Any], revision: str | None, now: float) -> list:
+    """The analysis checks of the canary ``revision`` whose next measurement is due now
+    (its step's pods are ready, its pause is over, and it is not paused for a person)."""
     revs = status.get("revisions") or {}
     if (not spec.rollout.analysis or not _steps(spec) or revision is None or revs.get("canary") != revision
-            or not revs.get("stepReadyTime")):
-        return None
-    return revision if _pause_left(spec, revs, now) <= 0 else None
+            or not revs.get("stepReadyTime") or revs.get("pausedReason") or _pause_left(spec, revs, now) > 0):
+        return []
+    ready_at = st.parse_time(revs["stepReadyTime"]).timestamp() + _steps(spec)[revs.get("canaryStep", 0)].pause_seconds
+    records = _records(status)
+    return [c for c in spec.rollout.analysis
+            if (due := _next_measurement(c, records.get(c.name), ready_at)) is not None and due <= now]
 
 
 @dataclasses.dataclass
@@ -248,6 +278,9 @@ class _Model:
     analysis: list | None
     hold_stable: bool
     prev_phase: str | None = None
+    namespace: str = ""
+    decision: str | None = None         # a person's "resume" or "abort" of a paused rollout
+    traffic: float | None = None        # requests the canary served in this step (minRequests)
     busy: bool = False                  # a rollout step, compression or source wait decides the outcome
 
     @property
@@ -270,16 +303,27 @@ def _fail_revision(m: _Model, reason: str, message: str) -> None:
 # --- the steps, in order --------------------------------------------------------------
 
 def wait_for_source(m: _Model) -> None:
-    """No source yet: Pending (or Failed when it will never come); a stable revision keeps
-    serving meanwhile."""
+    """No source yet: Pending, or Failed when it will never come. With a revision already
+    serving, a missing or failed source stops nothing: SourceAvailable=False says so and
+    the serving revision's health decides Ready."""
+    p, stable, source = m.plan, m.stable, m.source
     if m.revision is not None:
+        p.conditions.append((COND_SOURCE_AVAILABLE, TRUE, REASON_SOURCE_AVAILABLE, f"source {source.uri}"))
+        return
+    p.conditions.append((COND_SOURCE_AVAILABLE, FALSE, source.reason or REASON_WAITING_FOR_SOURCE,
+                         source.message + (f"; revision {stable} keeps serving" if stable else "")))
+    p.requeue(5)
+    if stable:
         return
     m.busy = True
-    p, stable, source = m.plan, m.stable, m.source
-    phase = (MPHASE_FAILED if source.stalled else MPHASE_PENDING) if not stable else (
-        MPHASE_DEGRADED if source.stalled else p.status.get("phase", MPHASE_PENDING))
-    p.settle(phase, source.reason or REASON_WAITING_FOR_SOURCE, source.message, stalled=source.stalled)
-    p.requeue(5)
+    p.settle(MPHASE_FAILED if source.stalled else MPHASE_PENDING, source.reason or REASON_WAITING_FOR_SOURCE,
+             source.message, stalled=source.stalled)
+
+
+def _method(m: _Model) -> str:
+    """The compression method of the revision being rolled out (``auto``: the one chosen)."""
+    chosen = (m.plan.status.get("compression") or {}).get(contract.RESULT_METHOD)
+    return chosen if m.spec.compression.runs_job and chosen else m.spec.compression.method
 
 
 def _is_new(m: _Model) -> bool:
@@ -304,9 +348,9 @@ def compress(m: _Model) -> PvcPath | None:
         p.requeue(2)
         return None
     result = dict(comp.result or {})
-    verdict = gate_verdict(result, spec.compression.max_accuracy_drop)
-    if verdict or comp.state == "Failed":
-        reason, message = verdict or (REASON_COMPRESSION_FAILED, f"compression failed: {_text(result) or result}")
+    rejected = verdict(comp)
+    if rejected:
+        reason, message = rejected
         message += (f"; revision {revision} is not rolled out"
                     + (f", revision {m.stable} keeps serving" if m.stable else ""))
         p.status["compression"] = {**result, "revision": revision, "state": "Failed"}
@@ -327,7 +371,7 @@ def roll_out(m: _Model, target: PvcPath | None) -> None:
         return
     m.plan.model_dirs[m.revision] = target
     if not m.stable:
-        m.revs.update(stable=m.revision, stableURI=target.uri)
+        m.revs.update(stable=m.revision, stableURI=target.uri, stableMethod=_method(m))
         m.plan.events.append((EVENT_NORMAL, REASON_DEPLOYING, f"deploying revision {m.revision}"))
         return
     m.busy = canary(m, target)
@@ -376,20 +420,22 @@ def summarise(m: _Model) -> None:
 
 def plan(spec: ModelSpec, name: str, prev: Mapping[str, Any], source: SourceState, revision: str | None,
          comp: CompressionState | None, total: int, deployments: Mapping[str, DeploymentView], now: float,
-         analysis: list | None = None, hold_stable: bool = False) -> Plan:
+         analysis: list | None = None, hold_stable: bool = False, decision: str | None = None,
+         traffic: float | None = None, namespace: str = "") -> Plan:
     """Decide replicas per revision and the status. ``analysis``: (check, QueryResult)
-    pairs for the canary step ``analysis_due`` named. ``hold_stable``: an HPA owns the
-    stable size, so a canary is added next to it instead of taking replicas from it."""
-    status = dict(prev)
-    revs = dict(status.get("revisions") or {})
-    status["revisions"] = revs
+    pairs measured now for the checks ``analysis_due`` named. ``hold_stable``: an HPA owns
+    the stable size, so a canary is added next to it instead of taking replicas from it.
+    ``decision``: "resume" or "abort" from a person, for a paused rollout. ``traffic``:
+    requests the canary served in its step, when ``rollout.minRequests`` asks."""
+    status = copy.deepcopy(dict(prev))      # the steps edit it; the last written status stays as it was
+    revs = status.setdefault("revisions", {})
     p = Plan(status)
     if revs.get("stable") and revs.get("stableURI"):
         p.model_dirs[revs["stable"]] = parse_uri(revs["stableURI"])
     if source.uri:
         status["sourceURI"] = source.uri
     m = _Model(spec, name, p, revs, source, revision, comp, total, deployments, now, analysis, hold_stable,
-               prev_phase=prev.get("phase"))
+               prev_phase=prev.get("phase"), namespace=namespace, decision=decision, traffic=traffic)
     wait_for_source(m)
     roll_out(m, compress(m))
     abandon_canary(m)
@@ -435,7 +481,7 @@ def _start(m: _Model) -> _Step:
 def _promote(m: _Model, target: PvcPath) -> bool:
     stable = m.stable
     _drop_canary(m.revs)
-    m.revs.update(stable=m.revision, stableURI=target.uri)
+    m.revs.update(stable=m.revision, stableURI=target.uri, stableMethod=_method(m))
     m.plan.replicas.pop(stable, None)
     m.plan.replicas[m.revision] = m.total
     m.plan.events.append((EVENT_NORMAL, REASON_PROMOTED, f"revision {m.revision} promoted to stable "
@@ -451,49 +497,147 @@ def _roll_back(m: _Model, reason: str, message: str) -> bool:
     return False
 
 
+def _json_number(v: float | None) -> float | str | None:
+    """A value as status can hold it: JSON has no infinity, so ±Inf is written as a string."""
+    if v is None or math.isfinite(v):
+        return v
+    return "+Inf" if v > 0 else "-Inf"
+
+
+def _show(v: float | str | None) -> str:
+    return "no value" if v is None else v if isinstance(v, str) else f"{v:g}"
+
+
+def _measure(m: _Model) -> dict[str, dict[str, Any]]:
+    """Fold this reconcile's measurements into the step's records in ``status.analysis``."""
+    records = _records(m.plan.status)
+    for check, result in m.analysis or ():
+        verdict_, value = check.judge(result)
+        r = records.setdefault(check.name, {"name": check.name, "threshold": check.bound_text(),
+                                            "successful": 0, "failed": 0, "inconclusive": 0, "errors": 0,
+                                            "consecutiveErrors": 0})
+        key = {SUCCESSFUL: "successful", FAILED: "failed", INCONCLUSIVE: "inconclusive", ERROR: "errors"}[verdict_]
+        r[key] += 1
+        r["consecutiveErrors"] = r["consecutiveErrors"] + 1 if verdict_ == ERROR else 0
+        r.update(query=result.query, verdict=verdict_, value=_json_number(value), lastTime=_iso(m.now),
+                 passed=r["successful"] >= check.count)
+        if result.error and verdict_ != SUCCESSFUL:
+            r["error"] = result.error
+        else:
+            r.pop("error", None)
+    m.plan.status["analysis"] = [records[c.name] for c in m.spec.rollout.analysis if c.name in records]
+    return records
+
+
+def _end(m: _Model, step: _Step, reason: str, message: str) -> bool:
+    """A rollout that cannot get a verdict ends as ``rollout.onInconclusive`` says: rolled
+    back, or paused for a person with the commands that resume or abort it."""
+    if m.spec.rollout.on_inconclusive == "rollback":
+        return _roll_back(m, reason, f"canary {m.revision} rolled back at {step.where}: {message}")
+    ns = f" -n {m.namespace}" if m.namespace else ""
+    text = (f"canary {m.revision} paused at {step.where}: {message}; waiting for a person: "
+            f"kubectl annotate --overwrite lm/{m.name}{ns} {ANNOTATION_RESUME}={m.revision} to count the step "
+            f"as passed, or {ANNOTATION_ABORT}={m.revision} to roll back")
+    m.revs.update(pausedReason=reason, pausedMessage=text)
+    m.plan.events.append((EVENT_WARNING, reason, text))
+    m.plan.settle(MPHASE_PAUSED, reason, text, settled=True)
+    return True
+
+
 def _judge(m: _Model, step: _Step) -> bool | None:
-    """The analysis verdict for this step: roll back (False), wait (True), or pass (None)."""
-    p, revision = m.plan, m.revision
-    if m.analysis is None:
-        p.analyze = revision
-        p.settle(MPHASE_PROGRESSING, REASON_CANARY_STEP, f"canary {revision} at {step.where}: analysing")
-        p.requeue(0.05)
-        return True
-    p.status["analysis"] = [
-        {"name": c.name, "query": r.query, "value": r.value, "threshold": c.bound_text(),
-         "passed": r.ok and not c.failed(r.value), **({"error": r.error} if r.error else {})}
-        for c, r in m.analysis]
-    bad = [(c, r) for c, r in m.analysis if r.ok and c.failed(r.value)]
-    if bad:
-        c, r = bad[0]
-        return _roll_back(m, REASON_ANALYSIS_FAILED,
-                          f"canary {revision} rolled back at {step.where}: analysis {c.name!r} = {r.value:g}, "
-                          f"must be {c.bound_text()} (query: {r.query})")
-    missing = [(c, r) for c, r in m.analysis if not r.ok]
-    if missing:
-        c, r = missing[0]
-        p.settle(MPHASE_PROGRESSING, REASON_ANALYSIS_NO_DATA,
-                 f"canary {revision} at {step.where}: analysis {c.name!r} has no data ({r.error}); waiting")
+    """The analysis verdict for this step: ended (rolled back or paused: the return of
+    ``_end`` / ``_roll_back``), waiting (True), or passed (None)."""
+    p, revision, spec = m.plan, m.revision, m.spec
+    if spec.rollout.min_requests and (m.traffic or 0) < spec.rollout.min_requests:
+        p.settle(MPHASE_PROGRESSING, REASON_WAITING_FOR_TRAFFIC,
+                 f"canary {revision} at {step.where}: {m.traffic or 0:g} of {spec.rollout.min_requests} requests "
+                 "served; its analysis waits for that much traffic")
         p.requeue(2)
         return True
-    return None
+    records = _measure(m)
+    for c in spec.rollout.analysis:
+        r = records.get(c.name)
+        if r is None:
+            continue
+        value = _show(r.get("value"))
+        if r["failed"] > c.failure_limit:
+            return _roll_back(m, REASON_ANALYSIS_FAILED,
+                              f"canary {revision} rolled back at {step.where}: analysis {c.name!r} = {value}, "
+                              f"must be {c.bound_text()} (query: {r['query']}; {r['failed']} failed "
+                              f"measurement(s), failureLimit {c.failure_limit})")
+        if r["consecutiveErrors"] > c.consecutive_error_limit:
+            return _end(m, step, REASON_ANALYSIS_ERROR,
+                        f"analysis {c.name!r} failed {r['consecutiveErrors']} times in a row "
+                        f"(consecutiveErrorLimit {c.consecutive_error_limit}): {r.get('error')}")
+        if r["inconclusive"] > c.inconclusive_limit:
+            return _end(m, step, REASON_ANALYSIS_INCONCLUSIVE,
+                        f"analysis {c.name!r} had no value {r['inconclusive']} times "
+                        f"(inconclusiveLimit {c.inconclusive_limit}): {r.get('error')}")
+    if all(records.get(c.name, {}).get("passed") for c in spec.rollout.analysis):
+        return None
+    waiting = [(c, records.get(c.name)) for c in spec.rollout.analysis if not records.get(c.name, {}).get("passed")]
+    c, r = waiting[0]
+    if r is not None and r.get("verdict") in (INCONCLUSIVE, ERROR):
+        p.settle(MPHASE_PROGRESSING, REASON_ANALYSIS_NO_DATA,
+                 f"canary {revision} at {step.where}: analysis {c.name!r} has no data ({r.get('error')}); "
+                 f"measuring again in {c.interval_seconds}s")
+    else:
+        done = r["successful"] if r else 0
+        p.settle(MPHASE_PROGRESSING, REASON_CANARY_STEP,
+                 f"canary {revision} at {step.where}: analysing ({done}/{c.count} measurements of {c.name!r})")
+    ready_at = st.parse_time(m.revs["stepReadyTime"]).timestamp() + _steps(spec)[step.index].pause_seconds
+    nxt = [t for c, r in waiting if (t := _next_measurement(c, r, ready_at)) is not None]
+    p.requeue(max(min(nxt) - m.now, 0.05) if nxt else 1)
+    if m.analysis is None:
+        p.analyze = revision
+    return True
+
+
+def _paused(m: _Model, step: _Step) -> bool | None:
+    """A rollout paused for a person: a resume counts the step as passed (None), an abort
+    rolls back; otherwise it stays paused, with no deadline: a person decides."""
+    if not m.revs.get("pausedReason"):
+        return None
+    if m.decision == "abort":
+        return _roll_back(m, REASON_ABORTED, f"canary {m.revision} rolled back at {step.where}: aborted by "
+                                             f"{ANNOTATION_ABORT}={m.revision}")
+    if m.decision == "resume":
+        m.revs.pop("pausedReason", None)
+        m.revs.pop("pausedMessage", None)
+        m.plan.events.append((EVENT_NORMAL, REASON_RESUMED_BY_PERSON,
+                              f"canary {m.revision} resumed at {step.where} by {ANNOTATION_RESUME}={m.revision}"))
+        return None
+    m.plan.settle(MPHASE_PAUSED, m.revs["pausedReason"], m.revs.get("pausedMessage", ""), settled=True)
+    return True
 
 
 def canary(m: _Model, target: PvcPath) -> bool:
     """Advance the rollout of the new revision next to the stable one; True while it is in
-    progress. Steps: start, wait for the canary's pods (rolled back past the progress
-    deadline), pause, judge the analysis, then the next step or promotion."""
+    progress. Steps: start, a person's decision on a paused step, the step's deadline,
+    wait for the canary's pods, pause, judge the analysis, then the next step or
+    promotion. ``progressDeadlineSeconds`` (plus the step's pause) bounds the whole step,
+    analysis included."""
     p, spec, revision, revs = m.plan, m.spec, m.revision, m.revs
     steps = _steps(spec)
     step = _start(m)
     p.replicas[m.stable], p.replicas[revision] = step.stable_n, step.canary_n
     p.model_dirs[revision] = target
-    if not is_ready(m.deployments.get(revision), step.canary_n):
-        if _since(revs.get("stepStartTime"), m.now) > spec.rollout.progress_deadline_seconds:
+    person = _paused(m, step)
+    if person is not None:
+        return person
+    resumed = m.decision == "resume" and not revs.get("pausedReason") and revs.get("stepReadyTime")
+    pods_ready = is_ready(m.deployments.get(revision), step.canary_n)
+    limit = spec.rollout.progress_deadline_seconds + (steps[step.index].pause_seconds if steps else 0)
+    if not resumed and _since(revs.get("stepStartTime"), m.now) > limit:
+        if not pods_ready:
             view = m.deployments.get(revision)
             return _roll_back(m, REASON_PODS_NOT_READY,
                               f"canary {revision} rolled back at {step.where}: {view.ready if view else 0}/"
                               f"{step.canary_n} pods ready after {spec.rollout.progress_deadline_seconds}s")
+        return _end(m, step, REASON_PROGRESS_DEADLINE,
+                    f"no verdict within progressDeadlineSeconds={spec.rollout.progress_deadline_seconds}"
+                    + (f" (plus the {steps[step.index].pause_seconds}s pause)" if steps and steps[step.index].pause_seconds else ""))
+    if not pods_ready:
         p.settle(MPHASE_PROGRESSING, REASON_CANARY_STEP, f"canary {revision} at {step.where}: waiting for its pods")
         p.requeue(1)
         return True
@@ -505,14 +649,15 @@ def canary(m: _Model, target: PvcPath) -> bool:
         p.settle(MPHASE_PROGRESSING, REASON_CANARY_STEP, f"canary {revision} at {step.where}: pausing {left:.0f}s")
         p.requeue(left)
         return True
-    if spec.rollout.analysis:
-        verdict = _judge(m, step)
-        if verdict is not None:
-            return verdict
+    if spec.rollout.analysis and not resumed:
+        judged = _judge(m, step)
+        if judged is not None:
+            return judged
     if step.index + 1 < len(steps):
         nxt = steps[step.index + 1].weight
         revs.update(canaryStep=step.index + 1, canaryWeight=nxt, stepStartTime=_iso(m.now))
         revs.pop("stepReadyTime", None)
+        p.status.pop("analysis", None)
         p.events.append((EVENT_NORMAL, REASON_CANARY_STEP,
                          f"canary {revision} passed {step.where}; step {step.index + 2}/{len(steps)}, weight {nxt}%"))
         s_n, c_n = split(m.total, nxt)

@@ -56,7 +56,7 @@ class Bench:
             c.kubectl("apply", "--server-side", "-f", str(crd))
         c.kubectl("wait", "--for=condition=Established", "crd/leptonmodels.lepton.ai", "crd/leptonjobs.lepton.ai")
         c.create_namespace(self.ns)
-        env = {**c.env, "LEPTON_PROMETHEUS_URL": c.prometheus_url, "PROMETHEUS_URL": c.prometheus_url,
+        env = {**c.env, "LEPTON_PROMETHEUS_URL": c.prometheus_url,
                "LEPTON_PROMETHEUS_TIMEOUT": "1", "LEPTON_TRAINER_IMAGE": "lepton-trainer:bench",
                "PYTHONUNBUFFERED": "1"}
         log = open(self.tmp / "operator.log", "wb")

@@ -33,7 +33,8 @@ kubectl apply -n default -f examples/quickstart-leptonjob.yaml
 
 log=$dir/logs/operator.log
 echo "[quickstart] starting the operator (log: $log)"
-.venv/bin/python -m lepton_operator --all-namespaces --metrics-port 8089 --health-port 8090 >"$log" 2>&1 &
+prom=$(python3 -c "import json,sys; print('http://127.0.0.1:%d' % json.load(open(sys.argv[1]))['ports']['prometheus'])" "$dir/state.json")
+LEPTON_PROMETHEUS_URL=$prom .venv/bin/python -m lepton_operator --all-namespaces --metrics-port 8089 --health-port 8090 >"$log" 2>&1 &
 op=$!
 trap 'kill $op 2>/dev/null; wait $op 2>/dev/null' EXIT INT TERM
 for _ in $(seq 1 120); do

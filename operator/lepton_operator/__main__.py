@@ -24,22 +24,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, confi
     scope.add_argument("-n", "--namespace", action="append", dest="namespaces", metavar="NS",
                        help="watch this namespace (repeatable); default: $LEPTON_NAMESPACES or all")
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch all namespaces")
-    parser.add_argument("--metrics-port", type=int, help="port of /metrics (0 disables)")
-    parser.add_argument("--health-port", type=int, help="port of the /healthz liveness endpoint (0 disables)")
-    parser.add_argument("--trainer-image", help="default image of workers and the rendezvous store")
-    parser.add_argument("--prometheus-url", help="Prometheus HTTP API base URL")
+    flags = [s for s in config.SETTINGS if s.flag]
+    for s in flags:                                      # one flag per setting that has one
+        parser.add_argument(s.flag, dest=s.name, help=f"{s.help} (${s.env})")
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then $KUBECONFIG)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
-    for flag in ("metrics_port", "health_port"):
-        value = getattr(args, flag)
-        if value is not None and not 0 <= value < 65536:
-            parser.error(f"--{flag.replace('_', '-')} must be in 0..65535, got {value}")
+    overrides = {}
+    for s in flags:
+        raw = getattr(args, s.name)
+        if raw is not None:
+            try:
+                overrides[s.name] = s.parse(raw)
+            except ValueError as exc:
+                parser.error(f"{s.flag} {exc}, got {raw!r}")
     try:
         settings = config.from_env(
             namespaces=() if args.all_namespaces else (tuple(args.namespaces) if args.namespaces else None),
-            metrics_port=args.metrics_port, health_port=args.health_port,
-            trainer_image=args.trainer_image, prometheus_url=args.prometheus_url)
+            **overrides)
     except ValueError as exc:
         parser.error(str(exc))
     return args, settings

@@ -1,30 +1,78 @@
-"""Operator settings, read from the environment and overridable by command-line flags.
+"""Operator settings: one list (``SETTINGS``), read from the environment and overridable
+by command-line flags.
 
-Environment variables (all optional):
-
-=============================  =============================================  ========================
-variable                       meaning                                        default
-=============================  =============================================  ========================
-LEPTON_NAMESPACES              comma-separated namespaces to watch; empty     "" (all namespaces)
-                               means all namespaces
-LEPTON_TRAINER_IMAGE           image for workers, rendezvous, compression     see DEFAULT_TRAINER_IMAGE
-                               and serving when a spec names none
-LEPTON_IMAGE_PULL_POLICY       imagePullPolicy of the pods the operator makes IfNotPresent
-PROMETHEUS_URL                 Prometheus HTTP API base URL                   http://localhost:9090
-LEPTON_PROMETHEUS_TIMEOUT      seconds per Prometheus query                   2.0
-LEPTON_METRICS_PORT            port of the operator's own /metrics            8000
-LEPTON_HEALTH_PORT             port of the liveness endpoint /healthz         8080
-LEPTON_RESYNC_SECONDS          longest wait between two reconciles of an      60
-                               object when nothing changes
-LEPTON_API_RETRY_SECONDS       delay before retrying after an API error       5
-=============================  =============================================  ========================
+Each setting names its environment variable, its flag (if any), its default and what it
+means; ``Settings``, the flags of ``__main__`` and the Helm chart's settings table
+(charts/lepton-operator/README.md, checked against this list by the chart tests) all
+come from it. Run ``python -m lepton_operator.config`` to print the table.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any, Callable
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/lepton-operator/lepton-trainer:0.1.0"
+PULL_POLICIES = ("IfNotPresent", "Always", "Never")
+
+
+def _names(raw: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in raw.split(",") if n.strip())
+
+
+def _positive(raw: str) -> float:
+    value = float(raw)
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(float(raw))
+    if not 0 <= value < 65536:
+        raise ValueError("must be in 0..65535 (0: off)")
+    return value
+
+
+def _pull_policy(raw: str) -> str:
+    if raw not in PULL_POLICIES:
+        raise ValueError(f"must be one of {', '.join(PULL_POLICIES)}")
+    return raw
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str                      # the Settings field
+    env: str                       # its environment variable
+    default: Any
+    parse: Callable[[str], Any]    # env text -> value (raises ValueError with the rule)
+    help: str
+    flag: str | None = None        # its command-line flag, if it has one
+    aliases: tuple[str, ...] = ()  # older environment variable names, still read
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("namespaces", "LEPTON_NAMESPACES", (), _names,
+            "comma-separated namespaces to watch; empty: all namespaces"),
+    Setting("trainer_image", "LEPTON_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE, str,
+            "image of workers, the rendezvous store, compression and serving when a spec names none",
+            flag="--trainer-image"),
+    Setting("image_pull_policy", "LEPTON_IMAGE_PULL_POLICY", "IfNotPresent", _pull_policy,
+            "imagePullPolicy of the pods the operator makes when a spec names none",
+            flag="--image-pull-policy"),
+    Setting("prometheus_url", "LEPTON_PROMETHEUS_URL", "", lambda raw: raw.rstrip("/"),
+            "Prometheus HTTP API base URL; empty: no Prometheus (specs that need it are invalid)",
+            flag="--prometheus-url", aliases=("PROMETHEUS_URL",)),
+    Setting("prometheus_timeout", "LEPTON_PROMETHEUS_TIMEOUT", 2.0, _positive, "seconds per Prometheus query"),
+    Setting("metrics_port", "LEPTON_METRICS_PORT", 8000, _port, "port of the operator's own /metrics (0: off)",
+            flag="--metrics-port"),
+    Setting("health_port", "LEPTON_HEALTH_PORT", 8080, _port, "port of the liveness endpoint /healthz (0: off)",
+            flag="--health-port"),
+    Setting("resync_seconds", "LEPTON_RESYNC_SECONDS", 60.0, _positive,
+            "longest wait between two reconciles of an object when nothing changes"),
+    Setting("api_retry_seconds", "LEPTON_API_RETRY_SECONDS", 5.0, _positive,
+            "delay before a reconcile is retried after an API error"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +80,7 @@ class Settings:
     namespaces: tuple[str, ...] = ()
     trainer_image: str = DEFAULT_TRAINER_IMAGE
     image_pull_policy: str = "IfNotPresent"
-    prometheus_url: str = "http://localhost:9090"
+    prometheus_url: str = ""
     prometheus_timeout: float = 2.0
     metrics_port: int = 8000
     health_port: int = 8080
@@ -43,35 +91,38 @@ class Settings:
     def all_namespaces(self) -> bool:
         return not self.namespaces
 
-
-def _float(env: dict[str, str], key: str, default: float) -> float:
-    raw = env.get(key)
-    if raw in (None, ""):
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{key} must be a number, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"{key} must be positive, got {raw!r}")
-    return value
+    @property
+    def prometheus_enabled(self) -> bool:
+        """Autoscaling from Prometheus and canary analysis need a Prometheus URL."""
+        return bool(self.prometheus_url)
 
 
 def from_env(env: dict[str, str] | None = None, **overrides) -> Settings:
-    """Settings from ``env`` (default ``os.environ``); keyword overrides (flags) win."""
+    """Settings from ``env`` (default ``os.environ``); keyword overrides (flags) win.
+    An unset or empty variable keeps the default; a bad value is a ValueError naming it."""
     env = dict(os.environ if env is None else env)
-    settings = Settings(
-        namespaces=tuple(n.strip() for n in env.get("LEPTON_NAMESPACES", "").split(",") if n.strip()),
-        trainer_image=env.get("LEPTON_TRAINER_IMAGE") or DEFAULT_TRAINER_IMAGE,
-        image_pull_policy=env.get("LEPTON_IMAGE_PULL_POLICY") or "IfNotPresent",
-        prometheus_url=(env.get("PROMETHEUS_URL") or "http://localhost:9090").rstrip("/"),
-        prometheus_timeout=_float(env, "LEPTON_PROMETHEUS_TIMEOUT", 2.0),
-        metrics_port=int(_float(env, "LEPTON_METRICS_PORT", 8000)),
-        health_port=int(_float(env, "LEPTON_HEALTH_PORT", 8080)),
-        resync_seconds=_float(env, "LEPTON_RESYNC_SECONDS", 60.0),
-        api_retry_seconds=_float(env, "LEPTON_API_RETRY_SECONDS", 5.0),
-    )
-    return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    values = {}
+    for s in SETTINGS:
+        key = next((k for k in (s.env, *s.aliases) if env.get(k, "") != ""), None)
+        if key is None:
+            continue
+        try:
+            values[s.name] = s.parse(env[key])
+        except ValueError as exc:
+            raise ValueError(f"{key} {exc if str(exc).startswith('must') else 'must be a valid value'}, "
+                             f"got {env[key]!r}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**values)
+
+
+def table() -> str:
+    """The settings as a Markdown table (the chart README's copy is checked against it)."""
+    rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        default = ",".join(s.default) if isinstance(s.default, tuple) else s.default
+        shown = f"`{default}`" if default not in ("", None) else "(empty)"
+        rows.append(f"| `{s.env}` | {f'`{s.flag}`' if s.flag else ''} | {shown} | {s.help} |")
+    return "\n".join(rows)
 
 
 _current: Settings | None = None
@@ -90,3 +141,7 @@ def configure(settings: Settings) -> Settings:
     global _current
     _current = settings
     return settings
+
+
+if __name__ == "__main__":
+    print(table())

@@ -1,6 +1,7 @@
 """The Helm chart: lint, CRD copies, rendering, values schema, security context."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,78 @@ def test_values_schema_rejects_bad_values(setting, message):
     result = helm("template", "x", str(CHART), "--kube-version", KUBE_VERSION, "--set", setting, check=False)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
+
+
+def container(docs: list[dict]) -> dict:
+    return by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_helm_template_needs_no_flags():
+    """Offline rendering works against helm's default Kubernetes version; the version and
+    namespace checks need a cluster and run at install (test_chart_install)."""
+    out = helm("template", str(CHART))
+    assert "kind: Deployment" in out.stdout
+
+
+@pytest.mark.parametrize("namespaced", [False, True])
+def test_every_chart_value_reaches_the_operators_own_config_parser(namespaced, monkeypatch):
+    from lepton_operator import config
+    from lepton_operator.__main__ import parse_args
+    sets = ["trainerImage=reg.example/trainer:9", "trainerImagePullPolicy=Always",
+            "prometheus.url=http://prom.monitoring.svc:9090", "prometheus.timeoutSeconds=0.5",
+            "resyncSeconds=17", "metrics.port=9102", "health.port=9103", "logLevel=debug"]
+    if namespaced:
+        sets += ["watchNamespaces={team-a,team-b}"]
+    c = container(render(*sets))
+    env = {e["name"]: e["value"] for e in c["env"]}
+    for name in list(os.environ):
+        if name.startswith("LEPTON_") or name == "PROMETHEUS_URL":
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args, s = parse_args(c["args"])
+    assert s == config.Settings(
+        namespaces=("team-a", "team-b") if namespaced else (), trainer_image="reg.example/trainer:9",
+        image_pull_policy="Always", prometheus_url="http://prom.monitoring.svc:9090", prometheus_timeout=0.5,
+        metrics_port=9102, health_port=9103, resync_seconds=17.0)
+    assert args.verbose and s.all_namespaces is not namespaced
+    declared = {st.env for st in config.SETTINGS}
+    assert set(env) <= declared, f"the chart sets variables the operator does not read: {set(env) - declared}"
+
+
+def test_the_chart_readme_table_is_the_operators_settings():
+    from lepton_operator import config
+    assert config.table() in (CHART / "README.md").read_text(), \
+        "charts/lepton-operator/README.md: paste the output of python -m lepton_operator.config"
+
+
+@pytest.mark.parametrize("typo, where", [
+    ("resources.limit.cpu=1", "/resources"), ("podSecurityContext.runAsNonroot=true", "/podSecurityContext"),
+    ("securityContext.readOnlyRootFileSystem=true", "/securityContext"), ("tolerations[0].keyy=a", "/tolerations/0"),
+    ("affinity.nodeAffinty.x=1", "/affinity"), ("podSecurityContext.runAsUser=abc", "/podSecurityContext/runAsUser"),
+])
+def test_typos_inside_kubernetes_objects_are_rejected(typo, where):
+    out = helm("template", "lepton", str(CHART), "--set", typo, check=False)
+    assert out.returncode != 0 and f"at '{where}'" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("sets", [["podSecurityContext=null", "securityContext=null"],
+                                  ["podSecurityContext.runAsUser=70000"]])
+def test_values_cannot_silently_remove_the_hardening(sets):
+    c = render(*sets)
+    pod = by_kind(c, "Deployment")[0]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = pod["containers"][0]["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    if "podSecurityContext.runAsUser=70000" in sets:
+        assert pod["securityContext"]["runAsUser"] == 70000          # a field overrides, the rest stays
+    off = by_kind(render("hardening.enabled=false", "securityContext=null"), "Deployment")[0]
+    assert off["spec"]["template"]["spec"]["containers"][0]["securityContext"] == {}   # only by name
+
+
+def test_metrics_port_zero_turns_metrics_off():
+    c = container(render("metrics.port=0"))
+    assert {e["name"]: e["value"] for e in c["env"]}["LEPTON_METRICS_PORT"] == "0"
+    assert "metrics" not in [p["name"] for p in c["ports"]]

@@ -68,7 +68,7 @@ def operator(cluster, tmp_path_factory):
     metrics_port, health_port = free_port(), free_port()
     log_path = tmp_path_factory.mktemp("operator") / "operator.log"
     env = {**cluster.env, "LEPTON_TRAINER_IMAGE": "lepton-trainer:test", "LEPTON_RESYNC_SECONDS": "30",
-           "PYTHONUNBUFFERED": "1", "PROMETHEUS_URL": cluster.prometheus_url,
+           "PYTHONUNBUFFERED": "1", "LEPTON_PROMETHEUS_URL": cluster.prometheus_url,
            "LEPTON_PROMETHEUS_TIMEOUT": "1"}
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(

@@ -66,3 +66,28 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   resources: ["httproutes"]
   verbs: ["get", "create", "patch"]
 {{- end -}}
+
+{{/*
+Security contexts: the hardened defaults with the user's fields on top, so an empty or
+null value never removes the hardening; hardening.enabled=false uses the user's values
+alone.
+*/}}
+{{- define "lepton-operator.podSecurityContext" -}}
+{{- $user := .Values.podSecurityContext | default dict -}}
+{{- if .Values.hardening.enabled -}}
+{{- $hard := dict "runAsNonRoot" true "runAsUser" 65532 "runAsGroup" 65532 "fsGroup" 65532 "seccompProfile" (dict "type" "RuntimeDefault") -}}
+{{- toYaml (mergeOverwrite $hard (deepCopy $user)) -}}
+{{- else -}}
+{{- toYaml $user -}}
+{{- end -}}
+{{- end }}
+
+{{- define "lepton-operator.securityContext" -}}
+{{- $user := .Values.securityContext | default dict -}}
+{{- if .Values.hardening.enabled -}}
+{{- $hard := dict "allowPrivilegeEscalation" false "privileged" false "readOnlyRootFilesystem" true "capabilities" (dict "drop" (list "ALL")) -}}
+{{- toYaml (mergeOverwrite $hard (deepCopy $user)) -}}
+{{- else -}}
+{{- toYaml $user -}}
+{{- end -}}
+{{- end }}

@@ -28,6 +28,7 @@ from ..core import status as st
 from ..core.fields import InvalidSpec
 from ..core.loop import Memory, ReconcileLoops
 from ..core.objects import gpus_requested
+from ..scaling import prometheus
 from . import autoscale, objects, state
 from .spec import JobSpec, parse_job
 
@@ -236,7 +237,8 @@ async def _reconcile(body: kopf.Body, memory: JobMemory, indices: dict[str, Any]
     try:
         spec = parse_job(name, body.get("spec"), settings.trainer_image, settings.image_pull_policy)
         if memory.status.get("phase") not in TERMINAL_PHASES:
-            problems = await _cluster_problems(spec, namespace, generation, memory, nodes)
+            problems = prometheus.unavailable(["spec.autoscaling"] if spec.autoscaling else [])
+            problems += await _cluster_problems(spec, namespace, generation, memory, nodes)
             if problems:
                 raise InvalidSpec(problems)
     except InvalidSpec as exc:

@@ -166,6 +166,12 @@ async def _query_problems(spec: ModelSpec, namespace: str, name: str, memory: Mo
     generation; an unreachable Prometheus finds nothing and measurements say so later)."""
     if memory.query_problems is not None and memory.query_problems[0] == generation:
         return memory.query_problems[1]
+    a = spec.autoscaling
+    needs = (["spec.rollout.analysis"] if spec.rollout.analysis else []) + (
+        [f"spec.autoscaling (engine {a.engine})"] if a is not None and a.engine != "hpa" else [])
+    if prometheus.unavailable(needs):
+        memory.query_problems = (generation, prometheus.unavailable(needs))
+        return memory.query_problems[1]
     queries = [(f"rollout.analysis[{i}] {c.name!r}", c.query) for i, c in enumerate(spec.rollout.analysis)]
     if spec.autoscaling is not None and spec.autoscaling.metric == "query":
         queries.append(("autoscaling.query", spec.autoscaling.query or ""))

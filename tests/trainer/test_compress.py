@@ -138,3 +138,136 @@ def test_int8_on_the_transformer(transformer, tmp_path, backend):
     result = json.loads((art / contract.RESULT_FILE).read_text())
     assert result["ratio"] > 1.3
     reloads_with_gate_accuracy(art, result)
+
+
+# --- gates, structured pruning and auto ----------------------------------------------------
+
+def _digits_eval(tmp_path, suffix: str):
+    """The held-out digits as an evaluation file of the given type."""
+    split = data.load_digits()
+    x, y = split.x_test.numpy(), split.y_test.numpy()
+    path = tmp_path / f"eval{suffix}"
+    if suffix == ".npz":
+        import numpy as np
+        np.savez(path, input=x, labels=y)
+    elif suffix == ".pt":
+        import torch
+        torch.save({"input": split.x_test, "labels": split.y_test}, path)
+    elif suffix == ".safetensors":
+        from safetensors.numpy import save_file
+        save_file({"input": x, "labels": y}, str(path))
+    else:
+        path.write_text("\n".join(json.dumps({"input": row.tolist(), "labels": int(lab)})
+                                  for row, lab in zip(x, y)))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".pt", ".safetensors", ".jsonl"])
+def test_labelled_gate_from_a_data_file_passes_and_fails(teacher, tmp_path, suffix):
+    path = _digits_eval(tmp_path, suffix)
+    ok = compress.compress(teacher, tmp_path / "ok", "int8", None, {}, latency_iters=3,
+                           evaluation={"type": "data", "path": str(path), "metric": "accuracy", "maxDrop": 0.05})
+    assert ok["passed"] and ok["gate"]["rows"] == len(data.load_digits().y_test)
+    assert ok["gate"]["before"] == pytest.approx(models.accuracy(modelio.load_model(teacher)[0],
+                                                                 data.load_digits().x_test, data.load_digits().y_test))
+    with pytest.raises(compress.GateFailed) as e:
+        compress.compress(teacher, tmp_path / "bad", "prune", None, {"sparsity": 0.99}, latency_iters=3,
+                          evaluation={"type": "data", "path": str(path), "metric": "top_k", "k": 2, "maxDrop": 0.0})
+    assert e.value.result["passed"] is False and e.value.result["gate"]["metric"] == "top_k"
+    assert "data gate failed" in e.value.result["reason"] and not (tmp_path / "bad").exists()
+
+
+def test_mse_gate_on_targets(teacher, tmp_path):
+    import numpy as np
+    split = data.load_digits()
+    with __import__("torch").no_grad():
+        targets = modelio.load_model(teacher)[0](split.x_test).numpy()
+    np.savez(tmp_path / "reg.npz", input=split.x_test.numpy(), targets=targets)
+    ev = {"type": "data", "path": str(tmp_path / "reg.npz"), "metric": "mse", "maxDrop": 0.5, "output": "logits"}
+    r = compress.compress(teacher, tmp_path / "a", "fp16", None, {}, latency_iters=3, evaluation=ev)
+    assert r["passed"] and r["gate"]["before"] == 0.0 and 0.0 < r["gate"]["after"] < 0.5
+    with pytest.raises(compress.GateFailed):
+        compress.compress(teacher, tmp_path / "b", "prune", None, {"sparsity": 0.95}, latency_iters=3,
+                          evaluation={**ev, "maxDrop": 0.01})
+
+
+def test_fidelity_gate_passes_and_fails(teacher, tmp_path):
+    ev = {"type": "fidelity", "metric": "top1_agreement", "threshold": 0.95, "samples": 200}
+    r = compress.compress(teacher, tmp_path / "a", "bf16", None, {}, latency_iters=3, evaluation=ev)
+    assert r["passed"] and r["gate"]["after"] >= 0.95 and r["gate"]["type"] == "fidelity"
+    with pytest.raises(compress.GateFailed) as e:
+        compress.compress(teacher, tmp_path / "b", "prune", None, {"sparsity": 0.99}, latency_iters=3,
+                          evaluation={**ev, "metric": "cosine", "threshold": 0.99})
+    assert "fidelity gate failed" in e.value.result["reason"] and e.value.result["gate"]["after"] < 0.99
+
+
+@pytest.mark.parametrize("evaluation,message", [
+    ({"type": "data", "metric": "accuracy"}, "needs 'path'"),
+    ({"type": "fidelity", "metric": "accuracy"}, "fidelity gate metric"),
+    ({"type": "fidelity", "threshold": 2}, "threshold must be"),
+    ({"metric": "cosine", "bogus": 1}, "unknown evaluation fields"),
+])
+def test_bad_evaluation_is_rejected(evaluation, message):
+    from lepton_trainer import gates
+    with pytest.raises(gates.GateError, match=message):
+        gates.parse(evaluation)
+
+
+def test_structured_pruning_really_shrinks_and_unstructured_says_it_does_not(teacher, tmp_path):
+    r = compress.compress(teacher, tmp_path / "s", "prune-structured", 0.05, {"amount": 0.5}, latency_iters=3)
+    assert r["passed"] and r["hidden_after"] == r["hidden_before"] // 2
+    assert r["ratio"] > 1.8 and r["bytes_after"] == modelio.size_bytes(tmp_path / "s")
+    model, meta = modelio.load_model(tmp_path / "s")
+    assert meta["config"]["hidden"] == 128
+    u = compress.compress(teacher, tmp_path / "u", "prune", 0.05, {"sparsity": 0.5}, latency_iters=3)
+    assert u["effective"] is False and u["ratio"] == 1.0 and "no size or latency gain" in u["reason"]
+
+
+def _row(method, size, lat, passed=True, **extra):
+    return {"method": method, "bytes": size, "latency_p50_ms_batch1": lat, "latency_p50_ms_batch32": lat * 10,
+            "gate": {"passed": passed}, **extra}
+
+
+def test_auto_chooses_from_the_table():
+    rows = [_row("int8", 300, 2.0), _row("fp16", 200, 9.0), _row("bf16", 200, 5.0),
+            _row("prune-structured", 100, 1.0, passed=False), _row("prune", 400, 0.5, effective=False)]
+    best, why = compress.choose([dict(r) for r in rows], "size", None)
+    assert best["method"] == "bf16" and "smallest" in why           # tie on size: the faster one
+    best, _ = compress.choose([dict(r) for r in rows], "latency", None)
+    assert best["method"] == "int8"                                 # the unstructured prune never counts
+    best, _ = compress.choose([dict(r) for r in rows], "size", 4.0)
+    assert best["method"] == "int8"                                 # bf16 misses the latency target
+    table = [dict(r) for r in rows]
+    best, why = compress.choose(table, "size", 1.5)
+    assert best is None and "no candidate passed" in why
+    assert {r["method"]: r["rejected"] for r in table}["prune-structured"] == "gate failed"
+    best, _ = compress.choose([dict(r) for r in rows], "latency", None, latency_batch=32)
+    assert best["method"] == "int8"
+
+
+def test_auto_on_the_builtin_writes_the_whole_table(teacher, tmp_path):
+    proc, art, term = run_compress(teacher, tmp_path, "--method", "auto", "--max-accuracy-drop", "0.03",
+                                   "--params", json.dumps({"candidates": ["int8", "fp16", "prune-structured"],
+                                                           "amount": 0.5}))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((art / contract.RESULT_FILE).read_text())
+    table = {r["method"]: r for r in result["candidates"]}
+    passing = {m: r for m, r in table.items() if r["gate"]["passed"]}
+    assert result["method"] == min(passing, key=lambda m: (passing[m]["bytes"], passing[m]["latency_p50_ms_batch1"]))
+    assert result["requested_method"] == "auto" and result["passed"] and result["reason"].startswith("auto chose")
+    assert json.loads(term.read_text())["method"] == result["method"]
+    assert modelio.size_bytes(art) == result["bytes_after"]
+
+
+def test_methods_that_do_not_apply_say_so(tmp_path):
+    import torch
+    d = tmp_path / "exp"
+    d.mkdir()
+    m = torch.nn.Sequential(torch.nn.Linear(4, 2)).eval()
+    torch.export.save(torch.export.export(m, (torch.zeros(2, 4),),
+                                          dynamic_shapes=({0: torch.export.Dim("b", min=1, max=64)},)),
+                      str(d / "m.pt2"))
+    with pytest.raises(compress.MethodUnavailable, match="no modules to rewrite"):
+        compress.compress(d, tmp_path / "a", "int8", None, {}, latency_iters=2)
+    r = compress.compress(d, tmp_path / "b", "none", None, {}, latency_iters=2)
+    assert r["passed"] and r["format"] == "torch.export" and (tmp_path / "b" / "m.pt2").exists()

@@ -5,70 +5,16 @@ import asyncio
 import json
 import signal
 import socket
-import subprocess
-import time
-from pathlib import Path
 
 import aiohttp
 import pytest
-import requests
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from lepton_trainer import contract, data, modelio, serve
-from _models import PYTHON, env, free_port, train_mlp
+from _models import train_mlp
+from _server import MODEL, Server, _starter, wait_until  # noqa: F401
 
 pytestmark = pytest.mark.trainer
-MODEL = "digits"
-
-
-class Server:
-    def __init__(self, model_dir: Path, log_path: Path, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.proc = subprocess.Popen(
-            [PYTHON, "-m", "lepton_trainer.serve", "--model-dir", str(model_dir), "--model-name", MODEL,
-             "--host", "127.0.0.1", "--port", str(self.port), *args],
-            env=env(), stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def get(self, path: str) -> requests.Response:
-        return requests.get(self.url + path, timeout=30)
-
-    def infer(self, body, name: str = MODEL, **kw) -> requests.Response:
-        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-        return requests.post(f"{self.url}/v2/models/{name}/infer", data=data, timeout=30, **kw)
-
-    def metrics(self) -> dict[str, float]:
-        """Samples of our metric families, keyed by sample name plus its distinguishing label."""
-        out: dict[str, float] = {}
-        for fam in text_string_to_metric_families(self.get(contract.METRICS_PATH).text):
-            for s in fam.samples:
-                extra = s.labels.get("code") or s.labels.get("le")
-                out[s.name + (f"[{extra}]" if extra else "")] = s.value
-                assert s.labels.get(contract.METRICS_MODEL_LABEL) == MODEL
-        return out
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
-
-
-def wait_until(cond, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = cond()
-            if value:
-                return value
-        except (requests.ConnectionError, OSError):
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def body(x: torch.Tensor, **extra) -> dict:
@@ -83,20 +29,6 @@ def outputs(resp) -> dict:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return train_mlp(tmp_path_factory.mktemp("serve") / "model", hidden=256, steps=200)
-
-
-def _starter(log_dir: Path):
-    servers: list[Server] = []
-
-    def _start(model_dir: Path, *args: str, ready: bool = True) -> Server:
-        srv = Server(model_dir, log_dir / f"server{len(servers)}.log", *args)
-        servers.append(srv)
-        wait_until(lambda: srv.proc.poll() is not None or srv.get(contract.HEALTH_LIVE_PATH).ok,
-                   what="the server to be live")
-        if ready:
-            wait_until(lambda: srv.get(contract.HEALTH_READY_PATH).status_code == 200, what="ready")
-        return srv
-    return _start, servers
 
 
 @pytest.fixture
@@ -195,7 +127,7 @@ def _ok(n=1, **over):
 @pytest.mark.parametrize("payload,message", [
     (b"{not json", "not valid JSON"),
     (b'"a string"', "JSON object with an 'inputs' list"),
-    ({"inputs": []}, "exactly one input"),
+    ({"inputs": []}, "missing inputs ['input']"),
     (_ok(name="pixels"), "unknown input 'pixels'"),
     (_ok(datatype="FP64"), "datatype 'FP64'"),
     (_ok(datatype="INT32"), "datatype 'INT32'"),
@@ -223,14 +155,14 @@ def test_too_large_body_and_unknown_model(shared):
     srv = shared
     before = srv.metrics()
     r = srv.infer(b"[" + b"0.5," * 60000 + b"0]")
-    assert r.status_code == 400 and "exceeds 100000 bytes" in r.json()["error"]
+    assert r.status_code == 413 and "exceeds 100000 bytes" in r.json()["error"]
     r = srv.infer(_ok(), name="nope")
     assert r.status_code == 404 and "unknown model 'nope'" in r.json()["error"]
     r = srv.get(f"/v2/models/{MODEL}/infer")
     assert r.status_code == 405 and r.json()["error"] and r.headers["Allow"] == "POST"
     assert srv.infer(_ok(3)).status_code == 200
     m = srv.metrics()
-    assert m["lepton_serve_requests_total[400]"] == before.get("lepton_serve_requests_total[400]", 0) + 1
+    assert m["lepton_serve_requests_total[413]"] == before.get("lepton_serve_requests_total[413]", 0) + 1
     assert m["lepton_serve_requests_total[404]"] == before.get("lepton_serve_requests_total[404]", 0) + 1
 
 

@@ -37,7 +37,7 @@ ENV_MODEL_NAME = "LEPTON_MODEL_NAME"        # served model name (/v2/models/{nam
 ENV_MODEL_NAMESPACE = "LEPTON_MODEL_NAMESPACE"  # LeptonModel namespace (metric label)
 ENV_MODEL_REVISION = "LEPTON_MODEL_REVISION"    # serving revision (metric label)
 ENV_ARTIFACT_DIR = "LEPTON_ARTIFACT_DIR"    # where compression writes its artifact
-ENV_MODEL_FORMAT = "LEPTON_MODEL_FORMAT"    # builtin|torch.export|torchscript|huggingface; unset = detect
+ENV_MODEL_FORMAT = "LEPTON_MODEL_FORMAT"    # one of MODEL_FORMATS; unset = detect from the directory
 ENV_GRPC_PORT = "LEPTON_GRPC_PORT"          # gRPC port of the server (default GRPC_PORT; 0 = off)
 RESULT_FILE = "result.json"                 # compression result, inside the artifact dir
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
@@ -50,7 +50,7 @@ ENV_COMPRESSION_PARAMS = "LEPTON_COMPRESSION_PARAMS"        # JSON object of met
 ENV_MAX_ACCURACY_DROP = "LEPTON_MAX_ACCURACY_DROP"          # float, absolute accuracy points (0..1)
 ENV_COMPRESSION_EVALUATION = "LEPTON_COMPRESSION_EVALUATION"  # JSON object: the gate (gates.py)
 COMPRESSION_METHODS = ("int8", "fp16", "bf16", "prune", "prune-structured", "distill", "none", "auto")
-MODEL_FORMATS = ("builtin", "torch.export", "torchscript", "huggingface")   # ENV_MODEL_FORMAT values
+MODEL_FORMATS = ("builtin", "torch.export", "torchscript", "huggingface", "onnx")  # ENV_MODEL_FORMAT values
 # Keys of the ENV_COMPRESSION_EVALUATION object (gates.py) and of the auto parameters in
 # ENV_COMPRESSION_PARAMS (compress.py); paths in them are absolute paths in the container.
 EVALUATION_FIELDS = ("type", "path", "metric", "k", "maxDrop", "threshold", "samples", "output")

@@ -81,11 +81,16 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch: i
     return model.eval()
 
 
+def param_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point parameters (float32 when it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
     """Top-1 accuracy of ``model`` on (x, y), in eval mode, in the model's dtype."""
     model.eval()
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = param_dtype(model)
     correct = 0
     for i in range(0, len(x), batch):
         logits = model(x[i:i + batch].to(dtype))

@@ -1,41 +1,58 @@
-"""``python -m lepton_trainer.serve``: a batching inference server for a model directory.
+"""``python -m lepton_trainer.serve``: a batching Open Inference Protocol v2 server.
 
-HTTP (aiohttp), Open Inference Protocol v2 REST, the API of KServe and Triton:
+It loads any model :mod:`modelio` loads and answers the v2 API of KServe and Triton over
+REST (aiohttp, JSON and Triton's binary tensor extension, on ``--port``) and over gRPC
+(``inference.GRPCInferenceService``, on ``--grpc-port``; see :mod:`grpc_server`). Both
+share one model, one dynamic batcher and one set of metrics; tritonclient's ``http`` and
+``grpc`` clients work unchanged.
 
-  GET  /v2/health/live            200 while the process serves HTTP
-  GET  /v2/health/ready           200 once the model is loaded and answered a warm-up request
-  GET  /v2                        server metadata
-  GET  /v2/models/{name}          model metadata (inputs, outputs, datatypes, shapes)
-  GET  /v2/models/{name}/ready    200 when ready, 503 before
-  POST /v2/models/{name}/infer    one FP32 input ``input`` of shape [N, *input_shape];
-                                  outputs ``logits``, ``probabilities`` (FP32 [N, C]) and
-                                  ``predicted_class`` (INT64 [N]); ``outputs`` in the
-                                  request selects some of them
-  GET  /metrics                   Prometheus metrics (names in contract.py)
+REST routes (``{v}`` paths answer for version ``1``, the only one):
+
+  GET  /v2/health/live                          200 while the process serves HTTP
+  GET  /v2/health/ready                         200 once the model is loaded and warmed up
+  GET  /v2                                      server metadata and extensions
+  GET  /v2/models/{name}[/versions/{v}]         inputs and outputs (name, datatype, shape)
+  GET  /v2/models/{name}[/versions/{v}]/ready   200 when ready, 503 before
+  GET  /v2/models/{name}[/versions/{v}]/config  Triton model configuration
+  GET  /v2/models[/{name}[/versions/{v}]]/stats Triton inference statistics
+  POST /v2/models/{name}[/versions/{v}]/infer   inference
+  POST /v2/repository/index                     the one model and its state
+  POST /v2/repository/models/{name}/load|unload 400: this server serves one fixed model
+  GET  /metrics                                 Prometheus metrics (names in contract.py)
 
 Requests are batched dynamically: the first waiting request opens a batch, which closes
 when it holds ``--max-batch-size`` rows or ``--max-batch-delay-ms`` has passed; the
-batch runs as one forward pass in a worker thread while the event loop keeps
-accepting requests, so under load the next batch fills while the current one runs.
-``--max-batch-size 1`` turns batching off.
+requests of a batch whose tensors agree in shape past the first dimension run as one
+forward pass in a worker thread while the event loop keeps accepting requests. Text
+requests to a Hugging Face model run together whatever their token lengths: they are
+padded to the longest (masked) and each answer is cut back to its own length. A request
+with more rows than ``--max-batch-size`` runs as a batch of its own. If a batched forward
+pass fails, its requests are retried one by one so that one bad request fails alone.
 
-A request with more rows than ``--max-batch-size`` runs as a batch of its own.
+Bad input gets 400 with the reason (malformed JSON, JSON nested deeper than 64 levels,
+a non-string ``id``, unknown or missing inputs, datatype, shape or byte-size mismatches);
+an output holding NaN or infinity asked for as JSON gets 400 too (JSON cannot carry it:
+ask for it with ``binary_data`` or over gRPC). Unknown model or version: 404. A body over
+``--max-body-bytes``: 413. A Content-Type other than JSON or octet-stream: 415. A body
+not received within ``--body-timeout``: 408. A client that disconnects before its
+request is read is counted with code ``499`` and logged in one line. Bodies over 64 KiB
+are parsed and answered in a worker thread, so health probes stay answered. A connection
+that sends no complete request within ``--idle-timeout`` seconds is closed (slow or
+idle clients cannot hold connections).
 
 A missing model directory is waited for (the server stays live, not ready); a model
-that fails to load or to answer the warm-up (one request through the batcher) ends
-the process with status 1. Bad input gets 400 with the reason, an unknown model 404,
-anything unexpected 500; the server keeps serving. On SIGTERM or SIGINT the server
-turns not-ready, stops accepting connections, runs open batches without waiting for
-them to fill, lets in-flight requests finish (up to ``--drain-timeout`` seconds) and
-exits 0.
+that fails to load or to answer the warm-up (one request through the batcher) ends the
+process with status 1. On SIGTERM or SIGINT the server turns not-ready, stops accepting
+connections, runs open batches without waiting for them to fill, lets in-flight requests
+finish (up to ``--drain-timeout`` seconds) and exits 0.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -49,13 +66,20 @@ import torch
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from . import contract, modelio
+from . import contract, modelio, v2
 
 log = logging.getLogger("lepton_trainer.serve")
 
-INPUT_NAME = "input"
-OUTPUTS = {"logits": "FP32", "probabilities": "FP32", "predicted_class": "INT64"}
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+VERSION = "1"                       # the model version every path and answer uses
+OFFLOAD_BYTES = 64 * 1024           # bodies (and answers) larger than this leave the event loop
+CLIENT_CLOSED = 499                 # metric code of a request whose client went away
+CONTENT_TYPES = ("application/json", "application/octet-stream")
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "model_repository"]
+
+
+def _error(exc_cls: type[web.HTTPException], message: str, **kw) -> web.HTTPException:
+    return exc_cls(text=json.dumps({"error": message}), content_type="application/json", **kw)
 
 
 class BadRequest(web.HTTPBadRequest):
@@ -63,23 +87,40 @@ class BadRequest(web.HTTPBadRequest):
         super().__init__(text=json.dumps({"error": message}), content_type="application/json")
 
 
-def _error(exc_cls: type[web.HTTPException], message: str) -> web.HTTPException:
-    return exc_cls(text=json.dumps({"error": message}), content_type="application/json")
+class ModelFailed(RuntimeError):
+    """The model raised on a request that passed validation."""
 
 
 # --- dynamic batching --------------------------------------------------------------------
 
+Tensors = dict[str, torch.Tensor]
+
+
+def _key(x: Tensors) -> tuple:
+    return tuple((k, t.dtype, tuple(t.shape[1:])) for k, t in sorted(x.items()))
+
+
+def _rows(x: Tensors) -> int:
+    return len(next(iter(x.values())))
+
+
 class Batcher:
     """Collects concurrent requests into batches of at most ``max_rows`` rows and runs each
-    batch as one call of ``forward`` in a single worker thread."""
+    batch as one call of ``forward`` per tensor shape, in a single worker thread.
 
-    def __init__(self, forward: Callable[[torch.Tensor], dict[str, torch.Tensor]],
-                 max_rows: int, max_delay_s: float, on_batch: Callable[[int], None]):
+    ``submit`` takes a tensor or a dict of tensors (all with the same first dimension)."""
+
+    def __init__(self, forward: Callable[[Any], dict[str, torch.Tensor]],
+                 max_rows: int, max_delay_s: float, on_batch: Callable[[int], None],
+                 model: Callable[[], Any] | None = None):
         self.forward, self.max_rows, self.max_delay_s, self.on_batch = forward, max_rows, max_delay_s, on_batch
+        self.model = model     # returns the LoadedModel whose batch_key/collate/uncollate apply
         self.queue: asyncio.Queue = asyncio.Queue()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self._task: asyncio.Task | None = None
         self.draining = False     # set on shutdown: open batches run without waiting
+        self.executions = 0
+        self.compute_ns = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -90,15 +131,16 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)
         self.executor.shutdown(wait=True)
 
-    async def submit(self, x: torch.Tensor, wait: bool = True) -> dict[str, torch.Tensor]:
+    async def submit(self, x, wait: bool = True) -> dict[str, torch.Tensor]:
         """Run ``x`` in the next batch; ``wait=False`` closes a batch it opens at once."""
         fut = asyncio.get_running_loop().create_future()
-        await self.queue.put((x, fut, wait))
+        rows = len(x) if isinstance(x, torch.Tensor) else _rows(x)
+        await self.queue.put((x, fut, wait, rows))
         return await fut
 
     async def _collect(self, first) -> tuple[list, Any]:
         loop = asyncio.get_running_loop()
-        items, rows, carry = [first], len(first[0]), None
+        items, rows, carry = [first], first[3], None
         deadline = loop.time() + (self.max_delay_s if first[2] else 0.0)
         while rows < self.max_rows:
             timeout = 0.0 if self.draining else deadline - loop.time()
@@ -109,99 +151,100 @@ class Batcher:
                 break
             except asyncio.TimeoutError:
                 continue
-            if rows + len(item[0]) > self.max_rows:
+            if rows + item[3] > self.max_rows:
                 carry = item          # opens the next batch
                 break
             items.append(item)
-            rows += len(item[0])
+            rows += item[3]
         return items, carry
 
-    async def _run(self) -> None:
+    def _call(self, x):
+        t0 = time.perf_counter_ns()
+        try:
+            return self.forward(x)
+        finally:
+            self.executions += 1
+            self.compute_ns += time.perf_counter_ns() - t0
+
+    async def _forward(self, items: list) -> None:
         loop = asyncio.get_running_loop()
+        model = self.model() if self.model else None
+        if isinstance(items[0][0], torch.Tensor):
+            x = torch.cat([it[0] for it in items])
+        elif model is not None:
+            x = model.collate([it[0] for it in items])
+        else:
+            x = {k: torch.cat([it[0][k] for it in items]) for k in items[0][0]}
+        try:
+            self.on_batch(sum(it[3] for it in items))
+            out = await loop.run_in_executor(self.executor, self._call, x)
+        except Exception as e:  # noqa: BLE001 - the error goes to the callers
+            if len(items) > 1:      # retry alone, so that one bad request fails alone
+                log.warning("a batch of %d requests failed (%s); running them one by one", len(items), e)
+                for it in items:
+                    await self._forward([it])
+                return
+            log.warning("forward pass failed: %s: %s", type(e).__name__, e)
+            if not items[0][1].done():
+                items[0][1].set_exception(e)
+            return
+        start = 0
+        for it in items:
+            end = start + it[3]
+            if not it[1].done():
+                part = {k: v[start:end] for k, v in out.items()}
+                it[1].set_result(model.uncollate(part, it[0]) if model is not None and len(items) > 1 else part)
+            start = end
+
+    async def _run(self) -> None:
         carry = None
         while True:
             first, carry = carry or await self.queue.get(), None
             items, carry = await self._collect(first)
             items = [it for it in items if not it[1].done()]   # the client went away
-            if not items:
-                continue
-            try:
-                x = torch.cat([it[0] for it in items])
-                self.on_batch(len(x))
-                out = await loop.run_in_executor(self.executor, self.forward, x)
-            except Exception as e:  # noqa: BLE001 - the error goes to every caller of the batch
-                log.exception("forward pass failed for a batch of %d requests", len(items))
-                for _, fut, _ in items:
-                    if not fut.done():
-                        fut.set_exception(e)
-                continue
-            start = 0
-            for xi, fut, _ in items:
-                end = start + len(xi)
-                if not fut.done():
-                    fut.set_result({k: v[start:end] for k, v in out.items()})
-                start = end
+            model = self.model() if self.model else None
+            groups: dict[Any, list] = collections.defaultdict(list)
+            for it in items:
+                if isinstance(it[0], torch.Tensor):
+                    key = ("t", it[0].dtype, tuple(it[0].shape[1:]))
+                else:
+                    key = model.batch_key(it[0]) if model is not None else _key(it[0])
+                groups[key].append(it)
+            for group in groups.values():
+                await self._forward(group)
 
 
-# --- request parsing ---------------------------------------------------------------------
+# --- statistics (Triton's format) ------------------------------------------------------------
 
-def parse_infer(body: bytes, input_shape: list[int], max_rows: int) -> tuple[np.ndarray, list[str], Any]:
-    """Validate an OIP v2 infer request; returns (array [N, *input_shape], outputs, id)."""
-    try:
-        req = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"request body is not valid JSON: {e}") from None
-    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
-        raise BadRequest("request body must be a JSON object with an 'inputs' list")
-    if len(req["inputs"]) != 1 or not isinstance(req["inputs"][0], dict):
-        raise BadRequest(f"expected exactly one input object named {INPUT_NAME!r}, "
-                         f"got {len(req['inputs'])} inputs")
-    inp = req["inputs"][0]
-    if inp.get("name") != INPUT_NAME:
-        raise BadRequest(f"unknown input {inp.get('name')!r}; this model has one input named {INPUT_NAME!r}")
-    if inp.get("datatype") != "FP32":
-        raise BadRequest(f"input {INPUT_NAME!r} has datatype {inp.get('datatype')!r}; this model takes FP32")
-    shape = inp.get("shape")
-    want = f"[N, {', '.join(map(str, input_shape))}]"
-    if (not isinstance(shape, list) or not all(type(d) is int for d in shape)
-            or shape[1:] != list(input_shape) or len(shape) != 1 + len(input_shape) or shape[0] < 1):
-        raise BadRequest(f"input shape {shape} does not match {want} with N >= 1")
-    if shape[0] > max_rows:
-        raise BadRequest(f"request too large: {shape[0]} rows, the limit is {max_rows} per request")
-    try:
-        arr = np.asarray(inp.get("data"))
-    except ValueError as e:
-        raise BadRequest(f"input data is not a regular array of numbers: {e}") from None
-    if arr.dtype.kind not in "iuf":
-        raise BadRequest(f"input data must be numbers (FP32), got {arr.dtype.kind!r}-kind values")
-    if arr.size != math.prod(shape):
-        raise BadRequest(f"input data has {arr.size} values; shape {shape} needs {math.prod(shape)}")
-    arr = arr.astype(np.float32).reshape(shape)
-    if not np.isfinite(arr).all():
-        raise BadRequest("input data contains NaN or infinite values")
-    wanted = req.get("outputs")
-    if wanted is None:
-        names = list(OUTPUTS)
-    else:
-        if not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted):
-            raise BadRequest("'outputs' must be a list of objects with a 'name'")
-        names = [o.get("name") for o in wanted]
-        unknown = [n for n in names if n not in OUTPUTS]
-        if unknown:
-            raise BadRequest(f"unknown outputs {unknown}; known: {list(OUTPUTS)}")
-    return arr, names, req.get("id")
+class Stats:
+    def __init__(self):
+        self.success = [0, 0]          # count, ns
+        self.fail = [0, 0]
+        self.inference_count = 0       # rows
+        self.last_inference_ms = 0
+
+    def record(self, ok: bool, ns: int, rows: int) -> None:
+        bucket = self.success if ok else self.fail
+        bucket[0] += 1
+        bucket[1] += ns
+        if ok:
+            self.inference_count += rows
+            self.last_inference_ms = int(time.time() * 1000)
 
 
 # --- the server ----------------------------------------------------------------------------
 
 class ModelServer:
     def __init__(self, model_dir: Path, name: str, max_batch_size: int, max_batch_delay_ms: float,
-                 max_request_rows: int, labels: dict[str, str]):
+                 max_request_rows: int, labels: dict[str, str], model_format: str | None = None):
         self.model_dir, self.name, self.max_request_rows = model_dir, name, max_request_rows
-        self.model: torch.nn.Module | None = None
-        self.meta: dict[str, Any] = {}
+        self.model_format = model_format
+        self.max_batch_size, self.max_batch_delay_ms = max_batch_size, max_batch_delay_ms
+        self.model: modelio.LoadedModel | None = None
+        self._why_absent = ""
         self.ready = False
         self.exit_code = 0
+        self.stats = Stats()
         self.registry = CollectorRegistry()
         names = list(labels)
         self.labels = labels
@@ -216,46 +259,121 @@ class ModelServer:
         self.batch_size = Histogram(contract.METRIC_SERVE_BATCH_SIZE, "Rows per forward pass",
                                     names, buckets=batch_buckets, registry=self.registry).labels(**labels)
         self.batcher = Batcher(self._forward, max_batch_size, max_batch_delay_ms / 1000.0,
-                               self.batch_size.observe)
+                               self.batch_size.observe, model=lambda: self.model)
+        self.decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")
 
     # model ---------------------------------------------------------------------------
-    @torch.inference_mode()
-    def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.model(x.to(self.dtype)).float()
-        return {"logits": logits, "probabilities": torch.softmax(logits, dim=1),
-                "predicted_class": logits.argmax(dim=1)}
+    def _forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.model.forward(x)
 
     async def load(self, stop: asyncio.Event, poll_s: float = 0.5) -> None:
         """Wait for the model directory, load it, warm it up, then turn ready."""
-        meta_path = self.model_dir / contract.MODEL_META_FILE
         waited = 0.0
-        while not meta_path.exists():
+        while not self._present():
             if waited % 30 < poll_s:
-                log.info("waiting for the model directory %s", self.model_dir)
+                log.info("waiting for the model directory %s%s", self.model_dir,
+                         f" ({self._why_absent})" if self._why_absent else "")
             await asyncio.sleep(poll_s)
             waited += poll_s
         try:
             loop = asyncio.get_running_loop()
-            self.model, self.meta = await loop.run_in_executor(None, modelio.load_model, self.model_dir)
-            self.dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()),
-                              torch.float32)
-            self.input_shape = list(self.meta.get("input_shape") or [self.meta["config"]["in_features"]])
-            out = await self.batcher.submit(torch.zeros(1, *self.input_shape), wait=False)
-            self.num_classes = int(out["logits"].shape[1])
+            self.model = await loop.run_in_executor(None, modelio.load, self.model_dir, self.model_format)
+            await self.infer_arrays(self.model.sample(1), warm_up=True)
         except Exception:  # noqa: BLE001 - any failure here means this server cannot serve
             log.exception("model %s from %s failed to load or warm up", self.name, self.model_dir)
             self.exit_code = 1
             stop.set()
             return
         self.ready = True
-        log.info("model %s ready (%s, %s)", self.name, self.meta.get("arch"),
-                 self.meta.get("quantization") or self.meta.get("dtype", "float32"))
+        log.info("model %s ready (%s)", self.name,
+                 ", ".join(f"{k}={v}" for k, v in self.model.describe().items() if v))
 
-    # handlers ------------------------------------------------------------------------
+    def _present(self) -> bool:
+        """A model is there: meta.json for a built-in directory (written last), else any
+        file of a known format."""
+        self._why_absent = ""
+        if not self.model_dir.exists():
+            return False
+        if self.model_dir.is_file():
+            return True
+        if self.model_format in (None, "builtin") and (self.model_dir / contract.MODEL_META_FILE).exists():
+            return True
+        if self.model_format not in (None, "builtin"):
+            return any(self.model_dir.iterdir())
+        try:
+            return modelio.detect_format(self.model_dir) != "builtin"
+        except (FileNotFoundError, modelio.FormatError) as e:
+            self._why_absent = str(e)
+            return False
+
+    async def infer_arrays(self, tensors: dict[str, np.ndarray], warm_up: bool = False) -> dict[str, np.ndarray]:
+        """The shared core of REST and gRPC: prepare, batch, run, convert."""
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(self.decoder, self.model.prepare, tensors)
+        try:
+            out = await self.batcher.submit(prepared, wait=not warm_up)
+        except Exception as e:  # noqa: BLE001
+            raise ModelFailed(f"the model failed on this request: {type(e).__name__}: {e}") from e
+        return {s.name: modelio.to_numpy(out[s.name], s.datatype) for s in self.model.outputs}
+
+    # shared request accounting (REST and gRPC) ------------------------------------------
+    def begin(self) -> float:
+        self.inflight.inc()
+        return time.perf_counter()
+
+    def end(self, t0: float, code: int, rows: int = 0) -> None:
+        elapsed = time.perf_counter() - t0
+        self.inflight.dec()
+        self.latency.observe(elapsed)
+        self.requests.labels(**self.labels, code=str(code)).inc()
+        if code != CLIENT_CLOSED and code not in (404, 413, 415):
+            self.stats.record(code == 200, int(elapsed * 1e9), rows)
+
+    # protocol documents (shared with gRPC) ------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        m = self.model
+        return {"name": self.name, "versions": [VERSION], "platform": m.platform,
+                **{k: v for k, v in m.describe().items() if k != "format"}, "format": m.format,
+                "inputs": [s.to_json() for s in m.inputs], "outputs": [s.to_json() for s in m.outputs]}
+
+    def config(self) -> dict[str, Any]:
+        def io(s: v2.TensorSpec) -> dict[str, Any]:
+            dt = "TYPE_STRING" if s.datatype == "BYTES" else f"TYPE_{s.datatype}"
+            return {"name": s.name, "data_type": dt, "dims": list(s.shape[1:]) or [1],
+                    **({"reshape": {"shape": []}} if len(s.shape) == 1 else {})}
+        m = self.model
+        return {"name": self.name, "platform": m.platform, "backend": "lepton",
+                "max_batch_size": self.max_batch_size,
+                "input": [io(s) for s in m.inputs], "output": [io(s) for s in m.outputs],
+                "dynamic_batching": {"max_queue_delay_microseconds": int(self.max_batch_delay_ms * 1000)},
+                "version_policy": {"latest": {"num_versions": 1}}}
+
+    def statistics(self) -> dict[str, Any]:
+        s, b = self.stats, self.batcher
+        zero = {"count": 0, "ns": 0}
+        return {"model_stats": [{
+            "name": self.name, "version": VERSION, "last_inference": s.last_inference_ms,
+            "inference_count": s.inference_count, "execution_count": b.executions,
+            "inference_stats": {
+                "success": {"count": s.success[0], "ns": s.success[1]},
+                "fail": {"count": s.fail[0], "ns": s.fail[1]},
+                "queue": zero, "compute_input": zero,
+                "compute_infer": {"count": b.executions, "ns": b.compute_ns},
+                "compute_output": zero, "cache_hit": zero, "cache_miss": zero},
+            "batch_stats": []}]}
+
+    def check_model(self, name: str, version: str | None) -> None:
+        if name != self.name:
+            raise LookupError(f"unknown model {name!r}; this server serves {self.name!r}")
+        if version not in (None, "", VERSION):
+            raise LookupError(f"unknown version {version!r} of model {name!r}; the only version is {VERSION!r}")
+
+    # REST handlers ---------------------------------------------------------------------
     def _model(self, request: web.Request) -> None:
-        if request.match_info["name"] != self.name:
-            raise _error(web.HTTPNotFound, f"unknown model {request.match_info['name']!r}; "
-                                           f"this server serves {self.name!r}")
+        try:
+            self.check_model(request.match_info["name"], request.match_info.get("version"))
+        except LookupError as e:
+            raise _error(web.HTTPNotFound, str(e)) from None
 
     def _require_ready(self) -> None:
         if not self.ready:
@@ -268,7 +386,7 @@ class ModelServer:
         return web.json_response({"ready": self.ready}, status=200 if self.ready else 503)
 
     async def server_meta(self, request: web.Request) -> web.Response:
-        return web.json_response({"name": "lepton-serve", "version": "2", "extensions": []})
+        return web.json_response({"name": "lepton-serve", "version": "2", "extensions": EXTENSIONS})
 
     async def model_ready(self, request: web.Request) -> web.Response:
         self._model(request)
@@ -278,64 +396,167 @@ class ModelServer:
     async def model_meta(self, request: web.Request) -> web.Response:
         self._model(request)
         self._require_ready()
-        classes = self.num_classes
-        return web.json_response({
-            "name": self.name, "versions": [v for v in [self.labels.get(contract.METRICS_REVISION_LABEL)] if v],
-            "platform": "pytorch", "arch": self.meta.get("arch"),
-            "quantization": self.meta.get("quantization"), "dtype": self.meta.get("dtype", "float32"),
-            "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *self.input_shape]}],
-            "outputs": [{"name": n, "datatype": dt, "shape": [-1, classes] if dt == "FP32" else [-1]}
-                        for n, dt in OUTPUTS.items()]})
+        return web.json_response(self.metadata())
 
-    async def infer(self, request: web.Request) -> web.Response:
-        t0 = time.perf_counter()
-        self.inflight.inc()
-        code = 500
+    async def model_config(self, request: web.Request) -> web.Response:
+        self._model(request)
+        self._require_ready()
+        return web.json_response(self.config())
+
+    async def model_stats(self, request: web.Request) -> web.Response:
+        if "name" in request.match_info:
+            self._model(request)
+        return web.json_response(self.statistics())
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        state = "READY" if self.ready else ("UNAVAILABLE" if self.exit_code else "LOADING")
+        return web.json_response([{"name": self.name, "version": VERSION, "state": state, "reason": ""}])
+
+    async def repository_control(self, request: web.Request) -> web.Response:
+        raise BadRequest("model control is not supported: this server serves one model, "
+                         "loaded at start-up")
+
+    async def infer(self, request: web.Request) -> web.StreamResponse:
+        t0 = self.begin()
+        code, rows = 500, 0
         try:
-            response = await self._infer(request)
+            response, rows = await self._infer(request)
             code = response.status
             return response
         except web.HTTPException as e:
             code = e.status
             raise
+        except ConnectionResetError as e:
+            code = CLIENT_CLOSED
+            log.info("client %s went away before its request was read (%s)", request.remote, e)
+            return web.Response(status=CLIENT_CLOSED, text="client closed the request")
+        except asyncio.CancelledError:
+            code = CLIENT_CLOSED
+            log.info("client %s went away before its answer (cancelled)", request.remote)
+            raise
         finally:
-            self.inflight.dec()
-            self.latency.observe(time.perf_counter() - t0)
-            self.requests.labels(**self.labels, code=str(code)).inc()
+            self.end(t0, code, rows)
 
-    async def _infer(self, request: web.Request) -> web.Response:
-        self._model(request)
+    async def _offload(self, size: int, fn, *args):
+        if size < OFFLOAD_BYTES:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.decoder, fn, *args)
+
+    async def _read(self, request: web.Request) -> bytes:
+        ctype = request.headers.get("Content-Type")
+        if ctype is not None and request.content_type not in CONTENT_TYPES \
+                and not request.content_type.endswith("+json"):
+            raise _error(web.HTTPUnsupportedMediaType,
+                         f"Content-Type {request.content_type!r} is not accepted: send "
+                         f"application/json, or application/octet-stream with "
+                         f"{v2.HEADER_LENGTH} (binary tensors)")
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            raise self._too_large()
         try:
-            body = await request.read()
+            return await asyncio.wait_for(request.read(), self.body_timeout)
         except web.HTTPRequestEntityTooLarge:
-            raise BadRequest(f"request too large: the body exceeds {self.max_body_bytes} bytes") from None
+            raise self._too_large() from None
+        except asyncio.TimeoutError:
+            raise _error(web.HTTPRequestTimeout,
+                         f"the request body did not arrive within {self.body_timeout:g} s") from None
+        except Exception as e:  # aiohttp reports a client gone mid-upload in several ways
+            if request.transport is None or request.transport.is_closing() or \
+                    type(e).__name__ in ("ClientConnectionResetError", "PayloadEncodingError",
+                                         "ContentLengthError", "TransferEncodingError", "EofStream"):
+                raise ConnectionResetError(str(e) or type(e).__name__) from None
+            raise
+
+    def _too_large(self) -> web.HTTPException:
+        return _error(web.HTTPRequestEntityTooLarge,
+                      f"request too large: the body exceeds {self.max_body_bytes} bytes",
+                      max_size=self.max_body_bytes, actual_size=0)
+
+    async def _infer(self, request: web.Request) -> tuple[web.Response, int]:
+        self._model(request)
+        body = await self._read(request)
         self._require_ready()
-        arr, names, req_id = parse_infer(body, self.input_shape, self.max_request_rows)
-        out = await self.batcher.submit(torch.from_numpy(arr))
-        payload: dict[str, Any] = {"model_name": self.name, "outputs": [
-            {"name": n, "datatype": OUTPUTS[n], "shape": list(out[n].shape),
-             "data": out[n].reshape(-1).tolist()} for n in names]}
-        if req_id is not None:
-            payload["id"] = req_id
-        return web.json_response(payload)
+        raw_len = request.headers.get(v2.HEADER_LENGTH)
+        try:
+            header_len = int(raw_len) if raw_len is not None else None
+        except ValueError:
+            raise BadRequest(f"{v2.HEADER_LENGTH} must be an integer, got {raw_len!r}") from None
+        m = self.model
+        try:
+            req = await self._offload(len(body), v2.parse_rest, body, header_len, m.inputs,
+                                      m.outputs, self.max_request_rows)
+            out = await self.infer_arrays(req.inputs)
+            size = sum(a.nbytes for a in out.values() if a.dtype != object)
+            tensors = [(n, m_spec.datatype, out[n]) for n in req.outputs
+                       for m_spec in m.outputs if m_spec.name == n]
+            payload, json_len = await self._offload(8 * size, v2.rest_response, self.name, VERSION,
+                                                    req.id, tensors, req.binary)
+        except v2.ProtocolError as e:
+            raise BadRequest(str(e)) from None
+        except ModelFailed as e:
+            raise _error(web.HTTPInternalServerError, str(e)) from None
+        if json_len is None:
+            return web.Response(body=payload, content_type="application/json"), req.rows
+        return web.Response(body=payload, content_type="application/octet-stream",
+                            headers={v2.HEADER_LENGTH: str(json_len)}), req.rows
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    def make_app(self, max_body_bytes: int) -> web.Application:
-        self.max_body_bytes = max_body_bytes
-        app = web.Application(client_max_size=max_body_bytes, middlewares=[_errors_as_json])
-        app.add_routes([
+    def make_app(self, max_body_bytes: int, body_timeout: float = 60.0,
+                 header_deadline: "HeaderDeadline | None" = None) -> web.Application:
+        self.max_body_bytes, self.body_timeout = max_body_bytes, body_timeout
+        middlewares = ([header_deadline.middleware] if header_deadline else []) + [_errors_as_json]
+        app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
+        routes = [
             web.get(contract.HEALTH_LIVE_PATH, self.live),
             web.get(contract.HEALTH_READY_PATH, self.health_ready),
             web.get("/v2", self.server_meta),
-            web.get("/v2/models/{name}", self.model_meta),
-            web.get("/v2/models/{name}/ready", self.model_ready),
-            web.post("/v2/models/{name}/infer", self.infer),
+            web.get("/v2/models/stats", self.model_stats),
+            web.post("/v2/repository/index", self.repository_index),
+            web.post("/v2/repository/models/{name}/load", self.repository_control),
+            web.post("/v2/repository/models/{name}/unload", self.repository_control),
             web.get(contract.METRICS_PATH, self.metrics),
-        ])
+        ]
+        for base in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+            routes += [web.get(base, self.model_meta), web.get(base + "/ready", self.model_ready),
+                       web.get(base + "/config", self.model_config),
+                       web.get(base + "/stats", self.model_stats), web.post(base + "/infer", self.infer)]
+        app.add_routes(routes)
         return app
+
+
+class HeaderDeadline:
+    """Closes a connection that has not completed its first request header within
+    ``timeout`` seconds of connecting (aiohttp's keep-alive timeout covers the time
+    between requests, but not every version starts it before the first one)."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.pending: set = set()
+
+    def watch(self, transport) -> None:
+        self.pending.add(transport)
+        asyncio.get_running_loop().call_later(self.timeout, self._expire, transport)
+
+    def _expire(self, transport) -> None:
+        if transport in self.pending:
+            self.pending.discard(transport)
+            transport.close()
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        self.pending.discard(request.transport)       # a complete request header arrived
+        return await handler(request)
+
+    def install(self, server: web.Server) -> None:
+        """Watch every connection the aiohttp server accepts (its connection manager hook)."""
+        made = server.connection_made
+
+        def connection_made(handler, transport) -> None:
+            made(handler, transport)
+            self.watch(transport)
+        server.connection_made = connection_made
 
 
 @web.middleware
@@ -348,6 +569,8 @@ async def _errors_as_json(request: web.Request, handler) -> web.StreamResponse:
             raise
         return web.json_response({"error": e.reason}, status=e.status,
                                  headers={k: v for k, v in e.headers.items() if k == "Allow"})
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
     except Exception as e:  # noqa: BLE001
         log.exception("%s %s failed", request.method, request.path)
         return web.json_response({"error": f"internal error: {type(e).__name__}: {e}"}, status=500)
@@ -359,15 +582,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     p = argparse.ArgumentParser(prog="python -m lepton_trainer.serve", description=__doc__.split("\n")[0])
     p.add_argument("--model-dir", default=env(contract.ENV_MODEL_DIR), help="model directory (modelio)")
+    p.add_argument("--model-format", default=env(contract.ENV_MODEL_FORMAT) or None,
+                   choices=modelio.FORMATS, help="default: detected from the directory")
     p.add_argument("--model-name", default=env(contract.ENV_MODEL_NAME, "model"))
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=contract.SERVE_PORT)
+    p.add_argument("--grpc-port", type=int, default=int(env(contract.ENV_GRPC_PORT, contract.GRPC_PORT)),
+                   help="v2 gRPC port; 0 turns gRPC off")
     p.add_argument("--max-batch-size", type=int, default=int(env(contract.ENV_MAX_BATCH_SIZE, 32)),
                    help="most rows in one forward pass (1 = no batching)")
     p.add_argument("--max-batch-delay-ms", type=float, default=float(env(contract.ENV_MAX_BATCH_DELAY_MS, 0)),
                    help="longest wait for a batch to fill; 0 batches what queued during the previous batch")
     p.add_argument("--max-request-rows", type=int, default=1024, help="most rows in one request")
-    p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest request body")
+    p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="largest request body")
+    p.add_argument("--idle-timeout", type=float, default=15.0,
+                   help="seconds a connection may stay without a complete request (headers)")
+    p.add_argument("--body-timeout", type=float, default=60.0, help="seconds to receive a request body")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let requests finish on SIGTERM")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--access-log", action="store_true")
@@ -376,6 +606,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--model-dir or {contract.ENV_MODEL_DIR} is required")
     if args.max_batch_size < 1 or args.max_batch_delay_ms < 0 or args.max_request_rows < 1:
         p.error("--max-batch-size and --max-request-rows must be >= 1, --max-batch-delay-ms >= 0")
+    if args.idle_timeout <= 0 or args.body_timeout <= 0:
+        p.error("--idle-timeout and --body-timeout must be > 0")
     return args
 
 
@@ -384,14 +616,23 @@ async def serve(args: argparse.Namespace) -> int:
               contract.METRICS_MODEL_NAMESPACE_LABEL: os.environ.get(contract.ENV_MODEL_NAMESPACE, ""),
               contract.METRICS_REVISION_LABEL: os.environ.get(contract.ENV_MODEL_REVISION, "")}
     server = ModelServer(Path(args.model_dir), args.model_name, args.max_batch_size,
-                         args.max_batch_delay_ms, args.max_request_rows, labels)
-    runner = web.AppRunner(server.make_app(args.max_body_bytes), handle_signals=False,
-                           shutdown_timeout=args.drain_timeout,
+                         args.max_batch_delay_ms, args.max_request_rows, labels, args.model_format)
+    # keepalive_timeout closes connections idle between requests; HeaderDeadline closes
+    # those that never complete their first request header (slow or idle clients).
+    deadline = HeaderDeadline(args.idle_timeout)
+    runner = web.AppRunner(server.make_app(args.max_body_bytes, args.body_timeout, deadline),
+                           handle_signals=False, shutdown_timeout=args.drain_timeout,
+                           keepalive_timeout=args.idle_timeout,
                            access_log=log if args.access_log else None)
     await runner.setup()
+    deadline.install(runner.server)
     await web.TCPSite(runner, args.host, args.port).start()
-    log.info("serving %s on %s:%d (max batch %d, max delay %.1f ms)", args.model_name, args.host,
-             args.port, args.max_batch_size, args.max_batch_delay_ms)
+    grpc_server = None
+    if args.grpc_port:
+        from . import grpc_server as grpc_mod
+        grpc_server = await grpc_mod.start(server, args.host, args.grpc_port)
+    log.info("serving %s on %s:%d (REST) and %s (gRPC); max batch %d, max delay %.1f ms", args.model_name,
+             args.host, args.port, args.grpc_port or "off", args.max_batch_size, args.max_batch_delay_ms)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -403,8 +644,12 @@ async def serve(args: argparse.Namespace) -> int:
     server.ready = False
     server.batcher.draining = True
     loader.cancel()
-    await runner.cleanup()          # stop listening, then wait for in-flight handlers
+    if grpc_server is not None:
+        await asyncio.gather(grpc_server.stop(args.drain_timeout), runner.cleanup())
+    else:
+        await runner.cleanup()          # stop listening, then wait for in-flight handlers
     await server.batcher.close()
+    server.decoder.shutdown(wait=False)
     log.info("stopped")
     return server.exit_code
 

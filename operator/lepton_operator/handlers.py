@@ -3,6 +3,7 @@ import logging
 
 import kopf
 
+from . import config
 from .constants import GROUP
 from .job import handlers as _job_handlers  # noqa: F401  (registers the LeptonJob handlers)
 from .model import handlers as _model_handlers  # noqa: F401  (registers the LeptonModel handlers)
@@ -10,7 +11,11 @@ from .model import handlers as _model_handlers  # noqa: F401  (registers the Lep
 
 @kopf.on.startup()
 def _kopf_settings(settings: kopf.OperatorSettings, **_) -> None:
-    """Events are posted by the operator itself (core.status.emit), not for every log line."""
+    """Events are posted by the operator itself (core.status.emit), not for every log line.
+    Watching named namespaces, kopf does not scan cluster-wide for namespaces and CRDs,
+    which a namespaced Role does not grant."""
+    if not config.get().all_namespaces:
+        settings.scanning.disabled = True
     settings.posting.enabled = False
     settings.posting.level = logging.WARNING
     settings.persistence.finalizer = f"{GROUP}/finalizer"

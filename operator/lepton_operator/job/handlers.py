@@ -265,8 +265,14 @@ async def _reconcile(body: kopf.Body, memory: JobMemory, indices: dict[str, Any]
     # Apply: independent writes go out together (the API client is thread-safe).
     owner = _owner(body)
     creates, to_delete = _writes(owner, spec, plan, observed, memory, indices, key, settings.trainer_image)
-    await asyncio.gather(*(kube.aio(kube.create, obj) for obj in creates),
-                         *(kube.aio(kube.delete, "v1", "Pod", n, namespace) for n in to_delete))
+    created = await asyncio.gather(*(kube.aio(kube.create, obj) for obj in creates),
+                                   *(kube.aio(kube.delete, "v1", "Pod", n, namespace) for n in to_delete))
+    for obj, result in zip(creates, created):
+        # 409: a pod of that name still exists (the one being replaced): the memory of the
+        # create would hide the missing worker; its DELETED event wakes the loop instead.
+        if result is None and obj["kind"] == "Pod" and obj["metadata"]["name"] in memory.created:
+            memory.created.pop(obj["metadata"]["name"])
+            _reserved_gpus.pop((namespace, obj["metadata"]["name"]), None)
 
     # Autoscale, then report.
     tick = await autoscale.tick(body, spec, memory, memory.autoscaler, plan.status, slots, logger)

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# System packages the local control plane needs: Prometheus (Debian package), openssl.
+# System packages the local control plane and the tests need: Prometheus (Debian package),
+# openssl, and Lua 5.1 (the chart's Argo CD health checks).
 # Go and python3 come with the machine. Idempotent; installs nothing when all is present.
 set -euo pipefail
 need=()
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v lua5.1 >/dev/null 2>&1 || need+=(lua5.1)      # runs the chart's Argo CD health checks in tests
 [ ${#need[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "missing ${need[*]} and no apt-get: install them with your package manager" >&2; exit 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Callable
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/lepton-operator/lepton-trainer:0.1.0"
@@ -34,6 +35,23 @@ def _port(raw: str) -> int:
     return value
 
 
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _bool(raw: str) -> bool:
+    if raw.strip().lower() in _TRUE:
+        return True
+    if raw.strip().lower() in _FALSE:
+        return False
+    raise ValueError("must be true or false")
+
+
+def _dns_name(raw: str) -> str:
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", raw):
+        raise ValueError("must be a lowercase DNS name")
+    return raw
+
+
 def _pull_policy(raw: str) -> str:
     if raw not in PULL_POLICIES:
         raise ValueError(f"must be one of {', '.join(PULL_POLICIES)}")
@@ -48,7 +66,13 @@ class Setting:
     parse: Callable[[str], Any]    # env text -> value (raises ValueError with the rule)
     help: str
     flag: str | None = None        # its command-line flag, if it has one
-    aliases: tuple[str, ...] = ()  # older environment variable names, still read
+    aliases: tuple[str, ...] = ()  # other variables read when ``env`` is unset: older names,
+                                   # and the downward-API variables a pod gets from the chart
+
+    @property
+    def is_switch(self) -> bool:
+        """A boolean setting: its flag alone means true (``--leader-elect``)."""
+        return self.parse is _bool
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -72,6 +96,20 @@ SETTINGS: tuple[Setting, ...] = (
             "longest wait between two reconciles of an object when nothing changes"),
     Setting("api_retry_seconds", "LEPTON_API_RETRY_SECONDS", 5.0, _positive,
             "delay before a reconcile is retried after an API error"),
+    Setting("leader_election", "LEPTON_LEADER_ELECTION", False, _bool,
+            "run as one of several replicas: only the holder of a coordination.k8s.io/v1 Lease "
+            "reconciles, the others wait and take over once it stops renewing (lease 15 s, renew "
+            "deadline 10 s, retry 2 s); a holder that cannot renew exits with status 1",
+            flag="--leader-elect"),
+    Setting("leader_election_name", "LEPTON_LEADER_ELECTION_NAME", "lepton-operator", _dns_name,
+            "name of that Lease", flag="--leader-election-name"),
+    Setting("leader_election_namespace", "LEPTON_LEADER_ELECTION_NAMESPACE", "", _dns_name,
+            "namespace of that Lease; empty: `$POD_NAMESPACE` (the chart sets it from the downward API), "
+            "else `default`", flag="--leader-election-namespace", aliases=("POD_NAMESPACE",)),
+    Setting("leader_election_identity", "LEPTON_LEADER_ELECTION_IDENTITY", "", str,
+            "this replica's name in the Lease, to which each process adds a random suffix; empty: "
+            "`$POD_NAME` (the chart sets it from the downward API), else the host name",
+            aliases=("POD_NAME",)),
 )
 
 
@@ -86,6 +124,10 @@ class Settings:
     health_port: int = 8080
     resync_seconds: float = 60.0
     api_retry_seconds: float = 5.0
+    leader_election: bool = False
+    leader_election_name: str = "lepton-operator"
+    leader_election_namespace: str = ""
+    leader_election_identity: str = ""
 
     @property
     def all_namespaces(self) -> bool:
@@ -120,6 +162,7 @@ def table() -> str:
     rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
     for s in SETTINGS:
         default = ",".join(s.default) if isinstance(s.default, tuple) else s.default
+        default = str(default).lower() if isinstance(default, bool) else default
         shown = f"`{default}`" if default not in ("", None) else "(empty)"
         rows.append(f"| `{s.env}` | {f'`{s.flag}`' if s.flag else ''} | {shown} | {s.help} |")
     return "\n".join(rows)

@@ -25,6 +25,9 @@ SCALE_DESIRED = Gauge("lepton_operator_autoscaler_desired_replicas",
 SCALE_INPUT = Gauge("lepton_operator_autoscaler_metric_value",
                     "The metric value of the autoscaler's last decision (NaN: no data).",
                     ["kind", "namespace", "name"])
+LEADER = Gauge("lepton_operator_leader",
+               "1 while this replica reconciles (it holds the leader Lease, or runs without leader "
+               "election), 0 while it waits as a standby.")
 ANALYSIS = Counter("lepton_operator_canary_analysis_total",
                    "Canary analysis measurements, by model and query, and verdict "
                    "(Successful, Failed, Inconclusive, Error).",

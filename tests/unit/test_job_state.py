@@ -232,3 +232,39 @@ def test_a_wait_for_capacity_ends_at_its_deadline(on_timeout, phase):
         assert still.status["phase"] == "Suspended" and still.create == []
         retry = js.plan_job({**META, "generation": 3}, s, ended.status, [], 0, NOW, no_node_fits=True)
         assert retry.create == [0, 1] and "capacitySuspendedGeneration" not in retry.status
+
+
+STARTED = "2026-01-01T11:00:00Z"
+
+
+@pytest.mark.parametrize("store, finished, counted", [
+    # the store the worker rendezvoused through is the same one, and up: its failure
+    (js.StoreView("2026-01-01T10:59:00Z", True, False), "2026-01-01T11:59:59Z", 1),
+    # the store is gone or going: every agent exits when it does
+    (js.MISSING_STORE, "2026-01-01T11:59:59Z", 0),
+    (js.StoreView("2026-01-01T10:59:00Z", True, True), "2026-01-01T11:59:59Z", 0),
+    # a new store replaced the worker's own, just before the failure was seen
+    (js.StoreView("2026-01-01T11:59:58Z", True, False), "2026-01-01T11:59:57Z", 0),
+    # replaced, but the worker failed long after: its failure
+    (js.StoreView("2026-01-01T11:30:00Z", True, False), "2026-01-01T11:59:59Z", 1),
+])
+def test_a_worker_that_failed_with_its_rendezvous_store_is_an_uncounted_restart(store, finished, counted):
+    failed = pod(1, "Failed", message="container worker exited with code 1 (Error)",
+                 started_at=STARTED, finished_at=finished)
+    prev = {"phase": "Running", "startTime": STARTED}
+    plan = js.plan_job(META, spec(), prev, [pod(0), failed, pod(2), pod(3)], 1, NOW, store=store)
+    assert plan.status["restarts"] == {"counted": counted, "uncounted": 1 - counted}
+    assert plan.delete == ["j-worker-1"] and plan.create == [1]
+    message = next(m for _, reason, m in plan.events if reason in ("WorkerFailed", "WorkerDisrupted"))
+    assert ("rendezvous store was lost" in message) == (counted == 0), message
+
+
+def test_pod_view_reads_start_and_finish_times():
+    view = js.pod_view({"metadata": {"name": "j-worker-0", "uid": "u0", "labels": {"lepton.ai/worker-index": "0"}},
+                        "spec": {}, "status": {"phase": "Failed", "startTime": STARTED, "containerStatuses": [
+                            {"name": "worker", "state": {"terminated": {"exitCode": 1,
+                                                                        "finishedAt": "2026-01-01T11:05:00Z"}}}]}})
+    assert (view.started_at, view.finished_at) == (STARTED, "2026-01-01T11:05:00Z")
+    store = js.store_view({"metadata": {"creationTimestamp": STARTED},
+                           "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+    assert store == js.StoreView(STARTED, True, False)

@@ -7,6 +7,8 @@ autoscaling, the lepton.ai CRDs, KEDA, Gateway API) goes through the same few ve
 - ``apply``: server-side apply with the single field manager ``lepton-operator``;
 - ``create``: create, treating "already exists" as done (idempotent);
 - ``get`` / ``list_objects`` / ``delete`` / ``patch`` / ``patch_status``;
+- ``replace``: a full update (PUT) that carries the object's resourceVersion, so a
+  concurrent writer's change fails it with 409 instead of being overwritten;
 - ``emit_event``: a core/v1 Event on an object.
 
 All calls are synchronous; from asyncio code use ``await kube.aio(fn, *args)``,
@@ -34,7 +36,7 @@ Obj = dict[str, Any]
 T = TypeVar("T")
 
 __all__ = ["ApiException", "load", "apply", "create", "get", "list_objects", "delete", "patch",
-           "patch_status", "emit_event", "is_not_found", "is_conflict", "aio", "RETRYABLE", "describe"]
+           "patch_status", "replace", "emit_event", "is_not_found", "is_conflict", "aio", "RETRYABLE", "describe"]
 
 # Errors after which a reconcile is retried: an error answer, or no answer at all (the
 # API server restarting: connection refused or reset, retries exhausted).
@@ -90,14 +92,15 @@ def path(api_version: str, kind: str, namespace: str | None = None, name: str | 
 
 
 def request(method: str, url_path: str, body: Any = None, query: list[tuple[str, Any]] | None = None,
-            content_type: str = "application/json") -> Obj | None:
-    """One HTTP request; raises ``ApiException`` on a non-2xx answer."""
+            content_type: str = "application/json", timeout: float | None = None) -> Obj | None:
+    """One HTTP request; raises ``ApiException`` on a non-2xx answer. ``timeout``: seconds
+    for the whole request (None: no limit)."""
     api = _api()
     method, url, headers, body, _ = api.param_serialize(
         method=method, resource_path=url_path, query_params=query or [],
         header_params={"Content-Type": content_type, "Accept": "application/json"},
         body=body, auth_settings=["BearerToken"])
-    resp = api.call_api(method, url, header_params=headers, body=body)
+    resp = api.call_api(method, url, header_params=headers, body=body, _request_timeout=timeout)
     data = resp.read()
     metrics.API_REQUESTS.labels(method, str(resp.status)).inc()
     if not 200 <= resp.status <= 299:
@@ -138,22 +141,23 @@ def apply(obj: Obj, force: bool = True) -> Obj:
                    "application/apply-patch+yaml")
 
 
-def create(obj: Obj) -> Obj | None:
+def create(obj: Obj, timeout: float | None = None) -> Obj | None:
     """Create ``obj``; returns the created object, or None if it already existed."""
     api_version, kind, namespace, _ = _coords(obj)
     try:
         return request("POST", path(api_version, kind, namespace), obj,
-                       [("fieldManager", FIELD_MANAGER)])
+                       [("fieldManager", FIELD_MANAGER)], timeout=timeout)
     except ApiException as exc:
         if is_conflict(exc):
             return None
         raise
 
 
-def get(api_version: str, kind: str, name: str, namespace: str | None = None) -> Obj | None:
+def get(api_version: str, kind: str, name: str, namespace: str | None = None,
+        timeout: float | None = None) -> Obj | None:
     """The object, or None if it does not exist."""
     try:
-        return request("GET", path(api_version, kind, namespace, name))
+        return request("GET", path(api_version, kind, namespace, name), timeout=timeout)
     except ApiException as exc:
         if is_not_found(exc):
             return None
@@ -190,6 +194,20 @@ def patch(api_version: str, kind: str, name: str, namespace: str | None, body: A
                     "strategic": "application/strategic-merge-patch+json"}[patch_type]
     return request("PATCH", path(api_version, kind, namespace, name, subresource), body,
                    [("fieldManager", FIELD_MANAGER)], content_type)
+
+
+def replace(obj: Obj, timeout: float | None = None) -> Obj | None:
+    """Replace ``obj`` (PUT). With ``metadata.resourceVersion`` set, the write succeeds only
+    if nobody changed the object since it was read; returns the stored object, or None on
+    that conflict (409)."""
+    api_version, kind, namespace, name = _coords(obj)
+    try:
+        return request("PUT", path(api_version, kind, namespace, name), obj,
+                       [("fieldManager", FIELD_MANAGER)], timeout=timeout)
+    except ApiException as exc:
+        if is_conflict(exc):
+            return None
+        raise
 
 
 def patch_status(api_version: str, kind: str, name: str, namespace: str | None,

@@ -12,7 +12,11 @@ What the policy remembers (the learned single-worker rate and the time of the la
 scale event) lives in ``status.autoscaling``, next to the last decision, so an
 operator restart neither forgets the baseline nor resets the cooldown. That is why
 the cooldown is wall-clock time; the LeptonModel autoscaler's windows are samples kept
-in memory and use the monotonic clock.
+in memory and use the monotonic clock. A scale event is recorded in the status before
+``spec.workers.replicas`` changes: an operator killed between the two writes restarts
+into a cooldown (at worst one scale event late), never into a second scale event
+without one. Only the pacing of ticks and the events already said live in the process;
+after a restart the first tick comes at once and decides from the recorded state.
 """
 from __future__ import annotations
 
@@ -97,6 +101,8 @@ async def tick(body: Mapping[str, Any], spec: JobSpec, memory: Memory, auto_memo
         "message": f"{promql} = {result.value:g}" if result.ok else f"holding {current} workers: {result.error}",
         **state_to_status(state), "lastDecision": decision.reason, "desiredWorkers": decision.replicas}
     if decision.replicas != current:
+        # The scale event's time is durable before the scale itself (see the module doc).
+        await st.write(body, memory, {**memory.status, "autoscaling": status["autoscaling"]})
         await kube.aio(kube.patch, API_VERSION, JOB_KIND, name, namespace,
                        {"spec": {"workers": {"replicas": decision.replicas}}})
         inputs = ", ".join(f"{k}={v}" for k, v in decision.inputs.items())

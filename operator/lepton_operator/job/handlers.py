@@ -37,8 +37,8 @@ PENDING_CREATE_TTL = 30.0     # seconds a created pod may take to show up in the
 
 @dataclasses.dataclass
 class JobMemory(Memory):
-    """What one job's loop remembers between reconciles (the status it wrote is the truth)."""
-    handled: set[str] = dataclasses.field(default_factory=set)          # failed pod uids counted
+    """What one job's loop remembers between reconciles (the status it wrote is the truth;
+    which failed pods are already counted is part of it, see ``state.COUNTED_POD_UIDS``)."""
     known_active: dict[str, str] = dataclasses.field(default_factory=dict)  # uid -> name
     deleted: set[str] = dataclasses.field(default_factory=set)          # pod uids we deleted
     created: dict[str, tuple[int, float]] = dataclasses.field(default_factory=dict)  # name -> (index, monotonic)
@@ -67,9 +67,9 @@ def lepton_job_workers(namespace: str, labels: dict, body: kopf.Body, **_: Any):
 
 
 @kopf.index("pods", labels={LABEL_JOB: kopf.PRESENT, LABEL_ROLE: ROLE_RDZV})
-def lepton_job_rdzv_pods(namespace: str, labels: dict, name: str, **_: Any):
-    """(namespace, job) -> rendezvous pod name."""
-    return {(namespace, labels[LABEL_JOB]): name}
+def lepton_job_rdzv_pods(namespace: str, labels: dict, name: str, body: kopf.Body, **_: Any):
+    """(namespace, job) -> (rendezvous pod name, its StoreView)."""
+    return {(namespace, labels[LABEL_JOB]): (name, state.store_view(body))}
 
 
 @kopf.index("services", labels={LABEL_JOB: kopf.PRESENT})
@@ -183,7 +183,6 @@ def _observe(spec: JobSpec, memory: JobMemory, pods: Iterable[state.PodView]) ->
     by_uid = {p.uid: p for p in by_name.values()}
     vanished = sum(1 for uid in memory.known_active
                    if uid not in by_uid or (by_uid[uid].deleting and uid not in memory.deleted))
-    memory.handled &= current_uids
     return _Observed(by_name, views, vanished)
 
 
@@ -250,13 +249,14 @@ async def _reconcile(body: kopf.Body, memory: JobMemory, indices: dict[str, Any]
     observed = _observe(spec, memory, indices["lepton_job_workers"].get(key, []))
     slots, no_node_fits = _free_slots(spec, indices, nodes)
     plan = state.plan_job(meta, spec, memory.status, observed.views, slots,
-                          _dt.datetime.now(_dt.timezone.utc), memory.handled, observed.vanished,
-                          objects.worker_selector(name), objects.template_hash(spec), no_node_fits)
+                          _dt.datetime.now(_dt.timezone.utc), (), observed.vanished,
+                          objects.worker_selector(name), objects.template_hash(spec), no_node_fits,
+                          next((v for _, v in indices["lepton_job_rdzv_pods"].get(key, [])), state.MISSING_STORE))
 
-    # Restart counts are made durable before the pods they count are deleted.
+    # Restart counts, and the uids of the failed pods they count, are made durable in one
+    # status patch before those pods are deleted: a restart in between counts nothing twice.
     if plan.counted_uids or observed.vanished or plan.delete_job:
         await st.write(body, memory, plan.status)
-    memory.handled |= plan.counted_uids
     if plan.delete_job:
         await st.emit(body, memory, plan.events, logger)
         await kube.aio(kube.delete, API_VERSION, JOB_KIND, name, namespace)
@@ -293,7 +293,7 @@ def _missing_shared_children(owner: dict[str, Any], spec: JobSpec, trainer_image
     """The rendezvous pod and Services that the indices do not show (and were not just created)."""
     now = time.monotonic()
     seen = {("Service", n) for n in indices["lepton_job_services"].get(key, [])}
-    seen |= {("Pod", n) for n in indices["lepton_job_rdzv_pods"].get(key, [])}
+    seen |= {("Pod", n) for n, _ in indices["lepton_job_rdzv_pods"].get(key, [])}
     rdzv_pod, rdzv_service = objects.rendezvous_objects(owner, spec, trainer_image)
     missing = []
     for obj in (rdzv_service, objects.workers_service(owner), rdzv_pod):

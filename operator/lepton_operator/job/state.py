@@ -9,6 +9,11 @@ a finished job stays finished; suspend; resume; count failures (and fail past
 ``backoffLimit``); the deadline; the capacity deadline; completion; replace workers of a
 stale template; size the group (provisioning a pool at zero); summarise. A step that settles the job returns an ``Outcome`` and ends the
 plan; the others only add to it.
+
+Which failures are already counted is part of the status it writes
+(``status.countedPodUIDs``): the failed pods counted in ``status.restarts`` whose deletion
+has not been observed yet. A plan made from that status, by a restarted operator
+included, never counts those pods again, and drops each uid once its pod is gone.
 """
 from __future__ import annotations
 
@@ -37,6 +42,10 @@ DISRUPTION_REASONS = frozenset({"Evicted", "Preempting", "Preempted", "NodeLost"
                                 "NodeAffinity", "OutOfcpu", "OutOfmemory", "OutOfpods"})
 SIGTERM_EXIT, SIGKILL_EXIT = 143, 137
 ACTIVE_PHASES = frozenset({"Pending", "Running", "Unknown"})
+# Status field: uids of failed worker pods already counted in ``restarts``, kept until
+# their deletion is observed, so that no plan (after an operator restart included)
+# counts a failure twice.
+COUNTED_POD_UIDS = "countedPodUIDs"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +63,8 @@ class PodView:
     message: str = ""
     template: str = ""            # the spec hash the pod was built from ("" when unknown)
     generation: int = 0           # the job generation it was built at (0 when unknown)
+    started_at: str = ""          # status.startTime (RFC 3339, "" before the kubelet starts it)
+    finished_at: str = ""         # its container's terminated.finishedAt, when it has one
 
     @property
     def active(self) -> bool:
@@ -98,13 +109,60 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
                 for c in status.get("conditions") or ())
     retryable, message = classify_failure(status) if phase == "Failed" else (False, "")
     annotations = meta.get("annotations") or {}
+    finished = next((t["finishedAt"] for cs in status.get("containerStatuses") or ()
+                     if (t := (cs.get("state") or {}).get("terminated")) and t.get("finishedAt")), "")
     return PodView(name=meta.get("name", ""), uid=meta.get("uid", ""),
                    index=int((meta.get("labels") or {}).get(LABEL_WORKER_INDEX, -1)),
                    phase=phase, node=spec.get("nodeName"), ready=ready,
                    deleting=bool(meta.get("deletionTimestamp")), gpus=gpus_requested(spec),
                    retryable=retryable, message=message,
                    template=annotations.get(ANNOTATION_SPEC_HASH, ""),
-                   generation=int(annotations.get(ANNOTATION_GENERATION, 0) or 0))
+                   generation=int(annotations.get(ANNOTATION_GENERATION, 0) or 0),
+                   started_at=status.get("startTime") or "", finished_at=finished)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreView:
+    """The rendezvous pod, as the failure classification needs it."""
+    created: str                  # metadata.creationTimestamp (RFC 3339)
+    ready: bool
+    deleting: bool
+
+
+def store_view(pod: Mapping[str, Any]) -> StoreView:
+    meta, status = pod.get("metadata", {}), pod.get("status", {}) or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or ())
+    return StoreView(created=meta.get("creationTimestamp") or "", ready=ready,
+                     deleting=bool(meta.get("deletionTimestamp")))
+
+
+# The rendezvous pod when there is none.
+MISSING_STORE = StoreView(created="", ready=False, deleting=False)
+# A worker that fails this close to the loss of its rendezvous store failed because of it.
+STORE_LOSS_WINDOW_SECONDS = 60.0
+
+
+def _ts(value: str) -> _dt.datetime | None:
+    try:
+        return _dt.datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+    except ValueError:
+        return None
+
+
+def lost_store(p: PodView, store: StoreView | None, now: _dt.datetime) -> bool:
+    """Whether a failed worker failed because the rendezvous store went away: every agent
+    exits when its store does, which is the infrastructure's failure, not the workload's.
+    True when the store is missing, going or not ready, or was replaced after the worker
+    started (the worker's own store is gone), within ``STORE_LOSS_WINDOW_SECONDS`` of the
+    failure. ``store`` None: not known, nothing is attributed to it."""
+    if store is None:
+        return False
+    finished = _ts(p.finished_at) or now
+    if store.deleting or not store.ready:
+        return True
+    created, started = _ts(store.created), _ts(p.started_at)
+    return bool(created and started and created > started
+                and abs((finished - created).total_seconds()) <= STORE_LOSS_WINDOW_SECONDS)
 
 
 # --- capacity ------------------------------------------------------------------------
@@ -200,6 +258,7 @@ class _Job:
     generation: int | None
     prev_phase: str | None
     no_node_fits: bool = False         # no current node can hold a worker (a pool at zero)
+    store: StoreView | None = None     # the rendezvous pod (MISSING_STORE: none; None: not known)
     failed_now: list[PodView] = dataclasses.field(default_factory=list)
     stale: list[PodView] = dataclasses.field(default_factory=list)
     capacity_short: bool = False
@@ -282,11 +341,14 @@ def count_failures(job: _Job) -> Outcome | None:
     plan, restarts = job.plan, job.restarts
     job.failed_now = [p for p in job.pods if p.phase == "Failed" and not p.deleting and p.uid not in job.handled]
     for p in job.failed_now:
-        restarts["uncounted" if p.retryable else "counted"] += 1
+        retryable, message = p.retryable, p.message
+        if not retryable and lost_store(p, job.store, job.now):
+            retryable, message = True, f"the rendezvous store was lost ({message})"
+        restarts["uncounted" if retryable else "counted"] += 1
         plan.counted_uids.add(p.uid)
-        plan.events.append((EVENT_NORMAL if p.retryable else EVENT_WARNING,
-                            REASON_WORKER_DISRUPTED if p.retryable else REASON_WORKER_FAILED,
-                            f"worker {p.name}: {p.message}"))
+        plan.events.append((EVENT_NORMAL if retryable else EVENT_WARNING,
+                            REASON_WORKER_DISRUPTED if retryable else REASON_WORKER_FAILED,
+                            f"worker {p.name}: {message}"))
     if job.vanished:
         restarts["uncounted"] += job.vanished
         plan.events.append((EVENT_NORMAL, REASON_WORKER_DISRUPTED,
@@ -427,6 +489,18 @@ SETTLING_STEPS: tuple[Callable[[_Job], Outcome | None], ...] = (
 SHAPING_STEPS: tuple[Callable[[_Job], None], ...] = (replace_stale, size_group)
 
 
+def _remember_counted(job: _Job) -> None:
+    """Keep in the status the uids of failed pods counted now or before whose pods still
+    exist (deleting ones included); a pod the index no longer shows is gone for good, and
+    its uid is dropped. The field is absent when there is nothing to remember."""
+    present = {p.uid for p in job.pods if p.uid}
+    counted = sorted((job.handled | job.plan.counted_uids) & present)
+    if counted:
+        job.status[COUNTED_POD_UIDS] = counted
+    else:
+        job.status.pop(COUNTED_POD_UIDS, None)
+
+
 def _report(job: _Job, outcome: Outcome, selector: str) -> Plan:
     """Write the outcome and the worker counts into the status; an event on a phase change."""
     plan, status, w = job.plan, job.plan.status, job.spec.workers
@@ -442,6 +516,7 @@ def _report(job: _Job, outcome: Outcome, selector: str) -> Plan:
     status["replicas"] = (len(job.active) - sum(1 for p in job.active if p.name in plan.delete)
                           + len(plan.create))
     status["selector"] = selector
+    _remember_counted(job)
     # A finished or suspended job runs no workers: READY says so instead of "0/N".
     status["workersReady"] = ("-" if outcome.phase in TERMINAL_PHASES or outcome.phase == PHASE_SUSPENDED
                               else f"{status['workers']['ready']}/{w.replicas}")
@@ -454,11 +529,14 @@ def _report(job: _Job, outcome: Outcome, selector: str) -> Plan:
 def plan_job(meta: Mapping[str, Any], spec: JobSpec, prev: Mapping[str, Any] | None,
              pods: Iterable[PodView], free_slots: int, now: _dt.datetime,
              handled_uids: Iterable[str] = (), vanished: int = 0,
-             selector: str = "", template: str = "", no_node_fits: bool = False) -> Plan:
+             selector: str = "", template: str = "", no_node_fits: bool = False,
+             store: StoreView | None = None) -> Plan:
     """Decide the next step for a job.
 
     ``handled_uids``: failed pods whose failure was already counted (they may still show
-    in the index until their deletion is observed). ``vanished``: active workers that
+    in the index until their deletion is observed), in addition to those recorded in
+    ``prev[COUNTED_POD_UIDS]``; the new status records both sets, less the pods no longer
+    in ``pods``. ``vanished``: active workers that
     disappeared without the operator deleting them (drained, evicted through the API);
     they are replaced and counted as uncounted restarts. ``template``: the hash of the
     worker template the current spec builds (``objects.template_hash``); active workers
@@ -466,16 +544,19 @@ def plan_job(meta: Mapping[str, Any], spec: JobSpec, prev: Mapping[str, Any] | N
     group re-forms once, from the checkpoint); that restart is not a failure, so it
     counts against neither maxRestarts nor backoffLimit. ``no_node_fits``: no current node
     matching the workers' selector and tolerations has their GPUs (``capacity.mode``
-    decides what that means).
+    decides what that means). ``store``: the rendezvous pod (``MISSING_STORE`` when there is
+    none); workers that failed because it went away are uncounted restarts
+    (:func:`lost_store`).
     """
     status = copy.deepcopy(dict(prev or {}))
     status.setdefault("restarts", {"counted": 0, "uncounted": 0})
     status.setdefault("restartCount", 0)
     pods = sorted(pods, key=lambda p: p.index)
     job = _Job(spec=spec, plan=Plan(status=status), pods=pods, active=[p for p in pods if p.active],
-               free_slots=free_slots, now=now, handled=set(handled_uids), vanished=vanished,
+               free_slots=free_slots, now=now,
+               handled=set(handled_uids) | set(status.get(COUNTED_POD_UIDS) or ()), vanished=vanished,
                template=template, generation=meta.get("generation"), prev_phase=status.get("phase"),
-               no_node_fits=no_node_fits)
+               no_node_fits=no_node_fits, store=store)
     for step in SETTLING_STEPS:
         outcome = step(job)
         if outcome is not None:

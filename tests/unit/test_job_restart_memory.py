@@ -1,0 +1,279 @@
+"""What a LeptonJob's loop must not forget across an operator restart lives in the status
+it writes: the failures already counted (``status.countedPodUIDs``) and the autoscaler's
+baseline, cooldown and last decision (``status.autoscaling``).
+
+The planner tests lose the memory by planning from the written status alone. The loop
+tests run the real reconcile (``job.handlers._reconcile``, ``job.autoscale.tick``)
+against a recording stand-in for the API server and "kill" the process at the worst
+moment: after the status write that counts, before the write that acts on it.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from typing import Any
+
+import pytest
+
+from lepton_operator.core import kube
+from lepton_operator.job import autoscale
+from lepton_operator.job import handlers as jh
+from lepton_operator.job import state as js
+from lepton_operator.job.spec import parse_job
+from lepton_operator.scaling import policy
+from lepton_operator.scaling import prometheus
+
+pytestmark = pytest.mark.unit
+NOW = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+META = {"name": "j", "namespace": "ns", "uid": "u", "generation": 1}
+LOG = logging.getLogger("test")
+
+
+def spec(**kw):
+    base = {"workers": {"min": 2, "max": 2, "replicas": 2}, "resources": {"gpus": 1}}
+    base.update(kw)
+    return parse_job("j", base, "img")
+
+
+def pod(i, phase="Running", **kw):
+    return js.PodView(name=f"j-worker-{i}", uid=f"uid-{i}", index=i, phase=phase, node="n1",
+                      ready=phase == "Running", **kw)
+
+
+FAILED = pod(1, "Failed", message="container worker exited with code 1")
+
+
+# --- the planner ---------------------------------------------------------------------
+
+def test_a_counted_failure_is_recorded_in_the_status_that_counts_it():
+    plan = js.plan_job(META, spec(), {"phase": "Running"}, [pod(0), FAILED], 0, NOW)
+    assert plan.status["restarts"]["counted"] == 1 and plan.counted_uids == {"uid-1"}
+    assert plan.status[js.COUNTED_POD_UIDS] == ["uid-1"]
+    assert plan.delete == ["j-worker-1"]
+
+
+def test_a_plan_from_the_written_status_alone_does_not_count_the_same_pod_again():
+    written = js.plan_job(META, spec(), {"phase": "Running"}, [pod(0), FAILED], 0, NOW).status
+    # A fresh process: nothing but the status it wrote, and the failed pod still there.
+    again = js.plan_job(META, spec(), written, [pod(0), FAILED], 0, NOW)
+    assert again.status["restarts"] == {"counted": 1, "uncounted": 0} and again.status["restartCount"] == 1
+    assert again.counted_uids == set() and not any(e[1] == "WorkerFailed" for e in again.events)
+    assert again.delete == ["j-worker-1"]                 # the delete the kill prevented happens now
+    assert again.status[js.COUNTED_POD_UIDS] == ["uid-1"]
+
+
+def test_the_uid_stays_while_the_pod_is_deleting_and_is_dropped_once_it_is_gone():
+    written = js.plan_job(META, spec(), {"phase": "Running"}, [pod(0), FAILED], 0, NOW).status
+    deleting = js.dataclasses.replace(FAILED, deleting=True)
+    going = js.plan_job(META, spec(), written, [pod(0), deleting], 0, NOW)
+    assert going.status[js.COUNTED_POD_UIDS] == ["uid-1"] and going.status["restarts"]["counted"] == 1
+    gone = js.plan_job(META, spec(), going.status, [pod(0)], 1, NOW)
+    assert js.COUNTED_POD_UIDS not in gone.status and gone.status["restarts"]["counted"] == 1
+    assert gone.create == [1]
+    # A new pod failing under the same name is a new failure.
+    second = pod(1, "Failed", message="exit 1")
+    second = js.dataclasses.replace(second, uid="uid-1b")
+    recount = js.plan_job(META, spec(), gone.status, [pod(0), second], 0, NOW)
+    assert recount.status["restarts"]["counted"] == 2
+    assert recount.status[js.COUNTED_POD_UIDS] == ["uid-1b"]
+
+
+def test_uids_passed_in_and_uids_in_the_status_both_count_as_handled():
+    prev = {"phase": "Running", "restarts": {"counted": 1, "uncounted": 0}, js.COUNTED_POD_UIDS: ["uid-0"]}
+    failed0 = pod(0, "Failed", message="exit 1")
+    plan = js.plan_job(META, spec(), prev, [failed0, FAILED], 0, NOW, handled_uids={"uid-1"})
+    assert plan.status["restarts"]["counted"] == 1
+    assert plan.status[js.COUNTED_POD_UIDS] == ["uid-0", "uid-1"]
+
+
+def test_a_finished_job_keeps_no_uid_of_a_pod_that_is_gone():
+    prev = {"phase": "Failed", "restarts": {"counted": 4, "uncounted": 0}, js.COUNTED_POD_UIDS: ["uid-1"],
+            "completionTime": "2026-01-01T11:00:00Z"}
+    plan = js.plan_job(META, spec(), prev, [], 0, NOW)
+    assert plan.status["phase"] == "Failed" and js.COUNTED_POD_UIDS not in plan.status
+
+
+# --- the loop, against a recording API server ----------------------------------------
+
+class Killed(BaseException):
+    """The process dies here (SIGKILL): nothing after it runs."""
+
+
+def merge(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """Apply a JSON merge patch (RFC 7386) as the API server does."""
+    out = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class FakeAPI:
+    """Stands in for ``kube.aio``: keeps the job's status and spec as the API server
+    would, records each call, and can die before a chosen call."""
+
+    def __init__(self, status: dict[str, Any] | None = None, spec: dict[str, Any] | None = None):
+        self.status = status or {}
+        self.spec = spec or {}
+        self.calls: list[tuple[str, tuple]] = []
+        self.kill_before: str | None = None
+
+    async def __call__(self, fn, *args, **kwargs):
+        name = fn.__name__
+        if name == self.kill_before:
+            self.kill_before = None
+            raise Killed(name)
+        self.calls.append((name, args))
+        if name == "patch_status":
+            self.status = merge(self.status, args[4])
+            return {}
+        if name == "patch":
+            self.spec = merge(self.spec, args[4].get("spec", {}))
+            return {}
+        if name == "create":
+            return args[0]
+        if name == "delete":
+            return True
+        return None
+
+    def names(self, verb: str) -> list[str]:
+        return [args[2] if verb == "delete" else args[0]["metadata"]["name"]
+                for name, args in self.calls if name == verb]
+
+
+def job_body(status: dict[str, Any], workers: int = 2) -> dict[str, Any]:
+    return {"apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonJob", "metadata": dict(META),
+            "spec": {"workers": {"min": workers, "max": workers, "replicas": workers}, "resources": {"gpus": 1}},
+            "status": status}
+
+
+def indices(pods: list[js.PodView]) -> dict[str, Any]:
+    node = js.NodeView("n1", 8, {"nvidia.com/gpu.present": "true"},
+                       ({"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"},))
+    return {"lepton_gpu_nodes": {"n1": [node]}, "lepton_job_workers": {("ns", "j"): pods},
+            "lepton_gpu_usage": {"n1": [1 for p in pods if p.active]},
+            "lepton_job_services": {("ns", "j"): ["j-rdzv", "j-workers"]},
+            "lepton_job_rdzv_pods": {("ns", "j"): [("j-rdzv", js.StoreView("2026-01-01T00:00:00Z", True, False))]}}
+
+
+def reconcile(api: FakeAPI, pods: list[js.PodView], memory: jh.JobMemory | None = None) -> jh.JobMemory:
+    """One reconcile of the job as a process whose memory is ``memory`` (None: a process
+    that just started, whose memory is built from the status on the server)."""
+    body = job_body(api.status)
+    memory = memory or jh._loops.new_memory(dict(api.status))
+    asyncio.run(jh._reconcile(body, memory, indices(pods), LOG))
+    return memory
+
+
+@pytest.fixture
+def api(monkeypatch) -> FakeAPI:
+    fake = FakeAPI(status={"phase": "Running", "restarts": {"counted": 0, "uncounted": 0},
+                           "startTime": "2026-01-01T11:00:00Z"})
+    monkeypatch.setattr(kube, "aio", fake)
+    return fake
+
+
+def test_killed_between_counting_and_deleting_the_restarted_loop_counts_nothing_twice(api):
+    api.kill_before = "delete"
+    with pytest.raises(Killed):
+        reconcile(api, [pod(0), FAILED])
+    assert api.status["restarts"]["counted"] == 1 and api.status[js.COUNTED_POD_UIDS] == ["uid-1"]
+    assert api.names("delete") == []                          # the failed pod is still there
+
+    reconcile(api, [pod(0), FAILED])                          # a new process, the same pods
+    assert api.status["restarts"] == {"counted": 1, "uncounted": 0}
+    assert api.status["restartCount"] == 1
+    assert api.names("delete") == ["j-worker-1"]
+
+    reconcile(api, [pod(0)])                                  # the delete is observed
+    assert js.COUNTED_POD_UIDS not in api.status and api.status["restarts"]["counted"] == 1
+    assert "j-worker-1" in api.names("create")
+
+
+def test_the_count_and_its_uid_go_out_in_one_status_patch_before_the_delete(api):
+    reconcile(api, [pod(0), FAILED])
+    verbs = [name for name, _ in api.calls if name in ("patch_status", "delete")]
+    assert verbs[:2] == ["patch_status", "delete"]
+    first = next(args[4] for name, args in api.calls if name == "patch_status")
+    assert first["restarts"]["counted"] == 1 and first[js.COUNTED_POD_UIDS] == ["uid-1"]
+
+
+def test_a_loop_that_keeps_its_memory_behaves_the_same(api):
+    memory = reconcile(api, [pod(0), FAILED])
+    reconcile(api, [pod(0), FAILED], memory)
+    assert api.status["restarts"]["counted"] == 1
+
+
+# --- the autoscaler --------------------------------------------------------------------
+
+class FakePrometheus:
+    def __init__(self, value: float):
+        self.value = value
+
+    async def query(self, promql: str) -> prometheus.QueryResult:
+        return prometheus.QueryResult(promql, (self.value,))
+
+
+def autoscaled(cooldown: int = 60) -> tuple[Any, dict[str, Any]]:
+    raw = {"workers": {"min": 1, "max": 4, "replicas": 1}, "resources": {"gpus": 1},
+           "autoscaling": {"cooldownSeconds": cooldown, "intervalSeconds": 5}}
+    return parse_job("j", raw, "img"), raw
+
+
+def tick(api: FakeAPI, job_spec, status: dict[str, Any], memory: jh.JobMemory | None = None):
+    body = job_body(api.status)
+    memory = memory or jh._loops.new_memory(dict(api.status))
+    asyncio.run(autoscale.tick(body, job_spec, memory, memory.autoscaler, status, 8, LOG))
+    return memory
+
+
+def test_the_scale_event_is_in_the_status_before_the_spec_changes(api, monkeypatch):
+    monkeypatch.setattr(prometheus, "client", lambda: FakePrometheus(100.0))
+    job_spec, _ = autoscaled()
+    long_ago = time.time() - 3600
+    api.status = {"phase": "Running", "workers": {"ready": 1},
+                  "autoscaling": autoscale.state_to_status(policy.TrainingState(100.0, 1, long_ago))}
+    tick(api, job_spec, dict(api.status))
+    verbs = [name for name, _ in api.calls if name in ("patch_status", "patch")]
+    assert verbs == ["patch_status", "patch"]
+    assert api.status["autoscaling"]["lastDecision"] == policy.GOODPUT_HOLDS
+    assert api.spec["workers"]["replicas"] == 2
+
+
+def test_killed_after_recording_a_scale_event_the_restarted_autoscaler_waits_its_cooldown(api, monkeypatch):
+    monkeypatch.setattr(prometheus, "client", lambda: FakePrometheus(100.0))
+    job_spec, _ = autoscaled(cooldown=600)
+    long_ago = time.time() - 3600
+    api.status = {"phase": "Running", "workers": {"ready": 1},
+                  "autoscaling": autoscale.state_to_status(policy.TrainingState(100.0, 1, long_ago))}
+    api.kill_before = "patch"
+    with pytest.raises(Killed):
+        tick(api, job_spec, dict(api.status))
+    recorded = api.status["autoscaling"]
+    assert autoscale.state_from_status(recorded, 0.0).last_scale > long_ago
+    # A new process, the scale never applied: it holds for the cooldown rather than scaling
+    # again at once, and keeps the learned baseline.
+    status = dict(api.status)
+    tick(api, job_spec, status)
+    assert status["autoscaling"]["lastDecision"] == policy.COOLDOWN
+    assert status["autoscaling"]["baselineRate"] == 100.0
+    assert "patch" not in [name for name, _ in api.calls]
+
+
+def test_a_restarted_autoscaler_keeps_the_cooldown_of_the_last_scale_event(api, monkeypatch):
+    monkeypatch.setattr(prometheus, "client", lambda: FakePrometheus(200.0))
+    job_spec, _ = autoscaled(cooldown=600)
+    just_now = time.time() - 30
+    api.status = {"phase": "Running", "workers": {"ready": 1},
+                  "autoscaling": {**autoscale.state_to_status(policy.TrainingState(100.0, 1, just_now)),
+                                  "lastDecision": policy.GOODPUT_HOLDS}}
+    status = dict(api.status)
+    tick(api, job_spec, status)                               # a fresh memory: the first tick runs at once
+    assert status["autoscaling"]["lastDecision"] == policy.COOLDOWN
+    assert status["autoscaling"]["baselineRate"] == 100.0 and status["autoscaling"]["baselineWorkers"] == 1

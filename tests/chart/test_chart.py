@@ -63,9 +63,18 @@ def test_operator_pod_is_locked_down():
     assert container["resources"]["limits"]["memory"]
 
 
+FULLNAME = "lepton-lepton-operator"          # release "lepton" of chart "lepton-operator"
+LEASE_ROLE = f"{FULLNAME}-leader-election"
+
+
+def watch_roles(docs: list[dict]) -> list[dict]:
+    """The Roles of watched namespaces (not the leader-election Role)."""
+    return [r for r in by_kind(docs, "Role") if r["metadata"]["name"] != LEASE_ROLE]
+
+
 def test_all_namespaces_mode_uses_one_cluster_role():
     docs = render()
-    assert not by_kind(docs, "Role")
+    assert not watch_roles(docs)
     args = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--all-namespaces" in args
     rules = by_kind(docs, "ClusterRole")[0]["rules"]
@@ -75,7 +84,7 @@ def test_all_namespaces_mode_uses_one_cluster_role():
 
 def test_watch_namespaces_mode_uses_roles_per_namespace():
     docs = render("watchNamespaces={team-a,team-b}")
-    roles = by_kind(docs, "Role")
+    roles = watch_roles(docs)
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     cluster_rules = by_kind(docs, "ClusterRole")[0]["rules"]
     cluster_resources = {r for rule in cluster_rules for r in rule["resources"]}
@@ -99,6 +108,9 @@ def test_no_rule_grants_wildcards_or_secrets():
     ("prometheus.url=prometheus:9090", "prometheus/url"),
     ("watchNamespaces={Bad_NS}", "watchNamespaces/0"),
     ("unknownKey=1", "unknownKey"),
+    ("replicas=0", "replicas"),
+    ("replicas=1.5", "replicas"),
+    ("leaderElection.enabled=maybe", "leaderElection/enabled"),
 ])
 def test_values_schema_rejects_bad_values(setting, message):
     result = helm("template", "x", str(CHART), "--kube-version", KUBE_VERSION, "--set", setting, check=False)
@@ -123,13 +135,17 @@ def test_every_chart_value_reaches_the_operators_own_config_parser(namespaced, m
     from lepton_operator.__main__ import parse_args
     sets = ["trainerImage=reg.example/trainer:9", "trainerImagePullPolicy=Always",
             "prometheus.url=http://prom.monitoring.svc:9090", "prometheus.timeoutSeconds=0.5",
-            "resyncSeconds=17", "metrics.port=9102", "health.port=9103", "logLevel=debug"]
+            "resyncSeconds=17", "metrics.port=9102", "health.port=9103", "logLevel=debug", "replicas=2"]
     if namespaced:
         sets += ["watchNamespaces={team-a,team-b}"]
     c = container(render(*sets))
-    env = {e["name"]: e["value"] for e in c["env"]}
+    # What the kubelet puts into the downward-API variables of a pod of this release.
+    downward = {"metadata.name": f"{FULLNAME}-5d8c7b9f4-x2x7q", "metadata.namespace": "lepton-system"}
+    env = {e["name"]: e["value"] if "value" in e else downward[e["valueFrom"]["fieldRef"]["fieldPath"]]
+           for e in c["env"]}
+    declared = {name for st in config.SETTINGS for name in (st.env, *st.aliases)}
     for name in list(os.environ):
-        if name.startswith("LEPTON_") or name == "PROMETHEUS_URL":
+        if name in declared:
             monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -137,9 +153,10 @@ def test_every_chart_value_reaches_the_operators_own_config_parser(namespaced, m
     assert s == config.Settings(
         namespaces=("team-a", "team-b") if namespaced else (), trainer_image="reg.example/trainer:9",
         image_pull_policy="Always", prometheus_url="http://prom.monitoring.svc:9090", prometheus_timeout=0.5,
-        metrics_port=9102, health_port=9103, resync_seconds=17.0)
+        metrics_port=9102, health_port=9103, resync_seconds=17.0,
+        leader_election=True, leader_election_name=FULLNAME, leader_election_namespace="lepton-system",
+        leader_election_identity=f"{FULLNAME}-5d8c7b9f4-x2x7q")
     assert args.verbose and s.all_namespaces is not namespaced
-    declared = {st.env for st in config.SETTINGS}
     assert set(env) <= declared, f"the chart sets variables the operator does not read: {set(env) - declared}"
 
 
@@ -177,5 +194,44 @@ def test_values_cannot_silently_remove_the_hardening(sets):
 
 def test_metrics_port_zero_turns_metrics_off():
     c = container(render("metrics.port=0"))
-    assert {e["name"]: e["value"] for e in c["env"]}["LEPTON_METRICS_PORT"] == "0"
+    assert {e["name"]: e.get("value") for e in c["env"]}["LEPTON_METRICS_PORT"] == "0"
     assert "metrics" not in [p["name"] for p in c["ports"]]
+
+
+def test_replicas_wait_as_standbys_behind_a_lease_with_least_privilege():
+    from lepton_operator.core import leader
+    docs = render("replicas=3")
+    dep = by_kind(docs, "Deployment")[0]
+    assert dep["spec"]["replicas"] == 3
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate",
+                                       "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    env = {e["name"]: e for e in container(docs)["env"]}
+    assert env["LEPTON_LEADER_ELECTION"]["value"] == "true"
+    assert env["LEPTON_LEADER_ELECTION_NAME"]["value"] == FULLNAME
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    (role,) = [r for r in by_kind(docs, "Role") if r["metadata"]["name"] == LEASE_ROLE]
+    assert role["metadata"]["namespace"] == "lepton-system"
+    assert all(r["apiGroups"] == ["coordination.k8s.io"] and r["resources"] == ["leases"] for r in role["rules"])
+    verbs = {v for r in role["rules"] for v in r["verbs"]}
+    assert verbs == set(leader.LEASE_VERBS), "the Role grants exactly the verbs the elector uses"
+    named = [r for r in role["rules"] if set(r["verbs"]) & {"get", "update"}]
+    assert all(r.get("resourceNames") == [FULLNAME] for r in named), "get and update only the one Lease"
+    (binding,) = [b for b in by_kind(docs, "RoleBinding") if b["metadata"]["name"] == LEASE_ROLE]
+    assert binding["roleRef"]["name"] == LEASE_ROLE
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": "lepton-system"}]
+    cluster_verbs = {(r, v) for cr in by_kind(docs, "ClusterRole") for rule in cr["rules"]
+                     for r in rule["resources"] for v in rule["verbs"]}
+    assert not {r for r, _ in cluster_verbs} & {"leases"}, "no lease rights cluster-wide"
+
+
+def test_without_leader_election_one_replica_is_replaced_only_after_the_old_one_is_gone():
+    docs = render("leaderElection.enabled=false")
+    dep = by_kind(docs, "Deployment")[0]
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    env = {e["name"]: e.get("value") for e in container(docs)["env"]}
+    assert env["LEPTON_LEADER_ELECTION"] == "false" and "POD_NAMESPACE" not in env
+    assert not [r for r in by_kind(docs, "Role") if r["metadata"]["name"] == LEASE_ROLE]
+    out = helm("template", "lepton", str(CHART), "--set", "replicas=2", "--set", "leaderElection.enabled=false",
+               check=False)
+    assert out.returncode != 0 and "replicas: 2 needs leaderElection.enabled=true" in out.stderr, out.stderr

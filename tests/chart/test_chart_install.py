@@ -1,6 +1,7 @@
 """Install the chart into a real control plane and run the operator with the chart's
 ServiceAccount token: the RBAC the chart grants must be enough for a LeptonJob's whole
-life, and the API server must never answer the operator with 403.
+life, and for the leader-election Lease the chart configures, and the API server must
+never answer the operator with 403.
 
 This module starts its own control plane, so that no other operator instance (the
 integration suite runs one with admin rights) reconciles the same objects.
@@ -68,7 +69,10 @@ def operator_as_service_account(installed, tmp_path_factory):
             [sys.executable, "-m", "lepton_operator", "--all-namespaces", "--kubeconfig", str(kubeconfig),
              "--metrics-port", str(localcluster.free_port()), "--health-port", str(health)],
             stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**c.env, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"})
+            env={**c.env, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1",
+                 # what the chart's Deployment sets (its pod stays Pending here: no node takes it)
+                 "LEPTON_LEADER_ELECTION": "true", "LEPTON_LEADER_ELECTION_NAME": "lepton-lepton-operator",
+                 "POD_NAMESPACE": RELEASE_NS, "POD_NAME": "lepton-lepton-operator-test"})
 
     def healthy():
         assert proc.poll() is None, log_path.read_text()[-3000:]
@@ -125,5 +129,7 @@ def test_chart_rbac_is_enough_for_a_job_lifecycle(operator_as_service_account):
     wait_for("the job's pods to be gone", lambda: workers(0) == [] or not json.loads(
         c.kubectl("get", "pods", "-n", ns, "-o", "json"))["items"])
     assert c.kubectl("get", "pvc", "ckpt", "-n", ns, "-o", "name").strip() == "persistentvolumeclaim/ckpt"
+    lease = json.loads(c.kubectl("get", "lease", "lepton-lepton-operator", "-n", RELEASE_NS, "-o", "json"))
+    assert lease["spec"]["holderIdentity"].startswith("lepton-lepton-operator-test_")
     log = log_path.read_text()
     assert "Forbidden" not in log and " 403" not in log, log[-3000:]

@@ -83,7 +83,8 @@ def set_health(conditions: Iterable[Condition] | None, *, ready: bool, reason: s
     - ``stalled=True``: Ready=False, Reconciling=False, Stalled=True (kstatus: Failed);
       used for invalid specs and terminal failures that no retry will fix.
     - ``settled=True`` (with ``ready=False``): Ready=False and nothing in progress, for a
-      state that is neither ready nor stuck, such as a suspended job (kstatus: Current).
+      state that is neither ready nor stuck, such as a suspended job (Argo CD's health
+      check: Suspended; kstatus has no such state and reads Ready=False as InProgress).
     """
     if ready and stalled:
         raise ValueError("a resource cannot be both ready and stalled")

@@ -1,6 +1,10 @@
 # The operator image. The workload image (training, compression, serving) is
 # trainer_image/Dockerfile.
-FROM python:3.12-slim
+#   docker build -t lepton-operator .
+# PYTHON_BASE: any image with python3 and pip on PATH as `python` and `pip` (hack/images.py
+# passes one made locally from Debian's packages).
+ARG PYTHON_BASE=python:3.12-slim
+FROM ${PYTHON_BASE}
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./

@@ -5,12 +5,14 @@ PYTEST := .venv/bin/pytest
 CLUSTER_DIR ?= $(CURDIR)/.cluster
 export LEPTON_CLUSTER_DIR := $(CLUSTER_DIR)
 
-.PHONY: sync-crds setup tools python system-deps cluster-up cluster-down cluster-status run test test-unit \
-        test-integration test-trainer test-e2e test-chart bench kind-up kind-down help
+.PHONY: sync-crds setup tools python system-deps images images-if-possible push cluster-up cluster-down cluster-status run test \
+        test-unit test-integration test-trainer test-e2e test-chart test-real bench kind-up kind-down help
 
 help:
 	@echo "make run          set up, start the local control plane and run the operator on the quickstart example"
 	@echo "make test         set up and run the whole test suite (what CI runs)"
+	@echo "make images       build the operator and trainer images with buildah (cached by content hash)"
+	@echo "make images push REGISTRY=registry.example.com/team   push them to your registry"
 	@echo "make cluster-up   start the local control plane (prints the KUBECONFIG to export)"
 	@echo "make cluster-down stop every process of the local control plane"
 	@echo "make kind-up      a kind cluster instead (needs Docker)"
@@ -24,7 +26,22 @@ tools: system-deps
 python:
 	@bash hack/setup-python.sh
 
-setup: tools python
+# The Go builds, the virtualenv and the images build side by side (the longest first-run steps).
+setup: system-deps
+	@$(MAKE) --no-print-directory -j3 tools python images-if-possible
+
+images: system-deps
+	@python3 hack/images.py build
+
+# The images the real node runs, on machines that can run it (else a note, not an error).
+images-if-possible:
+	@reason=$$(python3 -c 'import sys; sys.path.insert(0, "hack"); import realnode; print(realnode.unsupported_reason() or "")'); \
+	if [ -n "$$reason" ]; then echo "[images] not built: no real node here ($$reason)"; \
+	else python3 hack/images.py build >/dev/null; fi
+
+push: images
+	@test -n "$(REGISTRY)" || { echo "usage: make images push REGISTRY=registry.example.com/team [TAG=v]" >&2; exit 1; }
+	@python3 hack/images.py push --registry "$(REGISTRY)" $(if $(TAG),--tag $(TAG))
 
 cluster-up: tools
 	@python3 hack/localcluster.py up --dir $(CLUSTER_DIR)
@@ -56,8 +73,14 @@ test-e2e: setup
 test-chart: setup
 	$(PYTEST) tests/chart
 
+test-real: setup
+	$(PYTEST) -m real tests/real
+
 bench: setup
 	$(PY) bench/cluster.py
+
+bench-realnode: setup
+	$(PY) bench/realnode.py
 
 kind-up:
 	@command -v kind >/dev/null || go install sigs.k8s.io/kind@v0.29.0

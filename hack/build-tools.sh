@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Builds the local control plane's binaries from the Go module proxy, once per version.
-#   kube-apiserver, kube-controller-manager, kube-scheduler, kubectl  <- k8s.io/kubernetes
+#   kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
+#   kubelet, kube-proxy (the real node)                               <- k8s.io/kubernetes
 #   etcd                                                              <- go.etcd.io/etcd/server/v3
 #   kwok                                                              <- sigs.k8s.io/kwok
 #   helm                                                              <- helm.sh/helm/v3
+#   coredns (the real node's cluster DNS)                             <- github.com/coredns/coredns
+#   pause (the real node's sandbox process)                           <- hack/pause
+#   kstatus (Flux's health verdict, for tests/chart/test_kstatus.py)  <- hack/kstatus
 # Results land in $LEPTON_CACHE/bin/<tool>-<version>; a second run builds nothing.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -24,7 +28,7 @@ have() { [ -x "$BIN/$1-$2" ]; }
 # replaces each of them with its published v0.x release makes `go build` work.
 build_kubernetes() {
   local v=$K8S_VERSION staging="v0${K8S_VERSION#v1}" need=()
-  for t in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  for t in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
     have "$t" "$v" || need+=("$t")
   done
   [ ${#need[@]} -eq 0 ] && return 0
@@ -53,6 +57,8 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
 )
 GO
   log "resolving dependencies for k8s.io/kubernetes@$v (first time: a few minutes)"
@@ -85,16 +91,42 @@ go_install() { # name version package
   mv "$gobin/$1" "$BIN/$1-$2"
 }
 
+# The pod sandbox's process, versioned by its source's hash.
+build_pause() {
+  local v
+  v=$(sha256sum "$here/pause/main.go" | cut -c1-12)
+  have pause "$v" && return 0
+  log "go build pause ($v)"
+  (cd "$here/pause" && go build -ldflags "-s -w" -o "$BIN/pause-$v.tmp.$$" .)
+  mv "$BIN/pause-$v.tmp.$$" "$BIN/pause-$v"
+}
+
+# The kstatus helper (sigs.k8s.io/cli-utils), versioned by the hash of its sources:
+# hack/kstatus/*.go in C sort order, then go.mod (hack/kstatus_tool.py computes the same).
+build_kstatus() {
+  local v
+  v=$(cd "$here/kstatus" && { printf '%s\n' *.go | LC_ALL=C sort | xargs cat; cat go.mod; } | sha256sum | cut -c1-12)
+  have kstatus "$v" && return 0
+  log "go build kstatus ($v)"
+  (cd "$here/kstatus" && go build -ldflags "-s -w" -o "$BIN/kstatus-$v.tmp.$$" .)
+  mv "$BIN/kstatus-$v.tmp.$$" "$BIN/kstatus-$v"
+}
+
 main() {
   local only=${1:-all}
   case $only in
     all) build_etcd; go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
-         go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm; build_kubernetes ;;
+         go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm; build_kubernetes
+         go_install coredns "$COREDNS_VERSION" github.com/coredns/coredns; build_pause
+         build_kstatus ;;
     kubernetes) build_kubernetes ;;
     etcd) build_etcd ;;
     kwok) go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok ;;
     helm) go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm ;;
-    *) echo "usage: $0 [all|kubernetes|etcd|kwok|helm]" >&2; exit 2 ;;
+    coredns) go_install coredns "$COREDNS_VERSION" github.com/coredns/coredns ;;
+    pause) build_pause ;;
+    kstatus) build_kstatus ;;
+    *) echo "usage: $0 [all|kubernetes|etcd|kwok|helm|coredns|pause|kstatus]" >&2; exit 2 ;;
   esac
   log "tools ready in $BIN"
 }

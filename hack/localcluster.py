@@ -3,13 +3,20 @@
 
 Starts etcd, kube-apiserver (TLS, client certificates, service-account signing keys,
 RBAC, audit log), kube-controller-manager, kube-scheduler, kwok with fake GPU nodes,
-and Prometheus, each as a plain process on a free loopback port. The binaries come
-from ``hack/build-tools.sh`` (built once per version into ``~/.cache/lepton-operator``);
+and Prometheus, each as a plain process on a free port. The binaries come from
+``hack/build-tools.sh`` (built once per version into ``~/.cache/lepton-operator``);
 Prometheus comes from the machine (Debian package ``prometheus``).
+
+With ``--real-node`` (the default where the machine can run containers) a real node
+joins beside the kwok GPU nodes: kubelet, kube-proxy, containerd, the CNI bridge and
+CoreDNS (hack/realnode.py), running the images hack/images.py builds. The API server
+and Prometheus then listen on the node's bridge address instead of loopback, so that
+pods reach them.
 
 Command line::
 
     python3 hack/localcluster.py up [--dir .cluster] [--gpu-nodes 2] [--gpus-per-node 8]
+                                    [--real-node auto|on|off]
     python3 hack/localcluster.py down [--dir .cluster]
     python3 hack/localcluster.py status [--dir .cluster]
 
@@ -40,6 +47,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import images  # noqa: E402
+import realnode  # noqa: E402
+
 HACK = Path(__file__).resolve().parent
 ROOT = HACK.parent
 CACHE = Path(os.environ.get("LEPTON_CACHE", Path.home() / ".cache" / "lepton-operator"))
@@ -49,6 +60,7 @@ GPU_NODE_LABEL = "nvidia.com/gpu.present"
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 SERVICE_CIDR = "10.0.0.0/24"
 PROCESS_ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "prometheus")
+LOOPBACK = "127.0.0.1"
 
 
 def log(msg: str) -> None:
@@ -68,15 +80,19 @@ def versions() -> dict[str, str]:
 def tool_path(name: str) -> Path:
     """The cached binary for a tool at its pinned version (built by build-tools.sh)."""
     v = versions()
-    version = {"etcd": v["ETCD_VERSION"], "kwok": v["KWOK_VERSION"], "helm": v["HELM_VERSION"]}.get(
-        name, v["K8S_VERSION"])
+    if name == "pause":
+        return images.pause_binary()
+    version = {"etcd": v["ETCD_VERSION"], "kwok": v["KWOK_VERSION"], "helm": v["HELM_VERSION"],
+               "coredns": v["COREDNS_VERSION"]}.get(name, v["K8S_VERSION"])
     return CACHE / "bin" / f"{name}-{version}"
 
 
-def ensure_tools() -> None:
+def ensure_tools(real_node: bool = False) -> None:
     """Build whatever binary is missing; a no-op once the cache is warm."""
-    missing = [n for n in ("etcd", "kwok", "helm", "kube-apiserver", "kube-controller-manager",
-                           "kube-scheduler", "kubectl") if not tool_path(n).exists()]
+    names = ["etcd", "kwok", "helm", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl"]
+    if real_node:
+        names += ["kubelet", "kube-proxy", "coredns", "pause"]
+    missing = [n for n in names if not tool_path(n).exists()]
     if missing:
         log(f"building missing tools: {', '.join(missing)}")
         subprocess.run(["bash", str(HACK / "build-tools.sh"), "all"], check=True)
@@ -125,14 +141,25 @@ def openssl(*args: str, cwd: Path) -> None:
                    stderr=subprocess.DEVNULL)
 
 
+def issue_cert(pki: Path, name: str, subject: str, ext: str | None = None) -> None:
+    """``<name>.crt``/``.key`` signed by the cluster's CA; a client certificate unless
+    ``ext`` (an openssl extension file's text) says otherwise."""
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", subject, cwd=pki)
+    extfile = pki / f"{name}.ext"
+    extfile.write_text((ext or "extendedKeyUsage=clientAuth") + "\n")
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.crt", "-days", "3650", "-extfile", str(extfile), cwd=pki)
+
+
 def make_pki(pki: Path) -> None:
     """CA, API server serving cert, client certs and the service-account key pair."""
-    if (pki / "done").exists():
+    if (pki / "done-v2").exists():
         return
     pki.mkdir(parents=True, exist_ok=True)
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
             "-days", "3650", "-subj", "/CN=lepton-local-ca", cwd=pki)
-    san = ("subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,"
+    san = (f"subjectAltName=IP:127.0.0.1,IP:10.0.0.1,IP:{realnode.NODE_IP},DNS:localhost,DNS:kubernetes,"
            "DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local")
     clients = {
         "apiserver": ("/CN=kube-apiserver", san),
@@ -140,17 +167,14 @@ def make_pki(pki: Path) -> None:
         "controller-manager": ("/CN=system:kube-controller-manager", None),
         "scheduler": ("/CN=system:kube-scheduler", None),
         "kwok": ("/O=system:masters/CN=kwok", None),
+        # the API server's client identity towards kubelets (logs, exec, port-forward)
+        "apiserver-kubelet-client": ("/O=system:masters/CN=kube-apiserver-kubelet-client", None),
     }
     for name, (subject, ext) in clients.items():
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", subject, cwd=pki)
-        extfile = pki / f"{name}.ext"
-        extfile.write_text((ext or "extendedKeyUsage=clientAuth") + "\n")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                "-CAcreateserial", "-out", f"{name}.crt", "-days", "3650", "-extfile", str(extfile), cwd=pki)
+        issue_cert(pki, name, subject, ext)
     openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
     openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
-    (pki / "done").write_text("ok\n")
+    (pki / "done-v2").write_text("ok\n")
 
 
 def kubeconfig(server: str, pki: Path, user: str) -> str:
@@ -200,6 +224,10 @@ class Cluster:
     scrape_interval: str = "1s"
     ports: dict[str, int] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
+    real_node: bool = False
+    images: dict[str, str] = field(default_factory=dict)
+    # seconds: "images" (build or cache check), "real_node" (start to Ready), "up" (all)
+    timings: dict[str, float] = field(default_factory=dict)
 
     # ---- paths -------------------------------------------------------------------------
     @property
@@ -215,12 +243,27 @@ class Cluster:
         return str(self.state_dir / "logs" / "audit.log")
 
     @property
+    def host(self) -> str:
+        """Where the API server and Prometheus listen: loopback, or the real node's
+        bridge address, which pods reach too."""
+        return realnode.NODE_IP if self.real_node else LOOPBACK
+
+    @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.ports['kube-apiserver']}"
+        return f"https://{self.host}:{self.ports['kube-apiserver']}"
 
     @property
     def prometheus_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['prometheus']}"
+        return f"http://{self.host}:{self.ports['prometheus']}"
+
+    @property
+    def node(self) -> "realnode.RealNode":
+        return realnode.RealNode(self.state_dir / "node", self.pki, self.server, CACHE, tool_path,
+                                 self.ports, self.pids)
+
+    @property
+    def process_names(self) -> tuple[str, ...]:
+        return PROCESS_ORDER + (realnode.NODE_PROCESSES if self.real_node else ())
 
     @property
     def gpu_nodes(self) -> list[str]:
@@ -240,7 +283,10 @@ class Cluster:
     # ---- lifecycle ---------------------------------------------------------------------
     def start(self) -> "Cluster":
         t0 = time.monotonic()
-        ensure_tools()
+        ensure_tools(self.real_node)
+        if self.real_node:
+            self.images = images.build_all()
+            self.timings["images"] = round(time.monotonic() - t0, 1)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "logs").mkdir(exist_ok=True)
         self.bin_dir.mkdir(exist_ok=True)
@@ -257,6 +303,8 @@ class Cluster:
             (self.state_dir / f"{user}.kubeconfig").write_text(kubeconfig(self.server, self.pki, user))
         shutil.copy(self.state_dir / "admin.kubeconfig", self.kubeconfig)
         try:
+            if self.real_node:
+                realnode.RealNode.make_bridge()
             self._start_etcd()
             self._start_apiserver()
             self._start_controller_manager()
@@ -265,12 +313,19 @@ class Cluster:
             self._start_kwok()
             self.start_prometheus()
             self._wait_nodes_ready()
+            if self.real_node:
+                t1 = time.monotonic()
+                self.node.start(self._spawn, self._wait, self.kubectl, self.images, free_port)
+                self.timings["real_node"] = round(time.monotonic() - t1, 1)
+                log(f"real node {realnode.NODE_NAME} Ready in {self.timings['real_node']}s")
+                self._start_pod_discovery()
             self._wait_default_service_account("default")
         except BaseException:
             self.stop()
             raise
+        self.timings["up"] = round(time.monotonic() - t0, 1)
         self.save()
-        log(f"cluster up in {time.monotonic() - t0:.1f}s")
+        log(f"cluster up in {self.timings['up']}s")
         return self
 
     def _spawn(self, name: str, argv: list[str]) -> None:
@@ -313,14 +368,18 @@ class Cluster:
         self._spawn("kube-apiserver", [
             str(tool_path("kube-apiserver")),
             "--etcd-servers", f"http://127.0.0.1:{self.ports['etcd']}",
-            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+            "--bind-address", self.host, "--advertise-address", self.host,
             "--secure-port", str(self.ports["kube-apiserver"]),
             "--tls-cert-file", str(pki / "apiserver.crt"), "--tls-private-key-file", str(pki / "apiserver.key"),
             "--client-ca-file", str(pki / "ca.crt"),
             "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
             "--service-account-key-file", str(pki / "sa.pub"),
             "--service-account-signing-key-file", str(pki / "sa.key"),
-            "--authorization-mode", "RBAC",
+            "--authorization-mode", "Node,RBAC", "--enable-admission-plugins", "NodeRestriction",
+            "--kubelet-client-certificate", str(pki / "apiserver-kubelet-client.crt"),
+            "--kubelet-client-key", str(pki / "apiserver-kubelet-client.key"),
+            "--kubelet-certificate-authority", str(pki / "ca.crt"),
+            "--kubelet-preferred-address-types", "InternalIP,Hostname",
             "--service-cluster-ip-range", SERVICE_CIDR,
             "--allow-privileged=true",
             "--audit-policy-file", str(policy), "--audit-log-path", self.audit_log,
@@ -382,10 +441,18 @@ class Cluster:
             shutil.which("prometheus") or "prometheus",
             "--config.file", str(self.state_dir / "prometheus" / "prometheus.yml"),
             "--storage.tsdb.path", str(self.state_dir / "prometheus" / "data"),
-            "--web.listen-address", f"127.0.0.1:{self.ports['prometheus']}",
+            "--web.listen-address", f"{self.host}:{self.ports['prometheus']}",
             "--storage.tsdb.retention.time", "2h", "--log.level", "warn",
         ])
         self._wait("prometheus", lambda: _http_ok(f"{self.prometheus_url}/-/ready"), proc="prometheus")
+
+    def _start_pod_discovery(self) -> None:
+        """Prometheus scrapes real pods annotated ``prometheus.io/scrape``, found through
+        the API server by hack/podsd.py (Debian's Prometheus has no Kubernetes discovery)."""
+        self._spawn("pod-sd", [
+            sys.executable, str(HACK / "podsd.py"), "--server", self.server, "--ca", str(self.pki / "ca.crt"),
+            "--cert", str(self.pki / "admin.crt"), "--key", str(self.pki / "admin.key"),
+            "--out", str(self.state_dir / "prometheus" / "targets" / "pods.json")])
 
     def stop_prometheus(self) -> None:
         _terminate(self.pids.pop("prometheus", None))
@@ -403,7 +470,8 @@ class Cluster:
 
     def _wait_nodes_ready(self) -> None:
         def ready() -> bool:
-            nodes = json.loads(self.kubectl("get", "nodes", "-o", "json"))["items"]
+            nodes = [n for n in json.loads(self.kubectl("get", "nodes", "-o", "json"))["items"]
+                     if n["metadata"]["name"] in self.gpu_nodes]
             return len(nodes) == self.gpu_node_count and all(
                 any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))
                 for n in nodes)
@@ -421,6 +489,11 @@ class Cluster:
         return name
 
     def stop(self) -> None:
+        if self.real_node:
+            node = self.node
+            if _alive(self.pids.get("kube-apiserver")) and _alive(self.pids.get("kubelet")):
+                node.drain(lambda *a, **kw: self.kubectl(*a, **kw))
+            node.stop(_terminate)
         for name in reversed(PROCESS_ORDER):
             _terminate(self.pids.pop(name, None))
         self.save()
@@ -469,16 +542,20 @@ class Cluster:
             return
         (self.state_dir / "state.json").write_text(json.dumps({
             "ports": self.ports, "pids": self.pids, "gpu_node_count": self.gpu_node_count,
-            "gpus_per_node": self.gpus_per_node, "scrape_interval": self.scrape_interval}, indent=2))
+            "gpus_per_node": self.gpus_per_node, "scrape_interval": self.scrape_interval,
+            "real_node": self.real_node, "images": self.images, "timings": self.timings,
+            # for scripts (hack/quickstart-real.sh); recomputed from the ports on load
+            "prometheus_url": self.prometheus_url if "prometheus" in self.ports else ""}, indent=2))
 
     @classmethod
     def load(cls, state_dir: Path) -> "Cluster":
         state = json.loads((state_dir / "state.json").read_text())
         return cls(state_dir, state["gpu_node_count"], state["gpus_per_node"], state["scrape_interval"],
-                   state["ports"], state["pids"])
+                   state["ports"], state["pids"], state.get("real_node", False), state.get("images", {}),
+                   state.get("timings", {}))
 
     def running(self) -> dict[str, bool]:
-        return {name: _alive(self.pids.get(name)) for name in PROCESS_ORDER}
+        return {name: _alive(self.pids.get(name)) for name in self.process_names}
 
     def rss_bytes(self) -> int:
         """Resident memory summed over the control plane's processes."""
@@ -541,6 +618,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="state directory (default: .cluster in the repository)")
     parser.add_argument("--gpu-nodes", type=int, default=int(os.environ.get("LEPTON_GPU_NODES", 2)))
     parser.add_argument("--gpus-per-node", type=int, default=int(os.environ.get("LEPTON_GPUS_PER_NODE", 8)))
+    parser.add_argument("--real-node", choices=["auto", "on", "off"],
+                        default=os.environ.get("LEPTON_REAL_NODE", "auto"),
+                        help="a real node (kubelet + containerd) beside the kwok GPU nodes; "
+                             "auto: where this machine can run containers")
     args = parser.parse_args(argv)
     state_dir = Path(args.dir).resolve()
 
@@ -551,7 +632,17 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"already running; export KUBECONFIG={old.kubeconfig}")
                 return 0
             old.stop()
-        cluster = Cluster(state_dir, args.gpu_nodes, args.gpus_per_node).start()
+        real = args.real_node != "off"
+        reason = realnode.unsupported_reason() if real else "--real-node off"
+        if reason and args.real_node == "on":
+            log(f"cannot start the real node: {reason}")
+            return 1
+        if reason:
+            log(f"starting without a real node ({reason}): pods on the kwok nodes run nothing")
+        cluster = Cluster(state_dir, args.gpu_nodes, args.gpus_per_node, real_node=reason is None).start()
+        if cluster.real_node:
+            print(f"# real node: {realnode.NODE_NAME} ({realnode.NODE_IP}); images: "
+                  f"{cluster.images['operator']}, {cluster.images['trainer']}")
         print(f"export KUBECONFIG={cluster.kubeconfig}\n"
               f"export PATH={cluster.bin_dir}:$PATH   # kubectl, helm, kwok at the pinned versions\n"
               f"# Prometheus: {cluster.prometheus_url}\n"
@@ -563,6 +654,11 @@ def main(argv: list[str] | None = None) -> int:
     cluster = Cluster.load(state_dir)
     if args.command == "down":
         cluster.stop()
+        if cluster.real_node:
+            left = {k: v for k, v in realnode.leftovers(cluster.node.node_dir).items() if v}
+            if left:
+                log(f"left behind: {left}")
+                return 1
         left = [n for n, up in cluster.running().items() if up]
         log("stopped" if not left else f"still running: {left}")
         return 1 if left else 0

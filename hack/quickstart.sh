@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
 # The main job: the operator on the local control plane with the quickstart example.
-#   1. start the local control plane (cached binaries; seconds after the first build)
-#   2. install the CRDs, and a hostPath PersistentVolume for the example's checkpoint claim
-#      (the local cluster has no storage provisioner)
-#   3. apply examples/quickstart-leptonjob.yaml
-#   4. run the operator; print the job once its workers are Running
-# The operator keeps running in the foreground (Ctrl-C stops it; `make cluster-down`
-# stops the cluster). QUICKSTART_ONCE=1 exits after the job is shown Running.
+#
+# With the real node (where this machine can run containers; hack/realnode.py):
+#   1. start the local control plane and the real node, building the images (cached)
+#   2. helm install the chart: the operator runs in-cluster from its image, with the
+#      local Prometheus as its Prometheus
+#   3. apply examples/quickstart-cpu.yaml (a hostPath PersistentVolume backs its claim)
+#      and print training progress (step, loss, workers) until the job succeeds
+#   4. the LeptonModel compresses the job's output, serves it, and a curl command gets a
+#      prediction from the Service
+# Without it (kwok GPU nodes only; pods there run nothing):
+#   1-3 as before with examples/quickstart-leptonjob.yaml; the operator runs as a local
+#   process and the job is shown Running.
+# LEPTON_REAL_NODE=off forces the second path. QUICKSTART_ONCE=1 exits at the end instead
+# of keeping the local operator in the foreground (kwok path).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 dir=${LEPTON_CLUSTER_DIR:-$root/.cluster}
-python3 hack/localcluster.py up --dir "$dir" >/dev/null
+python3 hack/localcluster.py up --dir "$dir" --real-node "${LEPTON_REAL_NODE:-auto}" >/dev/null
 export KUBECONFIG=$dir/kubeconfig PATH=$dir/bin:$PATH
 echo "[quickstart] control plane up: export KUBECONFIG=$KUBECONFIG"
 kubectl get nodes -o custom-columns='NODE:.metadata.name,GPUS:.status.allocatable.nvidia\.com/gpu,READY:.status.conditions[?(@.type=="Ready")].status'
+state() { python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" "$dir/state.json" "$1"; }
 
+if [ "$(state 's.get("real_node", False)')" = True ]; then
+  exec bash hack/quickstart-real.sh
+fi
+echo "[quickstart] no real node on this machine (see the log line above): kwok path, pods run nothing"
 kubectl apply --server-side --force-conflicts -f crds/ >/dev/null
 kubectl wait --for=condition=Established crd --all --timeout=60s >/dev/null
 kubectl apply -f - >/dev/null <<YAML

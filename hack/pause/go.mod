@@ -1,0 +1,3 @@
+module lepton.local/pause
+
+go 1.22

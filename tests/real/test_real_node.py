@@ -1,0 +1,357 @@
+"""The product end to end on real containers, as a user runs it.
+
+The operator is installed with ``helm install`` and runs in-cluster from its image; the
+workers, the rendezvous store, the compression Job, the inference servers and a client
+run from the trainer image on the real node (kubelet + containerd), as the image's own
+user with a read-only root. Prometheus scrapes the real servers. Nothing here is a kwok
+pod or a local process standing in for a container.
+
+The tests run in order and build on each other: train, lose a worker, lose the
+rendezvous store, finish, compress, serve, predict, autoscale.
+
+What this cannot show: GPUs and NCCL (the node has none; workers use gloo on CPU, and
+the kwok GPU nodes of tests/integration cover GPU scheduling), and several machines
+(one node, so pod-to-pod traffic stays on one bridge).
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import yaml
+from waiting import wait_for
+
+from realenv import RELEASE_NS, ROOT, dump, localcluster, pod_logs, record
+
+import realnode  # noqa: E402  (hack/, on sys.path through realenv)
+
+pytestmark = pytest.mark.real
+
+NS = "real"
+JOB = "mnist-cpu"
+MODEL = "mnist"
+IMAGE_UID = 10001
+STEPS = 1500
+CHECKPOINT_EVERY = 50
+STEP_LINE = re.compile(r"^(\S+) .*event=step step=(\d+) loss=([0-9.]+) world=(\d+)", re.M)
+RESUME_LINE = re.compile(r"^(\S+) .*event=resume step=(\d+)", re.M)
+
+
+def _ts(stamp: str) -> float:
+    # kubectl --timestamps: RFC 3339 with nanoseconds
+    head, _, frac = stamp.rstrip("Z").partition(".")
+    return datetime.fromisoformat(head + "+00:00").timestamp() + float("0." + (frac or "0"))
+
+
+def _json(c, *args: str) -> dict:
+    return json.loads(c.kubectl(*args, "-o", "json"))
+
+
+def worker_pods(c) -> list[dict]:
+    items = _json(c, "get", "pods", "-n", NS, "-l", f"lepton.ai/job={JOB},lepton.ai/role=worker")["items"]
+    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+
+def running_workers(c, n: int):
+    pods = worker_pods(c)
+    ok = len(pods) == n and all(p["status"].get("phase") == "Running" for p in pods)
+    return pods if ok else None
+
+
+def timestamped_logs(c, pod: str) -> str:
+    return c.kubectl("logs", "-n", NS, pod, "--timestamps", check=False)
+
+
+def steps(text: str) -> list[tuple[float, int, float, int]]:
+    return [(_ts(t), int(s), float(loss), int(w)) for t, s, loss, w in STEP_LINE.findall(text)]
+
+
+def resumes(text: str) -> list[tuple[float, int]]:
+    return [(_ts(t), int(s)) for t, s in RESUME_LINE.findall(text)]
+
+
+@pytest.fixture(scope="module")
+def workspace(operator, tmp_path_factory):
+    """The namespace and a hostPath PersistentVolume for checkpoints and the model."""
+    c = operator
+    c.create_namespace(NS)
+    volume = tmp_path_factory.mktemp("volume")
+    volume.chmod(0o777)  # a hostPath volume keeps the host's ownership; fsGroup does not apply
+    c.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([
+        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "real-ckpt"},
+         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"],
+                  "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(volume)},
+                  "claimRef": {"namespace": NS, "name": "ckpt"}}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "ckpt", "namespace": NS},
+         "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": "real-ckpt",
+                  "resources": {"requests": {"storage": "1Gi"}}}},
+    ]))
+    return c, volume
+
+
+def test_operator_runs_in_cluster_from_its_image_with_the_charts_settings(operator):
+    c = operator
+    pods = _json(c, "get", "pods", "-n", RELEASE_NS, "-l", "app.kubernetes.io/name=lepton-operator")["items"]
+    assert len(pods) == 1
+    pod = pods[0]
+    assert pod["spec"]["nodeName"] == "lepton-node"
+    assert pod["spec"]["serviceAccountName"] == "lepton-lepton-operator"
+    assert pod["spec"]["containers"][0]["image"] == c.images["operator"]
+    status = pod["status"]["containerStatuses"][0]
+    assert status["ready"] and status["restartCount"] == 0, pod_logs(c, RELEASE_NS, pod["metadata"]["name"])
+    # The chart's Prometheus URL reaches the operator's configuration, as the operator
+    # itself reports it (tests below show it used: the autoscaler acts on scraped data).
+    log = pod_logs(c, RELEASE_NS, pod["metadata"]["name"])
+    assert c.prometheus_url in log, log[-3000:]
+
+
+def test_quickstart_job_trains_for_real_and_checkpoints_to_the_volume(workspace):
+    c, volume = workspace
+    t0 = time.time()
+    c.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonJob", "metadata": {"name": JOB, "namespace": NS},
+        "spec": {"module": "lepton_trainer.train",
+                 "args": ["--model", "mlp", "--steps", str(STEPS), "--checkpoint-every", str(CHECKPOINT_EVERY),
+                          "--log-every", "20"],
+                 "workers": {"min": 2, "max": 2, "replicas": 2},
+                 "resources": {"gpus": 0, "cpu": "500m", "memory": "1Gi"},
+                 "elastic": {"maxRestarts": 10, "lastCallTimeoutSeconds": 2},
+                 "backoffLimit": 6,
+                 "checkpoint": {"claimName": "ckpt", "subPath": JOB}}}))
+    pods = wait_for("2 running workers", lambda: running_workers(c, 2), timeout=300)
+
+    def trained(n):
+        lines = steps(timestamped_logs(c, f"{JOB}-worker-0"))
+        return lines if lines and lines[-1][1] >= n else None
+    lines = wait_for(f"worker-0 to log step {2 * CHECKPOINT_EVERY}", lambda: trained(2 * CHECKPOINT_EVERY),
+                     timeout=300)
+    record("apply_to_first_step_seconds", round(lines[0][0] - t0, 1))
+    assert all(world == 2 for *_, world in lines), lines
+    first, last = lines[0][2], lines[-1][2]
+    assert last < first * 0.7, f"the loss did not fall: {lines}"
+
+    # The workers run as the image's user with a read-only root, and found the store
+    # through cluster DNS: the rendezvous endpoint is the Service's name.
+    for pod in pods:
+        spec = pod["spec"]
+        assert spec["nodeName"] == "lepton-node"
+        assert spec["securityContext"]["runAsUser"] == IMAGE_UID
+        container = spec["containers"][0]
+        assert container["image"] == c.images["trainer"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        command = " ".join(container.get("command", []) + container.get("args", []))
+        assert f"--rdzv-endpoint={JOB}-rdzv:" in command or f"--rdzv-endpoint {JOB}-rdzv:" in command, command
+    svc = _json(c, "get", "svc", f"{JOB}-rdzv", "-n", NS)
+    assert svc["spec"]["type"] == "ClusterIP" and svc["spec"]["clusterIP"] not in ("", "None")
+
+    ckpts = wait_for("a checkpoint on the volume",
+                     lambda: [p for p in (volume / JOB).rglob("*") if p.is_file()], timeout=60)
+    assert all(p.stat().st_uid == IMAGE_UID for p in ckpts), [(p, p.stat().st_uid) for p in ckpts]
+
+
+def _lose_and_resume(c, victim: str) -> tuple[float, int]:
+    """Delete ``victim``; wait until a worker of the re-formed group resumes from a
+    checkpoint and trains on. Returns (seconds from the delete to the first step after
+    it, steps lost). Surviving workers may be replaced too: logs are read from whichever
+    worker pods exist, by timestamp."""
+    last_step = steps(timestamped_logs(c, f"{JOB}-worker-0"))[-1][1]
+    counted = _json(c, "get", "lj", JOB, "-n", NS)["status"]["restarts"]["counted"]
+    uid = _json(c, "get", "pod", victim, "-n", NS)["metadata"]["uid"]
+    t_delete = time.time()
+    c.kubectl("delete", "pod", victim, "-n", NS, "--wait=false")
+
+    def replaced():
+        pods = _json(c, "get", "pods", "-n", NS, "-l", f"lepton.ai/job={JOB}")["items"]
+        return any(p["metadata"]["name"] == victim and p["metadata"]["uid"] != uid
+                   and p["status"].get("phase") == "Running" for p in pods)
+    wait_for(f"{victim} to be recreated", replaced, timeout=120)
+
+    def resumed():
+        for pod in worker_pods(c):
+            text = timestamped_logs(c, pod["metadata"]["name"])
+            new = [r for r in resumes(text) if r[0] > t_delete]
+            after = [s for s in steps(text) if new and s[0] > new[0][0]]
+            if after:
+                return new[0], after[0]
+        return None
+    try:
+        (_, step), first = wait_for("the group to resume training", resumed, timeout=240)
+    except AssertionError:
+        raise AssertionError(dump(c, NS)) from None
+    assert step > 0, "training restarted from step 0, not from the checkpoint"
+    assert step >= last_step - CHECKPOINT_EVERY, (step, last_step)
+    assert first[1] > step and first[3] == 2
+    # A lost pod is the infrastructure's failure: nothing is counted against backoffLimit.
+    status = _json(c, "get", "lj", JOB, "-n", NS)["status"]
+    assert status["restarts"]["counted"] == counted, status
+    return round(first[0] - t_delete, 1), last_step - step
+
+
+def test_a_deleted_worker_is_recreated_and_training_resumes_from_the_checkpoint(workspace):
+    c, _ = workspace
+    seconds, lost = _lose_and_resume(c, f"{JOB}-worker-1")
+    record("worker_deleted_to_resumed_seconds", seconds)
+    record("worker_deleted_steps_lost", lost)
+
+
+def test_a_deleted_rendezvous_store_is_recreated_and_training_resumes(workspace):
+    c, _ = workspace
+    seconds, lost = _lose_and_resume(c, f"{JOB}-rdzv")
+    record("rdzv_deleted_to_resumed_seconds", seconds)
+    record("rdzv_deleted_steps_lost", lost)
+
+
+def test_the_job_succeeds_and_its_model_lands_on_the_volume(workspace):
+    c, volume = workspace
+
+    def phase():
+        return _json(c, "get", "lj", JOB, "-n", NS).get("status", {}).get("phase")
+    try:
+        wait_for("the job to succeed", lambda: phase() in ("Succeeded", "Failed"), timeout=600)
+    except AssertionError:
+        raise AssertionError(dump(c, NS)) from None
+    assert phase() == "Succeeded", dump(c, NS)
+    outputs = [p for p in volume.rglob("meta.json")]
+    assert outputs, sorted(str(p) for p in volume.rglob("*"))
+
+
+CLIENT = """
+import json, urllib.request
+from lepton_trainer import data
+split = data.load_digits()
+x, y = split.x_test[:200], split.y_test[:200]
+body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                    "data": x.flatten().tolist()}]}
+req = urllib.request.Request("http://%(model)s.%(ns)s.svc.cluster.local:8080/v2/models/%(model)s/infer",
+                             json.dumps(body).encode(), {"Content-Type": "application/json"})
+out = {o["name"]: o for o in json.load(urllib.request.urlopen(req, timeout=30))["outputs"]}
+pred = out["predicted_class"]["data"]
+print(json.dumps({"n": len(pred), "correct": sum(int(p == t) for p, t in zip(pred, y.tolist()))}))
+"""
+
+
+def test_the_model_is_compressed_in_a_job_served_and_predicts_through_the_service(workspace):
+    c, _ = workspace
+    t0 = time.time()
+    c.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonModel", "metadata": {"name": MODEL, "namespace": NS},
+        "spec": {"source": {"jobRef": {"name": JOB}},
+                 "compression": {"method": "int8", "maxAccuracyDrop": 0.02},
+                 "serving": {"replicas": 1, "resources": {"cpu": "250m", "memory": "1Gi"}},
+                 "rollout": {"strategy": "replace"},
+                 "autoscaling": {"engine": "builtin", "metric": "rps", "target": 5, "minReplicas": 1,
+                                 "maxReplicas": 3, "stableWindowSeconds": 6, "panicWindowSeconds": 2}}}))
+
+    def status():
+        return _json(c, "get", "lm", MODEL, "-n", NS).get("status", {})
+    try:
+        wait_for("the model Ready", lambda: status().get("phase") in ("Ready", "Failed"), timeout=600)
+    except AssertionError:
+        raise AssertionError(dump(c, NS)) from None
+    st = status()
+    assert st["phase"] == "Ready", dump(c, NS)
+    # The compression ran in a real Job and its measurement reached the status.
+    jobs = _json(c, "get", "jobs", "-n", NS, "-l", f"lepton.ai/model={MODEL}")["items"]
+    assert jobs and all(j["status"].get("succeeded") == 1 for j in jobs), jobs
+    job = jobs[0]["status"]
+    record("compression_job_seconds", round(_ts(job["completionTime"]) - _ts(job["startTime"]), 1))
+    compression = json.dumps(st.get("compression", st))
+    assert "accuracy" in compression.lower(), st
+    # The serving Deployment became Ready through its readiness probe on real servers.
+    deps = _json(c, "get", "deploy", "-n", NS, "-l", f"lepton.ai/model={MODEL}")["items"]
+    assert deps and all(d["status"].get("readyReplicas", 0) >= 1 for d in deps), deps
+    probe = deps[0]["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert probe["httpGet"]["path"] == "/v2/health/ready"
+
+    # A client pod in the cluster, through the Service's DNS name.
+    c.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client", "namespace": NS},
+        "spec": {"restartPolicy": "Never",
+                 "securityContext": {"runAsNonRoot": True, "runAsUser": IMAGE_UID,
+                                     "seccompProfile": {"type": "RuntimeDefault"}},
+                 "containers": [{"name": "client", "image": c.images["trainer"], "imagePullPolicy": "Never",
+                                 "command": ["python", "-c", CLIENT % {"model": MODEL, "ns": NS}],
+                                 "env": [{"name": "HOME", "value": "/tmp"}],
+                                 "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                                 "securityContext": {"allowPrivilegeEscalation": False,
+                                                     "readOnlyRootFilesystem": True,
+                                                     "capabilities": {"drop": ["ALL"]}}}],
+                 "volumes": [{"name": "tmp", "emptyDir": {}}]}}))
+    wait_for("the client pod to finish",
+             lambda: _json(c, "get", "pod", "client", "-n", NS)["status"].get("phase") in ("Succeeded", "Failed"),
+             timeout=180)
+    out = pod_logs(c, NS, "client")
+    assert _json(c, "get", "pod", "client", "-n", NS)["status"]["phase"] == "Succeeded", out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["n"] == 200 and result["correct"] / result["n"] >= 0.85, result
+    record("model_applied_to_first_prediction_seconds", round(time.time() - t0, 1))
+
+
+def test_builtin_autoscaler_scales_serving_from_the_servers_scraped_metrics(workspace):
+    c, _ = workspace
+    pods = _json(c, "get", "pods", "-n", NS, "-l", f"lepton.ai/model={MODEL},lepton.ai/role=serving")["items"]
+    ip = next(p["status"]["podIP"] for p in pods if p["status"].get("podIP"))
+    url = f"http://{ip}:8080/v2/models/{MODEL}/infer"
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                                   "data": [0.0] * 64}]}).encode()
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            try:
+                urllib.request.urlopen(urllib.request.Request(url, body, {"Content-Type": "application/json"}),
+                                       timeout=5).read()
+            except OSError:
+                time.sleep(0.1)
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+
+    def scraped():
+        q = urllib.parse.quote(f'sum(rate(lepton_serve_requests_total{{lepton_namespace="{NS}"}}[10s]))')
+        with urllib.request.urlopen(f"{c.prometheus_url}/api/v1/query?query={q}", timeout=5) as r:
+            res = json.load(r)["data"]["result"]
+        return res and float(res[0]["value"][1]) > 10
+
+    def scaled():
+        return _json(c, "get", "lm", MODEL, "-n", NS).get("status", {}).get("replicas", 0) > 1 or \
+            sum(d["spec"].get("replicas", 0) for d in _json(
+                c, "get", "deploy", "-n", NS, "-l", f"lepton.ai/model={MODEL}")["items"]) > 1
+    try:
+        wait_for("Prometheus to scrape the servers' requests", scraped, timeout=120, interval=1)
+        wait_for("the builtin autoscaler to add replicas", scaled, timeout=120, interval=1)
+    except AssertionError:
+        raise AssertionError(dump(c, NS)) from None
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
+    events = c.kubectl("get", "events", "-n", NS, "--field-selector", f"involvedObject.name={MODEL}")
+    assert "Scal" in events, events
+
+
+
+def test_cluster_down_leaves_nothing_behind(real_cluster):
+    """``make cluster-down`` (the same command line) on the cluster the tests above used,
+    with pods, containers, Services and the node's iptables rules all live."""
+    c = real_cluster
+    assert c.kubectl("get", "pods", "-A", "--field-selector", "spec.nodeName=lepton-node", "-o", "name").strip()
+    result = subprocess.run([sys.executable, str(ROOT / "hack" / "localcluster.py"), "down", "--dir",
+                             str(c.state_dir)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    left = realnode.leftovers(c.state_dir / "node")
+    assert left == {"processes": [], "mounts": [], "netns": [], "links": [], "iptables": [], "cgroups": []}, left
+    stopped = localcluster.Cluster.load(c.state_dir)
+    assert not any(stopped.running().values()), stopped.running()
+    # every kernel setting kubelet changed is back
+    saved = json.loads((c.state_dir / "node" / "sysctls.before.json").read_text())
+    assert {k: Path("/proc/sys", k).read_text().strip() for k in saved} == saved

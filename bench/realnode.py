@@ -47,7 +47,7 @@ def main() -> int:
     builds = json.loads(images.BUILDS.read_text()) if images.BUILDS.exists() else {}
     out: dict = {
         "images": {
-            name: {"ref": refs[name], "size_mb": round(images.size_bytes(refs[name]) / 2**20, 1),
+            name: {"ref": refs[name], "size_mb": round(images.size_bytes(refs[name]) / 1e6),
                    "cold_build_seconds": builds.get(name, [{}])[0].get("seconds"),
                    "builds_seconds": [b["seconds"] for b in builds.get(name, [])]}
             for name in ("base", "operator", "trainer")},

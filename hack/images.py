@@ -236,13 +236,12 @@ def build_all() -> dict[str, str]:
 
 
 def size_bytes(image: str) -> int:
-    out = subprocess.run(["buildah", "inspect", "--type", "image", "--format", "{{.Docker.Size}}", image],
-                         capture_output=True, text=True).stdout.strip()
-    if out.isdigit() and int(out) > 0:
-        return int(out)
+    """The image's size as buildah reports it (its unpacked layers)."""
     info = json.loads(subprocess.run(["buildah", "images", "--json", image], capture_output=True,
                                      text=True, check=True).stdout)
-    return int(info[0].get("size", 0)) if info else 0
+    size = str(info[0].get("size", "0")) if info else "0"
+    number, _, unit = size.partition(" ")   # "197 MB", "6.43 GB" (decimal units)
+    return int(float(number) * {"": 1, "B": 1, "KB": 1e3, "kB": 1e3, "MB": 1e6, "GB": 1e9}[unit])
 
 
 def containerd_images(address: str) -> set[str]:

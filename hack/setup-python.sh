@@ -11,6 +11,16 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "[setup-python] creating $venv"
   "$py" -m venv "$venv"
 fi
+# checkov (tests/chart/test_checkov.py) pins many packages tightly: it gets a virtualenv of
+# its own beside the project's, so it never changes the project's dependencies.
+checkov_venv=$root/.venv/checkov
+checkov_version=${CHECKOV_VERSION:-3.3.30}
+if [ ! -x "$checkov_venv/bin/checkov" ] || [ "$(cat "$checkov_venv/.version" 2>/dev/null)" != "$checkov_version" ]; then
+  echo "[setup-python] installing checkov $checkov_version into $checkov_venv"
+  "$py" -m venv "$checkov_venv"
+  "$checkov_venv/bin/python" -m pip install --disable-pip-version-check -q "checkov==$checkov_version"
+  echo "$checkov_version" > "$checkov_venv/.version"
+fi
 stamp=$venv/.lepton-installed
 want=$(cat "$root/pyproject.toml" <(echo "$extras") | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

@@ -36,7 +36,8 @@ ROLE_RDZV = "rendezvous"
 MANAGED_BY = "lepton-operator"
 
 # --- Annotations ----------------------------------------------------------------------
-ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"         # hash of the pod template a pod was built from
+ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"         # hash of what a child was built from (a worker's
+                                                    # template, a NetworkPolicy's spec)
 ANNOTATION_GENERATION = f"{GROUP}/generation"      # the owner's metadata.generation it was built at
 # Set by a person on a LeptonModel whose rollout is paused: the canary revision to resume
 # (its step counts as passed) or to abort (rolled back).

@@ -111,6 +111,8 @@ def test_no_rule_grants_wildcards_or_secrets():
     ("replicas=0", "replicas"),
     ("replicas=1.5", "replicas"),
     ("leaderElection.enabled=maybe", "leaderElection/enabled"),
+    ("image.digest=sha256:abc", "image/digest"),
+    ("image.digest=0123", "image/digest"),
 ])
 def test_values_schema_rejects_bad_values(setting, message):
     result = helm("template", "x", str(CHART), "--kube-version", KUBE_VERSION, "--set", setting, check=False)
@@ -235,3 +237,33 @@ def test_without_leader_election_one_replica_is_replaced_only_after_the_old_one_
     out = helm("template", "lepton", str(CHART), "--set", "replicas=2", "--set", "leaderElection.enabled=false",
                check=False)
     assert out.returncode != 0 and "replicas: 2 needs leaderElection.enabled=true" in out.stderr, out.stderr
+
+
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+def test_an_image_digest_wins_over_the_tag():
+    tagged = render("image.tag=1.2.3")
+    assert container(tagged)["image"] == "ghcr.io/lepton-operator/lepton-operator:1.2.3"
+    pinned = render("image.tag=1.2.3", f"image.digest={DIGEST}")
+    test_pod = next(p for p in by_kind(pinned, "Pod") if p["metadata"]["name"].endswith("-test-metrics"))
+    for c in (container(pinned), test_pod["spec"]["containers"][0]):
+        assert c["image"] == f"ghcr.io/lepton-operator/lepton-operator@{DIGEST}"
+    trainer = f"reg.example/lepton-trainer@{DIGEST}"
+    env = {e["name"]: e.get("value") for e in container(render(f"trainerImage={trainer}"))["env"]}
+    assert env["LEPTON_TRAINER_IMAGE"] == trainer
+
+
+def test_network_policy_rights_are_exactly_what_the_operator_uses():
+    from lepton_operator.core.objects import NETWORK_POLICY_VERBS
+    for docs, kind in ((render(), "ClusterRole"), (render("watchNamespaces={team-a}"), "Role")):
+        rules = [r for role in by_kind(docs, kind) for r in role["rules"] if "networkpolicies" in r["resources"]]
+        assert [(r["apiGroups"], r["resources"], sorted(r["verbs"])) for r in rules] == \
+            [(["networking.k8s.io"], ["networkpolicies"], sorted(NETWORK_POLICY_VERBS))], kind
+
+
+def test_the_operator_has_readiness_and_a_cpu_limit():
+    c = container(render())
+    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert c["resources"]["limits"]["cpu"] and c["resources"]["limits"]["memory"]
+    assert "readinessProbe" not in container(render("health.port=0"))

@@ -109,7 +109,7 @@ def test_chart_rbac_is_enough_for_a_job_lifecycle(operator_as_service_account):
                   "resources": {"requests": {"storage": "1Gi"}}}},
         {"apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonJob", "metadata": {"name": "rbac", "namespace": ns},
          "spec": {"workers": {"min": 2, "max": 3, "replicas": 2}, "resources": {"gpus": 1},
-                  "checkpoint": {"claimName": "ckpt"}}},
+                  "checkpoint": {"claimName": "ckpt"}, "networkPolicy": {"enabled": True}}},
     ]))
 
     def workers(n):
@@ -121,8 +121,16 @@ def test_chart_rbac_is_enough_for_a_job_lifecycle(operator_as_service_account):
     def phase():
         return json.loads(c.kubectl("get", "lj", "rbac", "-n", ns, "-o", "json")).get("status", {}).get("phase")
 
+    def policies():
+        items = json.loads(c.kubectl("get", "networkpolicies", "-n", ns, "-l", "lepton.ai/job=rbac",
+                                     "-o", "json"))["items"]
+        return sorted(p["metadata"]["name"] for p in items if not p["metadata"].get("deletionTimestamp"))
+
     wait_for("2 running workers", lambda: workers(2))
     wait_for("phase Running", lambda: phase() == "Running")
+    wait_for("the job's NetworkPolicies", lambda: policies() == ["rbac-rdzv", "rbac-workers"])
+    c.kubectl("patch", "lj", "rbac", "-n", ns, "--type=merge", "-p", '{"spec": {"networkPolicy": {"enabled": false}}}')
+    wait_for("the NetworkPolicies to be deleted", lambda: policies() == [])
     c.kubectl("scale", "lj/rbac", "-n", ns, "--replicas=3")
     wait_for("3 running workers", lambda: workers(3))
     c.kubectl("delete", "lj", "rbac", "-n", ns)

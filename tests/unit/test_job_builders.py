@@ -143,3 +143,112 @@ def test_the_image_user_is_the_pods_user():
     dockerfile = (pathlib.Path(__file__).parents[2] / "trainer_image" / "Dockerfile").read_text()
     uid = contract.IMAGE_UID
     assert f"--uid {uid}" in dockerfile and f"USER {uid}:{uid}" in dockerfile
+
+
+# --- probes and limits of the rendezvous store; workers' probes ----------------------
+
+def test_the_rendezvous_store_has_startup_readiness_and_liveness_probes_and_limits():
+    c = built()[1]["spec"]["containers"][0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["tcpSocket"] == {"port": "rdzv"}, probe
+    # Liveness restarts the store (losing the rendezvous state) only after a minute without
+    # an accepted connection; startup leaves minutes for the interpreter and torch to load.
+    live, start = c["livenessProbe"], c["startupProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] >= 60 and live["timeoutSeconds"] >= 5
+    assert start["periodSeconds"] * start["failureThreshold"] >= 300
+    assert c["resources"]["limits"]["cpu"] and c["resources"]["limits"]["memory"]
+    assert c["resources"]["requests"]["cpu"] == "100m"
+
+
+def test_workers_carry_no_probe_that_could_kill_or_hold_them():
+    """A liveness kill ends a restartPolicy Never worker as a failure, and the metrics port
+    is down while a worker waits in rendezvous (charts/lepton-operator/README.md,
+    "Scanner findings")."""
+    c = built()[0]["spec"]["containers"][0]
+    assert not {"livenessProbe", "readinessProbe", "startupProbe"} & set(c)
+
+
+# --- digests ------------------------------------------------------------------------
+
+DIGEST_IMAGE = "registry.example/ml/train@sha256:" + "ab" * 32
+
+
+def test_images_pinned_by_digest_pass_unchanged():
+    job = parse_job("mnist", {"image": DIGEST_IMAGE}, "trainer:default")
+    assert job.image == DIGEST_IMAGE
+    assert training.worker_pod(OWNER, job, 0)["spec"]["containers"][0]["image"] == DIGEST_IMAGE
+    trainer = "registry.example/ml/lepton-trainer@sha256:" + "cd" * 32
+    default = parse_job("mnist", {}, trainer)
+    rdzv = training.rendezvous_objects(OWNER, default, trainer)[0]
+    assert default.image == trainer and rdzv["spec"]["containers"][0]["image"] == trainer
+
+
+# --- NetworkPolicies ----------------------------------------------------------------
+
+PEERS = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+
+
+def policies(network_policy):
+    return training.network_policies(OWNER, parse_job("mnist", {**FULL_SPEC, "networkPolicy": network_policy}, "t"))
+
+
+def test_no_network_policy_unless_enabled():
+    assert training.network_policies(OWNER, parse_job("mnist", FULL_SPEC, "t")) == []
+    assert policies({"enabled": False, "ingressFrom": PEERS}) == []
+
+
+def test_the_store_accepts_only_the_jobs_workers_on_its_port():
+    rdzv, _ = policies({"enabled": True})
+    assert rdzv["apiVersion"] == "networking.k8s.io/v1" and rdzv["kind"] == "NetworkPolicy"
+    assert rdzv["metadata"]["name"] == "mnist-rdzv" and rdzv["metadata"]["namespace"] == "team-a"
+    assert rdzv["metadata"]["ownerReferences"][0]["uid"] == "0b5e-uid"
+    assert rdzv["metadata"]["labels"]["lepton.ai/job"] == "mnist"
+    spec = rdzv["spec"]
+    assert spec["podSelector"] == {"matchLabels": {"lepton.ai/job": "mnist", "lepton.ai/role": "rendezvous"}}
+    assert spec["policyTypes"] == ["Ingress"]                    # egress stays open
+    assert spec["ingress"] == [{"from": [{"podSelector": {"matchLabels": {"lepton.ai/job": "mnist",
+                                                                           "lepton.ai/role": "worker"}}}],
+                                "ports": [{"port": contract.RDZV_PORT, "protocol": "TCP"}]}]
+
+
+def test_workers_accept_each_other_on_every_port_and_the_metrics_port_from_ingress_from():
+    workers_only = {"podSelector": {"matchLabels": {"lepton.ai/job": "mnist", "lepton.ai/role": "worker"}}}
+    _, open_metrics = policies({"enabled": True})
+    assert open_metrics["metadata"]["name"] == "mnist-workers"
+    spec = open_metrics["spec"]
+    assert spec["podSelector"] == {"matchLabels": {"lepton.ai/job": "mnist", "lepton.ai/role": "worker"}}
+    assert spec["policyTypes"] == ["Ingress"]
+    metrics = [{"port": contract.METRICS_PORT, "protocol": "TCP"}]
+    assert spec["ingress"] == [{"from": [workers_only]}, {"ports": metrics}]     # any source, metrics only
+    _, restricted = policies({"enabled": True, "ingressFrom": PEERS})
+    assert restricted["spec"]["ingress"] == [{"from": [workers_only]}, {"from": PEERS, "ports": metrics}]
+
+
+def test_a_policy_carries_the_hash_of_its_spec():
+    from lepton_operator.constants import ANNOTATION_SPEC_HASH
+    from lepton_operator.core.objects import spec_hash
+    _, a = policies({"enabled": True})
+    _, b = policies({"enabled": True, "ingressFrom": PEERS})
+    assert a["metadata"]["annotations"][ANNOTATION_SPEC_HASH] == spec_hash(a)
+    assert a["metadata"]["annotations"][ANNOTATION_SPEC_HASH] != b["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
+
+
+def test_network_policy_is_not_part_of_the_worker_template():
+    """Turning policies on or off never replaces running workers (TemplateChanged)."""
+    plain = parse_job("mnist", FULL_SPEC, "t")
+    fenced = parse_job("mnist", {**FULL_SPEC, "networkPolicy": {"enabled": True, "ingressFrom": PEERS}}, "t")
+    assert training.template_hash(plain) == training.template_hash(fenced)
+
+
+@pytest.mark.parametrize("network_policy, message", [
+    ({"enabled": "yes"}, "networkPolicy.enabled must be true or false"),
+    ({"ingressFrom": {"podSelector": {}}}, "networkPolicy.ingressFrom must be a list"),
+    ({"ingressFrom": [{}]}, r"ingressFrom\[0\] must set podSelector, namespaceSelector or ipBlock"),
+    ({"ingressFrom": [{"podSelecter": {}}]}, r"ingressFrom\[0\] has unknown fields \['podSelecter'\]"),
+    ({"ingressFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]}, "ipBlock cannot be combined"),
+    ({"ingressFrom": [{"ipBlock": {}}]}, r"ingressFrom\[0\]\.ipBlock\.cidr is required"),
+    ("on", "networkPolicy must be an object"),
+])
+def test_bad_network_policy_is_an_invalid_spec(network_policy, message):
+    with pytest.raises(InvalidSpec, match=message):
+        parse_job("mnist", {**FULL_SPEC, "networkPolicy": network_policy}, "t")

@@ -188,3 +188,68 @@ def test_format_evaluation_and_auto_reach_the_compression_job():
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8080, "grpc": 8081}
     # An unset format and gate leave a revision's hash as it was.
     assert spec().revision() == parse_model("digits", {**SPEC, "source": {**SPEC["source"]}}, "trainer:1").revision()
+
+
+# --- digests ------------------------------------------------------------------------
+
+def test_images_pinned_by_digest_pass_unchanged():
+    serving = "registry.example/ml/serve@sha256:" + "ab" * 32
+    compress = "registry.example/ml/compress@sha256:" + "cd" * 32
+    s = spec(serving={**SPEC["serving"], "image": serving}, compression={**SPEC["compression"], "image": compress})
+    assert (s.serving.image, s.compression_image) == (serving, compress)
+    rev, src = s.revision(), PvcPath("models", "runs/digits")
+    dep = objects.deployment(OWNER, s, rev, src, 1)
+    job = objects.compression_job(OWNER, s, rev, src, artifact_path(src, "digits", rev))
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == serving
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == compress
+    trainer = "registry.example/ml/lepton-trainer@sha256:" + "ef" * 32
+    assert parse_model("digits", SPEC, trainer).serving.image == trainer
+
+
+# --- NetworkPolicies ----------------------------------------------------------------
+
+PEERS = [{"podSelector": {"matchLabels": {"role": "client"}}},
+         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+         {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}]
+SERVING_PORTS = [{"port": 8080, "protocol": "TCP"}, {"port": 8081, "protocol": "TCP"}]
+
+
+def test_no_network_policy_unless_enabled():
+    assert objects.network_policies(OWNER, spec()) == []
+    assert objects.network_policies(OWNER, spec(networkPolicy={"enabled": False, "ingressFrom": PEERS})) == []
+
+
+def test_serving_pods_accept_only_the_serving_ports_and_compression_pods_nothing():
+    serving, compression = objects.network_policies(OWNER, spec(networkPolicy={"enabled": True}))
+    assert serving["kind"] == "NetworkPolicy" and serving["metadata"]["name"] == "digits-serving"
+    assert serving["metadata"]["ownerReferences"][0]["uid"] == "u-123"
+    assert serving["spec"] == {
+        "podSelector": {"matchLabels": {"lepton.ai/model": "digits", "lepton.ai/role": "serving"}},
+        "policyTypes": ["Ingress"], "ingress": [{"ports": SERVING_PORTS}]}
+    assert compression["metadata"]["name"] == "digits-compression"
+    assert compression["spec"] == {
+        "podSelector": {"matchLabels": {"lepton.ai/model": "digits", "lepton.ai/role": "compression"}},
+        "policyTypes": ["Ingress"], "ingress": []}
+    # The policies select the pods the builders make.
+    rev = spec().revision()
+    pod_labels = objects.deployment(OWNER, spec(), rev, PvcPath("m", ""), 1)["spec"]["template"]["metadata"]["labels"]
+    assert serving["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    job = objects.compression_job(OWNER, spec(), rev, PvcPath("m", ""), PvcPath("m", "a"))
+    job_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert compression["spec"]["podSelector"]["matchLabels"].items() <= job_labels.items()
+
+
+def test_ingress_from_names_who_may_reach_the_serving_ports():
+    serving, _ = objects.network_policies(OWNER, spec(networkPolicy={"enabled": True, "ingressFrom": PEERS}))
+    assert serving["spec"]["ingress"] == [{"from": PEERS, "ports": SERVING_PORTS}]
+
+
+def test_network_policy_is_not_part_of_a_revision():
+    """Turning policies on never rolls out a new revision."""
+    assert spec(networkPolicy={"enabled": True, "ingressFrom": PEERS}).revision() == spec().revision()
+
+
+def test_bad_network_policy_is_an_invalid_spec():
+    from lepton_operator.model.spec import InvalidSpec
+    with pytest.raises(InvalidSpec, match=r"networkPolicy.ingressFrom\[0\] must set podSelector"):
+        spec(networkPolicy={"enabled": True, "ingressFrom": [{}]})

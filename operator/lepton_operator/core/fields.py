@@ -92,6 +92,54 @@ def string_map(raw: Mapping[str, Any], key: str, problems: list[str], where: str
     return dict(value)
 
 
+@dataclasses.dataclass(frozen=True)
+class NetworkPolicySpec:
+    """``spec.networkPolicy``: whether the operator makes NetworkPolicies for the pods it
+    runs, and the peers (core NetworkPolicyPeer objects) that may reach their exposed ports
+    (the serving ports, the workers' metrics port). No peers: any source may reach those
+    ports, and nothing else."""
+    enabled: bool = False
+    ingress_from: tuple[Mapping[str, Any], ...] = ()
+
+
+PEER_KEYS = ("podSelector", "namespaceSelector", "ipBlock")
+
+
+def network_policy(raw: Any, problems: list[str], where: str = "networkPolicy") -> NetworkPolicySpec:
+    """``{enabled, ingressFrom}`` -> NetworkPolicySpec. Each peer sets podSelector and/or
+    namespaceSelector, or ipBlock alone (with a cidr), as the NetworkPolicy API requires."""
+    if raw is None:
+        return NetworkPolicySpec()
+    if not isinstance(raw, Mapping):
+        problems.append(f"{where} must be an object, got {raw!r}")
+        return NetworkPolicySpec()
+    enabled = raw.get("enabled", False)
+    if not isinstance(enabled, bool):
+        problems.append(f"{where}.enabled must be true or false, got {enabled!r}")
+        enabled = False
+    peers = raw.get("ingressFrom") or []
+    if not isinstance(peers, list):
+        problems.append(f"{where}.ingressFrom must be a list of NetworkPolicyPeer objects")
+        peers = []
+    for i, peer in enumerate(peers):
+        at = f"{where}.ingressFrom[{i}]"
+        if not isinstance(peer, Mapping):
+            problems.append(f"{at} must be an object (a NetworkPolicyPeer)")
+            continue
+        unknown = sorted(set(peer) - set(PEER_KEYS))
+        if unknown:
+            problems.append(f"{at} has unknown fields {unknown}; a peer has {', '.join(PEER_KEYS)}")
+        if not any(k in peer for k in PEER_KEYS):
+            problems.append(f"{at} must set podSelector, namespaceSelector or ipBlock")
+        if "ipBlock" in peer:
+            if "podSelector" in peer or "namespaceSelector" in peer:
+                problems.append(f"{at}: ipBlock cannot be combined with podSelector or namespaceSelector")
+            block = peer["ipBlock"]
+            if not isinstance(block, Mapping) or not isinstance(block.get("cidr"), str) or not block["cidr"]:
+                problems.append(f"{at}.ipBlock.cidr is required (e.g. 10.0.0.0/8)")
+    return NetworkPolicySpec(enabled, tuple(dict(p) for p in peers if isinstance(p, Mapping)))
+
+
 def validate_name(name: str, max_len: int, suffix_len: int) -> list[str]:
     """Problems with ``name`` as the prefix of child object names (Services, pod host
     names: DNS-1035 labels) that add up to ``suffix_len`` characters."""
@@ -113,5 +161,5 @@ def valid_claim_name(claim: str) -> bool:
     return bool(DNS1123.match(claim)) and len(claim) <= 253
 
 
-__all__ = ["InvalidSpec", "Resources", "integer", "number", "choice", "quantity", "resources",
-           "string_map", "validate_name", "valid_claim_name"]
+__all__ = ["InvalidSpec", "Resources", "NetworkPolicySpec", "integer", "number", "choice", "quantity",
+           "resources", "string_map", "network_policy", "validate_name", "valid_claim_name"]

@@ -28,11 +28,14 @@ M = TypeVar("M", bound="Memory")
 @dataclasses.dataclass
 class Memory:
     """What every loop remembers: the status it last wrote (the base of the next merge
-    patch), the messages it has posted as events, and the last invalid-spec message."""
+    patch), the messages it has posted as events, the last invalid-spec message, and the
+    NetworkPolicies it applied that the index may not show yet (name -> (spec hash,
+    monotonic time), see ``objects.policy_changes``)."""
     status: dict[str, Any]
     phases: metrics.PhaseTracker
     said: set[str] = dataclasses.field(default_factory=set)
     invalid_message: str | None = None
+    policies: dict[str, tuple[str, float]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

@@ -1,7 +1,8 @@
 """Pieces every child object shares (pure: specs in, plain dicts out, no API client).
 
 Owner references, object metadata and labels, the security defaults, resource
-requests, GPU tolerations, env entries and the writable scratch directory.
+requests, GPU tolerations, env entries, the writable scratch directory, and
+NetworkPolicies with the decision of which to apply and which to delete.
 ``job.objects`` and ``model.objects`` build their children from these.
 
 Security defaults, for every pod the operator makes: run as the image's own non-root
@@ -14,13 +15,15 @@ else.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from typing import Any, Iterable, Mapping
 
 from lepton_trainer import contract
 
-from ..constants import (GPU_RESOURCE, GPU_TAINT_KEY, JOB_KIND, LABEL_COMPONENT, LABEL_JOB,
+from ..constants import (ANNOTATION_SPEC_HASH, GPU_RESOURCE, GPU_TAINT_KEY, JOB_KIND, LABEL_COMPONENT, LABEL_JOB,
                          LABEL_MANAGED_BY, LABEL_MODEL, LABEL_NAME, LABEL_ROLE, MANAGED_BY, MODEL_KIND)
-from .fields import Resources
+from .fields import NetworkPolicySpec, Resources
 
 Obj = dict[str, Any]
 
@@ -110,3 +113,71 @@ def scratch_mount() -> Obj:
 def scratch_env() -> list[Obj]:
     """HOME and TMPDIR in the writable scratch directory."""
     return [env("HOME", contract.WRITABLE_DIR), env("TMPDIR", contract.WRITABLE_DIR)]
+
+
+# --- NetworkPolicies ------------------------------------------------------------------
+
+NETWORK_POLICY_API_VERSION = "networking.k8s.io/v1"
+# What the operator does with NetworkPolicies, as RBAC verbs: a kopf index lists and
+# watches them, server-side apply patches them (and creates them, which needs create),
+# and a policy turned off is deleted. The chart grants exactly these.
+NETWORK_POLICY_VERBS = ("list", "watch", "create", "patch", "delete")
+# Seconds an applied policy may take to show up in the index before it is applied again.
+POLICY_APPLY_TTL = 30.0
+
+
+def spec_hash(obj: Mapping[str, Any]) -> str:
+    """Short stable hash of an object's ``spec``."""
+    return hashlib.sha256(json.dumps(obj.get("spec"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def exposed_ingress(policy: NetworkPolicySpec, ports: list[Obj]) -> Obj:
+    """The ingress rule for ports a resource exposes to the outside (serving ports, the
+    metrics port): from ``policy.ingress_from`` when set, else from any source."""
+    rule: Obj = {"ports": copy.deepcopy(ports)}
+    if policy.ingress_from:
+        rule["from"] = copy.deepcopy([dict(p) for p in policy.ingress_from])
+    return rule
+
+
+def network_policy(owner: Mapping[str, Any], name: str, lbls: Mapping[str, str], pod_selector: Mapping[str, str],
+                   ingress: list[Obj]) -> Obj:
+    """A NetworkPolicy, owned by ``owner``, over the pods ``pod_selector`` matches: ingress
+    only as the ``ingress`` rules allow, egress untouched (policyTypes Ingress only). It
+    carries the hash of its spec (``ANNOTATION_SPEC_HASH``), so a changed policy is seen
+    from the index alone."""
+    obj = {"apiVersion": NETWORK_POLICY_API_VERSION, "kind": "NetworkPolicy",
+           "metadata": meta(owner, name, lbls),
+           "spec": {"podSelector": {"matchLabels": dict(pod_selector)}, "policyTypes": ["Ingress"],
+                    "ingress": copy.deepcopy(ingress)}}
+    obj["metadata"]["annotations"] = {ANNOTATION_SPEC_HASH: spec_hash(obj)}
+    return obj
+
+
+def policy_changes(desired: Iterable[Obj], present: Mapping[str, str],
+                   applied: dict[str, tuple[str, float]], now: float) -> tuple[list[Obj], list[str]]:
+    """(policies to apply, names of policies to delete).
+
+    ``desired``: the policies the spec asks for (none when ``networkPolicy.enabled`` is
+    false); ``present``: name -> spec hash of the owner's policies the index shows.
+    A desired policy is applied when it is missing or its hash differs, unless it was
+    applied with that hash less than ``POLICY_APPLY_TTL`` seconds ago (the index has not
+    caught up); a present policy that is not desired is deleted. ``applied`` (name ->
+    (hash, monotonic time of the apply)) is the caller's memory, updated here.
+    """
+    wanted = {p["metadata"]["name"]: p for p in desired}
+    to_apply = []
+    for name, policy in wanted.items():
+        want = policy["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
+        if present.get(name) == want:
+            applied.pop(name, None)
+            continue
+        last = applied.get(name)
+        if last is not None and last[0] == want and now - last[1] < POLICY_APPLY_TTL:
+            continue
+        applied[name] = (want, now)
+        to_apply.append(policy)
+    to_delete = sorted(name for name in present if name not in wanted)
+    for name in to_delete:
+        applied.pop(name, None)
+    return to_apply, to_delete

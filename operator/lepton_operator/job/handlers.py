@@ -4,7 +4,8 @@ Each LeptonJob gets a kopf daemon that reconciles whenever the job, one of its p
 the GPU capacity changes (watch events wake it), and at the latest after the resync
 period, the next deadline or TTL, or the next autoscaler tick. A reconcile reads as its
 steps: parse, observe the workers, measure capacity, plan (``job.state``), make the
-counted restarts durable, apply, autoscale (``job.autoscale``), report. Reads come
+counted restarts durable, apply (pods, Services and, with ``spec.networkPolicy``, the
+NetworkPolicies), autoscale (``job.autoscale``), report. Reads come
 from kopf indices, fed by the watch streams kopf already holds, so a reconcile that
 changes nothing makes no API request; writes go through ``core.kube``. The loop is the
 only writer of the job's status.
@@ -21,13 +22,13 @@ from typing import Any, Iterable
 import kopf
 
 from .. import config, metrics
-from ..constants import (API_VERSION, GROUP, JOB_KIND, JOB_PLURAL, LABEL_JOB, LABEL_ROLE, PHASE_PENDING,
-                         ROLE_RDZV, ROLE_WORKER, TERMINAL_PHASES, VERSION)
+from ..constants import (ANNOTATION_SPEC_HASH, API_VERSION, GROUP, JOB_KIND, JOB_PLURAL, LABEL_JOB, LABEL_MANAGED_BY,
+                         LABEL_ROLE, MANAGED_BY, PHASE_PENDING, ROLE_RDZV, ROLE_WORKER, TERMINAL_PHASES, VERSION)
 from ..core import kube
 from ..core import status as st
 from ..core.fields import InvalidSpec
 from ..core.loop import Memory, ReconcileLoops
-from ..core.objects import gpus_requested
+from ..core.objects import gpus_requested, policy_changes
 from ..scaling import prometheus
 from . import autoscale, objects, state
 from .spec import JobSpec, parse_job
@@ -78,6 +79,13 @@ def lepton_job_services(namespace: str, labels: dict, name: str, **_: Any):
     return {(namespace, labels[LABEL_JOB]): name}
 
 
+@kopf.index("networking.k8s.io", "v1", "networkpolicies",
+            labels={LABEL_JOB: kopf.PRESENT, LABEL_MANAGED_BY: MANAGED_BY})
+def lepton_job_network_policies(namespace: str, labels: dict, name: str, annotations: dict, **_: Any):
+    """(namespace, job) -> (NetworkPolicy name, its spec hash)."""
+    return {(namespace, labels[LABEL_JOB]): (name, annotations.get(ANNOTATION_SPEC_HASH, ""))}
+
+
 @kopf.index("pods")
 def lepton_gpu_usage(spec: dict, status: dict, **_: Any):
     """node name (None: not bound yet) -> GPUs requested by each non-terminal pod."""
@@ -102,6 +110,12 @@ def _pod_changed(namespace: str, labels: dict, name: str, type: str, **_: Any) -
     _wake(namespace, labels.get(LABEL_JOB))
     if type == "DELETED" or labels.get(LABEL_ROLE) == ROLE_WORKER:
         _wake_waiting_for_capacity()
+
+
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies",
+               labels={LABEL_JOB: kopf.PRESENT, LABEL_MANAGED_BY: MANAGED_BY})
+def _network_policy_changed(namespace: str, labels: dict, **_: Any) -> None:
+    _wake(namespace, labels.get(LABEL_JOB))     # a policy changed or deleted by hand is restored
 
 
 @kopf.on.event("nodes")
@@ -265,8 +279,12 @@ async def _reconcile(body: kopf.Body, memory: JobMemory, indices: dict[str, Any]
     # Apply: independent writes go out together (the API client is thread-safe).
     owner = _owner(body)
     creates, to_delete = _writes(owner, spec, plan, observed, memory, indices, key, settings.trainer_image)
+    policies, stale_policies = _network_policy_writes(owner, spec, indices, key, memory)
     created = await asyncio.gather(*(kube.aio(kube.create, obj) for obj in creates),
-                                   *(kube.aio(kube.delete, "v1", "Pod", n, namespace) for n in to_delete))
+                                   *(kube.aio(kube.delete, "v1", "Pod", n, namespace) for n in to_delete),
+                                   *(kube.aio(kube.apply, obj) for obj in policies),
+                                   *(kube.aio(kube.delete, "networking.k8s.io/v1", "NetworkPolicy", n, namespace)
+                                     for n in stale_policies))
     for obj, result in zip(creates, created):
         # 409: a pod of that name still exists (the one being replaced): the memory of the
         # create would hide the missing worker; its DELETED event wakes the loop instead.
@@ -285,6 +303,15 @@ async def _reconcile(body: kopf.Body, memory: JobMemory, indices: dict[str, Any]
                            if p.active and p.uid not in memory.deleted}
     delays = [d for d in (plan.requeue_after, tick) if d is not None]
     return min(delays) if delays else None
+
+
+def _network_policy_writes(owner: dict[str, Any], spec: JobSpec, indices: dict[str, Any], key: tuple[str, str],
+                           memory: JobMemory) -> tuple[list[dict[str, Any]], list[str]]:
+    """(NetworkPolicies to apply, names of the job's policies to delete): the ones the
+    spec asks for that the index does not show as they are, and the ones it no longer
+    asks for (``networkPolicy.enabled: false``)."""
+    present = dict(indices.get("lepton_job_network_policies", {}).get(key, []))
+    return policy_changes(objects.network_policies(owner, spec), present, memory.policies, time.monotonic())
 
 
 def _missing_shared_children(owner: dict[str, Any], spec: JobSpec, trainer_image: str,

@@ -10,8 +10,22 @@ A job owns:
 - ``<job>-worker-<i>`` pods: one torchrun node agent each, joining the store with
   ``--rdzv-id=<job uid>`` and the rendezvous timeouts from the spec.
 
+- with ``spec.networkPolicy.enabled``, two NetworkPolicies (``network_policies``):
+  ``<job>-rdzv`` lets only the job's workers reach the store's port, and ``<job>-workers``
+  lets the workers reach each other on any port (gloo and NCCL pick theirs) and
+  ``networkPolicy.ingressFrom`` (else anyone) reach the metrics port. Egress stays open.
+
 Every child carries an ownerReference to the job, so deleting the job deletes them;
 the checkpoint PVC is never owned and never deleted.
+
+Probes: the rendezvous pod has startup, readiness and liveness probes on the store's
+TCP port. Workers have none: torchrun is the container's main process, so an agent that
+dies ends the pod, which the operator replaces; a liveness kill of a worker that is
+waiting in rendezvous or loading would end a ``restartPolicy: Never`` pod as a failure;
+and the metrics port is served only by the training process of the built-in trainer
+(or a script that uses ``TrainingMetrics``) once the process group has formed, so it
+cannot tell a live agent from a dead one. Nothing routes traffic to workers by their
+readiness (the headless Service publishes not-ready addresses).
 
 ``template_hash`` identifies the worker template from the parsed spec alone (the
 fields that shape a worker pod), so it is known without building a pod and an
@@ -30,17 +44,26 @@ from lepton_trainer.rendezvous import WORKER_ENV, torchrun_args
 
 from ..constants import (ANNOTATION_GENERATION, ANNOTATION_SPEC_HASH, JOB_KIND, LABEL_JOB,
                          LABEL_KUEUE_QUEUE, LABEL_ROLE, LABEL_WORKER_INDEX, ROLE_RDZV, ROLE_WORKER)
-from ..core.objects import (container_security, env, meta, pod_security, resources, scratch_env,
-                            scratch_mount, scratch_volume, with_gpu_toleration)
+from ..core.objects import (container_security, env, exposed_ingress, meta, network_policy, pod_security, resources,
+                            scratch_env, scratch_mount, scratch_volume, with_gpu_toleration)
 from ..core.objects import labels as child_labels
 from .spec import JobSpec
 
 Obj = dict[str, Any]
 
-RDZV_RESOURCES = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}}
-# JobSpec fields that do not shape a worker pod (sizing, lifecycle, autoscaling).
+# The store is one small process; the CPU limit bounds a runaway, the request is what it uses.
+RDZV_RESOURCES = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "512Mi"}}
+# The store's probes, all on its TCP port. Startup allows 5 minutes for the interpreter and
+# torch to load on a busy node; after that, liveness restarts the store only when it has
+# not accepted a connection for a minute (a restart loses the rendezvous state, and every
+# agent then restarts its workers from the checkpoint).
+RDZV_STARTUP_PROBE = {"tcpSocket": {"port": "rdzv"}, "periodSeconds": 2, "failureThreshold": 150}
+RDZV_READINESS_PROBE = {"tcpSocket": {"port": "rdzv"}, "periodSeconds": 2}
+RDZV_LIVENESS_PROBE = {"tcpSocket": {"port": "rdzv"}, "periodSeconds": 10, "timeoutSeconds": 5,
+                       "failureThreshold": 6}
+# JobSpec fields that do not shape a worker pod (sizing, lifecycle, autoscaling, the network).
 _NOT_TEMPLATE = ("suspend", "backoff_limit", "active_deadline_seconds", "ttl_seconds_after_finished",
-                 "autoscaling", "capacity")
+                 "autoscaling", "capacity", "network_policy")
 
 
 def rdzv_name(job: str) -> str:
@@ -117,7 +140,9 @@ def rendezvous_objects(owner: Mapping[str, Any], spec: JobSpec, trainer_image: s
                             "--port", str(contract.RDZV_PORT)],
                 "ports": [port],
                 "env": scratch_env(),
-                "readinessProbe": {"tcpSocket": {"port": "rdzv"}, "periodSeconds": 2},
+                "startupProbe": copy.deepcopy(RDZV_STARTUP_PROBE),
+                "readinessProbe": copy.deepcopy(RDZV_READINESS_PROBE),
+                "livenessProbe": copy.deepcopy(RDZV_LIVENESS_PROBE),
                 "resources": copy.deepcopy(RDZV_RESOURCES),
                 "securityContext": container_security(spec.security_context),
                 "volumeMounts": [scratch_mount()],
@@ -146,6 +171,28 @@ def workers_service(owner: Mapping[str, Any]) -> Obj:
                  "ports": [{"name": "metrics", "port": contract.METRICS_PORT,
                             "targetPort": "metrics", "protocol": "TCP"}]},
     }
+
+
+def network_policies(owner: Mapping[str, Any], spec: JobSpec) -> list[Obj]:
+    """The job's NetworkPolicies, or none unless ``spec.networkPolicy.enabled``.
+
+    ``<job>-rdzv`` (the store pod): ingress only from the job's own workers, only on the
+    store's port. ``<job>-workers`` (the workers): from each other on every port (the
+    torchrun agents and gloo/NCCL choose ports at run time), and on the metrics port from
+    ``networkPolicy.ingressFrom`` (Prometheus), or from anyone when that is empty.
+    """
+    if not spec.network_policy.enabled:
+        return []
+    job = owner["metadata"]["name"]
+    workers = {LABEL_JOB: job, LABEL_ROLE: ROLE_WORKER}
+    from_workers = [{"podSelector": {"matchLabels": dict(workers)}}]
+    metrics = [{"port": contract.METRICS_PORT, "protocol": "TCP"}]
+    return [
+        network_policy(owner, rdzv_name(job), labels(job, ROLE_RDZV), {LABEL_JOB: job, LABEL_ROLE: ROLE_RDZV},
+                       [{"from": from_workers, "ports": [{"port": contract.RDZV_PORT, "protocol": "TCP"}]}]),
+        network_policy(owner, workers_service_name(job), labels(job, ROLE_WORKER), workers,
+                       [{"from": from_workers}, exposed_ingress(spec.network_policy, metrics)]),
+    ]
 
 
 def worker_command(owner: Mapping[str, Any], spec: JobSpec) -> list[str]:

@@ -13,7 +13,8 @@ from typing import Any, Mapping
 from lepton_trainer import contract
 
 from ..constants import CHILD_SUFFIX_MAX, JOB_NAME_MAX
-from ..core.fields import InvalidSpec, Resources, choice, integer, number, quantity, valid_claim_name, validate_name
+from ..core.fields import (InvalidSpec, NetworkPolicySpec, Resources, choice, integer, network_policy, number,
+                           quantity, valid_claim_name, validate_name)
 
 DEFAULT_MODULE = "lepton_trainer.train"
 MAX_WORKERS = 999
@@ -106,6 +107,7 @@ class JobSpec:
     security_context: Mapping[str, Any]
     autoscaling: Autoscaling | None
     capacity: Capacity = Capacity()
+    network_policy: NetworkPolicySpec = NetworkPolicySpec()
 
     @property
     def claim_names(self) -> tuple[str, ...]:
@@ -223,6 +225,7 @@ def parse_job(name: str, spec: Mapping[str, Any] | None, default_image: str,
         security_context=dict(spec.get("securityContext") or {}),
         autoscaling=_autoscaling(spec.get("autoscaling"), problems),
         capacity=_capacity(spec.get("capacity") or {}, problems),
+        network_policy=network_policy(spec.get("networkPolicy"), problems),
     )
     if problems:
         raise InvalidSpec(problems)

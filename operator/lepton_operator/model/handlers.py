@@ -4,7 +4,8 @@ Each LeptonModel gets a kopf daemon that reconciles when the model, its Deployme
 its compression pods or a LeptonJob in its namespace change, on each step deadline,
 and on every tick of the builtin autoscaler. A reconcile reads as its steps: parse,
 size (``model.autoscale``), resolve the source, compress, analyse the canary when
-its step is due, plan (``model.state``), apply, report. The loop is the only writer
+its step is due, plan (``model.state``), apply (its NetworkPolicies too, when
+``spec.networkPolicy`` asks for them), report. The loop is the only writer
 of the model's status. Objects come from ``model.objects``; scaling math is in
 ``scaling.policy``.
 """
@@ -18,13 +19,15 @@ from typing import Any
 import kopf
 
 from .. import config, metrics
-from ..constants import (ANNOTATION_ABORT, ANNOTATION_RESUME, API_VERSION, EVENT_WARNING, GROUP, JOB_KIND,
-                         JOB_PLURAL, LABEL_MODEL, LABEL_REVISION, LABEL_ROLE, MODEL_KIND, MODEL_PLURAL,
-                         MPHASE_PENDING, REASON_SOURCE_NOT_FOUND, ROLE_COMPRESSION, ROLE_SERVING, VERSION)
+from ..constants import (ANNOTATION_ABORT, ANNOTATION_RESUME, ANNOTATION_SPEC_HASH, API_VERSION, EVENT_WARNING,
+                         GROUP, JOB_KIND, JOB_PLURAL, LABEL_MANAGED_BY, LABEL_MODEL, LABEL_REVISION, LABEL_ROLE,
+                         MANAGED_BY, MODEL_KIND, MODEL_PLURAL, MPHASE_PENDING, REASON_SOURCE_NOT_FOUND,
+                         ROLE_COMPRESSION, ROLE_SERVING, VERSION)
 from ..core import kube
 from ..core import status as st
 from ..core.fields import InvalidSpec
 from ..core.loop import Memory, ReconcileLoops
+from ..core.objects import policy_changes
 from ..scaling import prometheus
 from . import autoscale, objects, state
 from .spec import ModelSpec, artifact_path, parse_model, parse_uri, render_query
@@ -84,6 +87,19 @@ def _deployment_changed(namespace: str, labels: dict, **_: Any) -> None:
     _loops.wake(namespace, labels.get(LABEL_MODEL))
 
 
+@kopf.index("networking.k8s.io", "v1", "networkpolicies",
+            labels={LABEL_MODEL: kopf.PRESENT, LABEL_MANAGED_BY: MANAGED_BY})
+def lepton_model_network_policies(namespace: str, labels: dict, name: str, annotations: dict, **_: Any):
+    """(namespace, model) -> (NetworkPolicy name, its spec hash)."""
+    return {(namespace, labels[LABEL_MODEL]): (name, annotations.get(ANNOTATION_SPEC_HASH, ""))}
+
+
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies",
+               labels={LABEL_MODEL: kopf.PRESENT, LABEL_MANAGED_BY: MANAGED_BY})
+def _network_policy_changed(namespace: str, labels: dict, **_: Any) -> None:
+    _loops.wake(namespace, labels.get(LABEL_MODEL))     # a policy changed or deleted by hand is restored
+
+
 @kopf.on.event("pods", labels={LABEL_MODEL: kopf.PRESENT, LABEL_ROLE: ROLE_COMPRESSION})
 def _compression_pod_changed(namespace: str, labels: dict, **_: Any) -> None:
     _loops.wake(namespace, labels.get(LABEL_MODEL))
@@ -98,8 +114,9 @@ def _job_changed_for_models(namespace: str, **_: Any) -> None:
 async def lepton_model(body: kopf.Body, uid: str, stopped: kopf.DaemonStopped,
                        logger: logging.Logger, **kwargs: Any) -> None:
     """Reconcile one LeptonModel until it is deleted."""
-    deployments = kwargs["lepton_model_deployments"]
-    await _loops.run(body, uid, stopped, logger, lambda memory: _reconcile(body, memory, logger, deployments))
+    deployments, policies = kwargs["lepton_model_deployments"], kwargs["lepton_model_network_policies"]
+    await _loops.run(body, uid, stopped, logger,
+                     lambda memory: _reconcile(body, memory, logger, deployments, policies))
 
 
 def _owner(body: kopf.Body) -> dict[str, Any]:
@@ -263,6 +280,17 @@ async def _apply(body: kopf.Body, spec: ModelSpec, plan: state.Plan, revision: s
     return routed
 
 
+async def _network_policies(owner: dict, spec: ModelSpec, memory: ModelMemory, present: dict[str, str]) -> None:
+    """Apply the NetworkPolicy the spec asks for where the index does not show it as it
+    is; delete the model's policies it no longer asks for (``networkPolicy.enabled: false``)."""
+    to_apply, to_delete = policy_changes(objects.network_policies(owner, spec), present, memory.policies,
+                                         time.monotonic())
+    for obj in to_apply:
+        await kube.aio(kube.apply, obj)
+    for name in to_delete:
+        await kube.aio(kube.delete, "networking.k8s.io/v1", "NetworkPolicy", name, owner["metadata"]["namespace"])
+
+
 async def _route(owner: dict, revs: dict, memory: ModelMemory, generation: int | None) -> bool:
     """Weight stable and canary exactly with an HTTPRoute where the Gateway API exists."""
     stable = revs.get("stable")
@@ -305,7 +333,7 @@ def _report(spec: ModelSpec, plan: state.Plan, memory: ModelMemory, meta: dict, 
 
 
 async def _reconcile(body: kopf.Body, memory: ModelMemory, logger: logging.Logger,
-                     deployment_index: Any) -> float | None:
+                     deployment_index: Any, policy_index: Any = None) -> float | None:
     settings = config.get()
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
@@ -343,6 +371,7 @@ async def _reconcile(body: kopf.Body, memory: ModelMemory, logger: logging.Logge
                       hold_stable=hpa_owned, decision=_decision(body, new), traffic=traffic, namespace=namespace)
 
     routed = await _apply(body, spec, plan, revision, deployments, memory, logger)
+    await _network_policies(_owner(body), spec, memory, dict((policy_index or {}).get((namespace, name), [])))
     old_conditions = memory.status.get("conditions")
     new = _report(spec, plan, memory, meta, total, routed)
     await st.write(body, memory, new)

@@ -13,6 +13,11 @@
   model's Service whose backend weights are the canary weight exactly;
 - optionally an autoscaling/v2 HorizontalPodAutoscaler on an External metric, or a
   KEDA ScaledObject with a prometheus trigger, targeting the stable Deployment.
+- with ``spec.networkPolicy.enabled``, a NetworkPolicy ``<model>-serving`` over the
+  serving pods of every revision: ingress only on the serving ports (``http``, which also
+  serves ``/metrics``, and ``grpc``), from ``networkPolicy.ingressFrom`` (the model's
+  clients and Prometheus) or from anyone when that is empty; and ``<model>-compression``
+  over the compression pods, which take no traffic: no ingress. Egress stays open.
 
 Deployments leave ``replicas`` out when an autoscaler owns them (the operator's own or
 an HPA), so applying them never fights the autoscaler.
@@ -28,8 +33,8 @@ from lepton_trainer import contract
 
 from ..constants import LABEL_MODEL, LABEL_REVISION, LABEL_ROLE, MODEL_KIND, ROLE_COMPRESSION, ROLE_SERVING
 from ..core.fields import Resources
-from ..core.objects import (GPU_TOLERATION, container_security, env, meta, pod_security, resources, scratch_env,
-                            scratch_mount, scratch_volume)
+from ..core.objects import (GPU_TOLERATION, container_security, env, exposed_ingress, meta, network_policy,
+                            pod_security, resources, scratch_env, scratch_mount, scratch_volume)
 from ..core.objects import labels as child_labels
 from .spec import Autoscaling, ModelSpec, PvcPath, render_query
 
@@ -237,6 +242,27 @@ def service(owner: Mapping[str, Any]) -> Obj:
     return {"apiVersion": "v1", "kind": "Service", "metadata": meta(owner, service_name(model), lbls),
             "spec": {"selector": service_selector(model),
                      "ports": _service_ports()}}
+
+
+def policy_name(model: str, role: str) -> str:
+    """``<model>-serving`` or ``<model>-compression``: distinct suffixes, so no two models'
+    policies can share a name."""
+    return f"{model}-{role}"
+
+
+def network_policies(owner: Mapping[str, Any], spec: ModelSpec) -> list[Obj]:
+    """The model's NetworkPolicies, or none unless ``spec.networkPolicy.enabled``:
+    ``<model>-serving`` over the serving pods (the serving ports, from ``ingressFrom`` or
+    anyone) and ``<model>-compression`` over the compression pods, which take no traffic
+    (no ingress at all)."""
+    if not spec.network_policy.enabled:
+        return []
+    model = owner["metadata"]["name"]
+    ports = [{"port": contract.SERVE_PORT, "protocol": "TCP"}, {"port": contract.GRPC_PORT, "protocol": "TCP"}]
+    return [network_policy(owner, policy_name(model, ROLE_SERVING), labels(model, ROLE_SERVING),
+                           service_selector(model), [exposed_ingress(spec.network_policy, ports)]),
+            network_policy(owner, policy_name(model, ROLE_COMPRESSION), labels(model, ROLE_COMPRESSION),
+                           {LABEL_MODEL: model, LABEL_ROLE: ROLE_COMPRESSION}, [])]
 
 
 # --- Gateway API traffic split ----------------------------------------------------------

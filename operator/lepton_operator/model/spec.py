@@ -16,7 +16,8 @@ from typing import Any, Mapping
 
 from lepton_trainer import contract
 
-from ..core.fields import InvalidSpec, Resources, choice, integer, number, resources, string_map, validate_name
+from ..core.fields import (InvalidSpec, NetworkPolicySpec, Resources, choice, integer, network_policy, number,
+                           resources, string_map, validate_name)
 from ..scaling import prometheus
 
 __all__ = ["InvalidSpec", "ModelSpec", "PvcPath", "parse_model", "parse_uri", "artifact_path", "render_query"]
@@ -177,6 +178,7 @@ class ModelSpec:
     rollout: Rollout
     autoscaling: Autoscaling | None
     compression_image: str
+    network_policy: NetworkPolicySpec = NetworkPolicySpec()   # not part of a revision
 
     @property
     def floor(self) -> int:
@@ -405,7 +407,8 @@ def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str,
 
     rollout = _rollout(spec.get("rollout") or {}, problems)
     autoscaling = _autoscaling(spec.get("autoscaling"), problems)
+    policy = network_policy(spec.get("networkPolicy"), problems)
     if problems:
         raise InvalidSpec(problems)
     return ModelSpec(source, compression, serving, rollout, autoscaling,
-                     (raw_c.get("image") or image))
+                     (raw_c.get("image") or image), policy)

@@ -33,11 +33,12 @@ setup: system-deps
 images: system-deps
 	@python3 hack/images.py build
 
-# The images the real node runs, on machines that can run it (else a note, not an error).
+# The images the real node runs, built and loaded into its image store, on machines that
+# can run it (else a note, not an error).
 images-if-possible:
 	@reason=$$(python3 -c 'import sys; sys.path.insert(0, "hack"); import realnode; print(realnode.unsupported_reason() or "")'); \
 	if [ -n "$$reason" ]; then echo "[images] not built: no real node here ($$reason)"; \
-	else python3 hack/images.py build >/dev/null; fi
+	else python3 hack/images.py preload; fi
 
 push: images
 	@test -n "$(REGISTRY)" || { echo "usage: make images push REGISTRY=registry.example.com/team [TAG=v]" >&2; exit 1; }

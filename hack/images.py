@@ -19,6 +19,7 @@ Command line::
     python3 hack/images.py refs                  # the image references, as JSON
     python3 hack/images.py push --registry R     # R/lepton-operator:<v>, R/lepton-trainer:<v>
     python3 hack/images.py import --address SOCK # into a containerd (the real node's)
+    python3 hack/images.py preload               # into the real node's image store, ahead of time
 
 Only the Python standard library is used.
 """
@@ -272,6 +273,36 @@ def import_into(address: str, images: list[str] | None = None) -> None:
         log(f"imported {image} in {time.monotonic() - t0:.0f}s")
 
 
+def preload() -> None:
+    """Import the images into the real node's image store (its containerd root, which
+    outlives clusters) with a containerd of its own, so that the first cluster starts
+    without the import: ``make setup`` runs this beside the Go builds. Skipped when a
+    node's containerd holds the store (it imports at start instead)."""
+    import realnode  # noqa: PLC0415
+    if realnode.node_containerds():
+        log("preload skipped: a real node's containerd is running (it imports what it lacks at start)")
+        return
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        node = realnode.RealNode(Path(tmp), Path(tmp), "", CACHE, None)
+        state = Path("/run") / f"lepton-containerd-preload-{os.getpid()}"
+        node._write_containerd_config(pause_ref(), state)
+        proc = subprocess.Popen(["containerd", "--config", str(node.node_dir / "containerd.toml")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while subprocess.run(["ctr", "--address", node.address, "version"],
+                                 capture_output=True).returncode != 0:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log("preload skipped: containerd did not start")
+                    return
+                time.sleep(0.2)
+            import_into(node.address)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+            shutil.rmtree(state, ignore_errors=True)
+
+
 def push(registry: str, tag: str) -> dict[str, str]:
     out = {}
     for name in IMAGES:
@@ -284,7 +315,7 @@ def push(registry: str, tag: str) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["build", "refs", "push", "import"])
+    parser.add_argument("command", choices=["build", "refs", "push", "import", "preload"])
     parser.add_argument("--registry", default=os.environ.get("REGISTRY", ""))
     parser.add_argument("--tag", default="", help="tag to push (default: the chart's appVersion)")
     parser.add_argument("--address", help="containerd socket for import")
@@ -310,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         dest = push(args.registry, tag)
         print(f"helm install lepton charts/lepton-operator --set image.repository={dest['operator'].rsplit(':', 1)[0]} "
               f"--set image.tag={tag} --set trainerImage={dest['trainer']}")
+    elif args.command == "preload":
+        build_all()
+        preload()
     elif args.command == "import":
         if not args.address:
             parser.error("import needs --address")

@@ -145,6 +145,22 @@ def _shim_pids(address: str) -> set[int]:
     return pids
 
 
+def node_containerds() -> list[int]:
+    """Pids of running containerds started from a node's configuration (they share the
+    image store under the cache)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmd and cmd[0].endswith(b"containerd") and any(a.endswith(b"/containerd.toml") for a in cmd):
+            pids.append(int(proc.name))
+    return pids
+
+
 def leftovers(node_dir: Path) -> dict[str, list[str]]:
     """What a stopped node would have left on the machine: processes in its cgroup or
     shims of its containerd, mounts under its directories, network namespaces made for
@@ -239,12 +255,12 @@ class RealNode:
             }],
         }, indent=2))
 
-    def _write_containerd_config(self, pause: str) -> None:
+    def _write_containerd_config(self, pause: str, state: Path = CONTAINERD_STATE) -> None:
         root = self.cache / "containerd"  # images stay between clusters; containers do not
         root.mkdir(parents=True, exist_ok=True)
         (self.node_dir / "containerd.toml").write_text(f"""version = 2
 root = "{root}"
-state = "{CONTAINERD_STATE}"
+state = "{state}"
 disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
                     "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
                     "io.containerd.internal.v1.opt", "io.containerd.grpc.v1.cri.v1alpha2"]

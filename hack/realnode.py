@@ -129,10 +129,8 @@ def _cgroup_pids() -> set[int]:
     return pids
 
 
-def _shim_pids(address: str) -> set[int]:
-    """containerd-shim processes serving the node's containerd (their command line names
-    its socket)."""
-    pids = set()
+def _command_lines():
+    """(pid, argv as bytes) of every process."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -140,25 +138,21 @@ def _shim_pids(address: str) -> set[int]:
             cmd = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if cmd and b"containerd-shim" in cmd[0] and address.encode() in cmd:
-            pids.add(int(proc.name))
-    return pids
+        if cmd and cmd[0]:
+            yield int(proc.name), cmd
+
+
+def _shim_pids(address: str) -> set[int]:
+    """containerd-shim processes serving the node's containerd (their command line names
+    its socket)."""
+    return {pid for pid, cmd in _command_lines() if b"containerd-shim" in cmd[0] and address.encode() in cmd}
 
 
 def node_containerds() -> list[int]:
     """Pids of running containerds started from a node's configuration (they share the
     image store under the cache)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if cmd and cmd[0].endswith(b"containerd") and any(a.endswith(b"/containerd.toml") for a in cmd):
-            pids.append(int(proc.name))
-    return pids
+    return [pid for pid, cmd in _command_lines()
+            if cmd[0].endswith(b"containerd") and any(a.endswith(b"/containerd.toml") for a in cmd)]
 
 
 def leftovers(node_dir: Path) -> dict[str, list[str]]:

@@ -122,6 +122,17 @@ def test_operator_runs_in_cluster_from_its_image_with_the_charts_settings(operat
     assert c.prometheus_url in log, log[-3000:]
 
 
+def test_helm_test_passes_on_the_installed_release(operator):
+    """The chart's own ``helm test`` pod (the operator image, the Deployment's security
+    contexts) reaches the operator's /metrics through its Service."""
+    c = operator
+    result = subprocess.run([str(localcluster.tool_path("helm")), "test", "lepton", "-n", RELEASE_NS,
+                             "--kubeconfig", c.kubeconfig, "--timeout", "3m"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"Phase:\s+Succeeded", result.stdout), result.stdout
+
+
 def test_quickstart_job_trains_for_real_and_checkpoints_to_the_volume(workspace):
     c, volume = workspace
     t0 = time.time()

@@ -63,6 +63,8 @@ def unsupported_reason() -> str | None:
         need.append("CNI plugins in /usr/lib/cni")
     if need:
         return f"missing {', '.join(need)} (hack/install-system-deps.sh installs them)"
+    if node_containerds():
+        return "another local cluster's real node is running (one per machine: its bridge and image store are shared)"
     if "overlay" not in Path("/proc/filesystems").read_text():
         return "no overlayfs"
     if subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode != 0:

@@ -24,8 +24,9 @@ def test_second_tool_build_builds_nothing():
 
 def test_up_then_down_leaves_no_process_or_port(tmp_path):
     state = tmp_path / "cluster"
+    # the control plane's own processes; tests/real covers up and down with the real node
     up = subprocess.run([sys.executable, str(ROOT / "hack" / "localcluster.py"), "up", "--dir", str(state),
-                         "--gpu-nodes", "1"], capture_output=True, text=True)
+                         "--gpu-nodes", "1", "--real-node", "off"], capture_output=True, text=True)
     assert up.returncode == 0, up.stderr
     assert f"export KUBECONFIG={state}/kubeconfig" in up.stdout
     cluster = localcluster.Cluster.load(state)

@@ -400,12 +400,13 @@ def check_capacity_timeout(job: _Job) -> Outcome | None:
 
 
 def check_completion(job: _Job) -> Outcome | None:
-    """A worker that succeeded means training finished: wait for the others, add nobody."""
+    """A worker that succeeded means training finished: wait for the others, add nobody.
+    While they finish the job is Running and Ready, whatever phase it was in before."""
     if not any(p.phase == "Succeeded" for p in job.pods):
         return None
     if not job.active:
         return _terminal(job, PHASE_SUCCEEDED, REASON_SUCCEEDED, "training finished")
-    return Outcome(job.prev_phase or PHASE_RUNNING, REASON_RUNNING, "workers are finishing", ready=True)
+    return Outcome(PHASE_RUNNING, REASON_RUNNING, "workers are finishing", ready=True)
 
 
 def replace_stale(job: _Job) -> None:

@@ -54,6 +54,7 @@ from typing import Any
 
 import hypothesis
 import pytest
+from case_counts import CaseCounts
 import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -116,27 +117,6 @@ class Server:
 
 PLURALS = {"LeptonJob": "leptonjobs", "LeptonModel": "leptonmodels", "Pod": "pods",
            "Deployment": "deployments", "NetworkPolicy": "networkpolicies", "Service": "services"}
-
-
-class CaseCounts:
-    """Prints the cases run in pytest's terminal summary (after capture ends), and adds
-    them to the JSON file LEPTON_HYPOTHESIS_COUNTS names, when set ({module: cases}).
-    (The same as in tests/unit/test_properties.py; test modules are no package here.)"""
-
-    def __init__(self, module: str, lines):
-        self.module, self.lines = module, lines
-
-    def pytest_terminal_summary(self, terminalreporter):
-        lines, total = self.lines()
-        terminalreporter.section("hypothesis", sep="-")
-        for line in lines:
-            terminalreporter.write_line(line)
-        out = os.environ.get("LEPTON_HYPOTHESIS_COUNTS")
-        if out:
-            path = Path(out)
-            counts = json.loads(path.read_text()) if path.exists() else {}
-            counts[self.module] = total
-            path.write_text(json.dumps(counts, indent=2, sort_keys=True) + "\n")
 
 
 def _summary():

@@ -414,9 +414,18 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             time.sleep(0.5)
 
     def stop(self, terminate) -> None:
-        """Stop the node and remove everything it made. ``terminate(pid)`` is the cluster's."""
+        """Stop the node and remove everything it made. ``terminate(pid)`` is the cluster's.
+
+        The bridge, the cgroup root and the iptables chains are the machine's one node's:
+        when another cluster's node runs now (this one was stopped before, and its
+        state is stale), they are its, and only this node's own processes are stopped."""
+        mine = self.pids.get("containerd")
         for name in ("pod-sd", "kubelet", "kube-proxy", "coredns"):
             terminate(self.pids.pop(name, None))
+        if any(pid != mine for pid in node_containerds()):
+            terminate(self.pids.pop("containerd", None))
+            log("another local cluster's real node is running: its bridge, cgroups and chains are left alone")
+            return
         self._kill_containers()
         if "containerd" in self.pids and os.path.exists(self.address):
             ids = _sh("ctr", "--address", self.address, "-n", "k8s.io", "containers", "ls", "-q", check=False).split()

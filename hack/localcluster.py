@@ -475,6 +475,13 @@ class Cluster:
                    lambda: self.kubectl("get", "serviceaccount", "default", "-n", namespace, check=False) != "",
                    proc="kube-controller-manager")
 
+    def install_crds(self) -> None:
+        """Apply the repository's CRDs (crds/, the single source) and wait until each is
+        Established."""
+        for crd in sorted((ROOT / "crds").glob("*.yaml")):
+            self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
+            self.kubectl("wait", "--for=condition=Established", "-f", str(crd), "--timeout=60s")
+
     def create_namespace(self, name: str) -> str:
         """Create a namespace and wait until its default service account exists, so pods can be created."""
         self.kubectl("create", "namespace", name)

@@ -61,10 +61,7 @@ class OperatorProcess:
 @pytest.fixture(scope="session")
 def operator(cluster, tmp_path_factory):
     """The operator running against ``cluster`` with the repository's CRDs installed."""
-    for crd in sorted((ROOT / "crds").glob("*.yaml")):
-        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
-        name = yaml.safe_load(crd.read_text())["metadata"]["name"]
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+    cluster.install_crds()
     metrics_port, health_port = free_port(), free_port()
     log_path = tmp_path_factory.mktemp("operator") / "operator.log"
     env = {**cluster.env, "LEPTON_TRAINER_IMAGE": "lepton-trainer:test", "LEPTON_RESYNC_SECONDS": "30",

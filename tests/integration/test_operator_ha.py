@@ -48,10 +48,7 @@ def own_cluster(tmp_path_factory):
         c.start()
     except Exception as exc:
         pytest.fail(f"the local control plane did not start: {exc}", pytrace=False)
-    for crd in sorted((ROOT / "crds").glob("*.yaml")):
-        c.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
-        c.kubectl("wait", "--for=condition=Established", f"crd/{yaml.safe_load(crd.read_text())['metadata']['name']}",
-                  "--timeout=60s")
+    c.install_crds()
     yield c
     c.stop()
 

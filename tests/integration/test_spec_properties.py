@@ -55,7 +55,6 @@ from typing import Any
 import hypothesis
 import pytest
 from case_counts import CaseCounts
-import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -67,7 +66,6 @@ from lepton_operator.model.spec import parse_model, parse_uri
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 GROUP, VERSION = "lepton.ai", "v1alpha1"
 IMAGE = "lepton-trainer:test"
 
@@ -134,10 +132,7 @@ def _summary():
 
 @pytest.fixture(scope="module")
 def server(cluster, request):
-    for crd in sorted((ROOT / "crds").glob("*.yaml")):
-        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
-        name = yaml.safe_load(crd.read_text())["metadata"]["name"]
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+    cluster.install_crds()
     namespace = cluster.create_namespace(f"spec-props-{uuid.uuid4().hex[:6]}")
     srv = Server(cluster, namespace)
     # The resource is served a moment after Established: wait until a dry run answers.

@@ -49,7 +49,6 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import hypothesis

@@ -108,6 +108,11 @@ def test_deleting_a_job_removes_pods_and_services_never_the_pvc(k):
     ("with.dot", {}, "metadata.name must not contain dots"),
     ("gpus", {"resources": {"gpus": -1}}, "should be greater than or equal to 0"),
     ("policy", {"imagePullPolicy": "Sometimes"}, "supported values"),
+    ("selector", {"nodeSelector": {"bad key!": "v"}}, "nodeSelector keys must be label keys"),
+    ("tolerate", {"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]},
+     "value must be empty when operator is Exists"),
+    ("priv", {"securityContext": {"privileged": True, "allowPrivilegeEscalation": False}},
+     "allowPrivilegeEscalation false cannot go with privileged true"),
 ])
 def test_schema_rejects_bad_specs_at_apply_time(k, name, spec, message):
     manifest = k.manifest(name, **spec)
@@ -128,6 +133,32 @@ def test_missing_pvc_is_invalid_spec_until_it_exists(k):
     k.kubectl("annotate", "lj", "nopvc", "example.com/poke=1")   # any change re-checks at once
     k.wait_phase("nopvc", "Running")
     assert k.condition("nopvc", "Stalled")["status"] == "False"
+
+
+def test_a_worker_pod_the_api_server_refuses_is_invalid_spec_not_a_retry_loop(k, operator):
+    """``affinity`` goes to the Pod API as the user wrote it (core/v1 Affinity has more
+    rules than the CRD copies). A worker pod the API server refuses (422) is reported
+    InvalidSpec with the server's message, which names the field, plus one Warning event;
+    the job then waits for a spec change instead of sending the same pod again."""
+    refused = lambda: operator.metric("lepton_operator_api_requests_total", verb="POST", code="422")  # noqa: E731
+    before = refused()
+    bad = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}}
+    k.apply(k.manifest("refused", affinity=bad))
+    ready = k.wait_for("InvalidSpec", lambda: (c := k.condition("refused", "Ready")).get("reason") == "InvalidSpec" and c)
+    assert ready["status"] == "False"
+    assert "the API server refuses Pod refused-worker-0" in ready["message"], ready["message"]
+    assert "nodeSelectorTerms" in ready["message"], ready["message"]
+    assert k.condition("refused", "Stalled")["status"] == "True"
+    assert k.status("refused")["phase"] == "Pending" and k.workers("refused") == []
+    after = refused()
+    assert after > before
+    # Any event that wakes the loop without a new generation sends nothing.
+    k.kubectl("annotate", "lj", "refused", "example.com/poke=1")
+    k.kubectl("patch", "lj", "refused", "--type=json", "-p", '[{"op": "remove", "path": "/spec/affinity"}]')
+    k.wait_phase("refused", "Running")
+    assert refused() == after
+    assert k.condition("refused", "Stalled")["status"] == "False"
+    assert len([e for e in k.events("refused") if e["reason"] == "InvalidSpec"]) == 1
 
 
 def test_gpu_request_no_node_can_satisfy_is_invalid_spec_on_a_fixed_pool(k, cluster):

@@ -69,6 +69,24 @@ def test_promql_syntax_error_is_an_invalid_spec_before_any_canary(k, operator):
     assert "InvalidSpec" in operator.log() and "Prometheus cannot parse" in operator.log()
 
 
+def test_a_serving_deployment_the_api_server_refuses_is_invalid_spec(k, operator):
+    """``serving.env`` goes to the Deployment as written (core/v1 EnvVar). One the API
+    server refuses (a valueFrom that names no source) makes the model InvalidSpec with the
+    server's message, naming the field, instead of a create retried forever; fixing the
+    spec rolls the model out."""
+    k.pvc("models")
+    spec = dict(serving={"replicas": 1, "env": [{"name": "TOKEN", "valueFrom": {}}]}, compression={"method": "none"})
+    k.apply(model(k, "badenv", **spec))
+    ready = k.wait_for("InvalidSpec", lambda: (c := cond(k, "badenv", "Ready")).get("reason") == "InvalidSpec" and c,
+                       timeout=60)
+    assert "the API server refuses Deployment" in ready["message"] and "valueFrom" in ready["message"], ready
+    assert cond(k, "badenv", "Stalled")["status"] == "True" and not deployments(k, "badenv")
+    assert events(k, "badenv", "InvalidSpec")[0]["type"] == "Warning"
+    k.apply(model(k, "badenv", **{**spec, "serving": {"replicas": 1, "env": [{"name": "TOKEN", "value": "t"}]}}))
+    wait_phase(k, "badenv", "Ready")
+    assert cond(k, "badenv", "Stalled")["status"] == "False"
+
+
 def test_an_empty_result_ends_at_the_progress_deadline(k):
     spec = canary_spec('max(nothing_here{rev="${revision}"})', progressDeadlineSeconds=30,
                        check={"inconclusiveLimit": 1000})

@@ -21,13 +21,15 @@ weights that do not increase, min above max...). The invariants:
    parser's defaults and the CRD's agree.
 4. The children the operator builds from an accepted spec (a worker pod and its
    NetworkPolicies; a serving Deployment and its NetworkPolicies) are accepted by the API
-   server too: otherwise the operator retries the refused create forever.
+   server too, unless a field the parser hands over unread (SERVER_OWNED) is the cause:
+   the operator reports that refusal as InvalidSpec (counted, not failed on).
 
-What these properties found is listed in KNOWN, LENIENT and DEFAULTS below: the property
-counts a case that meets one (printed at the end) instead of failing, and a strict xfail
-test pins each minimal example, so a fix shows up as an XPASS to clean up. How the parser
-reads specs the server never stores as sent (a wrong type, a null) is counted and printed
-too; those minimal examples are pinned in tests/unit/test_properties.py.
+What these properties found is listed in FIXED, LENIENT and DEFAULTS below. FIXED pins
+each minimal example of a bug fixed since (the CRD and the parser now refuse the spec, or
+its children are accepted); LENIENT and KNOWN hold disagreements still open, which the
+property counts (printed at the end) instead of failing on. How the parser reads specs
+the server never stores as sent (a wrong type, a null) is counted and printed too: only
+ever an InvalidSpec naming the field (tests/unit/test_properties.py pins examples).
 
 Why about 200 cases and not thousands: every case is a round trip to a real API server
 (the dry-run create of the resource, CEL rules included), plus one per child and per retry
@@ -124,7 +126,7 @@ def _summary():
         lines.append("known disagreements met (KNOWN, LENIENT, DEFAULTS): "
                      + "; ".join(f"{k} x{v}" for k, v in FOUND.most_common(20)))
     if UNREACHABLE:
-        lines.append("parser crashes on specs the API server never stores as sent: "
+        lines.append("wrong types only the parser's guard caught (no field helper named them): "
                      + "; ".join(f"{k} x{v}" for k, v in UNREACHABLE.most_common(12)))
     return lines, total
 
@@ -443,34 +445,44 @@ class Known:
 
 
 # A refusal of a child built from a field the operator copies unread (SERVER_OWNED below)
-# is one bug, met in many fields: neither the CRD nor the parser checks what the Pod API
-# will, and the operator retries the refused create forever (core/loop.py treats every
-# ApiException as retryable), with no condition or event naming the field. The property
-# counts these (FOUND) instead of failing on each; the minimal examples stay pinned here.
-KNOWN = [
+# is met in many fields (affinity, quantities, label selectors): neither the CRD nor the
+# parser checks all that the Pod API will. The operator reports such a refusal as
+# InvalidSpec with the server's message and waits for the next spec change (core/loop.py,
+# tests/integration/test_job_failures.py); the property counts these (FOUND). KNOWN lists
+# refusals met in fields the parser does check, or should: each is a bug.
+KNOWN: list[Known] = []
+# The bugs the properties found, fixed: each minimal example is refused at apply (by the
+# CRD, naming the field) and by the parser, or its children are accepted now.
+FIXED = [
     Known("serving.env item without a name", "LeptonModel",
           {"source": {"uri": "pvc://models/digits"}, "serving": {"env": [{"value": "x"}]}},
-          "the CRD does not require serving.env[].name (spec.env[].name is required for LeptonJob) and "
-          "parse_model does not check it: the Deployment is refused (env[].name: Required value)"),
+          "spec.serving.env[0].name: Required value"),
     Known("nodeSelector key that is no label key", "LeptonJob",
-          {"workers": {"min": 1}, "nodeSelector": {"bad key!": "v"}},
-          "the CRD and parse_job take any nodeSelector key: the worker pod is refused "
-          "(spec.nodeSelector: Invalid value: \"bad key!\")"),
+          {"workers": {"min": 1}, "nodeSelector": {"bad key!": "v"}}, "nodeSelector keys must be label keys"),
     Known("networkPolicy ipBlock.cidr that is no CIDR", "LeptonModel",
           {"source": {"uri": "pvc://models/digits"},
            "networkPolicy": {"enabled": True, "ingressFrom": [{"ipBlock": {"cidr": "bad"}}]}},
-          "core/fields.network_policy checks that ipBlock.cidr is a non-empty string, not that it is a CIDR, "
-          "and the CRD has no rule for it: the NetworkPolicy is refused (ipBlock.cidr: must be a valid CIDR value)",
-          cause="ipBlock.cidr"),
+          "ipBlock.cidr must be a CIDR"),
+    Known("networkPolicy ipBlock.except outside cidr", "LeptonJob",
+          {"workers": {"min": 1},
+           "networkPolicy": {"enabled": True, "ingressFrom": [{"ipBlock": {"cidr": "10.0.0.0/8",
+                                                                            "except": ["192.168.0.0/16"]}}]}},
+          "ipBlock.except entries must be CIDRs strictly inside cidr"),
     Known("securityContext privileged: true", "LeptonJob",
-          {"workers": {"min": 1}, "securityContext": {"privileged": True}},
-          "core/objects.container_security lays the spec's fields over defaults that set allowPrivilegeEscalation: "
-          "false, and the Pod API refuses privileged: true with it: a job asking for a privileged container "
-          "never gets a pod (the same for spec.serving.securityContext of a LeptonModel)"),
+          {"workers": {"min": 1}, "securityContext": {"privileged": True}}, ""),
+    Known("securityContext privileged: true with allowPrivilegeEscalation: false", "LeptonModel",
+          {"source": {"uri": "pvc://models/digits"},
+           "serving": {"securityContext": {"privileged": True, "allowPrivilegeEscalation": False}}},
+          "allowPrivilegeEscalation false cannot go with privileged true"),
     Known("toleration with operator Exists and a value", "LeptonJob",
           {"workers": {"min": 1}, "tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]},
-          "the CRD and parse_job take any toleration: the worker pod is refused (spec.tolerations[0].operator: "
-          "value must be empty when operator is Exists)"),
+          "value must be empty when operator is Exists"),
+    Known("seccompProfile type Localhost without localhostProfile", "LeptonJob",
+          {"workers": {"min": 1}, "podSecurityContext": {"seccompProfile": {"type": "Localhost"}}},
+          "seccompProfile.localhostProfile is required when type is Localhost"),
+    Known("toleration with an empty key and operator Equal", "LeptonJob",
+          {"workers": {"min": 1}, "tolerations": [{"operator": "Equal", "value": "v"}]},
+          "operator must be Exists when key is empty"),
 ]
 FOUND: Counter = Counter()     # known bugs the generated cases ran into
 
@@ -482,10 +494,6 @@ LENIENT = [
      lambda kind, c: c[1] == ""),
     ("parse_uri takes any claim name; the CRD's CEL pattern wants a DNS-1123 name",
      lambda kind, c: kind == "LeptonModel" and c[0] == ("source", "uri")),
-    ("minReplicas above 10 without maxReplicas: the CRD defaults maxReplicas to 10 and its CEL rule refuses "
-     "min > max; parse_model defaults maxReplicas to max(minReplicas, 10)",
-     lambda kind, c: kind == "LeptonModel" and c[0] == ("autoscaling", "minReplicas")
-     and isinstance(c[1], int) and not isinstance(c[1], bool) and c[1] > 10),
 ]
 
 
@@ -564,12 +572,10 @@ def comparable(kind: str, parsed, sent: dict) -> dict[str, Any]:
     return out
 
 
-# Defaults the CRD and the parser disagree on (pinned below); the property sets them aside.
-DEFAULTS = [
-    ("panicWindowSeconds", "panic_window_seconds",
-     "panicWindowSeconds: the CRD defaults it to 6, parse_model to stableWindowSeconds/10; the operator "
-     "only ever sees the CRD's 6"),
-]
+# Defaults the CRD and the parser disagree on; the property sets them aside. (It found
+# panicWindowSeconds and maxReplicas, which the CRD now leaves to the parser: see
+# test_the_defaults_the_properties_found_agree.)
+DEFAULTS: list[tuple[str, str, str]] = []
 
 
 def children(kind: str, name: str, parsed) -> list[dict[str, Any]]:
@@ -592,9 +598,12 @@ def check_case(srv: Server, kind: str, name: str, base: dict, changes: list, nam
     spec, changed = mutate(base, changes)
     stored, why = srv.dry_run(cr(kind, name, spec))
     raw_result, raw_problems, raw_crash = parse(kind, name, copy.deepcopy(spec))
-    if raw_crash is not None:
+    # 0. Nothing but InvalidSpec, whatever the spec: a wrong type or a null included. How
+    # often only the parser's last-resort guard (fields.parser) caught one is counted.
+    assert raw_crash is None, f"the parser raised {raw_crash!r} on {json.dumps(spec)}"
+    if raw_problems and any("has a value of the wrong type" in p for p in raw_problems):
         where = ",".join(".".join(p) for p in changed) or "-"
-        UNREACHABLE[f"{kind} {type(raw_crash).__name__} ({where}; server {'accepts' if stored else 'refuses'})"] += 1
+        UNREACHABLE[f"{kind} ({where}; server {'accepts' if stored else 'refuses'})"] += 1
     CASES[(kind, "accept" if stored else "refuse",
            "crash" if raw_crash else "accept" if raw_result else "refuse")] += 1
 
@@ -696,40 +705,37 @@ def test_leptonmodel_specs_server_and_parser_agree(server, case, rename):
     check_case(server, "LeptonModel", name if rename == 0 else f"model-{rename}", base, changes, rename == 0)
 
 
-@pytest.mark.parametrize("known", KNOWN, ids=[k.name for k in KNOWN])
-def test_known_bugs_the_properties_found(server, known):
-    """Each minimal example hypothesis found, as a plain test: the API server and the parser
-    accept the spec, and the server refuses a child the operator builds from it. Strict
-    xfail: a fix makes it pass, and then its entry in KNOWN goes."""
-    name = "known" if known.kind == "LeptonModel" else "known-job"
-    stored, why = server.dry_run(cr(known.kind, name, known.example))
+@pytest.mark.parametrize("fixed", FIXED, ids=[k.name for k in FIXED])
+def test_the_bugs_the_properties_found_stay_fixed(server, fixed):
+    """Each minimal example hypothesis found where the API server accepted a spec whose
+    children it then refused: now ``kubectl apply`` refuses it naming the field, and the
+    parser refuses it too (for an API server without CEL); or its children are accepted."""
+    name = "known" if fixed.kind == "LeptonModel" else "known-job"
+    stored, why = server.dry_run(cr(fixed.kind, name, fixed.example))
+    result, problems, crash = parse(fixed.kind, name, copy.deepcopy(fixed.example))
+    assert crash is None, crash
+    if fixed.reason:
+        assert stored is None and fixed.reason in why, why
+        assert result is None and problems, f"the parser accepts {fixed.example}"
+        return
     assert stored is not None, why
-    result, problems, crash = parse(known.kind, name, stored["spec"])
-    if result is None:
-        return                                  # fixed in the parser: it refuses the spec
-    refused = [(obj["kind"], why) for obj in children(known.kind, name, result)
-               if (why := server.dry_run(obj)[1])]
-    if refused:
-        pytest.xfail(f"{known.reason}: {refused[0][1][:300]}")
-    pytest.fail(f"fixed? the children of {known.example} are accepted now: remove {known.name!r} from KNOWN",
-                pytrace=False)
+    result, problems, _ = parse(fixed.kind, name, stored["spec"])
+    assert result is not None, problems
+    refused = [(obj["kind"], why) for obj in children(fixed.kind, name, result) if (why := server.dry_run(obj)[1])]
+    assert not refused, refused
 
 
-@pytest.mark.xfail(strict=True, reason="the CRD's autoscaling defaults disagree with parse_model's (DEFAULTS, LENIENT)")
-@pytest.mark.parametrize("autoscaling, check", [
-    ({"target": 1, "stableWindowSeconds": 30}, "panic"),
-    ({"target": 1, "minReplicas": 20}, "max"),
+@pytest.mark.parametrize("autoscaling, field, expected", [
+    ({"target": 1, "stableWindowSeconds": 30}, "panic_window_seconds", 3),
+    ({"target": 1, "minReplicas": 20}, "max_replicas", 20),
 ], ids=["panicWindowSeconds default", "maxReplicas default"])
-def test_known_default_disagreements(server, autoscaling, check):
-    """Minimal examples hypothesis found. ``stableWindowSeconds: 30`` alone: parse_model
-    would use a panic window of 3 s (stable/10), the server stores 6, so the operator uses 6.
-    ``minReplicas: 20`` alone: parse_model accepts it (maxReplicas 20); the server defaults
-    maxReplicas to 10 and then refuses the spec (minReplicas must be <= maxReplicas)."""
+def test_the_defaults_the_properties_found_agree(server, autoscaling, field, expected):
+    """Minimal examples hypothesis found. ``stableWindowSeconds: 30`` alone: the panic
+    window is a tenth of it (3 s), not the CRD's old fixed default of 6. ``minReplicas: 20``
+    alone: maxReplicas defaults to 20 and the spec is accepted (the CRD's old default of 10
+    made the server refuse it)."""
     spec = {"source": {"uri": "pvc://models/digits"}, "autoscaling": autoscaling}
-    sent = parse_model("m", spec, IMAGE).autoscaling
     stored, why = server.dry_run(cr("LeptonModel", "m", spec))
-    if check == "max":
-        assert stored is not None, f"parse_model accepts maxReplicas={sent.max_replicas}, the server refuses: {why}"
-    else:
-        assert stored is not None, why
-        assert parse_model("m", stored["spec"], IMAGE).autoscaling.panic_window_seconds == sent.panic_window_seconds
+    assert stored is not None, why
+    assert getattr(parse_model("m", stored["spec"], IMAGE).autoscaling, field) == expected
+    assert getattr(parse_model("m", spec, IMAGE).autoscaling, field) == expected

@@ -47,6 +47,25 @@ def test_command_replaces_default_module():
     ("j", {"elastic": {"joinTimeoutSeconds": 0}}, "elastic.joinTimeoutSeconds must be between 1"),
     ("j", {"activeDeadlineSeconds": 0}, "activeDeadlineSeconds must be >= 1"),
     ("j", {"backoffLimit": True}, "backoffLimit must be an integer"),
+    # what the Pod and NetworkPolicy APIs would refuse on the worker pod: found by
+    # tests/integration/test_spec_properties.py, refused by the CRD too
+    ("j", {"nodeSelector": {"bad key!": "v"}}, "nodeSelector key 'bad key!' must be at most 63"),
+    ("j", {"nodeSelector": {"-x.io/gpu": "a"}}, "has a prefix that is no DNS subdomain"),
+    ("j", {"nodeSelector": {"gpu": "a b"}}, "nodeSelector['gpu'] must be empty or at most 63"),
+    ("j", {"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]},
+     "tolerations[0].value must be empty when operator is Exists"),
+    ("j", {"tolerations": [{"value": "v"}]}, "tolerations[0].operator must be Exists when key is empty"),
+    ("j", {"tolerations": [{"key": "k", "tolerationSeconds": 5}]}, "tolerationSeconds needs effect NoExecute"),
+    ("j", {"securityContext": {"privileged": True, "allowPrivilegeEscalation": False}},
+     "allowPrivilegeEscalation false cannot go with privileged true"),
+    ("j", {"securityContext": {"capabilities": {"add": ["CAP_SYS_ADMIN"]}, "allowPrivilegeEscalation": False}},
+     "allowPrivilegeEscalation false cannot go with"),
+    ("j", {"podSecurityContext": {"seccompProfile": {"type": "Localhost"}}},
+     "podSecurityContext.seccompProfile.localhostProfile is required when type is Localhost"),
+    ("j", {"networkPolicy": {"ingressFrom": [{"ipBlock": {"cidr": "bad"}}]}}, "ipBlock.cidr must be a CIDR"),
+    ("j", {"networkPolicy": {"ingressFrom": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.0.0.0/8"]}}]}},
+     "must be a strict subset of cidr"),
+    ("j", {"env": [{"value": "x"}]}, "env[0].name is required"),
 ])
 def test_invalid_specs_are_explained(name, spec, message):
     with pytest.raises(InvalidSpec) as err:
@@ -58,3 +77,23 @@ def test_all_problems_reported_together():
     with pytest.raises(InvalidSpec) as err:
         parse_job("a.b", {"workers": {"min": 3, "max": 2}, "command": ["x"], "module": "m"}, IMG)
     assert len(err.value.problems) == 3
+
+
+def test_pod_fields_the_api_server_accepts_parse():
+    job = parse_job("j", {"nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb", "pool": ""},
+                          "tolerations": [{"operator": "Exists"},
+                                          {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                                          {"key": "spot", "value": "true", "effect": "NoExecute",
+                                           "tolerationSeconds": 30}],
+                          "networkPolicy": {"ingressFrom": [{"ipBlock": {"cidr": "10.0.0.1/8",
+                                                                          "except": ["10.1.0.0/16"]}},
+                                                            {"ipBlock": {"cidr": "2001:db8::/32"}}]}}, IMG)
+    assert job.node_selector["pool"] == "" and len(job.tolerations) == 3
+
+
+def test_privileged_drops_the_escalation_default_and_an_explicit_choice_stays():
+    from lepton_operator.core.objects import container_security
+    assert "allowPrivilegeEscalation" not in container_security({"privileged": True})
+    assert "allowPrivilegeEscalation" not in container_security({"capabilities": {"add": ["CAP_SYS_ADMIN"]}})
+    assert container_security({})["allowPrivilegeEscalation"] is False
+    assert container_security({"privileged": True, "allowPrivilegeEscalation": True})["allowPrivilegeEscalation"]

@@ -36,7 +36,7 @@ Obj = dict[str, Any]
 T = TypeVar("T")
 
 __all__ = ["ApiException", "load", "apply", "create", "get", "list_objects", "delete", "patch",
-           "patch_status", "replace", "emit_event", "is_not_found", "is_conflict", "aio", "RETRYABLE", "describe"]
+           "patch_status", "replace", "emit_event", "is_not_found", "is_conflict", "aio", "RETRYABLE", "describe", "Refused"]
 
 # Errors after which a reconcile is retried: an error answer, or no answer at all (the
 # API server restarting: connection refused or reset, retries exhausted).
@@ -128,6 +128,22 @@ def is_conflict(exc: BaseException) -> bool:
     return isinstance(exc, ApiException) and exc.status == 409
 
 
+class Refused(ApiException):
+    """The API server refused an object as invalid (422 Unprocessable Entity): sending the
+    same object again cannot succeed. ``problem`` names the object and quotes the server,
+    whose message names the field (``spec.nodeSelector: Invalid value: ...``)."""
+
+    def __init__(self, exc: ApiException, obj: Obj):
+        super().__init__(status=exc.status, reason=exc.reason)
+        self.body, self.headers = exc.body, exc.headers
+        message = describe(exc).partition(": ")[2] or str(exc.reason)
+        self.problem = f"the API server refuses {obj.get('kind')} {obj.get('metadata', {}).get('name')}: {message}"
+
+
+def _refused(exc: ApiException, obj: Obj) -> ApiException:
+    return Refused(exc, obj) if exc.status == 422 else exc
+
+
 def _coords(obj: Obj) -> tuple[str, str, str | None, str]:
     meta = obj.get("metadata", {})
     return obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"]
@@ -137,8 +153,11 @@ def apply(obj: Obj, force: bool = True) -> Obj:
     """Server-side apply ``obj`` (a full intent) as field manager ``lepton-operator``."""
     api_version, kind, namespace, name = _coords(obj)
     query = [("fieldManager", FIELD_MANAGER)] + ([("force", "true")] if force else [])
-    return request("PATCH", path(api_version, kind, namespace, name), obj, query,
-                   "application/apply-patch+yaml")
+    try:
+        return request("PATCH", path(api_version, kind, namespace, name), obj, query,
+                       "application/apply-patch+yaml")
+    except ApiException as exc:
+        raise _refused(exc, obj) from None
 
 
 def create(obj: Obj, timeout: float | None = None) -> Obj | None:
@@ -150,7 +169,7 @@ def create(obj: Obj, timeout: float | None = None) -> Obj | None:
     except ApiException as exc:
         if is_conflict(exc):
             return None
-        raise
+        raise _refused(exc, obj) from None
 
 
 def get(api_version: str, kind: str, name: str, namespace: str | None = None,

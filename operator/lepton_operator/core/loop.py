@@ -8,7 +8,11 @@ is coalesced into one reconcile. What a loop remembers between reconciles (a
 must survive an operator restart lives in the object's status.
 
 An API error or a lost connection to the API server ends one reconcile, never the
-loop: the loop logs it and tries again after ``api_retry_seconds``.
+loop: the loop logs it and tries again after ``api_retry_seconds``. A child the API
+server refuses as invalid (422: a field the operator copies from the spec and the Pod or
+NetworkPolicy API checks, such as a nodeSelector key) is no error to retry: the object
+is reported InvalidSpec with the server's message (a condition, a Warning event and a
+log line), and its loop waits for the next spec change (a new generation).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import Any, Awaitable, Callable, Generic, TypeVar
 import kopf
 
 from .. import config, metrics
-from . import kube
+from . import kube, status as st
 
 M = TypeVar("M", bound="Memory")
 
@@ -35,6 +39,7 @@ class Memory:
     phases: metrics.PhaseTracker
     said: set[str] = dataclasses.field(default_factory=set)
     invalid_message: str | None = None
+    refused: tuple[int | None, str] | None = None   # (generation, why) the API server refused a child
     policies: dict[str, tuple[str, float]] = dataclasses.field(default_factory=dict)
 
 
@@ -43,6 +48,7 @@ class ReconcileLoops(Generic[M]):
     """The wake-up events and memories of all loops of one kind."""
     kind: str
     new_memory: Callable[[dict[str, Any]], M]     # from the status last written
+    pending_phase: str = "Pending"                # the phase of an object that never ran
     coalesce_seconds: float = 0.1
     wakeups: dict[tuple[str, str], asyncio.Event] = dataclasses.field(default_factory=dict)
     memory: dict[str, M] = dataclasses.field(default_factory=dict)
@@ -72,9 +78,18 @@ class ReconcileLoops(Generic[M]):
         try:
             while not stopped:
                 wake.clear()
+                generation = body["metadata"].get("generation")
                 try:
-                    with metrics.reconcile(self.kind):
-                        delay = await reconcile(memory)
+                    if memory.refused is not None and memory.refused[0] == generation:
+                        # The same spec would be refused again: report it (a no-op once
+                        # written) and wait for the next change.
+                        await st.report_invalid(body, memory, [memory.refused[1]], self.pending_phase, logger)
+                        delay = None
+                    else:
+                        with metrics.reconcile(self.kind):
+                            delay = await reconcile(memory)
+                except kube.Refused as exc:
+                    memory.refused, delay = (generation, exc.problem), 0
                 except kube.RETRYABLE as exc:
                     delay = settings.api_retry_seconds
                     logger.warning("API request failed (%s); retrying in %gs", kube.describe(exc), delay)

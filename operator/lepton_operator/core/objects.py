@@ -23,7 +23,7 @@ from lepton_trainer import contract
 
 from ..constants import (ANNOTATION_SPEC_HASH, GPU_RESOURCE, GPU_TAINT_KEY, JOB_KIND, LABEL_COMPONENT, LABEL_JOB,
                          LABEL_MANAGED_BY, LABEL_MODEL, LABEL_NAME, LABEL_ROLE, MANAGED_BY, MODEL_KIND)
-from .fields import NetworkPolicySpec, Resources
+from .fields import NetworkPolicySpec, Resources, escalates
 
 Obj = dict[str, Any]
 
@@ -97,8 +97,14 @@ def pod_security(override: Mapping[str, Any] | None = None) -> Obj:
 
 
 def container_security(override: Mapping[str, Any] | None = None) -> Obj:
-    """The container securityContext: the defaults with the spec's fields on top."""
-    return {**copy.deepcopy(CONTAINER_SECURITY), **copy.deepcopy(dict(override or {}))}
+    """The container securityContext: the defaults with the spec's fields on top. A spec
+    that asks for ``privileged: true`` (or adds CAP_SYS_ADMIN) without setting
+    ``allowPrivilegeEscalation`` drops that default: the Pod API refuses the pair."""
+    override = copy.deepcopy(dict(override or {}))
+    defaults = copy.deepcopy(CONTAINER_SECURITY)
+    if escalates(override) and "allowPrivilegeEscalation" not in override:
+        defaults.pop("allowPrivilegeEscalation")
+    return {**defaults, **override}
 
 
 def scratch_volume() -> Obj:

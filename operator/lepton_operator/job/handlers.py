@@ -49,7 +49,7 @@ class JobMemory(Memory):
 
 
 _loops = ReconcileLoops(JOB_KIND, lambda status: JobMemory(status=status, phases=metrics.JOBS_BY_PHASE),
-                        coalesce_seconds=0.2)
+                        pending_phase=PHASE_PENDING, coalesce_seconds=0.2)
 _reserved_gpus: dict[tuple[str, str], tuple[int, float]] = {}  # pods created, not yet seen: (gpus, when)
 _node_views: dict[str, state.NodeView] = {}
 
@@ -280,17 +280,25 @@ async def _reconcile(body: kopf.Body, memory: JobMemory, indices: dict[str, Any]
     owner = _owner(body)
     creates, to_delete = _writes(owner, spec, plan, observed, memory, indices, key, settings.trainer_image)
     policies, stale_policies = _network_policy_writes(owner, spec, indices, key, memory)
-    created = await asyncio.gather(*(kube.aio(kube.create, obj) for obj in creates),
+    results = await asyncio.gather(*(kube.aio(kube.create, obj) for obj in creates),
                                    *(kube.aio(kube.delete, "v1", "Pod", n, namespace) for n in to_delete),
                                    *(kube.aio(kube.apply, obj) for obj in policies),
                                    *(kube.aio(kube.delete, "networking.k8s.io/v1", "NetworkPolicy", n, namespace)
-                                     for n in stale_policies))
-    for obj, result in zip(creates, created):
-        # 409: a pod of that name still exists (the one being replaced): the memory of the
-        # create would hide the missing worker; its DELETED event wakes the loop instead.
-        if result is None and obj["kind"] == "Pod" and obj["metadata"]["name"] in memory.created:
-            memory.created.pop(obj["metadata"]["name"])
-            _reserved_gpus.pop((namespace, obj["metadata"]["name"]), None)
+                                     for n in stale_policies), return_exceptions=True)
+    for obj, result in zip(creates, results):
+        # None (409): a pod of that name still exists (the one being replaced); an error:
+        # no pod. Either way the memory of the create would hide the missing worker; its
+        # DELETED event, or the next reconcile, brings it back.
+        pod_name = obj["metadata"]["name"]
+        if (result is None or isinstance(result, BaseException)) and obj["kind"] == "Pod" \
+                and pod_name in memory.created:
+            memory.created.pop(pod_name)
+            _reserved_gpus.pop((namespace, pod_name), None)
+        if isinstance(result, BaseException):
+            memory.children.pop((obj["kind"], pod_name), None)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:   # a refused child first: it is reported, the others are retried
+        raise next((r for r in failed if isinstance(r, kube.Refused)), failed[0])
 
     # Autoscale, then report.
     tick = await autoscale.tick(body, spec, memory, memory.autoscaler, plan.status, slots, logger)

@@ -13,8 +13,9 @@ from typing import Any, Mapping
 from lepton_trainer import contract
 
 from ..constants import CHILD_SUFFIX_MAX, JOB_NAME_MAX
-from ..core.fields import (InvalidSpec, NetworkPolicySpec, Resources, choice, integer, network_policy, number,
-                           quantity, valid_claim_name, validate_name)
+from ..core.fields import (InvalidSpec, NetworkPolicySpec, Resources, choice, flag, integer, items, mapping,
+                           network_policy, node_selector, number, parser, pod_security_context, quantity, security_context, text,
+                           tolerations, valid_claim_name, validate_name)
 
 DEFAULT_MODULE = "lepton_trainer.train"
 MAX_WORKERS = 999
@@ -115,20 +116,23 @@ class JobSpec:
         return tuple(dict.fromkeys(m.claim_name for m in (self.checkpoint, self.output) if m))
 
 
-def _mount(raw: Mapping[str, Any] | None, default_path: str, default_claim: str | None,
+def _mount(raw: Any, default_path: str, default_claim: str | None,
            problems: list[str], where: str) -> Mount | None:
     if raw is None:
         return None
-    claim = raw.get("claimName") or default_claim
+    if not isinstance(raw, Mapping):
+        problems.append(f"{where} must be an object, got {raw!r}")
+        return None
+    claim = text(raw, "claimName", problems, f"{where}.", default_claim)
     if not claim:
         problems.append(f"{where}.claimName is required")
         return None
     if not valid_claim_name(claim):
         problems.append(f"{where}.claimName {claim!r} is not a valid PVC name")
-    path = raw.get("path", default_path)
-    if not str(path).startswith("/"):
+    path = text(raw, "path", problems, f"{where}.", default_path)
+    if not path.startswith("/"):
         problems.append(f"{where}.path must be an absolute path, got {path!r}")
-    sub_path = raw.get("subPath", "")
+    sub_path = text(raw, "subPath", problems, f"{where}.", "")
     if sub_path.startswith("/") or ".." in sub_path.split("/"):
         problems.append(f"{where}.subPath must be relative and must not contain '..', got {sub_path!r}")
     return Mount(claim, path, sub_path)
@@ -140,12 +144,15 @@ def _capacity(raw: Mapping[str, Any], problems: list[str]) -> Capacity:
                     choice(raw.get("onTimeout", "Fail"), ON_CAPACITY_TIMEOUT, problems, "capacity.onTimeout"))
 
 
-def _autoscaling(raw: Mapping[str, Any] | None, problems: list[str]) -> Autoscaling | None:
+def _autoscaling(raw: Any, problems: list[str]) -> Autoscaling | None:
     if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        problems.append(f"autoscaling must be an object, got {raw!r}")
         return None
     where = "autoscaling."
     query = raw.get("query")
-    if query is not None and not str(query).strip():
+    if query is not None and (not isinstance(query, str) or not query.strip()):
         problems.append("autoscaling.query must be a non-empty PromQL query (or left out for the default)")
     return Autoscaling(
         query=str(query) if query is not None else None,
@@ -155,6 +162,7 @@ def _autoscaling(raw: Mapping[str, Any] | None, problems: list[str]) -> Autoscal
         interval_seconds=number(raw, "intervalSeconds", 5, 0.5, 3600, problems, where))
 
 
+@parser
 def parse_job(name: str, spec: Mapping[str, Any] | None, default_image: str,
               default_pull_policy: str = "IfNotPresent") -> JobSpec:
     """Parse and validate a LeptonJob spec; raises ``InvalidSpec`` listing every problem.
@@ -162,14 +170,14 @@ def parse_job(name: str, spec: Mapping[str, Any] | None, default_image: str,
     spec = spec or {}
     problems = validate_name(name, JOB_NAME_MAX, CHILD_SUFFIX_MAX)
 
-    command = tuple(spec.get("command") or ())
-    module = spec.get("module")
+    command = items(spec, "command", problems, "", str, "a string")
+    module = text(spec, "module", problems, "")
     if command and module:
         problems.append("set either command or module, not both")
     if not command and not module:
         module = DEFAULT_MODULE
 
-    raw_workers = spec.get("workers") or {}
+    raw_workers = mapping(spec, "workers", problems, "")
     w_min = integer(raw_workers, "min", 1, 1, MAX_WORKERS, problems, "workers.")
     w_max = integer(raw_workers, "max", w_min, 1, MAX_WORKERS, problems, "workers.")
     replicas = integer(raw_workers, "replicas", w_min, 0, MAX_WORKERS, problems, "workers.")
@@ -179,21 +187,23 @@ def parse_job(name: str, spec: Mapping[str, Any] | None, default_image: str,
         problems.append(f"workers.replicas ({replicas}) must be between workers.min ({w_min}) "
                         f"and workers.max ({w_max})")
 
-    raw_res = spec.get("resources") or {}
+    raw_res = mapping(spec, "resources", problems, "")
     gpus = integer(raw_res, "gpus", 0, 0, 64, problems, "resources.")
     resources = Resources(gpus, quantity(raw_res.get("cpu")), quantity(raw_res.get("memory")))
     nproc = integer(raw_workers, "nprocPerNode", max(gpus, 1), 1, 64, problems, "workers.")
 
-    raw_el = spec.get("elastic") or {}
+    raw_el = mapping(spec, "elastic", problems, "")
     elastic = Elastic(
         integer(raw_el, "maxRestarts", 3, 0, 1000, problems, "elastic."),
         integer(raw_el, "joinTimeoutSeconds", 600, 1, 86400, problems, "elastic."),
         integer(raw_el, "lastCallTimeoutSeconds", 2, 0, 3600, problems, "elastic."),
         integer(raw_el, "closeTimeoutSeconds", 10, 0, 3600, problems, "elastic."))
 
-    env = tuple(spec.get("env") or ())
-    for var in env:
-        if var.get("name") in RESERVED_ENV:
+    env = items(spec, "env", problems, "", Mapping, "an EnvVar object")
+    for i, var in enumerate(env):
+        if not isinstance(var.get("name"), str) or not var["name"]:
+            problems.append(f"env[{i}].name is required")
+        elif var.get("name") in RESERVED_ENV:
             problems.append(f"env {var.get('name')} is set by the operator and cannot be overridden")
 
     checkpoint = _mount(spec.get("checkpoint"), "/checkpoints", None, problems, "checkpoint")
@@ -204,27 +214,28 @@ def parse_job(name: str, spec: Mapping[str, Any] | None, default_image: str,
                     problems, "output")
 
     job = JobSpec(
-        image=spec.get("image") or default_image,
-        image_pull_policy=spec.get("imagePullPolicy") or default_pull_policy,
-        command=command, module=module if not command else None, args=tuple(spec.get("args") or ()),
+        image=text(spec, "image", problems, "", default_image),
+        image_pull_policy=text(spec, "imagePullPolicy", problems, "", default_pull_policy),
+        command=command, module=module if not command else None,
+        args=items(spec, "args", problems, "", str, "a string"),
         env=env,
         workers=Workers(w_min, w_max, replicas, nproc),
         resources=resources, elastic=elastic,
-        node_selector=dict(spec.get("nodeSelector") or {}),
-        tolerations=tuple(spec.get("tolerations") or ()),
-        affinity=spec.get("affinity"),
-        priority_class_name=spec.get("priorityClassName"),
-        scheduler_name=spec.get("schedulerName"),
-        queue_name=spec.get("queueName"),
+        node_selector=node_selector(spec, "nodeSelector", problems, ""),
+        tolerations=tolerations(spec, "tolerations", problems, ""),
+        affinity=mapping(spec, "affinity", problems, "") or None,
+        priority_class_name=text(spec, "priorityClassName", problems, ""),
+        scheduler_name=text(spec, "schedulerName", problems, ""),
+        queue_name=text(spec, "queueName", problems, ""),
         backoff_limit=integer(spec, "backoffLimit", 3, 0, 1000, problems, ""),
         active_deadline_seconds=integer(spec, "activeDeadlineSeconds", None, 1, None, problems, ""),
-        suspend=bool(spec.get("suspend", False)),
+        suspend=flag(spec, "suspend", False, problems, ""),
         ttl_seconds_after_finished=integer(spec, "ttlSecondsAfterFinished", None, 0, None, problems, ""),
         checkpoint=checkpoint, output=output,
-        pod_security_context=dict(spec.get("podSecurityContext") or {}),
-        security_context=dict(spec.get("securityContext") or {}),
+        pod_security_context=pod_security_context(spec, "podSecurityContext", problems, ""),
+        security_context=security_context(spec, "securityContext", problems, ""),
         autoscaling=_autoscaling(spec.get("autoscaling"), problems),
-        capacity=_capacity(spec.get("capacity") or {}, problems),
+        capacity=_capacity(mapping(spec, "capacity", problems, ""), problems),
         network_policy=network_policy(spec.get("networkPolicy"), problems),
     )
     if problems:

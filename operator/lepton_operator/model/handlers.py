@@ -45,7 +45,8 @@ class ModelMemory(Memory):
     query_problems: tuple | None = None  # (generation, problems Prometheus found in its PromQL)
 
 
-_loops = ReconcileLoops(MODEL_KIND, lambda status: ModelMemory(status=status, phases=metrics.MODELS_BY_PHASE))
+_loops = ReconcileLoops(MODEL_KIND, lambda status: ModelMemory(status=status, phases=metrics.MODELS_BY_PHASE),
+                        pending_phase=MPHASE_PENDING)
 _gateway_api: tuple[float, bool] = (-1e9, False)   # (checked at, HTTPRoute served)
 GATEWAY_RECHECK_SECONDS = 30.0
 

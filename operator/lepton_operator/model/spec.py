@@ -16,8 +16,9 @@ from typing import Any, Mapping
 
 from lepton_trainer import contract
 
-from ..core.fields import (InvalidSpec, NetworkPolicySpec, Resources, choice, integer, network_policy, number,
-                           resources, string_map, validate_name)
+from ..core.fields import (InvalidSpec, NetworkPolicySpec, Resources, choice, integer, items, mapping,
+                           network_policy, number, parser, pod_security_context, resources, security_context, string_map, text,
+                           validate_name)
 from ..scaling import prometheus
 
 __all__ = ["InvalidSpec", "ModelSpec", "PvcPath", "parse_model", "parse_uri", "artifact_path", "render_query"]
@@ -235,14 +236,6 @@ def render_query(query: str, namespace: str, model: str, revision: str = "") -> 
     return prometheus.render(query, namespace=namespace, model=model, revision=revision)
 
 
-def _object(raw: Mapping[str, Any], key: str, problems: list[str], where: str) -> dict[str, Any]:
-    value = raw.get(key) or {}
-    if not isinstance(value, Mapping):
-        problems.append(f"{where}{key} must be an object, got {value!r}")
-        return {}
-    return dict(value)
-
-
 def _evaluation(raw: Any, problems: list[str]) -> dict[str, Any]:
     """``compression.evaluation``: the gate's data file (a path on the source claim) and
     metric, or a fidelity threshold; passed to the compression program as JSON."""
@@ -272,8 +265,10 @@ def _evaluation(raw: Any, problems: list[str]) -> dict[str, Any]:
 
 
 def _source(raw: Mapping[str, Any], problems: list[str]) -> Source:
-    job_ref, uri = raw.get("jobRef"), raw.get("uri")
-    job = (job_ref or {}).get("name") if isinstance(job_ref, Mapping) else None
+    job_ref, uri = raw.get("jobRef"), text(raw, "uri", problems, "source.")
+    if job_ref is not None and not isinstance(job_ref, Mapping):
+        problems.append(f"source.jobRef must be an object (name: a LeptonJob), got {job_ref!r}")
+    job = text(job_ref, "name", problems, "source.jobRef.") if isinstance(job_ref, Mapping) else None
     if (job_ref is not None) == bool(uri):
         problems.append("source must set exactly one of jobRef (a LeptonJob) or uri (pvc://claim/path)")
     elif job_ref is not None and not job:
@@ -283,7 +278,7 @@ def _source(raw: Mapping[str, Any], problems: list[str]) -> Source:
             parse_uri(uri)
         except ValueError as exc:
             problems.append(str(exc))
-    fmt = raw.get("format")
+    fmt = text(raw, "format", problems, "source.")
     if fmt is not None:
         fmt = choice(fmt, contract.MODEL_FORMATS, problems, "source.format")
     return Source(job or None, uri or None, fmt)
@@ -292,7 +287,7 @@ def _source(raw: Mapping[str, Any], problems: list[str]) -> Source:
 def _rollout(raw: Mapping[str, Any], problems: list[str]) -> Rollout:
     strategy = choice(raw.get("strategy", "canary"), STRATEGIES, problems, "rollout.strategy")
     steps = []
-    for i, s in enumerate(raw.get("steps") or ()):
+    for i, s in enumerate(items(raw, "steps", problems, "rollout.", Mapping, "a step object ({weight, pauseSeconds})")):
         w = integer(s, "weight", None, 1, 100, problems, f"rollout.steps[{i}].")
         p = integer(s, "pauseSeconds", 0, 0, 86400, problems, f"rollout.steps[{i}].")
         if w is None:
@@ -303,9 +298,9 @@ def _rollout(raw: Mapping[str, Any], problems: list[str]) -> Rollout:
     if any(b <= a for a, b in zip(weights, weights[1:])):
         problems.append(f"rollout.steps weights must strictly increase, got {weights}")
     checks = []
-    for i, c in enumerate(raw.get("analysis") or ()):
+    for i, c in enumerate(items(raw, "analysis", problems, "rollout.", Mapping, "a check object")):
         where = f"rollout.analysis[{i}]"
-        query = str(c.get("query") or "").strip()
+        query = (text(c, "query", problems, f"{where}.") or "").strip()
         if not query:
             problems.append(f"{where}.query must be a non-empty PromQL query")
         lo = number(c, "min", None, None, None, problems, f"{where}.")
@@ -313,7 +308,7 @@ def _rollout(raw: Mapping[str, Any], problems: list[str]) -> Rollout:
         if lo is None and hi is None:
             problems.append(f"{where} needs a threshold: set max and/or min")
         w = f"{where}."
-        checks.append(Check(c.get("name") or f"query-{i}", query, hi, lo,
+        checks.append(Check(text(c, "name", problems, f"{where}.", f"query-{i}"), query, hi, lo,
                             integer(c, "count", 1, 1, 1000, problems, w),
                             integer(c, "intervalSeconds", 10, 1, 3600, problems, w),
                             integer(c, "failureLimit", 0, 0, 1000, problems, w),
@@ -328,14 +323,17 @@ def _rollout(raw: Mapping[str, Any], problems: list[str]) -> Rollout:
                    integer(raw, "minRequests", 0, 0, 10**9, problems, "rollout."))
 
 
-def _autoscaling(raw: Mapping[str, Any] | None, problems: list[str]) -> Autoscaling | None:
+def _autoscaling(raw: Any, problems: list[str]) -> Autoscaling | None:
     if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        problems.append(f"autoscaling must be an object, got {raw!r}")
         return None
     where = "autoscaling."
     engine = choice(raw.get("engine", "builtin"), ENGINES, problems, "autoscaling.engine")
     metric = choice(raw.get("metric", "rps"), METRICS, problems, "autoscaling.metric")
-    query = raw.get("query")
-    if metric == "query" and not str(query or "").strip():
+    query = text(raw, "query", problems, where)
+    if metric == "query" and not (query or "").strip():
         problems.append("autoscaling.query must be a non-empty PromQL query when metric is query")
     if metric != "query" and query:
         problems.append("autoscaling.query is only used with metric: query")
@@ -361,54 +359,53 @@ def _autoscaling(raw: Mapping[str, Any] | None, problems: list[str]) -> Autoscal
         number(raw, "intervalSeconds", 2.0, 0.5, 300, problems, where))
 
 
+@parser
 def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str,
                 default_pull_policy: str = "IfNotPresent") -> ModelSpec:
     """Parse and validate a LeptonModel spec; raises ``InvalidSpec`` listing every problem.
     ``default_image`` and ``default_pull_policy`` apply where the spec names none."""
     spec = spec or {}
     problems = validate_name(name, MODEL_NAME_MAX, CHILD_SUFFIX_LEN)
-    source = _source(spec.get("source") or {}, problems)
+    source = _source(mapping(spec, "source", problems, ""), problems)
 
-    raw_c = spec.get("compression") or {}
+    raw_c = mapping(spec, "compression", problems, "")
     method = choice(raw_c.get("method", "none"), METHODS, problems, "compression.method")
-    params = raw_c.get("params") or {}
-    if not isinstance(params, Mapping):
-        problems.append(f"compression.params must be an object, got {params!r}")
-        params = {}
     compression = Compression(
-        method, dict(params),
+        method, mapping(raw_c, "params", problems, "compression."),
         number(raw_c, "maxAccuracyDrop", None, 0, 1, problems, "compression."),
         resources(raw_c.get("resources"), problems, "compression.resources."),
         integer(raw_c, "backoffLimit", 1, 0, 10, problems, "compression."),
         string_map(raw_c, "podAnnotations", problems, "compression."),
-        _object(raw_c, "podSecurityContext", problems, "compression."),
-        _object(raw_c, "securityContext", problems, "compression."),
+        pod_security_context(raw_c, "podSecurityContext", problems, "compression."),
+        security_context(raw_c, "securityContext", problems, "compression."),
         _evaluation(raw_c.get("evaluation"), problems))
 
-    raw_s = spec.get("serving") or {}
-    image = raw_s.get("image") or default_image
-    env = tuple(raw_s.get("env") or ())
+    raw_s = mapping(spec, "serving", problems, "")
+    image = text(raw_s, "image", problems, "serving.", default_image)
+    env = items(raw_s, "env", problems, "serving.", Mapping, "an EnvVar object")
     reserved = {contract.ENV_MODEL_DIR, contract.ENV_MODEL_NAME, contract.ENV_MODEL_NAMESPACE,
                 contract.ENV_MODEL_REVISION, contract.ENV_MAX_BATCH_SIZE, contract.ENV_MAX_BATCH_DELAY_MS,
                 contract.ENV_MODEL_FORMAT, contract.ENV_GRPC_PORT, "HOME", "TMPDIR"}
-    for var in env:
-        if var.get("name") in reserved:
+    for i, var in enumerate(env):
+        if not isinstance(var.get("name"), str) or not var["name"]:
+            problems.append(f"serving.env[{i}].name is required")
+        elif var.get("name") in reserved:
             problems.append(f"serving.env {var.get('name')} is set by the operator and cannot be overridden")
-    batching = raw_s.get("batching") or {}
+    batching = mapping(raw_s, "batching", problems, "serving.")
     serving = Serving(
-        image, raw_s.get("imagePullPolicy") or default_pull_policy,
+        image, text(raw_s, "imagePullPolicy", problems, "serving.", default_pull_policy),
         integer(raw_s, "replicas", 1, 0, 1000, problems, "serving."),
         resources(raw_s.get("resources"), problems, "serving.resources."),
         integer(batching, "maxBatchSize", 32, 1, 4096, problems, "serving.batching."),
         integer(batching, "maxBatchDelayMs", 0, 0, 10000, problems, "serving.batching."),
         env, string_map(raw_s, "podAnnotations", problems, "serving."),
-        _object(raw_s, "podSecurityContext", problems, "serving."),
-        _object(raw_s, "securityContext", problems, "serving."))
+        pod_security_context(raw_s, "podSecurityContext", problems, "serving."),
+        security_context(raw_s, "securityContext", problems, "serving."))
 
-    rollout = _rollout(spec.get("rollout") or {}, problems)
+    rollout = _rollout(mapping(spec, "rollout", problems, ""), problems)
     autoscaling = _autoscaling(spec.get("autoscaling"), problems)
     policy = network_policy(spec.get("networkPolicy"), problems)
+    compression_image = text(raw_c, "image", problems, "compression.", image)
     if problems:
         raise InvalidSpec(problems)
-    return ModelSpec(source, compression, serving, rollout, autoscaling,
-                     (raw_c.get("image") or image), policy)
+    return ModelSpec(source, compression, serving, rollout, autoscaling, compression_image, policy)

@@ -303,6 +303,7 @@ class Cluster:
             self._start_controller_manager()
             self._start_scheduler()
             self._create_nodes()
+            self._register_cluster_apis()
             self._start_kwok()
             self.start_prometheus()
             self._wait_nodes_ready()
@@ -411,6 +412,12 @@ class Cluster:
         nodes = {"apiVersion": "v1", "kind": "List",
                  "items": [gpu_node(n, self.gpus_per_node) for n in self.gpu_nodes]}
         self.kubectl("apply", "-f", "-", input=json.dumps(nodes))
+
+    def _register_cluster_apis(self) -> None:
+        """The APIs a production cluster's add-ons serve and the operator uses: the cluster
+        autoscaler's ProvisioningRequest (hack/crds/)."""
+        for crd in sorted((HACK / "crds").glob("*.yaml")):
+            self.kubectl("apply", "--server-side", "-f", str(crd))
 
     def _start_kwok(self) -> None:
         self._spawn("kwok", [

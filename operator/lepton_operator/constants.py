@@ -33,6 +33,7 @@ ROLE_WORKER = "worker"
 ROLE_SERVING = "serving"
 ROLE_COMPRESSION = "compression"
 ROLE_RDZV = "rendezvous"
+ROLE_CAPACITY = "capacity"                      # a job's ProvisioningRequest and its PodTemplate
 MANAGED_BY = "lepton-operator"
 
 # --- Annotations ----------------------------------------------------------------------

@@ -262,6 +262,14 @@ def test_network_policy_rights_are_exactly_what_the_operator_uses():
             [(["networking.k8s.io"], ["networkpolicies"], sorted(NETWORK_POLICY_VERBS))], kind
 
 
+def test_capacity_request_rights_are_exactly_what_the_operator_uses():
+    from lepton_operator.job.objects import CAPACITY_REQUEST_VERBS
+    for docs, kind in ((render(), "ClusterRole"), (render("watchNamespaces={team-a}"), "Role")):
+        rules = {r["resources"][0]: sorted(r["verbs"]) for role in by_kind(docs, kind) for r in role["rules"]
+                 if set(r["resources"]) & set(CAPACITY_REQUEST_VERBS)}
+        assert rules == {k: sorted(v) for k, v in CAPACITY_REQUEST_VERBS.items()}, kind
+
+
 def test_the_operator_has_readiness_and_a_cpu_limit():
     c = container(render())
     assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}

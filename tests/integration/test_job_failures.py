@@ -1,5 +1,8 @@
 """LeptonJob failure handling on the real control plane: restarts, backoffLimit, deadline,
 suspend/resume, success + TTL, deletion, and every kind of bad input."""
+import datetime
+import json
+
 import pytest
 
 import localcluster
@@ -200,4 +203,67 @@ def test_a_gpu_pool_that_scales_from_zero_gets_pending_pods_then_runs(k, cluster
         assert "waitingForCapacitySince" not in status
     finally:
         k.kubectl("delete", "lj", "zero", "--wait=true")
+        cluster.kubectl("delete", "node", f"kwok-{pool}", "--wait=false")
+
+
+def set_request_condition(k, name, type_, message):
+    """Set a condition on a ProvisioningRequest's status, as the cluster autoscaler would."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    cond = {"type": type_, "status": "True", "reason": type_, "message": message, "lastTransitionTime": now}
+    k.kubectl("patch", "provisioningrequest", name, "--subresource=status", "--type=merge",
+              "-p", json.dumps({"status": {"conditions": [cond]}}))
+
+
+def test_provisioning_request_mode_asks_for_the_gang_and_creates_pods_only_once_provisioned(k, cluster):
+    """capacity.mode provisioningRequest: the gang is asked of the cluster autoscaler as one
+    ProvisioningRequest (autoscaling.x-k8s.io/v1, registered by the local control plane),
+    whose PodTemplate is the worker's. No pod exists until it is Provisioned; a Failed one
+    is shown, then asked again; once Provisioned, the gang is created consuming it, and the
+    request is given back when every worker is on a node. No cluster autoscaler runs here:
+    the test sets the conditions one would, and adds the node it would have provisioned
+    (kwok's, which runs nothing: the point is the order of requests, pods and scheduling)."""
+    pool = f"dws-{k.ns[-5:]}"
+    request = "dws-capacity"
+    k.apply(k.manifest("dws", nodeSelector={"lepton.ai/test-pool": pool}, workers={"min": 2, "max": 2},
+                       capacity={"mode": "provisioningRequest", "parameters": {"maxRunDurationSeconds": "3600"}}))
+    pr = k.wait_for("the ProvisioningRequest", lambda: k.get("provisioningrequest", request), timeout=30)
+    assert pr["spec"]["provisioningClassName"] == "best-effort-atomic-scale-up.autoscaling.x-k8s.io"
+    assert pr["spec"]["podSets"] == [{"podTemplateRef": {"name": request}, "count": 2}]
+    assert pr["spec"]["parameters"] == {"maxRunDurationSeconds": "3600"}
+    assert pr["metadata"]["ownerReferences"][0]["name"] == "dws"
+    template = k.get("podtemplate", request)["template"]
+    assert template["spec"]["nodeSelector"] == {"lepton.ai/test-pool": pool}
+    assert template["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    ready = k.wait_for("WaitingForCapacity", lambda: (c := k.condition("dws", "Ready")).get("reason")
+                       == "WaitingForCapacity" and c, timeout=30)
+    assert f"ProvisioningRequest {request}" in ready["message"] and k.workers("dws") == []
+    assert k.status("dws")["capacityRequest"] == {"name": request, "state": "Pending", "count": 2}
+
+    # The autoscaler cannot provision: the job says so, creates nothing, and asks again.
+    set_request_condition(k, request, "Failed", "no capacity in any zone")
+    k.wait_for("the failure in the status", lambda: k.status("dws").get("capacityRequest", {}).get("state") == "Failed")
+    assert "no capacity in any zone" in k.condition("dws", "Ready")["message"] and k.workers("dws") == []
+    first = pr["metadata"]["uid"]
+    pr = k.wait_for("a new ProvisioningRequest",
+                    lambda: (p := k.get("provisioningrequest", request)) and p["metadata"]["uid"] != first and p,
+                    timeout=90)
+    assert k.workers("dws") == []
+
+    # Provisioned: the gang is created at once, consuming the request (before any node of
+    # the pool shows: the pods wait for it as they would for a node still registering).
+    node = localcluster.gpu_node(f"kwok-{pool}", cluster.gpus_per_node)
+    node["metadata"]["labels"]["lepton.ai/test-pool"] = pool
+    try:
+        set_request_condition(k, request, "Provisioned", "provisioned for 2 pods")
+        pods = k.wait_workers("dws", 2, phase="Pending", timeout=60)
+        assert all(p["metadata"]["annotations"]["cluster-autoscaler.kubernetes.io/consume-provisioning-request"]
+                   == request for p in pods)
+        assert k.get("provisioningrequest", request) is not None    # held until the pods are on nodes
+        k.apply(node)
+        k.wait_phase("dws", "Running")
+        k.wait_for("the request given back", lambda: k.get("provisioningrequest", request) is None
+                   and k.get("podtemplate", request) is None, timeout=30)
+        assert "capacityRequest" not in k.status("dws")
+    finally:
+        k.kubectl("delete", "lj", "dws", "--wait=true")
         cluster.kubectl("delete", "node", f"kwok-{pool}", "--wait=false")

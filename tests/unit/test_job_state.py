@@ -268,3 +268,59 @@ def test_pod_view_reads_start_and_finish_times():
     store = js.store_view({"metadata": {"creationTimestamp": STARTED},
                            "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
     assert store == js.StoreView(STARTED, True, False)
+
+
+def request(state="Pending", count=2, since="2026-01-01T11:59:50Z", **kw):
+    return js.CapacityRequestView("j-capacity", count, state, since=since, **kw)
+
+
+@pytest.mark.parametrize("free_slots, no_node_fits", [(0, True), (1, False)])
+def test_provisioning_request_mode_asks_for_the_gang_before_any_pod(free_slots, no_node_fits):
+    """Whether no node of the pool exists or the nodes are busy, the gang is asked for as a
+    whole and no pod is created until the request is Provisioned."""
+    pr = spec(capacity={"mode": "provisioningRequest"})
+    plan = js.plan_job(META, pr, {}, [], free_slots, NOW, no_node_fits=no_node_fits)
+    assert plan.request_capacity == 2 and plan.create == [] and not plan.delete_capacity_request
+    assert cond(plan, COND_READY)["reason"] == "WaitingForCapacity"
+    assert plan.status["capacityRequest"] == {"state": "Requesting", "count": 2}
+    assert plan.status["waitingForCapacitySince"] == "2026-01-01T12:00:00Z"
+    waiting = js.plan_job(META, pr, plan.status, [], free_slots, NOW, request=request())
+    assert waiting.request_capacity == 0 and waiting.create == [] and not waiting.delete_capacity_request
+    assert "ProvisioningRequest j-capacity" in cond(waiting, COND_READY)["message"]
+    granted = js.plan_job(META, pr, plan.status, [], free_slots, NOW, request=request("Provisioned"))
+    assert granted.create == [0, 1] and granted.consume == "j-capacity" and not granted.delete_capacity_request
+
+
+def test_a_failed_request_shows_then_is_asked_again_and_a_consumed_one_is_given_back():
+    pr = spec(capacity={"mode": "provisioningRequest"})
+    failed = js.plan_job(META, pr, {}, [], 0, NOW, no_node_fits=True,
+                         request=request("Failed", message="stockout"))
+    assert not failed.delete_capacity_request and failed.requeue_after == pytest.approx(20)
+    assert "Failed (stockout)" in cond(failed, COND_READY)["message"]
+    assert failed.status["capacityRequest"]["state"] == "Failed"
+    later = js.plan_job(META, pr, {}, [], 0, NOW, no_node_fits=True,
+                        request=request("Failed", since="2026-01-01T11:59:00Z"))
+    assert later.delete_capacity_request and later.create == []
+    for stale in (request("Expired"), request("Pending", count=3)):
+        assert js.plan_job(META, pr, {}, [], 0, NOW, no_node_fits=True, request=stale).delete_capacity_request
+    # Created and not yet on nodes: kept; every worker on a node: given back.
+    pending = [pod(0, "Pending"), pod(1, "Pending")]
+    held = js.plan_job(META, pr, {}, pending, 0, NOW, request=request("Provisioned"))
+    assert not held.delete_capacity_request and held.create == []
+    bound = js.plan_job(META, pr, {}, [pod(0), pod(1)], 2, NOW, request=request("Provisioned"))
+    assert bound.delete_capacity_request and "capacityRequest" not in bound.status
+    done = js.plan_job(META, spec(capacity={"mode": "provisioningRequest"}, suspend=True), {}, [], 0, NOW,
+                       request=request())
+    assert done.delete_capacity_request
+
+
+def test_capacity_request_fields_need_their_mode():
+    with pytest.raises(js_spec_invalid()):
+        spec(capacity={"provisioningClassName": "queued-provisioning.gke.io"})
+    assert spec(capacity={"mode": "provisioningRequest", "provisioningClassName": "queued-provisioning.gke.io"}) \
+        .capacity.provisioning_class == "queued-provisioning.gke.io"
+
+
+def js_spec_invalid():
+    from lepton_operator.core.fields import InvalidSpec
+    return InvalidSpec

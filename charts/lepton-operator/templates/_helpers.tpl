@@ -80,6 +80,12 @@ else repository:tag (the chart's appVersion when the tag is empty).
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["list", "watch", "create", "patch", "delete"]
+- apiGroups: ["autoscaling.x-k8s.io"]
+  resources: ["provisioningrequests"]
+  verbs: ["list", "watch", "create", "delete"]
+- apiGroups: [""]
+  resources: ["podtemplates"]
+  verbs: ["create", "patch", "delete"]
 {{- end -}}
 
 {{/*

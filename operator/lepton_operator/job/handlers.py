@@ -86,6 +86,19 @@ def lepton_job_network_policies(namespace: str, labels: dict, name: str, annotat
     return {(namespace, labels[LABEL_JOB]): (name, annotations.get(ANNOTATION_SPEC_HASH, ""))}
 
 
+@kopf.index("autoscaling.x-k8s.io", "v1", "provisioningrequests", labels={LABEL_JOB: kopf.PRESENT})
+def lepton_job_capacity_requests(namespace: str, labels: dict, body: kopf.Body, **_: Any):
+    """(namespace, job) -> CapacityRequestView of its ProvisioningRequest (capacity.mode
+    provisioningRequest; where the cluster autoscaler's CRD is not installed, kopf serves
+    no such resource and the index stays empty)."""
+    return {(namespace, labels[LABEL_JOB]): state.capacity_request_view(body)}
+
+
+@kopf.on.event("autoscaling.x-k8s.io", "v1", "provisioningrequests", labels={LABEL_JOB: kopf.PRESENT})
+def _capacity_request_changed(namespace: str, labels: dict, **_: Any) -> None:
+    _wake(namespace, labels.get(LABEL_JOB))
+
+
 @kopf.index("pods")
 def lepton_gpu_usage(spec: dict, status: dict, **_: Any):
     """node name (None: not bound yet) -> GPUs requested by each non-terminal pod."""
@@ -230,6 +243,8 @@ def _writes(owner: dict[str, Any], spec: JobSpec, plan: state.Plan, observed: _O
         to_delete.append(objects.rdzv_name(name))
     for index in plan.create:
         pod = objects.worker_pod(owner, spec, index)
+        if plan.consume:
+            objects.consume(pod, plan.consume, spec)
         pod_name = pod["metadata"]["name"]
         memory.created[pod_name] = (index, time.monotonic())
         if spec.resources.gpus:
@@ -265,7 +280,8 @@ async def _reconcile(body: kopf.Body, memory: JobMemory, indices: dict[str, Any]
     plan = state.plan_job(meta, spec, memory.status, observed.views, slots,
                           _dt.datetime.now(_dt.timezone.utc), (), observed.vanished,
                           objects.worker_selector(name), objects.template_hash(spec), no_node_fits,
-                          next((v for _, v in indices["lepton_job_rdzv_pods"].get(key, [])), state.MISSING_STORE))
+                          next((v for _, v in indices["lepton_job_rdzv_pods"].get(key, [])), state.MISSING_STORE),
+                          next(iter(indices.get("lepton_job_capacity_requests", {}).get(key, [])), None))
 
     # Restart counts, and the uids of the failed pods they count, are made durable in one
     # status patch before those pods are deleted: a restart in between counts nothing twice.
@@ -284,7 +300,8 @@ async def _reconcile(body: kopf.Body, memory: JobMemory, indices: dict[str, Any]
                                    *(kube.aio(kube.delete, "v1", "Pod", n, namespace) for n in to_delete),
                                    *(kube.aio(kube.apply, obj) for obj in policies),
                                    *(kube.aio(kube.delete, "networking.k8s.io/v1", "NetworkPolicy", n, namespace)
-                                     for n in stale_policies), return_exceptions=True)
+                                     for n in stale_policies),
+                                   _capacity_request_writes(owner, spec, plan), return_exceptions=True)
     for obj, result in zip(creates, results):
         # None (409): a pod of that name still exists (the one being replaced); an error:
         # no pod. Either way the memory of the create would hide the missing worker; its
@@ -320,6 +337,21 @@ def _network_policy_writes(owner: dict[str, Any], spec: JobSpec, indices: dict[s
     asks for (``networkPolicy.enabled: false``)."""
     present = dict(indices.get("lepton_job_network_policies", {}).get(key, []))
     return policy_changes(objects.network_policies(owner, spec), present, memory.policies, time.monotonic())
+
+
+async def _capacity_request_writes(owner: dict[str, Any], spec: JobSpec, plan: state.Plan) -> None:
+    """capacity.mode provisioningRequest: ask for the gang (the worker PodTemplate, then
+    the ProvisioningRequest naming it), or give a request back (consumed, failed, expired,
+    or the job finished)."""
+    namespace, job = owner["metadata"]["namespace"], owner["metadata"]["name"]
+    if plan.request_capacity:
+        template, request = objects.capacity_request(owner, spec, plan.request_capacity)
+        await kube.aio(kube.apply, template)
+        await kube.aio(kube.create, request)
+    elif plan.delete_capacity_request:
+        name = objects.capacity_request_name(job)
+        await kube.aio(kube.delete, objects.PROVISIONING_API_VERSION, "ProvisioningRequest", name, namespace)
+        await kube.aio(kube.delete, "v1", "PodTemplate", name, namespace)
 
 
 def _missing_shared_children(owner: dict[str, Any], spec: JobSpec, trainer_image: str,

@@ -42,7 +42,7 @@ from typing import Any, Mapping
 from lepton_trainer import contract
 from lepton_trainer.rendezvous import WORKER_ENV, torchrun_args
 
-from ..constants import (ANNOTATION_GENERATION, ANNOTATION_SPEC_HASH, JOB_KIND, LABEL_JOB,
+from ..constants import (ANNOTATION_GENERATION, ANNOTATION_SPEC_HASH, JOB_KIND, LABEL_JOB, ROLE_CAPACITY,
                          LABEL_KUEUE_QUEUE, LABEL_ROLE, LABEL_WORKER_INDEX, ROLE_RDZV, ROLE_WORKER)
 from ..core.objects import (container_security, env, exposed_ingress, meta, network_policy, pod_security, resources,
                             scratch_env, scratch_mount, scratch_volume, with_gpu_toleration)
@@ -276,3 +276,45 @@ def worker_pod(owner: Mapping[str, Any], spec: JobSpec, index: int) -> Obj:
     if m.get("generation") is not None:
         metadata["annotations"][ANNOTATION_GENERATION] = str(m["generation"])
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+
+
+# --- capacity.mode provisioningRequest -----------------------------------------------------
+
+# The cluster autoscaler's ProvisioningRequest, and the pod annotations with which workers
+# consume the capacity it booked (k8s.io/autoscaler cluster-autoscaler/provisioningrequest/pods).
+PROVISIONING_API_VERSION = "autoscaling.x-k8s.io/v1"
+CONSUME_ANNOTATION = "cluster-autoscaler.kubernetes.io/consume-provisioning-request"
+CLASS_ANNOTATION = "cluster-autoscaler.kubernetes.io/provisioning-class-name"
+# What the operator does with them, as RBAC verbs (the chart grants exactly these): an index
+# lists and watches the requests; the PodTemplate is applied (server-side: create and
+# patch), the request created; both are deleted once consumed.
+CAPACITY_REQUEST_VERBS = {"provisioningrequests": ("list", "watch", "create", "delete"),
+                          "podtemplates": ("create", "patch", "delete")}
+
+
+def capacity_request_name(job: str) -> str:
+    return f"{job}-capacity"
+
+
+def capacity_request(owner: Mapping[str, Any], spec: JobSpec, count: int) -> list[Obj]:
+    """The PodTemplate of a worker and the ProvisioningRequest that asks for ``count`` of
+    them, in the order they are created (the request names the template)."""
+    job = owner["metadata"]["name"]
+    name = capacity_request_name(job)
+    pod = worker_pod(owner, spec, 0)
+    template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": meta(owner, name, labels(job, ROLE_CAPACITY)),
+                "template": {"metadata": {"labels": labels(job, ROLE_WORKER)}, "spec": pod["spec"]}}
+    request_spec: Obj = {"provisioningClassName": spec.capacity.provisioning_class,
+                         "podSets": [{"podTemplateRef": {"name": name}, "count": count}]}
+    if spec.capacity.parameters:
+        request_spec["parameters"] = dict(spec.capacity.parameters)
+    request = {"apiVersion": PROVISIONING_API_VERSION, "kind": "ProvisioningRequest",
+               "metadata": meta(owner, name, labels(job, ROLE_CAPACITY)), "spec": request_spec}
+    return [template, request]
+
+
+def consume(pod: Obj, request: str, spec: JobSpec) -> Obj:
+    """``pod``, annotated to land on the capacity the ProvisioningRequest ``request`` booked."""
+    pod["metadata"].setdefault("annotations", {}).update(
+        {CONSUME_ANNOTATION: request, CLASS_ANNOTATION: spec.capacity.provisioning_class})
+    return pod

@@ -14,7 +14,8 @@ from lepton_trainer import contract
 
 from ..constants import CHILD_SUFFIX_MAX, JOB_NAME_MAX
 from ..core.fields import (InvalidSpec, NetworkPolicySpec, Resources, choice, flag, integer, items, mapping,
-                           network_policy, node_selector, number, parser, pod_security_context, quantity, security_context, text,
+                           network_policy, node_selector, number, parser, pod_security_context, quantity, security_context,
+                           string_map, text,
                            tolerations, valid_claim_name, validate_name)
 
 DEFAULT_MODULE = "lepton_trainer.train"
@@ -63,7 +64,9 @@ class Autoscaling:
     interval_seconds: float = 5.0
 
 
-CAPACITY_MODES = ("provision", "observed")
+CAPACITY_MODES = ("provision", "provisioningRequest", "observed")
+# ProvisioningRequest classes of the cluster autoscaler (autoscaling.x-k8s.io/v1).
+PROVISIONING_CLASSES = ("best-effort-atomic-scale-up.autoscaling.x-k8s.io", "check-capacity.autoscaling.x-k8s.io")
 ON_CAPACITY_TIMEOUT = ("Fail", "Suspend")
 
 
@@ -73,12 +76,17 @@ class Capacity:
 
     ``provision`` (default): create the gang at ``workers.min`` as Pending pods, the signal
     a cluster autoscaler or Karpenter provisions nodes for, and wait ``timeout_seconds``
-    for them; then fail or suspend. ``observed``: the cluster is what it is (fixed pools):
-    a worker no node can ever hold is an invalid spec.
+    for them; then fail or suspend. ``provisioningRequest``: ask the cluster autoscaler
+    for the whole gang first (a ProvisioningRequest of ``provisioning_class``) and create
+    the pods only once it is Provisioned: all or nothing, without holding GPUs while
+    waiting. ``observed``: the cluster is what it is (fixed pools): a worker no node can
+    ever hold is an invalid spec.
     """
     mode: str = "provision"
     timeout_seconds: int = 1800
     on_timeout: str = "Fail"
+    provisioning_class: str = PROVISIONING_CLASSES[0]
+    parameters: tuple[tuple[str, str], ...] = ()     # the request's spec.parameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,9 +147,14 @@ def _mount(raw: Any, default_path: str, default_claim: str | None,
 
 
 def _capacity(raw: Mapping[str, Any], problems: list[str]) -> Capacity:
-    return Capacity(choice(raw.get("mode", "provision"), CAPACITY_MODES, problems, "capacity.mode"),
-                    integer(raw, "timeoutSeconds", 1800, 1, 7 * 86400, problems, "capacity."),
-                    choice(raw.get("onTimeout", "Fail"), ON_CAPACITY_TIMEOUT, problems, "capacity.onTimeout"))
+    mode = choice(raw.get("mode", "provision"), CAPACITY_MODES, problems, "capacity.mode")
+    klass = text(raw, "provisioningClassName", problems, "capacity.", PROVISIONING_CLASSES[0])
+    parameters = string_map(raw, "parameters", problems, "capacity.")
+    if mode != "provisioningRequest" and ("provisioningClassName" in raw or parameters):
+        problems.append("capacity.provisioningClassName and capacity.parameters need mode provisioningRequest")
+    return Capacity(mode, integer(raw, "timeoutSeconds", 1800, 1, 7 * 86400, problems, "capacity."),
+                    choice(raw.get("onTimeout", "Fail"), ON_CAPACITY_TIMEOUT, problems, "capacity.onTimeout"),
+                    klass, tuple(sorted(parameters.items())))
 
 
 def _autoscaling(raw: Any, problems: list[str]) -> Autoscaling | None:

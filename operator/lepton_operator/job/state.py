@@ -228,6 +228,41 @@ def worker_slots(nodes: Iterable[NodeView], used: Mapping[str, int], gpus_per_wo
     return slots, largest
 
 
+# --- capacity requests (capacity.mode provisioningRequest) --------------------------
+
+REQUEST_PENDING, REQUEST_PROVISIONED, REQUEST_FAILED, REQUEST_EXPIRED = "Pending", "Provisioned", "Failed", "Expired"
+# A failed request is kept this long (its message shows in the status) before it is
+# deleted and a new one asks again, within capacity.timeoutSeconds.
+REQUEST_RETRY_SECONDS = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CapacityRequestView:
+    """The job's ProvisioningRequest (autoscaling.x-k8s.io/v1), as its conditions say:
+    Pending (accepted or not yet), Provisioned (the capacity is there for ``count`` pods),
+    Failed, or Expired (BookingExpired or CapacityRevoked before the pods consumed it)."""
+    name: str
+    count: int
+    state: str
+    message: str = ""
+    since: str | None = None            # when it reached that state
+    deleting: bool = False
+
+
+def capacity_request_view(body: Mapping[str, Any]) -> CapacityRequestView:
+    meta, spec = body.get("metadata") or {}, body.get("spec") or {}
+    conditions = {c.get("type"): c for c in ((body.get("status") or {}).get("conditions") or ())}
+    state, decisive = REQUEST_PENDING, conditions.get("Accepted") or {}
+    for type_, value in (("Failed", REQUEST_FAILED), ("BookingExpired", REQUEST_EXPIRED),
+                         ("CapacityRevoked", REQUEST_EXPIRED), ("Provisioned", REQUEST_PROVISIONED)):
+        if (conditions.get(type_) or {}).get("status") == "True":
+            state, decisive = value, conditions[type_]
+            break
+    count = sum(int(ps.get("count") or 0) for ps in spec.get("podSets") or ())
+    return CapacityRequestView(meta.get("name", ""), count, state, decisive.get("message") or "",
+                               decisive.get("lastTransitionTime"), bool(meta.get("deletionTimestamp")))
+
+
 # --- the plan ------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -241,6 +276,9 @@ class Plan:
     events: list[st.Event] = dataclasses.field(default_factory=list)
     requeue_after: float | None = None
     outcome: Outcome | None = None
+    request_capacity: int = 0           # ask for this many workers (a ProvisioningRequest)
+    delete_capacity_request: bool = False
+    consume: str | None = None          # new workers consume this Provisioned request
 
 
 @dataclasses.dataclass
@@ -262,10 +300,15 @@ class _Job:
     failed_now: list[PodView] = dataclasses.field(default_factory=list)
     stale: list[PodView] = dataclasses.field(default_factory=list)
     capacity_short: bool = False
+    request: CapacityRequestView | None = None   # the ProvisioningRequest, if any
 
     @property
     def status(self) -> dict[str, Any]:
         return self.plan.status
+
+    @property
+    def requesting(self) -> bool:
+        return self.spec.capacity.mode == "provisioningRequest"
 
     @property
     def restarts(self) -> dict[str, int]:
@@ -437,7 +480,11 @@ def size_group(job: _Job) -> None:
     want = w.replicas - have
     gang = max(w.min - have, 0)
     if want:
-        if gang and job.free_slots < gang:
+        if gang and job.free_slots < gang and job.requesting:
+            # provisioningRequest: the gang waits for the cluster autoscaler's answer.
+            want = gang if _capacity_granted(job, gang) else 0
+            job.capacity_short = not want
+        elif gang and job.free_slots < gang:
             # All or nothing on nodes that exist; on a pool at zero, the gang's Pending pods are
             # the demand the cluster autoscaler provisions for (nothing beyond min).
             want, job.capacity_short = (gang if job.provisioning else 0), True
@@ -448,6 +495,43 @@ def size_group(job: _Job) -> None:
     used = {p.index for p in job.active if p.name not in plan.delete}
     used |= {p.index for p in job.pods if p.deleting or p in job.stale}
     plan.create = [i for i in range(w.max) if i not in used][:want]
+    r = job.request
+    if r is not None and r.state == REQUEST_PROVISIONED and not r.deleting:
+        plan.consume = r.name            # the pods land on the capacity it booked
+    if r is not None and not r.deleting and not gang and job.active and all(p.node for p in job.active):
+        plan.delete_capacity_request = True      # consumed: the gang is there, every worker on a node
+
+
+def _capacity_granted(job: _Job, gang: int) -> bool:
+    """provisioningRequest mode: whether the gang's ProvisioningRequest is Provisioned for
+    ``gang`` workers. Else ask for one (none yet), or drop one that failed (after
+    ``REQUEST_RETRY_SECONDS``), expired or asked for another count, so a new one asks again."""
+    r, plan = job.request, job.plan
+    if r is None:
+        plan.request_capacity = gang
+        return False
+    if r.deleting:
+        return False
+    if r.state == REQUEST_PROVISIONED and r.count >= gang:
+        return True
+    if r.state == REQUEST_FAILED:
+        left = _seconds_left(r.since, int(REQUEST_RETRY_SECONDS), job.now)
+        if left is not None and left > 0:
+            plan.requeue_after = min(left, plan.requeue_after or left)
+            return False
+    elif r.state == REQUEST_PENDING and r.count == gang:
+        return False
+    plan.delete_capacity_request = True
+    return False
+
+
+def _request_message(job: _Job, gang: int) -> str:
+    r, c = job.request, job.spec.capacity
+    state = "asking" if r is None or r.deleting else r.state + (f" ({r.message})" if r.message else "")
+    name = f" {r.name}" if r is not None else ""
+    return (f"ProvisioningRequest{name} (class {c.provisioning_class}) asks the cluster autoscaler for "
+            f"{gang} worker(s) ({job.spec.resources.gpus} GPU each): {state}; the workers are created "
+            f"once it is Provisioned, for at most {c.timeout_seconds}s")
 
 
 def summarise(job: _Job) -> Outcome:
@@ -466,6 +550,9 @@ def summarise(job: _Job) -> Outcome:
                        f"replacing failed workers ({restarts['counted']} counted, "
                        f"{restarts['uncounted']} uncounted restarts)")
     if len(running) < w.min:
+        if job.requesting and job.capacity_short and not plan.create:
+            return Outcome(PHASE_PENDING, REASON_WAITING_FOR_CAPACITY,
+                           _request_message(job, max(w.min - len(job.active), 0)))
         if job.provisioning and job.capacity_short:
             return Outcome(PHASE_PENDING, REASON_WAITING_FOR_CAPACITY,
                            f"no current node can run a worker ({job.spec.resources.gpus} GPU each); {w.min} "
@@ -502,6 +589,20 @@ def _remember_counted(job: _Job) -> None:
         job.status.pop(COUNTED_POD_UIDS, None)
 
 
+def _report_capacity_request(job: _Job, outcome: Outcome) -> None:
+    """A finished or suspended job gives its ProvisioningRequest back; ``capacityRequest``
+    in the status shows the request a waiting gang depends on, and is absent otherwise."""
+    r, plan, status = job.request, job.plan, job.plan.status
+    if r is not None and not r.deleting and (outcome.phase in TERMINAL_PHASES or outcome.phase == PHASE_SUSPENDED):
+        plan.delete_capacity_request = True
+    if job.requesting and not plan.delete_capacity_request and (plan.request_capacity or (r and not r.deleting)):
+        shown = {"name": r.name, "state": r.state, "count": r.count, "message": r.message} if r else \
+            {"state": "Requesting", "count": plan.request_capacity}
+        status["capacityRequest"] = {k: v for k, v in shown.items() if v}
+    else:
+        status.pop("capacityRequest", None)
+
+
 def _report(job: _Job, outcome: Outcome, selector: str) -> Plan:
     """Write the outcome and the worker counts into the status; an event on a phase change."""
     plan, status, w = job.plan, job.plan.status, job.spec.workers
@@ -518,6 +619,7 @@ def _report(job: _Job, outcome: Outcome, selector: str) -> Plan:
                           + len(plan.create))
     status["selector"] = selector
     _remember_counted(job)
+    _report_capacity_request(job, outcome)
     # A finished or suspended job runs no workers: READY says so instead of "0/N".
     status["workersReady"] = ("-" if outcome.phase in TERMINAL_PHASES or outcome.phase == PHASE_SUSPENDED
                               else f"{status['workers']['ready']}/{w.replicas}")
@@ -531,7 +633,7 @@ def plan_job(meta: Mapping[str, Any], spec: JobSpec, prev: Mapping[str, Any] | N
              pods: Iterable[PodView], free_slots: int, now: _dt.datetime,
              handled_uids: Iterable[str] = (), vanished: int = 0,
              selector: str = "", template: str = "", no_node_fits: bool = False,
-             store: StoreView | None = None) -> Plan:
+             store: StoreView | None = None, request: CapacityRequestView | None = None) -> Plan:
     """Decide the next step for a job.
 
     ``handled_uids``: failed pods whose failure was already counted (they may still show
@@ -547,7 +649,8 @@ def plan_job(meta: Mapping[str, Any], spec: JobSpec, prev: Mapping[str, Any] | N
     matching the workers' selector and tolerations has their GPUs (``capacity.mode``
     decides what that means). ``store``: the rendezvous pod (``MISSING_STORE`` when there is
     none); workers that failed because it went away are uncounted restarts
-    (:func:`lost_store`).
+    (:func:`lost_store`). ``request``: the job's ProvisioningRequest (capacity.mode
+    provisioningRequest), None when it has none.
     """
     status = copy.deepcopy(dict(prev or {}))
     status.setdefault("restarts", {"counted": 0, "uncounted": 0})
@@ -557,7 +660,7 @@ def plan_job(meta: Mapping[str, Any], spec: JobSpec, prev: Mapping[str, Any] | N
                free_slots=free_slots, now=now,
                handled=set(handled_uids) | set(status.get(COUNTED_POD_UIDS) or ()), vanished=vanished,
                template=template, generation=meta.get("generation"), prev_phase=status.get("phase"),
-               no_node_fits=no_node_fits, store=store)
+               no_node_fits=no_node_fits, store=store, request=request)
     for step in SETTLING_STEPS:
         outcome = step(job)
         if outcome is not None:

@@ -13,11 +13,14 @@ and measures:
   every 0.25 s; the jobs are created by 16 concurrent clients, so they all arrive within
   about a second (``kubectl apply`` of 100 documents would itself take tens of seconds);
 - **idle requests**: requests made in a quiet window after every job runs (should be 0);
-- **operator peak RSS** (VmHWM of the operator process).
+- **operator peak RSS** (VmHWM of the operator process);
+- **reconcile latency** p50 and p99, from the operator's own histogram
+  ``lepton_operator_reconcile_duration_seconds`` (interpolated within its buckets, as
+  PromQL's histogram_quantile does).
 
-    .venv/bin/python bench/jobs.py [--jobs 100] [--workers 4]
+    .venv/bin/python bench/jobs.py [--jobs 100] [--workers 4] [--out jobs.json]
 
-Writes bench/results/jobs.json.
+Writes bench/results/jobs.json (or --out; bench/reliability.py runs 1,000 jobs of 1 worker).
 """
 from __future__ import annotations
 
@@ -98,11 +101,37 @@ def job_manifest(i: int, workers: int) -> dict:
             "spec": {"workers": {"min": workers, "max": workers}, "resources": {"gpus": 1}}}
 
 
+def reconcile_quantiles(metrics_port: int) -> dict:
+    """p50 and p99 of LeptonJob reconciles from the operator's histogram buckets."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    buckets = []
+    for line in text.splitlines():
+        if line.startswith("lepton_operator_reconcile_duration_seconds_bucket{") and 'kind="LeptonJob"' in line:
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    buckets.sort()
+    total = buckets[-1][1] if buckets else 0
+
+    def q(f: float) -> float | None:
+        if not total:
+            return None
+        rank, lo, below = f * total, 0.0, 0.0
+        for le, count in buckets:
+            if count >= rank:
+                if le == float("inf"):
+                    return lo
+                return round(lo + (le - lo) * (rank - below) / max(count - below, 1e-9), 4)
+            lo, below = le, count
+        return lo
+    return {"reconciles": int(total), "p50": q(0.5), "p99": q(0.99)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--idle-seconds", type=float, default=20.0)
+    parser.add_argument("--out", default="jobs.json", help="file name under bench/results")
     args = parser.parse_args()
 
     gpus_needed = args.jobs * args.workers
@@ -202,9 +231,10 @@ def main() -> None:
             "jobs_created_within_seconds": round(created_span, 2),
             "cpu_seconds_until_all_running": cpu,
             "operator_rss_mib": {"peak": round(peak_rss_mib(op.pid), 1), "before_jobs": round(startup_rss, 1)},
+            "reconcile_seconds": reconcile_quantiles(metrics_port),
         }
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "jobs.json").write_text(json.dumps(result, indent=2) + "\n")
+        (RESULTS / args.out).write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
     finally:
         if op is not None:

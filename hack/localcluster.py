@@ -343,9 +343,10 @@ class Cluster:
             time.sleep(0.2)
         raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}; logs in {self.state_dir}/logs")
 
-    def _start_etcd(self) -> None:
+    def _start_etcd(self, fresh: bool = True) -> None:
         data = self.state_dir / "etcd"
-        shutil.rmtree(data, ignore_errors=True)
+        if fresh:
+            shutil.rmtree(data, ignore_errors=True)
         client = f"http://127.0.0.1:{self.ports['etcd']}"
         peer = f"http://127.0.0.1:{self.ports['etcd-peer']}"
         self._spawn("etcd", [str(tool_path("etcd")), "--name", "default", "--data-dir", str(data),
@@ -481,6 +482,20 @@ class Cluster:
         self._wait(f"service account {namespace}/default",
                    lambda: self.kubectl("get", "serviceaccount", "default", "-n", namespace, check=False) != "",
                    proc="kube-controller-manager")
+
+    def crash_and_restart(self, name: str) -> None:
+        """SIGKILL one control-plane process, as a crash would end it, and start it again on
+        the same port with the same state (etcd keeps its data). For fault tests."""
+        starters = {"etcd": lambda: self._start_etcd(fresh=False), "kube-apiserver": self._start_apiserver}
+        pid = self.pids.pop(name)
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+        _terminate(pid, grace=10.0)     # reaps it
+        port = self.ports["etcd" if name == "etcd" else name]
+        self._wait(f"{name}'s port {port} to be released", lambda: not port_open(port), timeout=30)
+        starters[name]()
 
     def install_crds(self) -> None:
         """Apply the repository's CRDs (crds/, the single source) and wait until each is

@@ -1,4 +1,5 @@
-"""Counting hypothesis cases across a test module, for pytest's terminal summary."""
+"""Counts from a test module (hypothesis cases, chaos rounds, takeover times), for
+pytest's terminal summary, so `.ci/run`'s output shows them."""
 from __future__ import annotations
 
 import json
@@ -10,15 +11,17 @@ class CaseCounts:
     """Prints the cases run in pytest's terminal summary (after capture ends), and adds
     them to the JSON file LEPTON_HYPOTHESIS_COUNTS names, when set ({module: cases})."""
 
-    def __init__(self, module: str, lines):
-        self.module, self.lines = module, lines
+    def __init__(self, module: str, lines, section: str = "hypothesis", env: str = "LEPTON_HYPOTHESIS_COUNTS"):
+        self.module, self.lines, self.section, self.env = module, lines, section, env
 
     def pytest_terminal_summary(self, terminalreporter):
         lines, total = self.lines()
-        terminalreporter.section("hypothesis", sep="-")
+        if not lines:
+            return
+        terminalreporter.section(self.section, sep="-")
         for line in lines:
             terminalreporter.write_line(line)
-        out = os.environ.get("LEPTON_HYPOTHESIS_COUNTS")
+        out = os.environ.get(self.env)
         if out:
             path = Path(out)
             counts = json.loads(path.read_text()) if path.exists() else {}

@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 import localcluster
+from case_counts import CaseCounts
 from waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -39,6 +40,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+SUMMARY: list[str] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _summary(request):
+    name = "lepton-ha-summary"
+    if not request.config.pluginmanager.has_plugin(name):
+        request.config.pluginmanager.register(
+            CaseCounts("tests/integration/test_operator_ha.py", lambda: (SUMMARY, len(SUMMARY)), "high availability",
+                       "LEPTON_HA_COUNTS"), name)
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +226,9 @@ def test_two_replicas_one_leads_and_the_standby_takes_over_after_a_sigkill(own_c
     c.kubectl("apply", "-f", "-", input=yaml.safe_dump(job("after", ns)))
     wait_job_running(c, ns, "after", 1)
     reconciled = time.monotonic() - killed
-    print(f"takeover_seconds={takeover:.1f} new_job_running_seconds_after_kill={reconciled:.1f}")
+    line = f"takeover_seconds={takeover:.1f} new_job_running_seconds_after_kill={reconciled:.1f}"
+    SUMMARY.append(f"HA (tests/integration/test_operator_ha.py): {line}")
+    print(line)
     assert takeover < TAKEOVER_LIMIT
     assert lease(c)["holderIdentity"].startswith(f"operator-{standby.name}_")
     assert lease(c)["leaseTransitions"] >= 1

@@ -27,3 +27,10 @@ class CaseCounts:
             counts = json.loads(path.read_text()) if path.exists() else {}
             counts[self.module] = total
             path.write_text(json.dumps(counts, indent=2, sort_keys=True) + "\n")
+
+
+def register(config, module: str, lines, section: str = "hypothesis", env: str = "LEPTON_HYPOTHESIS_COUNTS") -> None:
+    """Register a CaseCounts for ``module`` once per pytest run."""
+    name = f"lepton-{section}-{module}"
+    if not config.pluginmanager.has_plugin(name):
+        config.pluginmanager.register(CaseCounts(module, lines, section, env), name)

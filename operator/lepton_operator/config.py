@@ -96,6 +96,10 @@ SETTINGS: tuple[Setting, ...] = (
             "longest wait between two reconciles of an object when nothing changes"),
     Setting("api_retry_seconds", "LEPTON_API_RETRY_SECONDS", 5.0, _positive,
             "delay before a reconcile is retried after an API error"),
+    Setting("cluster_gpu_usage", "LEPTON_CLUSTER_GPU_USAGE", True, _bool,
+            "watching named namespaces, read the GPU requests of pods in every namespace (list and watch "
+            "of pods cluster-wide, read-only), so GPUs used outside the watched namespaces are never "
+            "counted as free; false: count only the watched namespaces' pods (a namespaced Role suffices)"),
     Setting("leader_election", "LEPTON_LEADER_ELECTION", False, _bool,
             "run as one of several replicas: only the holder of a coordination.k8s.io/v1 Lease "
             "reconciles, the others wait and take over once it stops renewing (lease 15 s, renew "
@@ -124,6 +128,7 @@ class Settings:
     health_port: int = 8080
     resync_seconds: float = 60.0
     api_retry_seconds: float = 5.0
+    cluster_gpu_usage: bool = True
     leader_election: bool = False
     leader_election_name: str = "lepton-operator"
     leader_election_namespace: str = ""

@@ -88,8 +88,11 @@ def test_watch_namespaces_mode_uses_roles_per_namespace():
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     cluster_rules = by_kind(docs, "ClusterRole")[0]["rules"]
     cluster_resources = {r for rule in cluster_rules for r in rule["resources"]}
-    assert "pods" not in cluster_resources, "namespaced mode must not grant pods cluster-wide"
     assert "nodes" in cluster_resources, "GPU capacity needs nodes cluster-wide"
+    # GPU usage of every namespace: pods read-only cluster-wide, or nothing with clusterGpuUsage=false
+    assert [sorted(r["verbs"]) for r in cluster_rules if "pods" in r["resources"]] == [["list", "watch"]]
+    strict = by_kind(render("watchNamespaces={team-a,team-b}", "clusterGpuUsage=false"), "ClusterRole")[0]["rules"]
+    assert "pods" not in {r for rule in strict for r in rule["resources"]}
     args = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:2] == ["--namespace=team-a", "--namespace=team-b"]
 
@@ -156,7 +159,7 @@ def test_every_chart_value_reaches_the_operators_own_config_parser(namespaced, m
         namespaces=("team-a", "team-b") if namespaced else (), trainer_image="reg.example/trainer:9",
         image_pull_policy="Always", prometheus_url="http://prom.monitoring.svc:9090", prometheus_timeout=0.5,
         metrics_port=9102, health_port=9103, resync_seconds=17.0,
-        leader_election=True, leader_election_name=FULLNAME, leader_election_namespace="lepton-system",
+        cluster_gpu_usage=True, leader_election=True, leader_election_name=FULLNAME, leader_election_namespace="lepton-system",
         leader_election_identity=f"{FULLNAME}-5d8c7b9f4-x2x7q")
     assert args.verbose and s.all_namespaces is not namespaced
     assert set(env) <= declared, f"the chart sets variables the operator does not read: {set(env) - declared}"

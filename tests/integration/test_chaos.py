@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import pytest
 
 import localcluster
-from case_counts import CaseCounts
+from case_counts import register
 from conftest import Kube, free_port
 from waiting import wait_for
 
@@ -244,11 +244,8 @@ SUMMARY: list[str] = []
 
 @pytest.fixture(scope="module", autouse=True)
 def _summary(request):
-    name = "lepton-chaos-summary"
-    if not request.config.pluginmanager.has_plugin(name):
-        request.config.pluginmanager.register(
-            CaseCounts("tests/integration/test_chaos.py", lambda: (SUMMARY, len(SUMMARY)), "chaos",
-                       "LEPTON_CHAOS_COUNTS"), name)
+    register(request.config, "tests/integration/test_chaos.py", lambda: (SUMMARY, len(SUMMARY)), "chaos",
+             "LEPTON_CHAOS_COUNTS")
 
 
 def test_chaos(chaos_cluster, tmp_path):

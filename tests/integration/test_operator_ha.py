@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 import localcluster
-from case_counts import CaseCounts
+from case_counts import register
 from waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -47,11 +47,8 @@ SUMMARY: list[str] = []
 
 @pytest.fixture(scope="module", autouse=True)
 def _summary(request):
-    name = "lepton-ha-summary"
-    if not request.config.pluginmanager.has_plugin(name):
-        request.config.pluginmanager.register(
-            CaseCounts("tests/integration/test_operator_ha.py", lambda: (SUMMARY, len(SUMMARY)), "high availability",
-                       "LEPTON_HA_COUNTS"), name)
+    register(request.config, "tests/integration/test_operator_ha.py", lambda: (SUMMARY, len(SUMMARY)),
+             "high availability", "LEPTON_HA_COUNTS")
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ from typing import Any
 
 import hypothesis
 import pytest
-from case_counts import CaseCounts
+from case_counts import register
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -140,9 +140,7 @@ def server(cluster, request):
     from waiting import wait_for
     wait_for("the LeptonJob resource to be served", lambda: srv.dry_run(
         cr("LeptonJob", "probe", {"workers": {"min": 1}}))[0] is not None, timeout=60)
-    name = "lepton-hypothesis-integration"
-    if not request.config.pluginmanager.has_plugin(name):
-        request.config.pluginmanager.register(CaseCounts("tests/integration/test_spec_properties.py", _summary), name)
+    register(request.config, "tests/integration/test_spec_properties.py", _summary)
     yield srv
     cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 

@@ -50,7 +50,7 @@ from typing import Any
 
 import hypothesis
 import pytest
-from case_counts import CaseCounts
+from case_counts import register
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -97,9 +97,7 @@ def _summary():
 
 @pytest.fixture(scope="module", autouse=True)
 def _count_cases(request):
-    name = "lepton-hypothesis-unit"
-    if not request.config.pluginmanager.has_plugin(name):
-        request.config.pluginmanager.register(CaseCounts("tests/unit/test_properties.py", _summary), name)
+    register(request.config, "tests/unit/test_properties.py", _summary)
     yield
 
 

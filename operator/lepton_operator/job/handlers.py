@@ -30,7 +30,7 @@ from ..core.fields import InvalidSpec
 from ..core.loop import Memory, ReconcileLoops
 from ..core.objects import gpus_requested, policy_changes
 from ..scaling import prometheus
-from . import autoscale, objects, state
+from . import autoscale, gpu_usage, objects, state
 from .spec import JobSpec, parse_job
 
 PENDING_CREATE_TTL = 30.0     # seconds a created pod may take to show up in the index
@@ -148,6 +148,27 @@ def _wake_waiting_for_capacity() -> None:
     _loops.wake_all()
 
 
+_cluster_usage: gpu_usage.ClusterGpuUsage | None = None
+
+
+@kopf.on.startup()
+async def _start_cluster_gpu_usage(**_: Any) -> None:
+    """Watching named namespaces, count the GPUs of every namespace's pods (see gpu_usage)."""
+    global _cluster_usage
+    settings = config.get()
+    if settings.all_namespaces or not settings.cluster_gpu_usage:
+        return
+    loop = asyncio.get_running_loop()
+    _cluster_usage = gpu_usage.ClusterGpuUsage(lambda: loop.call_soon_threadsafe(_wake_waiting_for_capacity))
+    _cluster_usage.start()
+    # Handlers start after the startup activities: give the first list its chance, so the
+    # first placements already see every namespace's GPUs.
+    if not await loop.run_in_executor(None, _cluster_usage.synced.wait, gpu_usage.SYNC_WAIT_SECONDS):
+        logging.getLogger("lepton_operator").warning(
+            "cluster-wide GPU usage not listed within %ss (is list/watch of pods cluster-wide granted?); "
+            "counting the watched namespaces' pods until it is", gpu_usage.SYNC_WAIT_SECONDS)
+
+
 # --- the per-job loop -----------------------------------------------------------------
 
 @kopf.daemon(GROUP, VERSION, JOB_PLURAL, cancellation_timeout=5.0)
@@ -218,7 +239,8 @@ def _free_slots(spec: JobSpec, indices: dict[str, Any], nodes: list[state.NodeVi
     hold one at all). Pods created but not yet seen hold their GPUs for a while, so two
     jobs never count the same GPUs."""
     now = time.monotonic()
-    usage = indices["lepton_gpu_usage"]
+    # Cluster-wide once its first list is in (namespaced mode), else the watched namespaces'.
+    usage = _cluster_usage.usage() if _cluster_usage and _cluster_usage.synced.is_set() else indices["lepton_gpu_usage"]
     used = {node: sum(store) for node, store in usage.items() if node}
     unscheduled = sum(usage.get(None, [])) + sum(g for g, t in _reserved_gpus.values()
                                                  if now - t < PENDING_CREATE_TTL)

@@ -1,0 +1,96 @@
+"""GPU requests of the pods of every namespace, for an operator that watches named ones.
+
+kopf watches pods only in the namespaces the operator serves, so its index
+(``handlers.lepton_gpu_usage``) misses GPUs that pods elsewhere hold, and free capacity
+would be overcounted. ``ClusterGpuUsage`` keeps the same view for the whole cluster from
+one list and watch of non-terminal pods (read-only: ``list`` and ``watch`` of pods
+cluster-wide, which the chart grants with ``clusterGpuUsage``). It runs in a thread of
+its own; the asyncio side reads ``usage()`` and is woken through ``on_change`` when GPUs
+are released.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable
+
+import kubernetes
+
+from .. import config
+from ..core import kube
+from ..core.objects import gpus_requested
+
+# Terminal pods hold no GPUs; the watch reports a pod that turns terminal as DELETED.
+FIELD_SELECTOR = "status.phase!=Succeeded,status.phase!=Failed"
+WATCH_SECONDS = 300
+SYNC_WAIT_SECONDS = 30.0     # how long start-up waits for the first list
+
+_log = logging.getLogger("lepton_operator")
+
+
+class ClusterGpuUsage:
+    """node name (None: not bound yet) -> GPUs requested by each non-terminal pod,
+    cluster-wide; the shape of kopf's index, so the planner reads either."""
+
+    def __init__(self, on_change: Callable[[], None]):
+        self._pods: dict[str, tuple[str | None, int]] = {}     # uid -> (node, gpus)
+        self._lock = threading.Lock()
+        self._on_change = on_change
+        self.synced = threading.Event()
+
+    def usage(self) -> dict[str | None, list[int]]:
+        with self._lock:
+            pods = list(self._pods.values())
+        out: dict[str | None, list[int]] = {}
+        for node, gpus in pods:
+            out.setdefault(node, []).append(gpus)
+        return out
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="cluster-gpu-usage", daemon=True).start()
+
+    def _apply(self, kind: str, pod: dict[str, Any]) -> None:
+        uid = pod["metadata"]["uid"]
+        gpus = gpus_requested(pod.get("spec") or {})
+        with self._lock:
+            before = self._pods.get(uid)
+            if kind == "DELETED" or not gpus:
+                self._pods.pop(uid, None)
+            else:
+                self._pods[uid] = ((pod.get("spec") or {}).get("nodeName"), gpus)
+            released = before is not None and self._pods.get(uid) != before
+        if released:
+            self._on_change()
+
+    def _run(self) -> None:
+        api = kube._api()
+        core = kubernetes.client.CoreV1Api(api)
+        while True:
+            try:
+                listed = api.sanitize_for_serialization(core.list_pod_for_all_namespaces(field_selector=FIELD_SELECTOR))
+                fresh = {}
+                for pod in listed.get("items") or ():
+                    gpus = gpus_requested(pod.get("spec") or {})
+                    if gpus:
+                        fresh[pod["metadata"]["uid"]] = ((pod.get("spec") or {}).get("nodeName"), gpus)
+                with self._lock:
+                    self._pods = fresh
+                self.synced.set()
+                self._on_change()
+                version = listed["metadata"]["resourceVersion"]
+                while True:
+                    for event in kubernetes.watch.Watch().stream(
+                            core.list_pod_for_all_namespaces, field_selector=FIELD_SELECTOR,
+                            resource_version=version, timeout_seconds=WATCH_SECONDS,
+                            allow_watch_bookmarks=True):
+                        obj = event["raw_object"]
+                        version = obj.get("metadata", {}).get("resourceVersion", version)
+                        if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                            self._apply(event["type"], obj)
+            except kube.ApiException as exc:
+                if exc.status != 410:       # 410 Gone: the version expired, list again
+                    _log.warning("cluster-wide GPU usage: %s; listing again", kube.describe(exc))
+                    threading.Event().wait(config.get().api_retry_seconds)
+            except Exception as exc:  # noqa: BLE001 - a lost connection: list again after a pause
+                _log.warning("cluster-wide GPU usage: %s; listing again", kube.describe(exc))
+                threading.Event().wait(config.get().api_retry_seconds)

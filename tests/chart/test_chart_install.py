@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from waiting import wait_for
+from waiting import wait_for, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "hack"))
@@ -74,14 +73,7 @@ def operator_as_service_account(installed, tmp_path_factory):
                  "LEPTON_LEADER_ELECTION": "true", "LEPTON_LEADER_ELECTION_NAME": "lepton-lepton-operator",
                  "POD_NAMESPACE": RELEASE_NS, "POD_NAME": "lepton-lepton-operator-test"})
 
-    def healthy():
-        assert proc.poll() is None, log_path.read_text()[-3000:]
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-    wait_for("the operator to become healthy", healthy)
+    wait_healthy(proc, health, log_path, "the operator to become healthy", timeout=120)
     yield c, log_path
     proc.terminate()
     proc.wait(timeout=20)

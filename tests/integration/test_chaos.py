@@ -41,7 +41,7 @@ import pytest
 import localcluster
 from case_counts import register
 from conftest import Kube, free_port
-from waiting import wait_for
+from waiting import started_cluster, wait_for, wait_healthy
 
 pytestmark = pytest.mark.integration
 ROUNDS = int(os.environ.get("LEPTON_CHAOS_ROUNDS", "20"))
@@ -53,12 +53,7 @@ WORKERS = "lepton.ai/role=worker"
 
 @pytest.fixture(scope="module")
 def chaos_cluster(tmp_path_factory):
-    c = localcluster.Cluster(tmp_path_factory.mktemp("chaos-cluster"), gpu_node_count=8, gpus_per_node=8)
-    try:
-        c.start()
-    except Exception as exc:
-        pytest.fail(f"the local control plane did not start: {exc}", pytrace=False)
-    c.install_crds()
+    c = started_cluster(tmp_path_factory.mktemp("chaos-cluster"), gpu_node_count=8, gpus_per_node=8)
     c.create_namespace(NS)
     yield c
     c.stop()
@@ -80,19 +75,12 @@ class OperatorProc:
         health, self.metrics_port = free_port(), free_port()
         env = {**self.cluster.env, "LEPTON_TRAINER_IMAGE": "lepton-trainer:test", "LEPTON_RESYNC_SECONDS": "30",
                "PYTHONUNBUFFERED": "1", "LEPTON_API_RETRY_SECONDS": "1"}
-        with open(self.log_dir / f"operator-{self.starts}.log", "wb") as logf:
+        log = self.log_dir / f"operator-{self.starts}.log"
+        with open(log, "wb") as logf:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "lepton_operator", "--all-namespaces", "--metrics-port", str(self.metrics_port),
                  "--health-port", str(health)], stdout=logf, stderr=subprocess.STDOUT, env=env)
-
-        def up() -> bool:
-            assert self.proc.poll() is None, f"the operator exited: {self.logs()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2) as resp:
-                    return resp.status == 200
-            except OSError:
-                return False
-        wait_for("the operator's /healthz", up, timeout=60)
+        wait_healthy(self.proc, health, log)
         wait_for(f"{jobs} reconciles", lambda: self.reconciles() >= jobs, timeout=60)
 
     def reconciles(self) -> float:

@@ -10,15 +10,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-import localcluster
 from conftest import Kube, free_port
-from waiting import wait_for
+from waiting import started_cluster, wait_for, wait_healthy
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,12 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def ns_cluster(tmp_path_factory):
-    c = localcluster.Cluster(tmp_path_factory.mktemp("ns-cluster"), gpu_node_count=1, gpus_per_node=4)
-    try:
-        c.start()
-    except Exception as exc:
-        pytest.fail(f"the local control plane did not start: {exc}", pytrace=False)
-    c.install_crds()
+    c = started_cluster(tmp_path_factory.mktemp("ns-cluster"), gpu_node_count=1, gpus_per_node=4)
     yield c
     c.stop()
 
@@ -55,14 +48,7 @@ def test_gpus_used_outside_the_watched_namespaces_are_not_free(ns_cluster, tmp_p
                                 stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT,
                                 env={**c.env, "LEPTON_TRAINER_IMAGE": "lepton-trainer:test", "PYTHONUNBUFFERED": "1"})
     try:
-        def healthy() -> bool:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2) as resp:
-                    return resp.status == 200
-            except OSError:
-                return False
-        wait_for("the operator's /healthz", healthy, timeout=60)
+        wait_healthy(proc, health, log)
         k = Kube(c, team)
         k.apply(k.manifest("gang", workers={"min": 2, "max": 2}))
         ready = k.wait_for("WaitingForCapacity", lambda: (cond := k.condition("gang", "Ready")).get("reason")

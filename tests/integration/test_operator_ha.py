@@ -28,7 +28,7 @@ import yaml
 
 import localcluster
 from case_counts import register
-from waiting import wait_for
+from waiting import started_cluster, wait_for
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,12 +53,7 @@ def _summary(request):
 
 @pytest.fixture(scope="module")
 def own_cluster(tmp_path_factory):
-    c = localcluster.Cluster(tmp_path_factory.mktemp("ha-cluster"), gpu_node_count=1)
-    try:
-        c.start()
-    except Exception as exc:
-        pytest.fail(f"the local control plane did not start: {exc}", pytrace=False)
-    c.install_crds()
+    c = started_cluster(tmp_path_factory.mktemp("ha-cluster"), gpu_node_count=1)
     yield c
     c.stop()
 

@@ -112,14 +112,14 @@ def reconcile_quantiles(metrics_port: int) -> dict:
     buckets.sort()
     total = buckets[-1][1] if buckets else 0
 
-    def q(f: float) -> float | None:
+    def q(f: float) -> float | str | None:
         if not total:
             return None
         rank, lo, below = f * total, 0.0, 0.0
         for le, count in buckets:
             if count >= rank:
                 if le == float("inf"):
-                    return lo
+                    return f">{lo:g}"           # above the top bucket: only a bound is known
                 return round(lo + (le - lo) * (rank - below) / max(count - below, 1e-9), 4)
             lo, below = le, count
         return lo

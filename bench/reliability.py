@@ -9,11 +9,12 @@ Runs, each on its own local control plane (hack/localcluster.py):
 - the HA suite (tests/integration/test_operator_ha.py): seconds from SIGKILL of the leading
   replica to the standby leading;
 - scale from zero (``--zero-runs`` times, median): a job whose pool has no node, from
-  apply to its gang's Pending pods, and from the node appearing to the job Running;
+  apply to its gang's Pending pods, and from the node appearing to the job Running; then
+  a worker of it fails (exit 1), and the time to its replacement Running;
 - load (bench/jobs.py --jobs 1000 --workers 1): operator RSS, reconcile p50/p99 and API
   requests per job.
 
-    .venv/bin/python bench/reliability.py [--jobs 1000] [--zero-runs 5] [--skip-load]
+    .venv/bin/python bench/reliability.py [--jobs 1000] [--zero-runs 5] [--parts suites,zero,load]
 
 Writes bench/results/reliability.json.
 """
@@ -72,7 +73,7 @@ def scale_from_zero(runs: int) -> dict:
                               stdout=open(state / "operator.log", "wb"), stderr=subprocess.STDOUT,
                               env={**cluster.env, "LEPTON_TRAINER_IMAGE": "lepton-trainer:bench"})
         wait(lambda: _ok(f"http://127.0.0.1:{health}/healthz"), 60)
-        to_pending, to_running = [], []
+        to_pending, to_running, replaced = [], [], []
         for i in range(runs):
             pool, job = f"pool-{i}", f"zero-{i}"
             manifest = {"apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonJob", "metadata": {"name": job, "namespace": ns},
@@ -89,12 +90,21 @@ def scale_from_zero(runs: int) -> dict:
             wait(lambda: json.loads(cluster.kubectl("get", "lj", job, "-n", ns, "-o", "json"))
                  .get("status", {}).get("phase") == "Running", 120)
             to_running.append(time.monotonic() - t1)
+            pod = f"{job}-worker-0"
+            old = json.loads(cluster.kubectl("get", "pod", pod, "-n", ns, "-o", "json"))["metadata"]["uid"]
+            t2 = time.monotonic()
+            cluster.kubectl("annotate", "pod", pod, "-n", ns, "kwok.lepton.ai/exit-code=1")
+            wait(lambda: any(p["metadata"]["name"] == pod and p["metadata"]["uid"] != old
+                             for p in _pods(cluster, ns, job, "Running")), 120)
+            replaced.append(time.monotonic() - t2)
             cluster.kubectl("delete", "lj", job, "-n", ns, "--wait=true")
         return {"runs": runs,
                 "apply_to_gang_pending_seconds": {"median": round(statistics.median(to_pending), 2),
                                                   "all": [round(x, 2) for x in to_pending]},
                 "node_appears_to_running_seconds": {"median": round(statistics.median(to_running), 2),
-                                                    "all": [round(x, 2) for x in to_running]}}
+                                                    "all": [round(x, 2) for x in to_running]},
+                "failed_worker_to_replacement_running_seconds": {"median": round(statistics.median(replaced), 2),
+                                                                 "all": [round(x, 2) for x in replaced]}}
     finally:
         if op is not None:
             op.terminate()
@@ -129,13 +139,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--zero-runs", type=int, default=5)
-    parser.add_argument("--skip-load", action="store_true")
+    parser.add_argument("--parts", default="suites,zero,load",
+                        help="what to run; the others keep their numbers from the last reliability.json")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="bench-reliability-"))
-    result: dict = {"machine": f"{os.cpu_count()} CPUs", "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    result.update(suites(tmp))
-    result["scale_from_zero"] = scale_from_zero(args.zero_runs)
-    if not args.skip_load:
+    out = RESULTS / "reliability.json"
+    result: dict = json.loads(out.read_text()) if out.exists() and parts != {"suites", "zero", "load"} else {}
+    result.update({"machine": f"{os.cpu_count()} CPUs", "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    if "suites" in parts:
+        result.update(suites(tmp))
+    if "zero" in parts:
+        result["scale_from_zero"] = scale_from_zero(args.zero_runs)
+    if "load" in parts:
         subprocess.run([PY, str(ROOT / "bench" / "jobs.py"), "--jobs", str(args.jobs), "--workers", "1",
                         "--out", "reliability-load.json"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         load = json.loads((RESULTS / "reliability-load.json").read_text())
@@ -145,7 +161,7 @@ def main() -> None:
                           "idle_requests": load["api_requests"]["idle_requests"],
                           "first_create_to_all_jobs_running_seconds": load["first_create_to_all_jobs_running_seconds"]}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "reliability.json").write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

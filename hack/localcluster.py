@@ -58,7 +58,7 @@ CACHE = Path(os.environ.get("LEPTON_CACHE", Path.home() / ".cache" / "lepton-ope
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = "nvidia.com/gpu.present"
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
-SERVICE_CIDR = "10.0.0.0/24"
+SERVICE_CIDR = "10.0.0.0/20"     # 4,094 ClusterIPs: a rendezvous Service per job, for bench/jobs.py at 1,000 jobs
 PROCESS_ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "prometheus")
 LOOPBACK = "127.0.0.1"
 

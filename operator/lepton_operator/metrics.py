@@ -11,7 +11,7 @@ RECONCILES = Counter("lepton_operator_reconciles_total", "Reconciles run, by res
 ERRORS = Counter("lepton_operator_reconcile_errors_total",
                  "Reconciles that ended in an error, by kind and error class.", ["kind", "error"])
 DURATION = Histogram("lepton_operator_reconcile_duration_seconds", "Time spent in one reconcile.",
-                     ["kind"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+                     ["kind"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
 API_REQUESTS = Counter("lepton_operator_api_requests_total",
                        "Requests the operator sent to the API server, by HTTP verb and outcome.",
                        ["verb", "code"])

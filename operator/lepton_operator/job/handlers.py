@@ -118,11 +118,11 @@ def lepton_gpu_nodes(body: kopf.Body, name: str, **_: Any):
 # --- wake-ups ------------------------------------------------------------------------
 
 @kopf.on.event("pods", labels={LABEL_JOB: kopf.PRESENT})
-def _pod_changed(namespace: str, labels: dict, name: str, type: str, **_: Any) -> None:
+def _pod_changed(namespace: str, labels: dict, name: str, type: str, status: dict, **_: Any) -> None:
     _reserved_gpus.pop((namespace, name), None)
     _wake(namespace, labels.get(LABEL_JOB))
-    if type == "DELETED" or labels.get(LABEL_ROLE) == ROLE_WORKER:
-        _wake_waiting_for_capacity()
+    if type == "DELETED" or (status or {}).get("phase") in ("Succeeded", "Failed"):
+        _wake_waiting_for_capacity()          # its GPUs are free (or about to be)
 
 
 @kopf.on.event("networking.k8s.io", "v1", "networkpolicies",
@@ -144,8 +144,15 @@ def _job_changed(namespace: str, name: str, **_: Any) -> None:
     _wake(namespace, name)
 
 
+# Jobs whose last plan wanted more workers than the free GPUs allowed. Only they are woken
+# when GPUs are released or nodes change: waking every job on every pod event makes the
+# reconciles grow with the square of the number of jobs.
+_waiting_for_capacity: set[tuple[str, str]] = set()
+
+
 def _wake_waiting_for_capacity() -> None:
-    _loops.wake_all()
+    for namespace, name in list(_waiting_for_capacity):
+        _loops.wake(namespace, name)
 
 
 _cluster_usage: gpu_usage.ClusterGpuUsage | None = None
@@ -175,7 +182,11 @@ async def _start_cluster_gpu_usage(**_: Any) -> None:
 async def lepton_job(body: kopf.Body, uid: str, stopped: kopf.DaemonStopped,
                      logger: logging.Logger, **kwargs: Any) -> None:
     """Reconcile one LeptonJob until it is deleted."""
-    await _loops.run(body, uid, stopped, logger, lambda memory: _reconcile(body, memory, kwargs, logger))
+    try:
+        await _loops.run(body, uid, stopped, logger, lambda memory: _reconcile(body, memory, kwargs, logger))
+    finally:
+        if stopped:
+            _waiting_for_capacity.discard((body["metadata"]["namespace"], body["metadata"]["name"]))
 
 
 def _owner(body: kopf.Body) -> dict[str, Any]:
@@ -338,6 +349,11 @@ async def _reconcile(body: kopf.Body, memory: JobMemory, indices: dict[str, Any]
     failed = [r for r in results if isinstance(r, BaseException)]
     if failed:   # a refused child first: it is reported, the others are retried
         raise next((r for r in failed if isinstance(r, kube.Refused)), failed[0])
+
+    if plan.capacity_short:
+        _waiting_for_capacity.add(key)
+    else:
+        _waiting_for_capacity.discard(key)
 
     # Autoscale, then report.
     tick = await autoscale.tick(body, spec, memory, memory.autoscaler, plan.status, slots, logger)

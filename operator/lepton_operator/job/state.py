@@ -279,6 +279,7 @@ class Plan:
     request_capacity: int = 0           # ask for this many workers (a ProvisioningRequest)
     delete_capacity_request: bool = False
     consume: str | None = None          # new workers consume this Provisioned request
+    capacity_short: bool = False        # more workers are wanted than the free GPUs allow
 
 
 @dataclasses.dataclass
@@ -607,6 +608,7 @@ def _report(job: _Job, outcome: Outcome, selector: str) -> Plan:
     """Write the outcome and the worker counts into the status; an event on a phase change."""
     plan, status, w = job.plan, job.plan.status, job.spec.workers
     plan.outcome = outcome
+    plan.capacity_short = job.capacity_short and outcome.phase not in TERMINAL_PHASES
     st.apply_outcome(status, outcome, job.generation, st.now_iso(job.now))
     if outcome.reason == REASON_WAITING_FOR_CAPACITY:     # the capacity deadline counts from here
         status.setdefault("waitingForCapacitySince", st.now_iso(job.now))

@@ -64,10 +64,6 @@ class ReconcileLoops(Generic[M]):
             if ns == namespace:
                 event.set()
 
-    def wake_all(self) -> None:
-        for event in self.wakeups.values():
-            event.set()
-
     async def run(self, body: kopf.Body, uid: str, stopped: kopf.DaemonStopped, logger: logging.Logger,
                   reconcile: Callable[[M], Awaitable[float | None]]) -> None:
         """Reconcile until the daemon is stopped; ``reconcile`` returns the next delay or None."""

@@ -49,15 +49,22 @@ class ClusterGpuUsage:
     def start(self) -> None:
         threading.Thread(target=self._run, name="cluster-gpu-usage", daemon=True).start()
 
+    @staticmethod
+    def _entry(pod: dict[str, Any]) -> tuple[str | None, int] | None:
+        """(node, GPUs) of a pod that requests GPUs, else None."""
+        spec = pod.get("spec") or {}
+        gpus = gpus_requested(spec)
+        return (spec.get("nodeName"), gpus) if gpus else None
+
     def _apply(self, kind: str, pod: dict[str, Any]) -> None:
         uid = pod["metadata"]["uid"]
-        gpus = gpus_requested(pod.get("spec") or {})
+        entry = None if kind == "DELETED" else self._entry(pod)
         with self._lock:
             before = self._pods.get(uid)
-            if kind == "DELETED" or not gpus:
+            if entry is None:
                 self._pods.pop(uid, None)
             else:
-                self._pods[uid] = ((pod.get("spec") or {}).get("nodeName"), gpus)
+                self._pods[uid] = entry
             released = before is not None and self._pods.get(uid) != before
         if released:
             self._on_change()
@@ -68,11 +75,8 @@ class ClusterGpuUsage:
         while True:
             try:
                 listed = api.sanitize_for_serialization(core.list_pod_for_all_namespaces(field_selector=FIELD_SELECTOR))
-                fresh = {}
-                for pod in listed.get("items") or ():
-                    gpus = gpus_requested(pod.get("spec") or {})
-                    if gpus:
-                        fresh[pod["metadata"]["uid"]] = ((pod.get("spec") or {}).get("nodeName"), gpus)
+                fresh = {pod["metadata"]["uid"]: entry for pod in listed.get("items") or ()
+                         if (entry := self._entry(pod)) is not None}
                 with self._lock:
                     self._pods = fresh
                 self.synced.set()

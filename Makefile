@@ -56,8 +56,10 @@ cluster-status:
 run: setup
 	@bash hack/quickstart.sh
 
+# Test modules run side by side: the suite mostly waits on clusters and processes.
+TEST_WORKERS ?= $(shell n=$$(nproc); [ $$n -gt 4 ] && n=4; [ $$n -lt 2 ] && n=2; echo $$n)
 test: setup
-	$(PYTEST) tests
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 test-unit: python
 	$(PYTEST) -m unit tests

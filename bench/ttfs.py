@@ -115,7 +115,7 @@ def main() -> None:
     port = free_port()
     store_log = workdir / "rdzv.log"
     store = start([sys.executable, "-m", "lepton_trainer.rendezvous", "--port", str(port),
-                   "--host", "127.0.0.1"], store_log)
+                   "--control-port", "-1", "--host", "127.0.0.1"], store_log)
     try:
         while "ready" not in store_log.read_text():
             time.sleep(0.1)

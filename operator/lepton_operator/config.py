@@ -52,6 +52,10 @@ def _dns_name(raw: str) -> str:
     return raw
 
 
+def _auto_bool(raw: str) -> bool | str:
+    return "auto" if raw.strip().lower() == "auto" else _bool(raw)
+
+
 def _pull_policy(raw: str) -> str:
     if raw not in PULL_POLICIES:
         raise ValueError(f"must be one of {', '.join(PULL_POLICIES)}")
@@ -100,6 +104,15 @@ SETTINGS: tuple[Setting, ...] = (
             "watching named namespaces, read the GPU requests of pods in every namespace (list and watch "
             "of pods cluster-wide, read-only), so GPUs used outside the watched namespaces are never "
             "counted as free; false: count only the watched namespaces' pods (a namespaced Role suffices)"),
+    Setting("report_lost_workers", "LEPTON_REPORT_LOST_WORKERS", "auto", _auto_bool,
+            "tell a job's rendezvous store as soon as one of its workers is lost (pod deleted, failed or "
+            "gone), so that the others re-form at once instead of after the keep-alive timeout; `auto`: "
+            "when the operator runs in a pod (`$KUBERNETES_SERVICE_HOST` set) and can reach the store's "
+            "Service"),
+    Setting("operator_namespace", "LEPTON_OPERATOR_NAMESPACE", "", _dns_name,
+            "the operator's namespace: with `spec.networkPolicy`, pods of this namespace may reach the "
+            "stores' report port; empty: `$POD_NAMESPACE` (the chart sets it), else none may",
+            aliases=("POD_NAMESPACE",)),
     Setting("leader_election", "LEPTON_LEADER_ELECTION", False, _bool,
             "run as one of several replicas: only the holder of a coordination.k8s.io/v1 Lease "
             "reconciles, the others wait and take over once it stops renewing (lease 15 s, renew "
@@ -129,6 +142,8 @@ class Settings:
     resync_seconds: float = 60.0
     api_retry_seconds: float = 5.0
     cluster_gpu_usage: bool = True
+    report_lost_workers: bool | str = "auto"
+    operator_namespace: str = ""
     leader_election: bool = False
     leader_election_name: str = "lepton-operator"
     leader_election_namespace: str = ""
@@ -137,6 +152,12 @@ class Settings:
     @property
     def all_namespaces(self) -> bool:
         return not self.namespaces
+
+    @property
+    def reports_lost_workers(self) -> bool:
+        if self.report_lost_workers == "auto":
+            return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+        return bool(self.report_lost_workers)
 
     @property
     def prometheus_enabled(self) -> bool:

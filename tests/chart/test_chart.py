@@ -159,7 +159,8 @@ def test_every_chart_value_reaches_the_operators_own_config_parser(namespaced, m
         namespaces=("team-a", "team-b") if namespaced else (), trainer_image="reg.example/trainer:9",
         image_pull_policy="Always", prometheus_url="http://prom.monitoring.svc:9090", prometheus_timeout=0.5,
         metrics_port=9102, health_port=9103, resync_seconds=17.0,
-        cluster_gpu_usage=True, leader_election=True, leader_election_name=FULLNAME, leader_election_namespace="lepton-system",
+        cluster_gpu_usage=True, operator_namespace="lepton-system",    # the stores' report port opens to it
+        leader_election=True, leader_election_name=FULLNAME, leader_election_namespace="lepton-system",
         leader_election_identity=f"{FULLNAME}-5d8c7b9f4-x2x7q")
     assert args.verbose and s.all_namespaces is not namespaced
     assert set(env) <= declared, f"the chart sets variables the operator does not read: {set(env) - declared}"

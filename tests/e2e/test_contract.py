@@ -10,8 +10,15 @@ volumes do not exist on one machine:
 - ``torchrun`` -> ``python -m torch.distributed.run`` of this interpreter.
 
 They must train; after one worker is killed (its whole process group, as when a pod is lost)
-the survivor re-forms the group and continues from the checkpoint; a replacement worker
-built by the operator for the same index joins again.
+the survivor re-forms the group and continues from the checkpoint, with the loss where it
+was; a replacement worker built by the operator for the same index joins again.
+
+The lost node leaves the rendezvous in one of two ways: its keep-alive expires (the spec's
+default, 3 s x 3), or, with a keep-alive of 10 minutes, the report the operator sends
+when it sees the pod go (``POST /v1/forget`` on the store's control port). Here the test
+sends that report itself, as the operator's pod watch would: this harness has no API
+server. tests/unit/test_lost_workers.py covers which pods the operator reports, and
+tests/real deletes a worker pod with the operator running in the cluster.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ import pytest
 
 from lepton_operator.job import objects as training
 from lepton_operator.job.spec import parse_job
-from lepton_trainer import contract
+from lepton_trainer import contract, rendezvous
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
 from torchrun_procs import Proc, free_port, process_tree  # noqa: E402  (shared real-process helper)
@@ -91,10 +98,21 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def test_operator_built_pods_form_an_elastic_job_that_survives_a_lost_worker(tmp_path):
-    spec = parse_job("contract", SPEC, "lepton-trainer:test")
+# The reported mode's keep-alive (10 minutes) is far beyond its wait for the resume.
+REPORTED_KEEP_ALIVE = {"keepAliveIntervalSeconds": 60, "keepAliveMaxAttempts": 10}
+RESUME_WAIT = 120.0
+
+
+def losses(text: str) -> list[float]:
+    return [float(x) for x in re.findall(r"event=step step=\d+ loss=(\S+)", text)]
+
+
+@pytest.mark.parametrize("mode", ["keep-alive", "reported"])
+def test_operator_built_pods_form_an_elastic_job_that_survives_a_lost_worker(tmp_path, mode):
+    raw = SPEC if mode == "keep-alive" else {**SPEC, "elastic": {**SPEC["elastic"], **REPORTED_KEEP_ALIVE}}
+    spec = parse_job("contract", raw, "lepton-trainer:test")
     rdzv_pod, _service = training.rendezvous_objects(OWNER, spec, "lepton-trainer:test")
-    rdzv_port = free_port()
+    rdzv_port, control_port = free_port(), free_port()
     started: list[Proc] = []
 
     def start(pod: dict, name: str) -> Proc:
@@ -103,6 +121,7 @@ def test_operator_built_pods_form_an_elastic_job_that_survives_a_lost_worker(tmp
         cmd = local_command(container, env, rdzv_port)
         if pod is rdzv_pod:
             cmd[cmd.index("--port") + 1] = str(rdzv_port)
+            cmd[cmd.index("--control-port") + 1] = str(control_port)
             cmd += ["--host", "127.0.0.1"]
         proc = Proc(cmd, tmp_path / f"{name}.log", env)
         started.append(proc)
@@ -119,12 +138,21 @@ def test_operator_built_pods_form_an_elastic_job_that_survives_a_lost_worker(tmp
 
         # Lose worker 1 the way a pod is lost: agent and its worker die at once.
         mark = len(w0.text())
+        before = losses(w0.text())
         kill_tree(w1.popen.pid)
         w1.popen.wait(30)
-        resumed = w0.wait_for(r"event=resume step=(\d+) from_world=2 world=1", after=mark)
+        if mode == "reported":   # what the operator sends when it sees the pod go
+            answer = rendezvous.forget(f"http://127.0.0.1:{control_port}", OWNER["metadata"]["uid"],
+                                       ["127.0.0.1"], spec.workers.min, pids=[w1.popen.pid])
+            assert answer["forgotten"] == [f"127.0.0.1_{w1.popen.pid}_0"]
+        resumed = w0.wait_for(r"event=resume step=(\d+) from_world=2 world=1", after=mark,
+                              timeout=RESUME_WAIT)
         assert int(resumed.group(1)) >= trained            # continues from the checkpoint, not step 0
         step_after = int(w0.wait_for(r"event=step step=(\d+) loss=\S+ world=1", after=resumed.end()).group(1))
         assert step_after > int(resumed.group(1))
+        # The loss continues where it was: below the first logged loss, near the last one.
+        after = losses(w0.text()[resumed.end():])[0]
+        assert after < before[0] and after < 2 * max(before[-1], 0.05), (before, after)
 
         # The operator's replacement for index 1 joins the running job.
         mark = len(w0.text())

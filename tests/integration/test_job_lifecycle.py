@@ -36,9 +36,11 @@ def test_apply_schedules_workers_on_gpu_nodes_with_the_contract(k, cluster):
             for v in spec["volumes"] if "persistentVolumeClaim" in v
             for m in c["volumeMounts"] if m["name"] == v["name"]]
     rdzv = k.get("pod", "train-rdzv")
-    assert rdzv["spec"]["containers"][0]["command"][-3:] == [
-        "lepton_trainer.rendezvous", "--port", str(contract.RDZV_PORT)]
-    assert k.get("service", "train-rdzv")["spec"]["ports"][0]["port"] == contract.RDZV_PORT
+    assert rdzv["spec"]["containers"][0]["command"][-5:] == [
+        "lepton_trainer.rendezvous", "--port", str(contract.RDZV_PORT),
+        "--control-port", str(contract.RDZV_CONTROL_PORT)]
+    assert [p["port"] for p in k.get("service", "train-rdzv")["spec"]["ports"]] == [
+        contract.RDZV_PORT, contract.RDZV_CONTROL_PORT]
     assert k.get("service", "train-workers")["spec"]["clusterIP"] == "None"
     assert status["workers"] == {"desired": 2, "scheduled": 2, "running": 2, "ready": 2}
     assert k.condition("train", "Ready")["status"] == "True"

@@ -217,7 +217,12 @@ def _lose_and_resume(c, victim: str) -> tuple[float, int]:
 
 def test_a_deleted_worker_is_recreated_and_training_resumes_from_the_checkpoint(workspace):
     c, _ = workspace
+    ip = _json(c, "get", "pod", f"{JOB}-worker-1", "-n", NS)["status"]["podIP"]
     seconds, lost = _lose_and_resume(c, f"{JOB}-worker-1")
+    # The operator, in the cluster, reported the lost worker to the store through its
+    # Service: the store dropped it at once instead of waiting out its keep-alive.
+    store_log = c.kubectl("logs", f"{JOB}-rdzv", "-n", NS)
+    assert re.search(rf"forgot {re.escape(ip)}_\d+_\d+ in round \d+ of rendezvous ", store_log), store_log
     record("worker_deleted_to_resumed_seconds", seconds)
     record("worker_deleted_steps_lost", lost)
 

@@ -111,10 +111,12 @@ def procs():
 
 @pytest.fixture
 def rdzv_endpoint(tmp_path, procs) -> str:
-    """A dedicated rendezvous store process (``python -m lepton_trainer.rendezvous``)."""
-    port = free_port()
+    """A dedicated rendezvous store process (``python -m lepton_trainer.rendezvous``); it is
+    ``procs[0]``, with its report endpoint's URL as ``control_url``."""
+    port, control = free_port(), free_port()
     store = Proc([sys.executable, "-m", "lepton_trainer.rendezvous", "--port", str(port),
-                  "--host", "127.0.0.1"], tmp_path / "rdzv.log")
+                  "--control-port", str(control), "--host", "127.0.0.1"], tmp_path / "rdzv.log")
+    store.control_url = f"http://127.0.0.1:{control}"   # its /v1/forget endpoint
     procs.append(store)
     store.wait_for(r"rendezvous store ready on port")
     return f"127.0.0.1:{port}"

@@ -49,6 +49,7 @@ def test_worker_command_is_elastic_torchrun_against_dedicated_store():
     assert "--rdzv-id=0b5e-uid" in cmd and "--local-addr=$(POD_IP)" in cmd
     conf = next(a for a in cmd if a.startswith("--rdzv-conf="))
     assert "is_host=false" in conf and "join_timeout=300" in conf and "last_call_timeout=1" in conf
+    assert "keep_alive_interval=3" in conf and "keep_alive_max_attempt=3" in conf   # 9 s, not torch's 15 s
     assert cmd[-4:] == ["-m", "lepton_trainer.train", "--model", "mlp"]
 
 
@@ -101,10 +102,14 @@ def test_pod_security_context_override_and_env_and_volumes():
 def test_rendezvous_pod_and_services_declare_fixed_ports():
     _, rdzv_pod, rdzv_svc, workers = built()
     assert rdzv_pod["spec"]["containers"][0]["command"] == [
-        "python", "-m", "lepton_trainer.rendezvous", "--port", str(contract.RDZV_PORT)]
+        "python", "-m", "lepton_trainer.rendezvous", "--port", str(contract.RDZV_PORT),
+        "--control-port", str(contract.RDZV_CONTROL_PORT)]
     assert rdzv_pod["spec"]["containers"][0]["image"] == "trainer:default"   # not the user's image
     assert GPU_RESOURCE not in str(rdzv_pod["spec"]["containers"][0]["resources"])
-    assert rdzv_svc["spec"]["ports"][0]["port"] == contract.RDZV_PORT
+    assert [(p["name"], p["port"], p["targetPort"]) for p in rdzv_svc["spec"]["ports"]] == [
+        ("rdzv", contract.RDZV_PORT, "rdzv"), ("control", contract.RDZV_CONTROL_PORT, "control")]
+    assert {p["name"]: p["containerPort"] for p in rdzv_pod["spec"]["containers"][0]["ports"]} == {
+        "rdzv": contract.RDZV_PORT, "control": contract.RDZV_CONTROL_PORT}
     assert workers["spec"]["clusterIP"] == "None"
     assert workers["spec"]["ports"][0]["port"] == contract.METRICS_PORT
 
@@ -209,6 +214,30 @@ def test_the_store_accepts_only_the_jobs_workers_on_its_port():
     assert spec["ingress"] == [{"from": [{"podSelector": {"matchLabels": {"lepton.ai/job": "mnist",
                                                                            "lepton.ai/role": "worker"}}}],
                                 "ports": [{"port": contract.RDZV_PORT, "protocol": "TCP"}]}]
+
+
+def test_the_operators_namespace_may_reach_only_the_stores_report_port():
+    job = parse_job("mnist", {**FULL_SPEC, "networkPolicy": {"enabled": True}}, "t")
+    rdzv, workers = training.network_policies(OWNER, job, operator_namespace="lepton-system")
+    from_workers, from_operator = rdzv["spec"]["ingress"]
+    assert from_workers["ports"] == [{"port": contract.RDZV_PORT, "protocol": "TCP"}]
+    assert from_operator == {"from": [{"namespaceSelector": {"matchLabels": {
+                                 "kubernetes.io/metadata.name": "lepton-system"}}}],
+                             "ports": [{"port": contract.RDZV_CONTROL_PORT, "protocol": "TCP"}]}
+    assert "lepton-system" not in str(workers)                  # the workers' policy is unchanged
+
+
+def test_keep_alive_comes_from_the_spec_and_old_jobs_keep_their_template_hash():
+    custom = {**FULL_SPEC, "elastic": {**FULL_SPEC["elastic"], "keepAliveIntervalSeconds": 10,
+                                       "keepAliveMaxAttempts": 6}}
+    cmd = built(custom)[0]["spec"]["containers"][0]["command"]
+    conf = next(a for a in cmd if a.startswith("--rdzv-conf="))
+    assert "keep_alive_interval=10" in conf and "keep_alive_max_attempt=6" in conf
+    default, changed = (training.template_hash(parse_job("mnist", s, "t")) for s in (FULL_SPEC, custom))
+    assert default != changed                       # a changed keep-alive rolls the workers
+    # A spec that does not set them keeps the hash it had before the fields existed, so an
+    # operator upgrade does not replace running workers.
+    assert default == "87b86e51fcdf"
 
 
 def test_workers_accept_each_other_on_every_port_and_the_metrics_port_from_ingress_from():

@@ -35,3 +35,16 @@ def test_command_line_flags():
     for bad in (["-n", "a", "-A"], ["--health-port", "70000"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
+
+
+def test_lost_workers_are_reported_from_inside_the_cluster_unless_turned_off(monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert not config.from_env({}).reports_lost_workers          # a laptop cannot reach the Service
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    assert config.from_env({}).reports_lost_workers               # in a pod
+    assert not config.from_env({"LEPTON_REPORT_LOST_WORKERS": "false"}).reports_lost_workers
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
+    assert config.from_env({"LEPTON_REPORT_LOST_WORKERS": "true"}).reports_lost_workers
+    with pytest.raises(ValueError, match="LEPTON_REPORT_LOST_WORKERS must be true or false"):
+        config.from_env({"LEPTON_REPORT_LOST_WORKERS": "sometimes"})
+    assert config.from_env({"POD_NAMESPACE": "lepton-system"}).operator_namespace == "lepton-system"

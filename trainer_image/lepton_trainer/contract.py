@@ -7,6 +7,7 @@ declared exactly once.
 
 # --- Ports (all fixed and declared on the pods and Services) -------------------------
 RDZV_PORT = 29400          # c10d TCPStore served by the dedicated rendezvous pod
+RDZV_CONTROL_PORT = 29401  # the same pod: HTTP, where the operator reports lost workers
 METRICS_PORT = 9400        # trainer's Prometheus metrics (prometheus-client)
 SERVE_PORT = 8080          # inference server: Open Inference Protocol v2 REST + /metrics
 GRPC_PORT = 8081           # inference server: v2 gRPC (inference.GRPCInferenceService)

@@ -5,28 +5,54 @@ until SIGTERM or SIGINT. It runs in its own pod, so the rendezvous state outlive
 worker. Workers join it with ``torchrun_args(...)`` (see trainer_image/README.md for
 why each setting is what it is).
 
+Beside the store, on ``--control-port`` (29401), a small HTTP endpoint lets the operator
+report workers it has seen go (a pod deleted or failed), so that the survivors form the
+next round at once instead of waiting for the lost node's keep-alive to expire::
+
+    POST /v1/forget   {"runId": "<job uid>", "addrs": ["10.1.2.3"], "minNodes": 1}
+                      optional "pids": [1234]  (only those agents on those addresses)
+    -> 200            {"forgotten": ["10.1.2.3_1234_0"], "round": 7}
+
+The store removes every node of that address from the run's rendezvous state (its
+participants, wait list, redundancy list and heartbeats), exactly as torch's own
+sanitizer does once a keep-alive expires: when the round was complete and no participant
+is left, the next round opens; when it was not, a quorum below ``minNodes`` clears the
+round's deadline. :func:`forget` is the client.
+
 Importing this module does not import torch: the operator's builders import
 :func:`torchrun_args` and the constants.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import pickle
 import signal
 import sys
-from collections.abc import Mapping
+import threading
+import urllib.request
+from collections.abc import Iterable, Mapping
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
-from .contract import RDZV_PORT
+from .contract import RDZV_CONTROL_PORT, RDZV_PORT
 
-# torch's own defaults for the c10d rendezvous (dynamic_rendezvous.create_handler).
+# torch's own defaults for the c10d rendezvous (dynamic_rendezvous.create_handler). A
+# node's agent writes a heartbeat every keep_alive_interval; a node without one for
+# interval x keep_alive_max_attempt is dropped from the rendezvous.
 DEFAULT_RDZV_CONF: Mapping[str, object] = {
     "join_timeout": 600, "last_call_timeout": 30, "close_timeout": 30,
+    "keep_alive_interval": 5, "keep_alive_max_attempt": 3,
 }
 # What the operator uses. The store lives in its own pod, so no worker may host it
 # (is_host=false). last_call_timeout is the wait after min_nodes have joined for
 # stragglers; once max_nodes have joined the round completes at once whatever it is.
+# A lost node that the operator sees go is removed from the rendezvous at once (the
+# store's /v1/forget); the keep-alive covers the losses nobody reports (a partitioned or
+# frozen node): 3 s x 3 drops one after about 9 s.
 TUNED_RDZV_CONF: Mapping[str, object] = {
     "is_host": "false", "join_timeout": 600, "last_call_timeout": 2, "close_timeout": 10,
+    "keep_alive_interval": 3, "keep_alive_max_attempt": 3,
 }
 
 # Environment for every worker container. With torch's default (the agent of group rank
@@ -44,6 +70,8 @@ def rdzv_conf(tuned: bool = True, **overrides: object) -> str:
     for key, value in conf.items():
         if key.endswith("_timeout") and (not isinstance(value, int) or value < 0):
             raise ValueError(f"{key} must be a non-negative integer (seconds), got {value!r}")
+        if key.startswith("keep_alive_") and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
     return ",".join(f"{k}={v}" for k, v in conf.items())
 
 
@@ -81,17 +109,110 @@ def torchrun_args(*, endpoint: str, run_id: str, min_nodes: int, max_nodes: int,
     return args
 
 
-def serve(port: int = RDZV_PORT, host: str = "0.0.0.0") -> None:
-    """Host the store on ``port`` until SIGTERM or SIGINT."""
+def forget_nodes(store, run_id: str, addrs: Iterable[str], min_nodes: int,
+                 pids: Iterable[int] = ()) -> tuple[list[str], int | None]:
+    """Remove the nodes at ``addrs`` (and, when given, with those agent ``pids``) from the
+    c10d rendezvous state of ``run_id`` in ``store``: (the nodes removed, the round).
+
+    The state is torch's own (``dynamic_rendezvous._RendezvousState``, pickled by the
+    agents), written back with the backend's compare-and-set, so a concurrent update by
+    an agent is never lost: on a conflict the change is made again on the new state.
+    """
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+
+    addrs, pids = set(addrs), set(pids)
+    backend = C10dRendezvousBackend(store, run_id)
+    for _ in range(20):
+        current = backend.get_state()
+        if current is None:
+            return [], None
+        raw, token = current
+        state = pickle.loads(raw)  # written by the job's own agents, which load it the same way
+        nodes = set(state.participants) | state.wait_list | state.redundancy_list | set(state.last_heartbeats)
+        lost = sorted((n for n in nodes if n.addr in addrs and (not pids or n.pid in pids)), key=str)
+        if not lost:
+            return [], state.round
+        removed_participant = False
+        for node in lost:
+            removed_participant |= state.participants.pop(node, None) is not None
+            state.wait_list.discard(node)
+            state.redundancy_list.discard(node)
+            state.last_heartbeats.pop(node, None)
+        if removed_participant:   # dynamic_rendezvous._remove_participant_epilogue
+            if state.complete and not state.participants:
+                state.complete = False
+                state.round += 1
+            elif not state.complete and len(state.participants) < min_nodes:
+                state.deadline = None
+        result = backend.set_state(pickle.dumps(state), token)
+        if result is not None and result[2]:
+            return [str(n) for n in lost], state.round
+    raise RuntimeError(f"the rendezvous state of {run_id!r} kept changing; nothing was removed")
+
+
+def _control_handler(store, lock: threading.Lock) -> type[BaseHTTPRequestHandler]:
+    class Control(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path != "/v1/forget":
+                return self._reply(404, {"error": f"no such endpoint {self.path!r}"})
+            try:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                run_id, addrs = str(body["runId"]), [str(a) for a in body["addrs"]]
+                min_nodes = int(body.get("minNodes", 1))
+                pids = [int(p) for p in body.get("pids") or ()]
+            except (ValueError, KeyError, TypeError) as exc:
+                return self._reply(400, {"error": f"expected runId, addrs[, minNodes, pids]: {exc}"})
+            with lock:
+                forgotten, round_ = forget_nodes(store, run_id, addrs, min_nodes, pids)
+            if forgotten:
+                logging.info("forgot %s in round %s of rendezvous %s (reported lost)",
+                             ", ".join(forgotten), round_, run_id)
+            self._reply(200, {"forgotten": forgotten, "round": round_})
+
+        def _reply(self, code: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (http.server's name)
+            logging.debug("control: " + format, *args)
+
+    return Control
+
+
+def forget(url: str, run_id: str, addrs: Iterable[str], min_nodes: int, pids: Iterable[int] = (),
+           timeout: float = 3.0) -> dict:
+    """Client of ``POST /v1/forget`` (``url``: ``http://host:port``): the store's answer."""
+    body = json.dumps({"runId": run_id, "addrs": list(addrs), "minNodes": min_nodes,
+                       "pids": list(pids)}).encode()
+    request = urllib.request.Request(f"{url}/v1/forget", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def serve(port: int = RDZV_PORT, host: str = "0.0.0.0", control_port: int | None = RDZV_CONTROL_PORT) -> None:
+    """Host the store on ``port``, and the control endpoint on ``control_port`` (None:
+    none), until SIGTERM or SIGINT."""
     import torch.distributed as dist
 
     signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False)
     logging.info("rendezvous store listening on %s:%d", host, store.port)
+    control = None
+    if control_port is not None:
+        control = HTTPServer((host, control_port), _control_handler(store, threading.Lock()))
+        threading.Thread(target=control.serve_forever, name="control", daemon=True).start()
+        logging.info("control endpoint listening on %s:%d", host, control.server_port)
     print(f"rendezvous store ready on port {store.port}", flush=True)
     received = signal.sigwait(signals)
     logging.info("rendezvous store stopping on %s", signal.Signals(received).name)
+    if control is not None:
+        control.shutdown()
     del store
 
 
@@ -100,12 +221,15 @@ def main(argv: list[str] | None = None) -> None:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=RDZV_PORT)
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    parser.add_argument("--control-port", type=int, default=RDZV_CONTROL_PORT,
+                        help="port of the HTTP endpoint where lost workers are reported (-1: none)")
     args = parser.parse_args(argv)
-    if not 0 <= args.port < 65536:
-        parser.error(f"--port must be in 0..65535, got {args.port}")
+    for flag, value in (("--port", args.port), ("--control-port", args.control_port)):
+        if not (0 <= value < 65536 or (flag == "--control-port" and value == -1)):
+            parser.error(f"{flag} must be in 0..65535, got {value}")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
-    serve(args.port, args.host)
+    serve(args.port, args.host, None if args.control_port == -1 else args.control_port)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ the GPU capacity changes (watch events wake it), and at the latest after the res
 period, the next deadline or TTL, or the next autoscaler tick. A reconcile reads as its
 steps: parse, observe the workers, measure capacity, plan (``job.state``), make the
 counted restarts durable, apply (pods, Services and, with ``spec.networkPolicy``, the
-NetworkPolicies), autoscale (``job.autoscale``), report. Reads come
+NetworkPolicies), autoscale (``job.autoscale``), report. A worker that was active and is
+gone or going is reported to the job's rendezvous store at once (``_report_lost``), so
+that the others re-form without waiting out its keep-alive. Reads come
 from kopf indices, fed by the watch streams kopf already holds, so a reconcile that
 changes nothing makes no API request; writes go through ``core.kube``. The loop is the
 only writer of the job's status.
@@ -13,13 +15,16 @@ only writer of the job's status.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import datetime as _dt
+import functools
 import logging
 import time
 from typing import Any, Iterable
 
 import kopf
+from lepton_trainer import contract, rendezvous
 
 from .. import config, metrics
 from ..constants import (ANNOTATION_SPEC_HASH, API_VERSION, GROUP, JOB_KIND, JOB_PLURAL, LABEL_JOB, LABEL_MANAGED_BY,
@@ -34,6 +39,7 @@ from . import autoscale, gpu_usage, objects, state
 from .spec import JobSpec, parse_job
 
 PENDING_CREATE_TTL = 30.0     # seconds a created pod may take to show up in the index
+REPORT_TIMEOUT = 3.0          # seconds for one report of lost workers to a rendezvous store
 
 
 @dataclasses.dataclass
@@ -45,6 +51,7 @@ class JobMemory(Memory):
     created: dict[str, tuple[int, float]] = dataclasses.field(default_factory=dict)  # name -> (index, monotonic)
     children: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)  # created, unseen
     claims_seen: set[tuple[int, str]] = dataclasses.field(default_factory=set)
+    addrs: dict[str, str] = dataclasses.field(default_factory=dict)     # uid -> IP of active workers
     autoscaler: autoscale.AutoscalerMemory = dataclasses.field(default_factory=autoscale.AutoscalerMemory)
 
 
@@ -245,6 +252,48 @@ def _observe(spec: JobSpec, memory: JobMemory, pods: Iterable[state.PodView]) ->
     return _Observed(by_name, views, vanished)
 
 
+def _lost_workers(memory: JobMemory, observed: _Observed) -> list[str]:
+    """The IPs of the workers that were active at the last reconcile and are not now (the
+    operator deleted them, or they failed, are being deleted or are gone); remembers the
+    active ones' IPs for the next reconcile."""
+    active = {p.uid: p.ip for p in observed.pods.values() if p.active and p.ip and p.uid not in memory.deleted}
+    lost = sorted({ip for uid, ip in memory.addrs.items() if uid not in active} - set(active.values()))
+    memory.addrs = active
+    return lost
+
+
+# Reports wait on the network (DNS, the store's pod), never on the API client's threads.
+_report_executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="rdzv-report")
+_report_tasks: set[asyncio.Task] = set()
+
+
+def _report_lost(namespace: str, job: str, uid: str, addrs: list[str], min_nodes: int,
+                 logger: logging.Logger) -> None:
+    """Tell the job's rendezvous store (``POST /v1/forget`` on its Service) that the agents
+    at ``addrs`` are gone, without holding up the reconcile. Best effort: a report that
+    does not arrive leaves the keep-alive timeout to drop them."""
+    url = f"http://{objects.rdzv_name(job)}.{namespace}.svc:{contract.RDZV_CONTROL_PORT}"
+
+    async def send() -> None:
+        call = functools.partial(rendezvous.forget, url, uid, addrs, min_nodes, timeout=REPORT_TIMEOUT)
+        try:
+            answer = await asyncio.get_running_loop().run_in_executor(_report_executor, call)
+        except Exception as exc:  # noqa: BLE001 (any failure of a best-effort report)
+            metrics.RDZV_REPORTS.labels("failed").inc()
+            logger.info("Lost workers %s not reported to %s (%s): the others re-form after the "
+                        "keep-alive timeout", ", ".join(addrs), url, exc)
+            return
+        forgotten = answer.get("forgotten") or []
+        metrics.RDZV_REPORTS.labels("forgotten" if forgotten else "unknown").inc()
+        if forgotten:
+            logger.info("Lost workers %s reported: the rendezvous store dropped %s (round %s)",
+                        ", ".join(addrs), ", ".join(forgotten), answer.get("round"))
+
+    task = asyncio.create_task(send())
+    _report_tasks.add(task)
+    task.add_done_callback(_report_tasks.discard)
+
+
 def _free_slots(spec: JobSpec, indices: dict[str, Any], nodes: list[state.NodeView]) -> tuple[int, bool]:
     """(workers of this spec that fit on the GPUs free now, whether no current node can
     hold one at all). Pods created but not yet seen hold their GPUs for a while, so two
@@ -309,11 +358,15 @@ async def _reconcile(body: kopf.Body, memory: JobMemory, indices: dict[str, Any]
 
     # Observe, measure, plan.
     observed = _observe(spec, memory, indices["lepton_job_workers"].get(key, []))
+    store = next((v for _, v in indices["lepton_job_rdzv_pods"].get(key, [])), state.MISSING_STORE)
+    lost = _lost_workers(memory, observed)
+    if lost and settings.reports_lost_workers and store.ready and not store.deleting \
+            and memory.status.get("phase") not in TERMINAL_PHASES:
+        _report_lost(namespace, name, meta["uid"], lost, spec.workers.min, logger)
     slots, no_node_fits = _free_slots(spec, indices, nodes)
     plan = state.plan_job(meta, spec, memory.status, observed.views, slots,
                           _dt.datetime.now(_dt.timezone.utc), (), observed.vanished,
-                          objects.worker_selector(name), objects.template_hash(spec), no_node_fits,
-                          next((v for _, v in indices["lepton_job_rdzv_pods"].get(key, [])), state.MISSING_STORE),
+                          objects.worker_selector(name), objects.template_hash(spec), no_node_fits, store,
                           next(iter(indices.get("lepton_job_capacity_requests", {}).get(key, [])), None))
 
     # Restart counts, and the uids of the failed pods they count, are made durable in one
@@ -374,7 +427,8 @@ def _network_policy_writes(owner: dict[str, Any], spec: JobSpec, indices: dict[s
     spec asks for that the index does not show as they are, and the ones it no longer
     asks for (``networkPolicy.enabled: false``)."""
     present = dict(indices.get("lepton_job_network_policies", {}).get(key, []))
-    return policy_changes(objects.network_policies(owner, spec), present, memory.policies, time.monotonic())
+    return policy_changes(objects.network_policies(owner, spec, config.get().operator_namespace), present,
+                          memory.policies, time.monotonic())
 
 
 async def _capacity_request_writes(owner: dict[str, Any], spec: JobSpec, plan: state.Plan) -> None:

@@ -64,6 +64,9 @@ RDZV_LIVENESS_PROBE = {"tcpSocket": {"port": "rdzv"}, "periodSeconds": 10, "time
 # JobSpec fields that do not shape a worker pod (sizing, lifecycle, autoscaling, the network).
 _NOT_TEMPLATE = ("suspend", "backoff_limit", "active_deadline_seconds", "ttl_seconds_after_finished",
                  "autoscaling", "capacity", "network_policy")
+# Fields added after jobs already ran, with their defaults: left out of the hash while at
+# the default, so that an operator upgrade does not make the running workers look stale.
+_ADDED_WITH_DEFAULT = {"elastic": {"keep_alive_interval": 3, "keep_alive_max_attempts": 3}}
 
 
 def rdzv_name(job: str) -> str:
@@ -102,6 +105,10 @@ def template_hash(spec: JobSpec) -> str:
     for key in _NOT_TEMPLATE:
         fields.pop(key)
     fields["workers"].pop("replicas")
+    for group, defaults in _ADDED_WITH_DEFAULT.items():
+        for key, default in defaults.items():
+            if fields[group][key] == default:
+                del fields[group][key]
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -126,6 +133,7 @@ def rendezvous_objects(owner: Mapping[str, Any], spec: JobSpec, trainer_image: s
     job = owner["metadata"]["name"]
     lbls = labels(job, ROLE_RDZV)
     port = {"name": "rdzv", "containerPort": contract.RDZV_PORT, "protocol": "TCP"}
+    control = {"name": "control", "containerPort": contract.RDZV_CONTROL_PORT, "protocol": "TCP"}
     pod = {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": meta(owner, rdzv_name(job), lbls),
@@ -137,8 +145,8 @@ def rendezvous_objects(owner: Mapping[str, Any], spec: JobSpec, trainer_image: s
                 "image": trainer_image,
                 "imagePullPolicy": spec.image_pull_policy,
                 "command": ["python", "-m", "lepton_trainer.rendezvous",
-                            "--port", str(contract.RDZV_PORT)],
-                "ports": [port],
+                            "--port", str(contract.RDZV_PORT), "--control-port", str(contract.RDZV_CONTROL_PORT)],
+                "ports": [port, control],
                 "env": scratch_env(),
                 "startupProbe": copy.deepcopy(RDZV_STARTUP_PROBE),
                 "readinessProbe": copy.deepcopy(RDZV_READINESS_PROBE),
@@ -155,6 +163,8 @@ def rendezvous_objects(owner: Mapping[str, Any], spec: JobSpec, trainer_image: s
         "metadata": meta(owner, rdzv_name(job), lbls),
         "spec": {"selector": {LABEL_JOB: job, LABEL_ROLE: ROLE_RDZV},
                  "ports": [{"name": "rdzv", "port": contract.RDZV_PORT, "targetPort": "rdzv",
+                            "protocol": "TCP"},
+                           {"name": "control", "port": contract.RDZV_CONTROL_PORT, "targetPort": "control",
                             "protocol": "TCP"}]},
     }
     return [pod, service]
@@ -173,11 +183,12 @@ def workers_service(owner: Mapping[str, Any]) -> Obj:
     }
 
 
-def network_policies(owner: Mapping[str, Any], spec: JobSpec) -> list[Obj]:
+def network_policies(owner: Mapping[str, Any], spec: JobSpec, operator_namespace: str = "") -> list[Obj]:
     """The job's NetworkPolicies, or none unless ``spec.networkPolicy.enabled``.
 
     ``<job>-rdzv`` (the store pod): ingress only from the job's own workers, only on the
-    store's port. ``<job>-workers`` (the workers): from each other on every port (the
+    store's port, and from the pods of ``operator_namespace`` (when known) only on its
+    report port. ``<job>-workers`` (the workers): from each other on every port (the
     torchrun agents and gloo/NCCL choose ports at run time), and on the metrics port from
     ``networkPolicy.ingressFrom`` (Prometheus), or from anyone when that is empty.
     """
@@ -187,9 +198,14 @@ def network_policies(owner: Mapping[str, Any], spec: JobSpec) -> list[Obj]:
     workers = {LABEL_JOB: job, LABEL_ROLE: ROLE_WORKER}
     from_workers = [{"podSelector": {"matchLabels": dict(workers)}}]
     metrics = [{"port": contract.METRICS_PORT, "protocol": "TCP"}]
+    store_ingress = [{"from": from_workers, "ports": [{"port": contract.RDZV_PORT, "protocol": "TCP"}]}]
+    if operator_namespace:
+        store_ingress.append({"from": [{"namespaceSelector": {"matchLabels": {
+                                 "kubernetes.io/metadata.name": operator_namespace}}}],
+                              "ports": [{"port": contract.RDZV_CONTROL_PORT, "protocol": "TCP"}]})
     return [
         network_policy(owner, rdzv_name(job), labels(job, ROLE_RDZV), {LABEL_JOB: job, LABEL_ROLE: ROLE_RDZV},
-                       [{"from": from_workers, "ports": [{"port": contract.RDZV_PORT, "protocol": "TCP"}]}]),
+                       store_ingress),
         network_policy(owner, workers_service_name(job), labels(job, ROLE_WORKER), workers,
                        [{"from": from_workers}, exposed_ingress(spec.network_policy, metrics)]),
     ]
@@ -204,7 +220,8 @@ def worker_command(owner: Mapping[str, Any], spec: JobSpec) -> list[str]:
         min_nodes=w.min, max_nodes=w.max, nproc_per_node=w.nproc_per_node,
         max_restarts=el.max_restarts, local_addr="$(POD_IP)",
         join_timeout=el.join_timeout, last_call_timeout=el.last_call_timeout,
-        close_timeout=el.close_timeout)
+        close_timeout=el.close_timeout, keep_alive_interval=el.keep_alive_interval,
+        keep_alive_max_attempt=el.keep_alive_max_attempts)
     program = ["-m", spec.module] if spec.module else list(spec.command)
     return ["torchrun", *opts, *program, *spec.args]
 

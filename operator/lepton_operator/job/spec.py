@@ -41,6 +41,8 @@ class Elastic:
     join_timeout: int = 600
     last_call_timeout: int = 2
     close_timeout: int = 10
+    keep_alive_interval: int = 3       # an agent's heartbeat period (torch: 5)
+    keep_alive_max_attempts: int = 3   # heartbeats missed before its node is dropped (torch: 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +212,9 @@ def parse_job(name: str, spec: Mapping[str, Any] | None, default_image: str,
         integer(raw_el, "maxRestarts", 3, 0, 1000, problems, "elastic."),
         integer(raw_el, "joinTimeoutSeconds", 600, 1, 86400, problems, "elastic."),
         integer(raw_el, "lastCallTimeoutSeconds", 2, 0, 3600, problems, "elastic."),
-        integer(raw_el, "closeTimeoutSeconds", 10, 0, 3600, problems, "elastic."))
+        integer(raw_el, "closeTimeoutSeconds", 10, 0, 3600, problems, "elastic."),
+        integer(raw_el, "keepAliveIntervalSeconds", 3, 1, 300, problems, "elastic."),
+        integer(raw_el, "keepAliveMaxAttempts", 3, 1, 100, problems, "elastic."))
 
     env = items(spec, "env", problems, "", Mapping, "an EnvVar object")
     for i, var in enumerate(env):

@@ -65,6 +65,7 @@ class PodView:
     generation: int = 0           # the job generation it was built at (0 when unknown)
     started_at: str = ""          # status.startTime (RFC 3339, "" before the kubelet starts it)
     finished_at: str = ""         # its container's terminated.finishedAt, when it has one
+    ip: str = ""                  # status.podIP: its agent's address in the rendezvous
 
     @property
     def active(self) -> bool:
@@ -118,7 +119,8 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
                    retryable=retryable, message=message,
                    template=annotations.get(ANNOTATION_SPEC_HASH, ""),
                    generation=int(annotations.get(ANNOTATION_GENERATION, 0) or 0),
-                   started_at=status.get("startTime") or "", finished_at=finished)
+                   started_at=status.get("startTime") or "", finished_at=finished,
+                   ip=status.get("podIP") or "")
 
 
 @dataclasses.dataclass(frozen=True)

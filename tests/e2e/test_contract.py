@@ -22,9 +22,7 @@ tests/real deletes a worker pod with the operator running in the cluster.
 """
 from __future__ import annotations
 
-import os
 import re
-import signal
 import sys
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from lepton_operator.job.spec import parse_job
 from lepton_trainer import contract, rendezvous
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
-from torchrun_procs import Proc, free_port, process_tree  # noqa: E402  (shared real-process helper)
+from torchrun_procs import Proc, free_port, kill_tree, process_tree  # noqa: E402  (shared real-process helper)
 
 pytestmark = pytest.mark.e2e
 
@@ -84,18 +82,6 @@ def local_env(pod: dict, volume_root: Path) -> dict[str, str]:
             env[var["name"]] = "127.0.0.1"
     env[contract.ENV_METRICS_PORT] = str(free_port())
     return env
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and every descendant at once, as when a pod's container is killed.
-
-    torchrun starts its workers in their own sessions, so a process-group kill would
-    leave them running."""
-    for p in process_tree(pid):
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 # The reported mode's keep-alive (10 minutes) is far beyond its wait for the resume.

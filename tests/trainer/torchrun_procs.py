@@ -100,6 +100,18 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant at once, as when a pod's container is killed.
+
+    torchrun starts its workers in their own sessions, so a process-group kill would
+    leave them running."""
+    for p in process_tree(pid):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.fixture
 def procs():
     """Collects started processes and stops them all at the end of the test."""

@@ -45,3 +45,10 @@ def test_a_worker_without_an_address_yet_was_never_in_the_rendezvous():
     m = memory()
     handlers._lost_workers(m, observed(pod("a", "", phase="Pending")))
     assert handlers._lost_workers(m, observed()) == []
+
+
+def test_a_worker_that_succeeded_is_not_lost():
+    m = memory()
+    handlers._lost_workers(m, observed(pod("a", "10.0.0.1"), pod("b", "10.0.0.2", index=1)))
+    done = observed(pod("a", "10.0.0.1", phase="Succeeded"), pod("b", "10.0.0.2", phase="Succeeded", index=1))
+    assert handlers._lost_workers(m, done) == []

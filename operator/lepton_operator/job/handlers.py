@@ -254,10 +254,12 @@ def _observe(spec: JobSpec, memory: JobMemory, pods: Iterable[state.PodView]) ->
 
 def _lost_workers(memory: JobMemory, observed: _Observed) -> list[str]:
     """The IPs of the workers that were active at the last reconcile and are not now (the
-    operator deleted them, or they failed, are being deleted or are gone); remembers the
-    active ones' IPs for the next reconcile."""
+    operator deleted them, or they failed, are being deleted or are gone; a worker that
+    succeeded is not lost); remembers the active ones' IPs for the next reconcile."""
     active = {p.uid: p.ip for p in observed.pods.values() if p.active and p.ip and p.uid not in memory.deleted}
-    lost = sorted({ip for uid, ip in memory.addrs.items() if uid not in active} - set(active.values()))
+    succeeded = {p.uid for p in observed.pods.values() if p.phase == "Succeeded"}
+    lost = sorted({ip for uid, ip in memory.addrs.items() if uid not in active and uid not in succeeded}
+                  - set(active.values()))
     memory.addrs = active
     return lost
 

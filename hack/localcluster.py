@@ -207,6 +207,13 @@ AUDIT_POLICY = {
 }
 
 
+class KubectlError(subprocess.CalledProcessError):
+    """A failed kubectl command; its message carries kubectl's own error."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}: {(self.stderr or self.stdout or '').strip()[-2000:]}"
+
+
 @dataclass
 class Cluster:
     """A local control plane whose state (ports, pids, PKI, logs) lives in ``state_dir``."""
@@ -532,7 +539,7 @@ class Cluster:
                               input=input, capture_output=True, text=True)
         if proc.returncode != 0:
             if check:
-                raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
+                raise KubectlError(proc.returncode, proc.args, proc.stdout, proc.stderr)
             return ""
         return proc.stdout
 

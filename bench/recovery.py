@@ -200,7 +200,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--parallel", action="store_true")
+    parser.add_argument("--parallel", action="store_true", help="(with --from-log: the run was parallel)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--from-log", type=Path, help="the printed output of a run to summarise")
     parser.add_argument("--machine", help="with --from-log: the machine it ran on, in words")
@@ -243,8 +243,7 @@ def main() -> None:
         "benchmark": "recovery from a lost worker (agent and worker killed at once): seconds from the loss "
                      "to the first step after it, steps lost, seconds from starting a replacement to the "
                      "first step that includes it; medians over the runs",
-        "setup": {"nnodes": "1:N", "nproc_per_node": 1, "runs": args.runs,
-                  "parallel": args.parallel or bool(args.from_log),
+        "setup": {"nnodes": "1:N", "nproc_per_node": 1, "runs": args.runs, "parallel": args.parallel,
                   "model": "mlp", "dataset": "digits", "backend": "gloo",
                   "checkpoint_every": CHECKPOINT_EVERY, "log_every": LOG_EVERY,
                   "rdzv_conf": {"default": {"is_host": "false", **DEFAULT_RDZV_CONF},

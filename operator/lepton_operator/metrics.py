@@ -29,7 +29,7 @@ LEADER = Gauge("lepton_operator_leader",
                "1 while this replica reconciles (it holds the leader Lease, or runs without leader "
                "election), 0 while it waits as a standby.")
 RDZV_REPORTS = Counter("lepton_operator_rendezvous_reports_total",
-                       "Lost workers reported to their job's rendezvous store, by outcome (forgotten: "
+                       "Reports of lost workers sent to a job's rendezvous store, by outcome (forgotten: "
                        "the store dropped them; unknown: it no longer had them; failed: not delivered).",
                        ["outcome"])
 ANALYSIS = Counter("lepton_operator_canary_analysis_total",

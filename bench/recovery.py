@@ -43,8 +43,10 @@ from lepton_trainer import rendezvous
 from lepton_trainer.rendezvous import DEFAULT_RDZV_CONF, TUNED_RDZV_CONF, torchrun_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "trainer"))
 from torchrun_procs import kill_tree  # noqa: E402  (the tests' process-tree kill)
+from waiting import wait_for  # noqa: E402
 import ttfs  # noqa: E402
 from ttfs import free_port, start, stop  # noqa: E402
 
@@ -72,7 +74,7 @@ class Job:
                            workdir / "rdzv.log")
         self.agents: list = []
         self.started = 0
-        conf = {} if mode == "default" else dict(REPORTED_KEEP_ALIVE) if mode == "reported" else {}
+        conf = dict(REPORTED_KEEP_ALIVE) if mode == "reported" else {}
         self.args = torchrun_args(endpoint=f"127.0.0.1:{self.port}", run_id=self.run_id, min_nodes=1,
                                   max_nodes=workers, local_addr="127.0.0.1", tuned=mode != "default",
                                   max_restarts=100, **conf)
@@ -89,13 +91,10 @@ class Job:
         return [log.read_text(errors="replace") for _, log in self.agents]
 
     def wait(self, what: str, found, timeout: float = 300.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = found(self.logs())
-            if value is not None:
-                return value
-            time.sleep(0.02)
-        raise TimeoutError(f"{self.mode}/{self.workers}: no {what} within {timeout}s; see {self.workdir}")
+        """The first value of ``found(logs)`` that is not None (polled every 20 ms)."""
+        return wait_for(f"{self.mode}/{self.workers}: {what} (logs in {self.workdir})",
+                        lambda: (v,) if (v := found(self.logs())) is not None else None,
+                        timeout, interval=0.02)[0]
 
     def tails(self, lines: int = 15) -> str:
         """The end of each log, for a run that did not finish."""
@@ -166,7 +165,7 @@ def run_job(workers: int, mode: str, runs: int, root: Path, out: dict) -> None:
             samples.append(cycle(job))
             print(f"workers={workers} {mode:8s} run={rep} {samples[-1]}", flush=True)
         out[(workers, mode)] = samples
-    except TimeoutError:
+    except AssertionError:   # a wait timed out
         print(job.tails(), flush=True)
         raise
     finally:

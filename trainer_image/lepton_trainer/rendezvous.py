@@ -34,6 +34,7 @@ import threading
 import urllib.request
 from collections.abc import Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from types import SimpleNamespace
 
 from .contract import RDZV_CONTROL_PORT, RDZV_PORT
 
@@ -119,6 +120,7 @@ def forget_nodes(store, run_id: str, addrs: Iterable[str], min_nodes: int,
     an agent is never lost: on a conflict the change is made again on the new state.
     """
     from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import _remove_participant_epilogue
 
     addrs, pids = set(addrs), set(pids)
     backend = C10dRendezvousBackend(store, run_id)
@@ -138,12 +140,8 @@ def forget_nodes(store, run_id: str, addrs: Iterable[str], min_nodes: int,
             state.wait_list.discard(node)
             state.redundancy_list.discard(node)
             state.last_heartbeats.pop(node, None)
-        if removed_participant:   # dynamic_rendezvous._remove_participant_epilogue
-            if state.complete and not state.participants:
-                state.complete = False
-                state.round += 1
-            elif not state.complete and len(state.participants) < min_nodes:
-                state.deadline = None
+        if removed_participant:   # torch's own step after a participant leaves (it reads min_nodes only)
+            _remove_participant_epilogue(state, SimpleNamespace(min_nodes=min_nodes))
         result = backend.set_state(pickle.dumps(state), token)
         if result is not None and result[2]:
             return [str(n) for n in lost], state.round
@@ -224,9 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--control-port", type=int, default=RDZV_CONTROL_PORT,
                         help="port of the HTTP endpoint where lost workers are reported (-1: none)")
     args = parser.parse_args(argv)
-    for flag, value in (("--port", args.port), ("--control-port", args.control_port)):
-        if not (0 <= value < 65536 or (flag == "--control-port" and value == -1)):
-            parser.error(f"{flag} must be in 0..65535, got {value}")
+    if not 0 <= args.port < 65536:
+        parser.error(f"--port must be in 0..65535, got {args.port}")
+    if not -1 <= args.control_port < 65536:
+        parser.error(f"--control-port must be in 0..65535, got {args.control_port}")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
     serve(args.port, args.host, None if args.control_port == -1 else args.control_port)

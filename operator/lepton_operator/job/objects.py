@@ -47,7 +47,7 @@ from ..constants import (ANNOTATION_GENERATION, ANNOTATION_SPEC_HASH, JOB_KIND, 
 from ..core.objects import (container_security, env, exposed_ingress, meta, network_policy, pod_security, resources,
                             scratch_env, scratch_mount, scratch_volume, with_gpu_toleration)
 from ..core.objects import labels as child_labels
-from .spec import JobSpec
+from .spec import Elastic, JobSpec
 
 Obj = dict[str, Any]
 
@@ -64,9 +64,9 @@ RDZV_LIVENESS_PROBE = {"tcpSocket": {"port": "rdzv"}, "periodSeconds": 10, "time
 # JobSpec fields that do not shape a worker pod (sizing, lifecycle, autoscaling, the network).
 _NOT_TEMPLATE = ("suspend", "backoff_limit", "active_deadline_seconds", "ttl_seconds_after_finished",
                  "autoscaling", "capacity", "network_policy")
-# Fields added after jobs already ran, with their defaults: left out of the hash while at
-# the default, so that an operator upgrade does not make the running workers look stale.
-_ADDED_WITH_DEFAULT = {"elastic": {"keep_alive_interval": 3, "keep_alive_max_attempts": 3}}
+# Fields added after jobs already ran: left out of the hash while at their defaults, so that
+# an operator upgrade does not make the running workers look stale.
+_ADDED_LATER = {"elastic": (Elastic, ("keep_alive_interval", "keep_alive_max_attempts"))}
 
 
 def rdzv_name(job: str) -> str:
@@ -105,9 +105,10 @@ def template_hash(spec: JobSpec) -> str:
     for key in _NOT_TEMPLATE:
         fields.pop(key)
     fields["workers"].pop("replicas")
-    for group, defaults in _ADDED_WITH_DEFAULT.items():
-        for key, default in defaults.items():
-            if fields[group][key] == default:
+    for group, (cls, keys) in _ADDED_LATER.items():
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for key in keys:
+            if fields[group][key] == defaults[key]:
                 del fields[group][key]
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

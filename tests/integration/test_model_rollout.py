@@ -173,6 +173,12 @@ def test_missing_sources_are_reported_and_awaited(k):
     ({"rollout": {"analysis": [{"name": "e", "query": "", "max": 1}]}}, "spec.rollout.analysis[0].query"),
     ({"autoscaling": {"metric": "query", "query": " ", "target": 1}},
      "autoscaling.query must be a non-empty PromQL query"),
+    ({"compression": {"method": "distill", "params": {"student": {"layers": 3, "path": "s"}}}},
+     "compression.params.student must set exactly one of layers or path"),
+    ({"compression": {"method": "distill", "params": {"student": {"layers": 3}, "data": "../d.jsonl"}}},
+     "compression.params.data must be relative to the source claim"),
+    ({"compression": {"method": "distill", "params": {"student": {"layers": 0}}}},
+     "spec.compression.params.student.layers: Invalid value: 0"),
 ])
 def test_bad_input_is_rejected(k, spec, message):
     out = k.run("apply", "-f", "-", input=json.dumps(model(k, "bad", **spec)))

@@ -187,3 +187,59 @@ def test_auto_keeps_the_smallest_candidate_that_passes(tmp_path, minilm):
     term = json.loads((tmp_path / "term").read_text())
     assert term["passed"] and term["method"] == best and len(term["candidates"]) == 3
     assert table["prune-structured"]["intermediate_after"] < table["prune-structured"]["intermediate_before"]
+
+
+def _texts_file(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def test_distill_a_student_of_the_teachers_own_layers(tmp_path, minilm):
+    """``student: {layers: 3}`` keeps layers 0, 2 and 5 of the six and trains them towards
+    the teacher's ``sentence_embedding`` (the gated output). The training and the gate's
+    sentences come from one small generated set, so this shows the mechanism (a smaller
+    model that training brings from failing the gate to passing it), not how far a student
+    generalises: that depends on the user's data and is for the gate to judge."""
+    data = _texts_file(tmp_path / "train.jsonl", modelio.sample_texts(96, seed=7))
+    gate = {"type": "fidelity", "metric": "cosine", "threshold": 0.9, "samples": 32}
+    params = {"student": {"layers": 3}, "data": str(data)}
+    untrained = _compress(minilm, tmp_path / "untrained", "distill", gate, **params, epochs=0)
+    assert untrained["passed"] is False and not (tmp_path / "untrained").exists()
+
+    art = tmp_path / "student"
+    r = _compress(minilm, art, "distill", gate, **params, epochs=3)
+    assert r["passed"] is True, r
+    assert r["gate"]["after"] > untrained["gate"]["after"] + 0.1
+    assert r["student"] == {"layers": 3, "from_teacher_layers": [0, 2, 5], "teacher_layers": 6}
+    assert r["train_rows"] == 96 and len(r["loss_per_epoch"]) == 3
+    assert r["loss_per_epoch"][-1] < r["loss_per_epoch"][0]
+    assert r["bytes_after"] < r["bytes_before"] and modelio.size_bytes(art) < modelio.size_bytes(minilm)
+    student = modelio.load(art)
+    assert student.format == "huggingface" and student.module.config.num_hidden_layers == 3
+    assert len(student.module.encoder.layer) == 3 and student.tokenizer is not None
+    emb = student.run({"text": np.array([t.encode() for t in TEXTS], dtype=object)})["sentence_embedding"]
+    assert emb.shape == (len(TEXTS), 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+
+    # The same student named by path, without training: the gate sees the same model.
+    again = _compress(minilm, tmp_path / "by-path", "distill", gate,
+                      student={"path": str(art)}, data=str(data), epochs=0)
+    assert again["passed"] is True and again["student"] == {"path": str(art)}
+    assert again["gate"]["after"] == pytest.approx(r["gate"]["after"], abs=1e-5)
+
+
+def test_distill_says_what_it_needs(tmp_path, minilm):
+    loaded = modelio.load(minilm)
+    data = str(_texts_file(tmp_path / "d.jsonl", TEXTS))
+    out = "sentence_embedding"
+    with pytest.raises(compress.MethodUnavailable, match="needs params.student"):
+        compress.distill_hf(loaded, {"data": data}, out)
+    with pytest.raises(compress.MethodUnavailable, match="needs params.student"):
+        compress.distill_hf(loaded, {"student": {"layers": 2, "path": "x"}, "data": data}, out)
+    with pytest.raises(compress.MethodUnavailable, match="needs params.data"):
+        compress.distill_hf(loaded, {"student": {"layers": 2}}, out)
+    with pytest.raises(ValueError, match=r"between 1 and 5 \(the teacher has 6 layers\), got 6"):
+        compress.distill_hf(loaded, {"student": {"layers": 6}, "data": data}, out)
+    with pytest.raises(FileNotFoundError, match="not a Hugging Face directory"):
+        compress.distill_hf(loaded, {"student": {"path": str(tmp_path)}, "data": data}, out)
+    with pytest.raises(ValueError, match="distill needs epochs >= 0"):
+        compress.distill_hf(loaded, {"student": {"layers": 2}, "data": data, "lr": 0}, out)

@@ -180,6 +180,16 @@ def test_format_evaluation_and_auto_reach_the_compression_job():
     assert json.loads(env["LEPTON_COMPRESSION_EVALUATION"]) == {
         "type": "fidelity", "metric": "cosine", "threshold": 0.98, "path": "/models/eval/samples.jsonl"}
     assert json.loads(env["LEPTON_COMPRESSION_PARAMS"]) == {"objective": "latency"}
+    # Distillation's student directory and training data lie on the source claim as well.
+    d = parse_model("digits", {"source": {"uri": "pvc://models/minilm"},
+                               "compression": {"method": "distill", "params": {
+                                   "student": {"path": "students/small"}, "data": "distill.jsonl", "epochs": 2}}},
+                    "trainer:1")
+    job = objects.compression_job(OWNER, d, d.revision(), src, artifact_path(src, "digits", d.revision()))
+    env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert json.loads(env["LEPTON_COMPRESSION_PARAMS"]) == {
+        "student": {"path": "/models/students/small"}, "data": "/models/distill.jsonl", "epochs": 2}
+    assert d.compression.params["student"] == {"path": "students/small"}     # the spec itself is unchanged
     # Served straight from the source (no compression), the format reaches the server.
     plain = parse_model("digits", {"source": {"uri": "pvc://models/m.pt2", "format": "torch.export"}}, "trainer:1")
     dep = objects.deployment(OWNER, plain, "r1", PvcPath("models", "m.pt2"), 1)

@@ -10,7 +10,11 @@ TorchScript and ONNX programs take ``none`` only, their graphs have no modules t
   prune             unstructured global L1 magnitude pruning to ``sparsity``: the zeros
                     are stored densely and run through dense kernels, so it brings no
                     size or speed gain; the result says so (``effective: false``)
-  distill           a smaller MLP student trained on the teacher's softened outputs (builtin)
+  distill           a smaller student trained on the teacher's outputs: for a builtin
+                    model an MLP of ``studentHidden`` units on its data set; for a Hugging
+                    Face model the student of ``student`` ({layers: N}: N of the teacher's
+                    own layers, evenly spaced; or {path: dir}: a student directory), trained
+                    on the inputs of the ``data`` file to match the gated output
   none              the model unchanged (the result still records its numbers)
   auto              tries ``candidates`` (default int8, fp16, bf16, prune-structured),
                     measures size, gate metric and latency of each on this machine, and
@@ -28,7 +32,8 @@ the verdict: the operator reports them and never re-derives them.
 
 Every flag falls back to an environment variable (contract.py); method parameters also
 come as a JSON object in LEPTON_COMPRESSION_PARAMS with keys ``sparsity``, ``amount``,
-``studentHidden``, ``epochs``, ``temperature``, ``backend``, and for ``auto``:
+``studentHidden``, ``student``, ``data``, ``epochs``, ``lr``, ``batchSize``, ``temperature``,
+``backend``, and for ``auto``:
 ``candidates``, ``objective``, ``latencyTargetMs``, ``latencyBatch``.
 """
 from __future__ import annotations
@@ -167,6 +172,113 @@ def apply_method(method: str, model: nn.Module, meta: dict, split: data.Split,
     return model, meta, extra
 
 
+# --- distillation of a Hugging Face model ---------------------------------------------------
+
+def _layer_list(module: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """(parent, attribute, list) of the transformer's stack of layers: the outermost
+    ModuleList with ``config.num_hidden_layers`` entries (``encoder.layer`` for BERT)."""
+    n = getattr(module.config, "num_hidden_layers", None)
+    for name, m in module.named_modules():
+        if isinstance(m, nn.ModuleList) and n and len(m) == n:
+            parent_name, _, attr = name.rpartition(".")
+            return module.get_submodule(parent_name) if parent_name else module, attr, m
+    raise MethodUnavailable("distill with student.layers needs a transformer with a stack of "
+                            "config.num_hidden_layers layers; name a student directory in student.path")
+
+
+def student_from_layers(teacher: nn.Module, layers: int) -> tuple[nn.Module, list[int]]:
+    """A copy of ``teacher`` that keeps ``layers`` of its transformer layers, evenly spaced
+    from the first to the last (embeddings, pooler and heads unchanged): the student's
+    starting point, as DistilBERT starts from every other layer of BERT."""
+    student = copy.deepcopy(teacher)
+    parent, attr, stack = _layer_list(student)
+    n = len(stack)
+    if not 1 <= layers < n:
+        raise ValueError(f"student.layers must be between 1 and {n - 1} (the teacher has {n} layers), got {layers}")
+    keep = [round(i * (n - 1) / (layers - 1)) for i in range(layers)] if layers > 1 else [n - 1]
+    setattr(parent, attr, nn.ModuleList([stack[i] for i in keep]))
+    student.config.num_hidden_layers = layers
+    return student, keep
+
+
+def _distill_loss(name: str, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None,
+                  temperature: float) -> torch.Tensor:
+    """KL divergence of the softened distributions for ``logits``; for any other output
+    (embeddings, hidden states) the mean squared error plus one minus the cosine similarity
+    of its rows, over real tokens only for per-token outputs."""
+    if name == "logits":
+        return F.kl_div(F.log_softmax(student / temperature, dim=-1), F.softmax(teacher / temperature, dim=-1),
+                        reduction="batchmean") * temperature ** 2
+    if student.dim() == 3 and mask is not None:
+        keep = mask.bool()
+        student, teacher = student[keep], teacher[keep]
+    student, teacher = student.reshape(len(student), -1), teacher.reshape(len(teacher), -1)
+    return F.mse_loss(student, teacher) + (1 - F.cosine_similarity(student, teacher, dim=1)).mean()
+
+
+def distill_hf(loaded: modelio.LoadedModel, params: dict, output: str) -> tuple[nn.Module, dict]:
+    """Train a student of a Hugging Face model on the teacher's ``output`` (the gated output).
+
+    ``params.student`` is ``{"layers": N}`` (the teacher's own layers, N of them, as the
+    starting point) or ``{"path": dir}`` (a Hugging Face directory whose model reads the
+    teacher's tokenizer and answers ``output`` in the same shape). ``params.data`` is a
+    file of training inputs, in the gate's formats (labels are not needed: the teacher
+    labels them). ``epochs`` (3), ``lr`` (1e-4), ``batchSize`` (16) and, for logits,
+    ``temperature`` (2) tune the training."""
+    spec, path = params.get("student"), params.get("data")
+    if not isinstance(spec, dict) or ("layers" in spec) == ("path" in spec):
+        raise MethodUnavailable("distill of a Hugging Face model needs params.student: "
+                                "{layers: N} (keep N of the teacher's layers) or {path: a student directory}")
+    if not path:
+        raise MethodUnavailable("distill of a Hugging Face model needs params.data: a file of training inputs "
+                                "(.npz, .pt, .safetensors or .jsonl, as the gate's files)")
+    epochs, lr = int(params.get("epochs", 3)), float(params.get("lr", 1e-4))
+    batch_size, temperature = int(params.get("batchSize", 16)), float(params.get("temperature", 2.0))
+    if epochs < 0 or batch_size < 1 or lr <= 0 or temperature <= 0:
+        raise ValueError(f"distill needs epochs >= 0, batchSize >= 1, lr > 0 and temperature > 0; got "
+                         f"{epochs}, {batch_size}, {lr}, {temperature}")
+    if "layers" in spec:
+        student, kept = student_from_layers(loaded.module, int(spec["layers"]))
+        extra: dict[str, Any] = {"student": {"layers": len(kept), "from_teacher_layers": kept,
+                                             "teacher_layers": loaded.module.config.num_hidden_layers}}
+    else:
+        directory = Path(spec["path"])
+        if not (directory / "config.json").exists():
+            raise FileNotFoundError(f"student.path {directory} is not a Hugging Face directory (no config.json)")
+        student = modelio.load_hf_module(directory)
+        extra = {"student": {"path": str(directory)}}
+    inputs, _ = gates.load_data(path, loaded)
+    rows = len(next(iter(inputs.values())))
+    batches = []
+    for i in range(0, rows, batch_size):
+        batch = loaded.prepare({k: v[i:i + batch_size] for k, v in inputs.items()})
+        with torch.no_grad():
+            target = loaded.outputs_of(loaded.module, batch)[output]
+        batches.append((batch, target))
+    with torch.no_grad():
+        got = loaded.outputs_of(student.eval(), batches[0][0])
+    if output not in got or got[output].shape != batches[0][1].shape:
+        raise ValueError(f"the student's {output!r} has shape {list(got[output].shape) if output in got else None}; "
+                         f"the teacher's has {list(batches[0][1].shape)}")
+    student.train()
+    opt = torch.optim.AdamW(student.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(epochs):
+        total = 0.0
+        for j in torch.randperm(len(batches), generator=gen).tolist():
+            batch, target = batches[j]
+            loss = _distill_loss(output, loaded.outputs_of(student, batch)[output], target,
+                                 batch.get("attention_mask"), temperature)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(target)
+        losses.append(round(total / rows, 6))
+    extra.update(train_rows=rows, epochs=epochs, loss_per_epoch=losses)
+    return student.eval(), extra
+
+
 # --- structured pruning ----------------------------------------------------------------------
 
 def _keep(importance: torch.Tensor, amount: float) -> torch.Tensor:
@@ -252,8 +364,9 @@ def _hf_copy(loaded: modelio.LoadedModel, module: nn.Module) -> modelio.LoadedMo
 
 
 def apply(method: str, loaded: modelio.LoadedModel, params: dict,
-          split: data.Split | None) -> tuple[modelio.LoadedModel, dict, Any]:
-    """Compress a loaded model; returns (candidate, extra result fields, how to save it)."""
+          split: data.Split | None, output: str | None = None) -> tuple[modelio.LoadedModel, dict, Any]:
+    """Compress a loaded model; returns (candidate, extra result fields, how to save it).
+    ``output`` is the output the gate scores (what a Hugging Face student learns)."""
     if method == "none" and loaded.format != "builtin":
         return loaded, {}, ("copy",)
     if loaded.format == "builtin":
@@ -299,9 +412,11 @@ def apply(method: str, loaded: modelio.LoadedModel, params: dict,
         elif method == "prune":
             module = prune_global(module, float(params.get("sparsity", 0.5)))
             extra["sparsity"] = round(sparsity_of(module), 4)
+        elif method == "distill":
+            module, extra = distill_hf(loaded, params, output or gates.pick_output(loaded, gates.Gate("fidelity", "cosine")))
         else:
             raise MethodUnavailable(f"{method} is not available for Hugging Face models "
-                                    f"(int8, fp16, bf16, prune-structured, prune, none are)")
+                                    f"(int8, fp16, bf16, prune-structured, prune, distill, none are)")
         cand = _hf_copy(loaded, module.eval())
         cand.meta = {**lepton}
         return cand, extra, ("huggingface", module, lepton)
@@ -379,7 +494,7 @@ def latency(loaded: modelio.LoadedModel, batch: int, iters: int, warmup: int = 5
 
 def _measure(method: str, loaded: modelio.LoadedModel, params: dict, split, evaluator: gates.Evaluator,
              source: Path, iters: int) -> dict[str, Any]:
-    cand, extra, how = apply(method, loaded, params, split)
+    cand, extra, how = apply(method, loaded, params, split, evaluator.output)
     score = evaluator.score(cand)
     row = {"method": method, "bytes": model_bytes(how, source),
            "latency_p50_ms_batch1": round(latency(cand, 1, iters), 4),

@@ -457,7 +457,12 @@ class HuggingFaceModel(LoadedModel):
 
     @torch.inference_mode()
     def forward(self, batch):
-        out = self.module(**batch)
+        return self.outputs_of(self.module, batch)
+
+    def outputs_of(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``module``'s named outputs for a prepared batch, differentiable (distillation
+        trains a student through it)."""
+        out = module(**batch)
         result = {k: v.float() for k, v in out.items() if isinstance(v, torch.Tensor) and v.dim() >= 2}
         if self.pooling and "last_hidden_state" in result:
             result["sentence_embedding"] = pool(result["last_hidden_state"], batch["attention_mask"],

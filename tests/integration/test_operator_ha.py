@@ -6,6 +6,8 @@ fixture) cannot reconcile beside them.
 
 - A restarted operator reads the failures already counted back from the job's status and
   counts none of them twice.
+- A restarted operator reads the workers that were active back from the job's status: one
+  deleted while no operator ran is counted once, as an uncounted restart.
 - Two replicas with ``--leader-elect``: one reconciles, the other waits; SIGKILL the
   leader and the standby takes over and reconciles a new job. The takeover time is
   printed (``takeover_seconds``).
@@ -194,6 +196,36 @@ def test_a_restarted_operator_counts_no_failure_twice(own_cluster, operators):
     status = wait_for("the failed worker replaced and its uid dropped", replaced, timeout=90)
     assert seen_counts == {1}, f"counted went through {seen_counts}"
     assert status["restarts"] == {"counted": 1, "uncounted": 0} and status["restartCount"] == 1
+
+
+def test_a_worker_deleted_while_no_operator_ran_is_counted_once(own_cluster, operators):
+    """The status lists the active workers; one deleted while no operator ran is replaced
+    and counted once, as an uncounted restart, by the next operator."""
+    c, ns = own_cluster, own_cluster.create_namespace("restart-vanished")
+    first = operators("first", leader_elect=False)
+    c.kubectl("apply", "-f", "-", input=yaml.safe_dump(job("r2", ns, workers=2, backoffLimit=3)))
+    pods = wait_job_running(c, ns, "r2", 2)
+    uids = sorted(p["metadata"]["uid"] for p in pods)
+    wait_for("both workers listed in the status",
+             lambda: (get(c, ns, "leptonjob", "r2").get("status") or {}).get("activeWorkerUIDs") == uids, timeout=30)
+    first.kill()
+    gone = next(p["metadata"]["uid"] for p in pods if p["metadata"]["name"] == "r2-worker-1")
+    c.kubectl("-n", ns, "delete", "pod", "r2-worker-1", "--grace-period=0", "--force")
+
+    operators("second", leader_elect=False)
+    seen_counts = set()
+
+    def replaced():
+        status = get(c, ns, "leptonjob", "r2").get("status") or {}
+        seen_counts.add((status.get("restarts") or {}).get("uncounted"))
+        now = running_workers(c, ns, "r2")
+        listed = status.get("activeWorkerUIDs") or []
+        return (len(now) == 2 and gone not in {p["metadata"]["uid"] for p in now} and gone not in listed
+                and sorted(listed) == sorted(p["metadata"]["uid"] for p in now)
+                and status.get("phase") == "Running" and status)
+    status = wait_for("the deleted worker replaced", replaced, timeout=90)
+    assert seen_counts <= {0, 1}, f"uncounted went through {seen_counts}"
+    assert status["restarts"] == {"counted": 0, "uncounted": 1} and status["restartCount"] == 1
 
 
 def test_two_replicas_one_leads_and_the_standby_takes_over_after_a_sigkill(own_cluster, operators):

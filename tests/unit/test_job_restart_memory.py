@@ -1,11 +1,13 @@
 """What a LeptonJob's loop must not forget across an operator restart lives in the status
-it writes: the failures already counted (``status.countedPodUIDs``) and the autoscaler's
-baseline, cooldown and last decision (``status.autoscaling``).
+it writes: the failures already counted (``status.countedPodUIDs``), the workers that were
+active (``status.activeWorkerUIDs``) and the autoscaler's baseline, cooldown and last
+decision (``status.autoscaling``).
 
 The planner tests lose the memory by planning from the written status alone. The loop
 tests run the real reconcile (``job.handlers._reconcile``, ``job.autoscale.tick``)
 against a recording stand-in for the API server and "kill" the process at the worst
-moment: after the status write that counts, before the write that acts on it.
+moment: after the status write that counts, before the write that acts on it; or after
+the operator's own DELETE of a worker, before anything else is written.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from lepton_operator import config
 from lepton_operator.core import kube
 from lepton_operator.job import autoscale
 from lepton_operator.job import handlers as jh
@@ -88,6 +91,19 @@ def test_uids_passed_in_and_uids_in_the_status_both_count_as_handled():
     assert plan.status[js.COUNTED_POD_UIDS] == ["uid-0", "uid-1"]
 
 
+def test_the_status_lists_the_active_workers_the_plan_keeps():
+    deleting = js.dataclasses.replace(pod(2), deleting=True)
+    pending = js.PodView(name="j-worker-3", uid="", index=3, phase="Pending")      # created, not yet seen
+    pods = [pod(0), pod(1), deleting, pending]
+    steady = js.plan_job(META, spec(workers={"min": 1, "max": 4, "replicas": 3}), {"phase": "Running"}, pods, 8, NOW)
+    assert steady.delete == [] and steady.status[js.ACTIVE_WORKER_UIDS] == ["uid-0", "uid-1"]
+    plan = js.plan_job(META, spec(workers={"min": 1, "max": 4, "replicas": 1}), steady.status, pods, 8, NOW)
+    assert sorted(plan.delete) == ["j-worker-1", "j-worker-3"]              # scale-down to one
+    assert plan.status[js.ACTIVE_WORKER_UIDS] == ["uid-0"]
+    suspended = js.plan_job(META, spec(suspend=True), plan.status, [pod(0)], 8, NOW)
+    assert suspended.delete == ["j-worker-0"] and js.ACTIVE_WORKER_UIDS not in suspended.status
+
+
 def test_a_finished_job_keeps_no_uid_of_a_pod_that_is_gone():
     prev = {"phase": "Failed", "restarts": {"counted": 4, "uncounted": 0}, js.COUNTED_POD_UIDS: ["uid-1"],
             "completionTime": "2026-01-01T11:00:00Z"}
@@ -123,6 +139,7 @@ class FakeAPI:
         self.spec = spec or {}
         self.calls: list[tuple[str, tuple]] = []
         self.kill_before: str | None = None
+        self.kill_after: str | None = None
 
     async def __call__(self, fn, *args, **kwargs):
         name = fn.__name__
@@ -130,6 +147,9 @@ class FakeAPI:
             self.kill_before = None
             raise Killed(name)
         self.calls.append((name, args))
+        if name == self.kill_after:     # the call went out, its answer never arrives
+            self.kill_after = None
+            raise Killed(name)
         if name == "patch_status":
             self.status = merge(self.status, args[4])
             return {}
@@ -147,9 +167,10 @@ class FakeAPI:
                 for name, args in self.calls if name == verb]
 
 
-def job_body(status: dict[str, Any], workers: int = 2) -> dict[str, Any]:
-    return {"apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonJob", "metadata": dict(META),
-            "spec": {"workers": {"min": workers, "max": workers, "replicas": workers}, "resources": {"gpus": 1}},
+def job_body(status: dict[str, Any], workers: int = 2, generation: int = 1, **more: Any) -> dict[str, Any]:
+    return {"apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonJob", "metadata": {**META, "generation": generation},
+            "spec": {"workers": {"min": workers, "max": workers, "replicas": workers}, "resources": {"gpus": 1},
+                     **more},
             "status": status}
 
 
@@ -162,10 +183,12 @@ def indices(pods: list[js.PodView]) -> dict[str, Any]:
             "lepton_job_rdzv_pods": {("ns", "j"): [("j-rdzv", js.StoreView("2026-01-01T00:00:00Z", True, False))]}}
 
 
-def reconcile(api: FakeAPI, pods: list[js.PodView], memory: jh.JobMemory | None = None) -> jh.JobMemory:
+def reconcile(api: FakeAPI, pods: list[js.PodView], memory: jh.JobMemory | None = None,
+              **body: Any) -> jh.JobMemory:
     """One reconcile of the job as a process whose memory is ``memory`` (None: a process
-    that just started, whose memory is built from the status on the server)."""
-    body = job_body(api.status)
+    that just started, whose memory is built from the status on the server); ``body``:
+    see ``job_body``."""
+    body = job_body(api.status, **body)
     memory = memory or jh._loops.new_memory(dict(api.status))
     asyncio.run(jh._reconcile(body, memory, indices(pods), LOG))
     return memory
@@ -208,6 +231,118 @@ def test_a_loop_that_keeps_its_memory_behaves_the_same(api):
     memory = reconcile(api, [pod(0), FAILED])
     reconcile(api, [pod(0), FAILED], memory)
     assert api.status["restarts"]["counted"] == 1
+
+
+# --- the workers that were active ----------------------------------------------------
+
+def gone_or_going(how: str) -> list[js.PodView]:
+    """The job's pods once worker 1 was deleted by someone else: gone, or still deleting."""
+    return [pod(0)] if how == "gone" else [pod(0), js.dataclasses.replace(pod(1), deleting=True)]
+
+
+@pytest.mark.parametrize("how", ["gone", "deleting"])
+def test_a_worker_deleted_while_no_operator_ran_is_counted_once_after_the_restart(api, how):
+    reconcile(api, [pod(0), pod(1)])                          # then the process dies
+    assert api.status[js.ACTIVE_WORKER_UIDS] == ["uid-0", "uid-1"]
+
+    if how == "gone":
+        api.kill_before = "create"                            # the next one dies after counting it
+        with pytest.raises(Killed):
+            reconcile(api, gone_or_going(how))
+    else:                                                     # (nothing to create while it is going)
+        reconcile(api, gone_or_going(how))
+    assert api.status["restarts"] == {"counted": 0, "uncounted": 1} and api.status["restartCount"] == 1
+    assert api.status[js.ACTIVE_WORKER_UIDS] == ["uid-0"]
+
+    memory = reconcile(api, gone_or_going(how))               # and the one after it counts nothing again
+    reconcile(api, [pod(0)], memory)
+    assert api.status["restarts"] == {"counted": 0, "uncounted": 1} and api.status["restartCount"] == 1
+    assert "j-worker-1" in api.names("create")
+    replaced = js.dataclasses.replace(pod(1), uid="uid-1b")
+    reconcile(api, [pod(0), replaced])                        # a restart once it is replaced
+    assert api.status["restarts"] == {"counted": 0, "uncounted": 1}
+    assert api.status[js.ACTIVE_WORKER_UIDS] == ["uid-0", "uid-1b"]
+
+
+def test_a_reconcile_that_fails_after_counting_a_vanished_worker_does_not_count_it_again(api):
+    memory = reconcile(api, [pod(0), pod(1)])
+    api.kill_before = "create"           # here: the create fails and the same loop tries again
+    with pytest.raises(Killed):
+        reconcile(api, [pod(0)], memory)
+    reconcile(api, [pod(0)], memory)
+    assert api.status["restarts"] == {"counted": 0, "uncounted": 1} and api.status["restartCount"] == 1
+
+
+def stale(i: int) -> js.PodView:
+    return js.dataclasses.replace(pod(i), template="an-older-template", generation=1)
+
+
+@pytest.mark.parametrize("change", ["scale-down", "template", "suspend"])
+def test_killed_after_its_own_delete_the_restarted_operator_does_not_count_that_worker(api, change):
+    before = [stale(0), stale(1)]
+    reconcile(api, before)
+    assert api.status[js.ACTIVE_WORKER_UIDS] == ["uid-0", "uid-1"]
+    body, deleted = {"scale-down": ({"workers": 1}, ["j-worker-1"]),
+                     "template": ({"generation": 2}, ["j-worker-0", "j-worker-1"]),
+                     "suspend": ({"suspend": True}, ["j-worker-0", "j-worker-1"])}[change]
+
+    api.kill_after = "delete"
+    with pytest.raises(Killed):
+        reconcile(api, before, **body)
+    assert sorted(api.names("delete")) == deleted
+    kept = sorted(p.uid for p in before if p.name not in deleted)
+    assert api.status.get(js.ACTIVE_WORKER_UIDS, []) == kept    # listed no more, before the DELETE
+
+    deleting = [js.dataclasses.replace(p, deleting=True) if p.name in deleted else p for p in before]
+    memory = reconcile(api, deleting, **body)                 # a new process; the deletes are observed
+    reconcile(api, [p for p in before if p.name not in deleted], memory, **body)
+    assert api.status["restarts"] == {"counted": 0, "uncounted": 0} and api.status["restartCount"] == 0
+    assert not any(name == "emit_event" and args[2] == "WorkerDisrupted" for name, args in api.calls)
+
+
+def test_a_reconcile_that_deletes_a_listed_worker_writes_the_status_before_the_delete(api):
+    memory = reconcile(api, [pod(0), pod(1)])
+    api.calls.clear()
+    reconcile(api, [pod(0), pod(1)], memory, workers=1)
+    verbs = [name for name, _ in api.calls if name in ("patch_status", "delete")]
+    assert verbs == ["patch_status", "delete"]                # one status write, before the DELETE
+    first = next(args[4] for name, args in api.calls if name == "patch_status")
+    assert first[js.ACTIVE_WORKER_UIDS] == ["uid-0"]
+
+
+def test_what_the_autoscaler_adds_after_the_write_before_the_deletes_is_written_too(api, monkeypatch):
+    monkeypatch.setattr(config, "_current", config.from_env({}, prometheus_url="http://prometheus:9090"))
+    monkeypatch.setattr(prometheus, "client", lambda: FakePrometheus(100.0))
+    auto = {"autoscaling": {"cooldownSeconds": 60, "intervalSeconds": 5}}
+    memory = reconcile(api, [pod(0), pod(1)], **auto)
+    api.calls.clear()
+    memory.autoscaler.next_tick = 0.0                         # its next tick is due
+    reconcile(api, [pod(0), pod(1)], memory, workers=1, **auto)
+    assert api.names("delete") == ["j-worker-1"]
+    assert api.status["autoscaling"] == memory.status["autoscaling"]
+    assert api.status["autoscaling"]["desiredWorkers"] == 1
+
+
+def test_a_steady_reconcile_makes_no_api_call_with_the_active_workers_listed(api):
+    memory = reconcile(api, [pod(0), pod(1)])
+    assert api.status[js.ACTIVE_WORKER_UIDS] == ["uid-0", "uid-1"]
+    api.calls.clear()
+    reconcile(api, [pod(0), pod(1)], memory)                  # the same process
+    reconcile(api, [pod(0), pod(1)])                          # a restarted one, from that status
+    assert api.calls == []
+
+
+@pytest.mark.parametrize("how", ["gone", "deleting"])
+def test_a_status_without_the_list_counts_no_worker_as_vanished(api, how):
+    # Written by an operator that did not list its workers: nothing is known to have vanished.
+    assert js.ACTIVE_WORKER_UIDS not in api.status
+    memory = reconcile(api, gone_or_going(how))
+    assert api.status["restarts"] == {"counted": 0, "uncounted": 0} and api.status["restartCount"] == 0
+    assert not any(name == "emit_event" and args[2] == "WorkerDisrupted" for name, args in api.calls)
+    assert api.status[js.ACTIVE_WORKER_UIDS] == ["uid-0"]     # from now on the list is kept
+    reconcile(api, [pod(0), js.dataclasses.replace(pod(1), uid="uid-1b")], memory)
+    assert api.status[js.ACTIVE_WORKER_UIDS] == ["uid-0", "uid-1b"]
+    assert api.status["restarts"] == {"counted": 0, "uncounted": 0}
 
 
 # --- the autoscaler --------------------------------------------------------------------

@@ -300,6 +300,9 @@ def check_job_plan(spec, meta, prev: dict[str, Any], pods: list[js.PodView], pla
     remembered = set(status.get(js.COUNTED_POD_UIDS) or ())
     assert remembered <= {p.uid for p in pods}
     assert remembered == (handled | plan.counted_uids) & {p.uid for p in pods if p.uid}
+    # The workers a restarted operator counts vanished from: the active ones this plan keeps.
+    listed = set(status.get(js.ACTIVE_WORKER_UIDS) or ())
+    assert listed == {p.uid for p in pods if p.active and p.uid and p.name not in plan.delete}
 
 
 @settings(max_examples=examples(550), **COMMON)
@@ -361,6 +364,7 @@ class JobWorld:
         self.now, self.prev = T0, {}
         self.ledger = Ledger()
         self.vanished = 0
+        self.listed_vanished = 0     # of those, the ones the last status listed as active
         self.deleted_job = False
 
     def uid(self) -> str:
@@ -401,6 +405,7 @@ class JobWorld:
         """Each pod moves on: scheduled, ready, failed, finished, evicted, gone; a deletion
         completes, a counted pod is garbage-collected."""
         finishing = any(p.phase == "Succeeded" for p in self.pods.values())
+        listed = set(self.prev.get(js.ACTIVE_WORKER_UIDS) or ())
         for name, code in zip(names, codes):
             p = self.pods[name]
             if not p.uid:                                   # created, now seen by the index
@@ -431,10 +436,12 @@ class JobWorld:
                 elif event == "vanish":                     # drained or evicted through the API
                     del self.pods[name]
                     self.vanished += 1
+                    self.listed_vanished += p.uid in listed
                     continue
                 elif event == "external-delete":            # kubectl delete pod
                     p = dataclasses.replace(p, deleting=True)
                     self.vanished += 1
+                    self.listed_vanished += p.uid in listed
                 self.pods[name] = p
             elif p.phase in ("Failed", "Succeeded") and p.uid in self.ledger.seen and code % 5 == 1:
                 del self.pods[name]                         # the pod GC, once its failure counted
@@ -447,12 +454,17 @@ class JobWorld:
         no_fit = bool(spec.resources.gpus) and no_fit == 0
         free, store = (0 if no_fit else free), STORES[store]
         self.now += dt.timedelta(seconds=seconds)
+        # What a restarted operator would count from the status alone: every listed worker
+        # that is gone or going went so by a disruption, never by the operator's own delete.
+        by_uid = {p.uid: p for p in pods}
+        from_status = sum(1 for u in prev.get(js.ACTIVE_WORKER_UIDS) or () if u not in by_uid or by_uid[u].deleting)
+        assert from_status == self.listed_vanished
         plan = js.plan_job(meta, spec, prev, pods, free, self.now, (), self.vanished, SELECTOR, self.template,
                            no_fit, store)
         STEPS["plan_job"] += 1
         check_job_plan(spec, meta, prev, pods, plan, self.vanished, store)
         self.check_ledger(prev, pods, plan, store)
-        self.vanished = 0
+        self.vanished = self.listed_vanished = 0
         self.prev = plan.status
         return plan
 

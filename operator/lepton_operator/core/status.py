@@ -14,6 +14,7 @@ one path for a spec that no retry will fix. Everything above ``write`` is pure.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as _dt
 import logging
@@ -162,12 +163,14 @@ Event = tuple[str, str, str]     # (type, reason, message)
 
 
 async def write(body: Mapping[str, Any], memory: "Memory", new: dict[str, Any]) -> None:
-    """Patch ``.status`` to ``new`` (only what changed since ``memory.status``)."""
+    """Patch ``.status`` to ``new`` (only what changed since ``memory.status``). The memory
+    keeps a copy: the caller may go on changing ``new`` (a reconcile that writes early,
+    before its deletes, then lets the autoscaler add to the same status) and write again."""
     meta = body["metadata"]
     patch = merge_patch(memory.status, new)
     if patch:
         await kube.aio(kube.patch_status, API_VERSION, body["kind"], meta["name"], meta["namespace"], patch)
-        memory.status = new
+        memory.status = copy.deepcopy(new)
     memory.phases.set((meta["namespace"], meta["name"]), new.get("phase"))
 
 

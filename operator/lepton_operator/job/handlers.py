@@ -45,14 +45,23 @@ REPORT_TIMEOUT = 3.0          # seconds for one report of lost workers to a rend
 @dataclasses.dataclass
 class JobMemory(Memory):
     """What one job's loop remembers between reconciles (the status it wrote is the truth;
-    which failed pods are already counted is part of it, see ``state.COUNTED_POD_UIDS``)."""
-    known_active: dict[str, str] = dataclasses.field(default_factory=dict)  # uid -> name
+    which failed pods are already counted and which workers were active are part of it,
+    see ``state.COUNTED_POD_UIDS`` and ``state.ACTIVE_WORKER_UIDS``)."""
     deleted: set[str] = dataclasses.field(default_factory=set)          # pod uids we deleted
     created: dict[str, tuple[int, float]] = dataclasses.field(default_factory=dict)  # name -> (index, monotonic)
     children: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)  # created, unseen
     claims_seen: set[tuple[int, str]] = dataclasses.field(default_factory=set)
     addrs: dict[str, str] = dataclasses.field(default_factory=dict)     # uid -> IP of active workers
     autoscaler: autoscale.AutoscalerMemory = dataclasses.field(default_factory=autoscale.AutoscalerMemory)
+
+    @property
+    def known_active(self) -> frozenset[str]:
+        """The uids of the workers active at the last status written (by this process, or
+        by the one before it when this memory was just built from the job's status).
+        Read from that status rather than kept beside it, the workers vanished ones are
+        counted from and the counts go together: a status write that fails leaves both
+        as they were. A status without the field (an older operator's) lists none."""
+        return frozenset(self.status.get(state.ACTIVE_WORKER_UIDS) or ())
 
 
 _loops = ReconcileLoops(JOB_KIND, lambda status: JobMemory(status=status, phases=metrics.JOBS_BY_PHASE),
@@ -373,7 +382,20 @@ async def _reconcile(body: kopf.Body, memory: JobMemory, indices: dict[str, Any]
 
     # Restart counts, and the uids of the failed pods they count, are made durable in one
     # status patch before those pods are deleted: a restart in between counts nothing twice.
-    if plan.counted_uids or observed.vanished or plan.delete_job:
+    # The same patch carries the workers still active (state.ACTIVE_WORKER_UIDS), without
+    # those counted as vanished now and without those about to be deleted (scale-down,
+    # template change, suspend, a finished job): a restarted operator counts as vanished
+    # only the workers it had listed, so a worker this reconcile deletes must have left
+    # the list before its DELETE. Recovering that intent after a restart instead would
+    # mean guessing why a pod is going. A reconcile that deletes no listed worker makes
+    # no such patch; one that does makes the status write it would make after the deletes
+    # before them instead (a second one follows only when the autoscaler changes the
+    # status too). Killed after the patch and before the DELETE, the worker is listed
+    # again by the next reconcile unless that one deletes it; gone on its own meanwhile,
+    # it is not counted.
+    old_conditions = memory.status.get("conditions")
+    deleting = {observed.pods[n].uid for n in plan.delete if n in observed.pods}
+    if plan.counted_uids or observed.vanished or plan.delete_job or deleting & memory.known_active:
         await st.write(body, memory, plan.status)
     if plan.delete_job:
         await st.emit(body, memory, plan.events, logger)
@@ -412,13 +434,10 @@ async def _reconcile(body: kopf.Body, memory: JobMemory, indices: dict[str, Any]
 
     # Autoscale, then report.
     tick = await autoscale.tick(body, spec, memory, memory.autoscaler, plan.status, slots, logger)
-    old_conditions = memory.status.get("conditions")
     await st.write(body, memory, plan.status)
     decided = {reason for _, reason, _ in plan.events}
     waits = [e for e in st.transition_events(old_conditions, plan.status["conditions"]) if e[1] not in decided]
     await st.emit(body, memory, plan.events + waits, logger)
-    memory.known_active = {p.uid: p.name for p in observed.pods.values()
-                           if p.active and p.uid not in memory.deleted}
     delays = [d for d in (plan.requeue_after, tick) if d is not None]
     return min(delays) if delays else None
 

@@ -14,6 +14,9 @@ Which failures are already counted is part of the status it writes
 (``status.countedPodUIDs``): the failed pods counted in ``status.restarts`` whose deletion
 has not been observed yet. A plan made from that status, by a restarted operator
 included, never counts those pods again, and drops each uid once its pod is gone.
+Which workers were active is part of it too (``status.activeWorkerUIDs``): the active
+workers that this plan neither deletes nor finds deleted. Any of them that is gone or
+going when the next plan is made, by a restarted operator too, has vanished.
 """
 from __future__ import annotations
 
@@ -46,6 +49,9 @@ ACTIVE_PHASES = frozenset({"Pending", "Running", "Unknown"})
 # their deletion is observed, so that no plan (after an operator restart included)
 # counts a failure twice.
 COUNTED_POD_UIDS = "countedPodUIDs"
+# Status field: uids of the worker pods active after this plan (not deleting, not deleted
+# by it), so that a worker gone while no operator ran is still counted as vanished, once.
+ACTIVE_WORKER_UIDS = "activeWorkerUIDs"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -592,6 +598,19 @@ def _remember_counted(job: _Job) -> None:
         job.status.pop(COUNTED_POD_UIDS, None)
 
 
+def _remember_active(job: _Job) -> None:
+    """Keep in the status the uids of the workers that are active and stay so: not
+    deleting (the operator's own deletes not yet observed look deleting too) and not
+    deleted by this plan. Pods created but not yet seen have no uid and wait for the
+    plan that sees them. The field is absent when there is none; a status without it
+    (written before the field existed) remembers no worker."""
+    active = sorted(p.uid for p in job.pods if p.active and p.uid and p.name not in job.plan.delete)
+    if active:
+        job.status[ACTIVE_WORKER_UIDS] = active
+    else:
+        job.status.pop(ACTIVE_WORKER_UIDS, None)
+
+
 def _report_capacity_request(job: _Job, outcome: Outcome) -> None:
     """A finished or suspended job gives its ProvisioningRequest back; ``capacityRequest``
     in the status shows the request a waiting gang depends on, and is absent otherwise."""
@@ -623,6 +642,7 @@ def _report(job: _Job, outcome: Outcome, selector: str) -> Plan:
                           + len(plan.create))
     status["selector"] = selector
     _remember_counted(job)
+    _remember_active(job)
     _report_capacity_request(job, outcome)
     # A finished or suspended job runs no workers: READY says so instead of "0/N".
     status["workersReady"] = ("-" if outcome.phase in TERMINAL_PHASES or outcome.phase == PHASE_SUSPENDED
@@ -645,7 +665,9 @@ def plan_job(meta: Mapping[str, Any], spec: JobSpec, prev: Mapping[str, Any] | N
     ``prev[COUNTED_POD_UIDS]``; the new status records both sets, less the pods no longer
     in ``pods``. ``vanished``: active workers that
     disappeared without the operator deleting them (drained, evicted through the API);
-    they are replaced and counted as uncounted restarts. ``template``: the hash of the
+    they are replaced and counted as uncounted restarts. The new status lists the
+    workers active after this plan (``ACTIVE_WORKER_UIDS``), the ones the next
+    ``vanished`` is counted from. ``template``: the hash of the
     worker template the current spec builds (``objects.template_hash``); active workers
     built from another template at an older job generation are replaced together (the
     group re-forms once, from the checkpoint); that restart is not a failure, so it

@@ -10,7 +10,11 @@ again, then starts a replacement and waits until a step includes it. Three modes
 - ``tuned``: the operator's defaults (keep-alive 3 s x 3, last call 2 s);
 - ``reported``: the operator's defaults with a 10-minute keep-alive, and the report the
   operator sends when it sees the pod go (``POST /v1/forget``), sent right after the kill:
-  only the report can end the wait.
+  only the report can end the wait;
+- ``preloaded``: ``reported``, with the agents started by ``python -m
+  lepton_trainer.launch`` (the operator's launcher for its trainer image): survivors'
+  worker processes fork from a process that has imported torch, instead of starting a
+  fresh interpreter.
 
 For each cycle: worker lost -> first step after the loss; steps lost (the last step
 logged before the loss minus the step training resumed from); replacement started ->
@@ -20,7 +24,8 @@ first step that includes it. Medians over the cycles.
 
 ``--parallel`` runs every (workers, mode) job at once, for machines with cores to spare.
 ``--from-log FILE`` summarises the cycles a run printed (one that was cut off, say)
-instead of running. Writes bench/results/recovery.json and bench/results/recovery.png.
+instead of running. ``--section NAME`` keeps the file's main results and stores the run
+under ``sections.NAME`` (a comparison on another machine, say). Writes bench/results/recovery.json and bench/results/recovery.png.
 """
 from __future__ import annotations
 
@@ -55,7 +60,7 @@ from ttfs import free_port, start, stop  # noqa: E402
 ttfs.ENV["CUDA_VISIBLE_DEVICES"] = ""
 
 RESULTS = Path(__file__).parent / "results"
-MODES = ("default", "tuned", "reported")
+MODES = ("default", "tuned", "reported", "preloaded")
 REPORTED_KEEP_ALIVE = {"keep_alive_interval": 60, "keep_alive_max_attempt": 10}
 CHECKPOINT_EVERY = 50
 LOG_EVERY = 5
@@ -74,7 +79,8 @@ class Job:
                            workdir / "rdzv.log")
         self.agents: list = []
         self.started = 0
-        conf = dict(REPORTED_KEEP_ALIVE) if mode == "reported" else {}
+        conf = dict(REPORTED_KEEP_ALIVE) if mode in ("reported", "preloaded") else {}
+        self.launcher = "lepton_trainer.launch" if mode == "preloaded" else "torch.distributed.run"
         self.args = torchrun_args(endpoint=f"127.0.0.1:{self.port}", run_id=self.run_id, min_nodes=1,
                                   max_nodes=workers, local_addr="127.0.0.1", tuned=mode != "default",
                                   max_restarts=100, **conf)
@@ -85,7 +91,7 @@ class Job:
                   "--keep", "2", "--metrics-port", "0"]
         log = self.workdir / f"agent-{self.started}.log"
         self.started += 1
-        self.agents.append((start([sys.executable, "-m", "torch.distributed.run", *self.args, *script], log), log))
+        self.agents.append((start([sys.executable, "-m", self.launcher, *self.args, *script], log), log))
 
     def logs(self) -> list[str]:
         return [log.read_text(errors="replace") for _, log in self.agents]
@@ -130,7 +136,7 @@ def cycle(job: Job) -> dict:
     victim, _ = job.agents.pop()
     t_lost = time.monotonic()
     kill_tree(victim.pid)
-    if job.mode == "reported":
+    if job.mode in ("reported", "preloaded"):
         rendezvous.forget(f"http://127.0.0.1:{job.control}", job.run_id, ["127.0.0.1"], 1, pids=[victim.pid])
     victim.wait()
     marks = [len(t) for t in job.logs()]
@@ -182,9 +188,11 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, title in ((axes[0], "lost_to_first_step_median_s", "worker lost -> first step after"),
                            (axes[1], "joined_to_first_step_median_s", "replacement started -> first step with it")):
-        for offset, mode in zip((-0.27, 0, 0.27), modes):
+        width = 0.8 / len(modes)
+        for j, mode in enumerate(modes):
+            offset = (j - (len(modes) - 1) / 2) * width
             values = [next(r[key] for r in results if r["workers"] == w and r["mode"] == mode) for w in sizes]
-            bars = ax.bar([i + offset for i in range(len(sizes))], values, 0.27, label=mode)
+            bars = ax.bar([i + offset for i in range(len(sizes))], values, width, label=mode)
             ax.bar_label(bars, fmt="%.1f", fontsize=8)
         ax.set_xticks(range(len(sizes)), [f"{w} workers" for w in sizes])
         ax.set_ylabel("seconds (median)")
@@ -203,6 +211,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--from-log", type=Path, help="the printed output of a run to summarise")
     parser.add_argument("--machine", help="with --from-log: the machine it ran on, in words")
+    parser.add_argument("--section", help="store this run under this key of the existing recovery.json, "
+                                          "keeping the rest of the file (and its plot)")
     args = parser.parse_args()
     if args.runs < 1 or any(w < 2 for w in args.workers):
         parser.error("--runs >= 1 and --workers >= 2")
@@ -247,7 +257,8 @@ def main() -> None:
                   "checkpoint_every": CHECKPOINT_EVERY, "log_every": LOG_EVERY,
                   "rdzv_conf": {"default": {"is_host": "false", **DEFAULT_RDZV_CONF},
                                 "tuned": dict(TUNED_RDZV_CONF),
-                                "reported": {**TUNED_RDZV_CONF, **REPORTED_KEEP_ALIVE}},
+                                "reported": {**TUNED_RDZV_CONF, **REPORTED_KEEP_ALIVE},
+                                "preloaded": {**TUNED_RDZV_CONF, **REPORTED_KEEP_ALIVE}},
                   "device": "cpu (CUDA_VISIBLE_DEVICES empty)",
                   "machine": ({"summarised_from_log": args.from_log.name, "machine": args.machine}
                               if args.from_log else
@@ -255,9 +266,16 @@ def main() -> None:
                                "torch": torch.__version__})},
         "results": results,
     }
-    (args.out / "recovery.json").write_text(json.dumps(out, indent=2) + "\n")
+    path = args.out / "recovery.json"
+    if args.section:
+        whole = json.loads(path.read_text()) if path.exists() else {}
+        whole.setdefault("sections", {})[args.section] = out
+        path.write_text(json.dumps(whole, indent=2) + "\n")
+        print(f"wrote section {args.section!r} of {path}")
+        return
+    path.write_text(json.dumps(out, indent=2) + "\n")
     plot(results, args.out / "recovery.png")
-    print(f"wrote {args.out / 'recovery.json'} and recovery.png")
+    print(f"wrote {path} and recovery.png")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ volumes do not exist on one machine:
 - Service host names -> 127.0.0.1, ``$(POD_IP)`` -> 127.0.0.1;
 - the declared ports (store, metrics) -> free local ports, since all processes share one host;
 - volume mount paths -> a temporary directory (the "PVC"), shared by all workers;
-- ``torchrun`` -> ``python -m torch.distributed.run`` of this interpreter.
+- ``torchrun`` -> ``python -m torch.distributed.run`` of this interpreter, ``python`` -> this
+  interpreter (the ``lepton`` launcher: ``python -m lepton_trainer.launch``).
 
 They must train; after one worker is killed (its whole process group, as when a pod is lost)
 the survivor re-forms the group and continues from the checkpoint, with the loss where it
@@ -19,6 +20,10 @@ when it sees the pod go (``POST /v1/forget`` on the store's control port). Here 
 sends that report itself, as the operator's pod watch would: this harness has no API
 server. tests/unit/test_lost_workers.py covers which pods the operator reports, and
 tests/real deletes a worker pod with the operator running in the cluster.
+
+Each way runs under both launchers (``elastic.launcher``): ``torchrun`` and ``lepton``, whose
+survivor's new worker process is forked from the forkserver that started the first one
+(the same parent, not the agent), with torch already imported.
 """
 from __future__ import annotations
 
@@ -93,10 +98,17 @@ def losses(text: str) -> list[float]:
     return [float(x) for x in re.findall(r"event=step step=\d+ loss=(\S+)", text)]
 
 
+def parent(pid: int) -> int:
+    return int(re.search(r"^PPid:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M).group(1))
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "lepton"])
 @pytest.mark.parametrize("mode", ["keep-alive", "reported"])
-def test_operator_built_pods_form_an_elastic_job_that_survives_a_lost_worker(tmp_path, mode):
-    raw = SPEC if mode == "keep-alive" else {**SPEC, "elastic": {**SPEC["elastic"], **REPORTED_KEEP_ALIVE}}
-    spec = parse_job("contract", raw, "lepton-trainer:test")
+def test_operator_built_pods_form_an_elastic_job_that_survives_a_lost_worker(tmp_path, mode, launcher):
+    elastic = {**SPEC["elastic"], "launcher": launcher, **(REPORTED_KEEP_ALIVE if mode == "reported" else {})}
+    spec = parse_job("contract", {**SPEC, "elastic": elastic}, "lepton-trainer:test")
+    worker_cmd = training.worker_pod(OWNER, spec, 0)["spec"]["containers"][0]["command"]
+    assert worker_cmd[:3 if launcher == "lepton" else 1] == training.LAUNCHER_COMMANDS[launcher]
     rdzv_pod, _service = training.rendezvous_objects(OWNER, spec, "lepton-trainer:test")
     rdzv_port, control_port = free_port(), free_port()
     started: list[Proc] = []
@@ -118,7 +130,8 @@ def test_operator_built_pods_form_an_elastic_job_that_survives_a_lost_worker(tmp
         store.wait_for(r"rendezvous store ready on port")
         w0 = start(training.worker_pod(OWNER, spec, 0), "worker-0")
         w1 = start(training.worker_pod(OWNER, spec, 1), "worker-1")
-        w0.wait_for(r"event=start pid=\d+ world=2 ")
+        first = int(w0.wait_for(r"event=start pid=(\d+) world=2 ").group(1))
+        first_parent = parent(first)
         trained = int(w0.wait_for(r"event=checkpoint step=(\d+)").group(1))
         assert trained > 0
 
@@ -134,6 +147,11 @@ def test_operator_built_pods_form_an_elastic_job_that_survives_a_lost_worker(tmp
         resumed = w0.wait_for(r"event=resume step=(\d+) from_world=2 world=1", after=mark,
                               timeout=RESUME_WAIT)
         assert int(resumed.group(1)) >= trained            # continues from the checkpoint, not step 0
+        again = int(w0.wait_for(r"event=start pid=(\d+) world=1 ", after=mark).group(1))
+        if launcher == "lepton":   # forked by the forkserver that forked the first worker
+            assert parent(again) == first_parent != w0.popen.pid
+        else:                      # a new interpreter, started by the agent itself
+            assert parent(again) == first_parent == w0.popen.pid
         step_after = int(w0.wait_for(r"event=step step=(\d+) loss=\S+ world=1", after=resumed.end()).group(1))
         assert step_after > int(resumed.group(1))
         # The loss continues where it was: below the first logged loss, near the last one.

@@ -54,8 +54,40 @@ def test_worker_command_is_elastic_torchrun_against_dedicated_store():
 
 
 def test_user_script_runs_unchanged():
-    cmd = built({"command": ["/app/train.py"], "args": ["--lr", "0.1"]})[0]["spec"]["containers"][0]["command"]
-    assert cmd[-3:] == ["/app/train.py", "--lr", "0.1"] and "-m" not in cmd
+    cmd = built({"image": "registry.example/own:1", "command": ["/app/train.py"],
+                 "args": ["--lr", "0.1"]})[0]["spec"]["containers"][0]["command"]
+    assert cmd[0] == "torchrun" and cmd[-3:] == ["/app/train.py", "--lr", "0.1"] and "-m" not in cmd
+
+
+@pytest.mark.parametrize("image,launcher,first", [
+    (None, None, ["python", "-m", "lepton_trainer.launch"]),            # the trainer image: auto -> lepton
+    ("trainer:default", "auto", ["python", "-m", "lepton_trainer.launch"]),
+    ("registry.example/own:1", None, ["torchrun"]),                    # any other image: auto -> torchrun
+    ("registry.example/own:1", "lepton", ["python", "-m", "lepton_trainer.launch"]),
+    (None, "torchrun", ["torchrun"]),
+])
+def test_the_launcher_follows_the_image_unless_the_spec_names_one(image, launcher, first):
+    spec = {"command": ["/app/train.py"], "args": ["--lr", "0.1"],
+            **({"image": image} if image else {}),
+            **({"elastic": {"launcher": launcher}} if launcher else {})}
+    cmd = built(spec)[0]["spec"]["containers"][0]["command"]
+    assert cmd[:len(first)] == first and cmd[len(first)].startswith("--nnodes=")
+    assert cmd[-3:] == ["/app/train.py", "--lr", "0.1"]       # torchrun's own arguments, either way
+    assert training.worker_command(OWNER, parse_job("mnist", spec, "trainer:default"))[len(first):] == \
+        training.worker_command(OWNER, parse_job("mnist", {**spec, "elastic": {"launcher": "torchrun"}},
+                                                 "trainer:default"))[1:]
+
+
+def test_a_named_launcher_rolls_the_workers_and_an_unknown_one_is_refused():
+    plain = training.template_hash(parse_job("mnist", FULL_SPEC, "t"))
+    named = training.template_hash(parse_job("mnist", {**FULL_SPEC, "elastic": {**FULL_SPEC["elastic"],
+                                                                            "launcher": "lepton"}}, "t"))
+    assert plain == "87b86e51fcdf" and named != plain
+    # The operator's trainer image changing (an upgrade) changes the image, which is hashed.
+    assert training.template_hash(parse_job("mnist", {}, "trainer:1")) != \
+        training.template_hash(parse_job("mnist", {}, "trainer:2"))
+    with pytest.raises(InvalidSpec, match="elastic.launcher must be one of auto, lepton, torchrun; got 'mpirun'"):
+        parse_job("mnist", {"elastic": {"launcher": "mpirun"}}, "t")
 
 
 def test_security_context_and_gpu_defaults():

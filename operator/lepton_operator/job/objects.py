@@ -63,10 +63,11 @@ RDZV_LIVENESS_PROBE = {"tcpSocket": {"port": "rdzv"}, "periodSeconds": 10, "time
                        "failureThreshold": 6}
 # JobSpec fields that do not shape a worker pod (sizing, lifecycle, autoscaling, the network).
 _NOT_TEMPLATE = ("suspend", "backoff_limit", "active_deadline_seconds", "ttl_seconds_after_finished",
-                 "autoscaling", "capacity", "network_policy")
+                 "autoscaling", "capacity", "network_policy",
+                 "default_image")     # follows from ``image``, which is in the hash
 # Fields added after jobs already ran: left out of the hash while at their defaults, so that
 # an operator upgrade does not make the running workers look stale.
-_ADDED_LATER = {"elastic": (Elastic, ("keep_alive_interval", "keep_alive_max_attempts"))}
+_ADDED_LATER = {"elastic": (Elastic, ("keep_alive_interval", "keep_alive_max_attempts", "launcher"))}
 
 
 def rdzv_name(job: str) -> str:
@@ -212,8 +213,13 @@ def network_policies(owner: Mapping[str, Any], spec: JobSpec, operator_namespace
     ]
 
 
+LAUNCHER_COMMANDS = {"torchrun": ["torchrun"], "lepton": ["python", "-m", "lepton_trainer.launch"]}
+
+
 def worker_command(owner: Mapping[str, Any], spec: JobSpec) -> list[str]:
-    """``torchrun <options> (-m module | script) args``; ``$(POD_IP)`` is expanded by the kubelet."""
+    """``torchrun <options> (-m module | script) args``, or the same through
+    ``python -m lepton_trainer.launch`` (``spec.launcher``); ``$(POD_IP)`` is expanded by
+    the kubelet."""
     m = owner["metadata"]
     w, el = spec.workers, spec.elastic
     opts = torchrun_args(
@@ -224,7 +230,7 @@ def worker_command(owner: Mapping[str, Any], spec: JobSpec) -> list[str]:
         close_timeout=el.close_timeout, keep_alive_interval=el.keep_alive_interval,
         keep_alive_max_attempt=el.keep_alive_max_attempts)
     program = ["-m", spec.module] if spec.module else list(spec.command)
-    return ["torchrun", *opts, *program, *spec.args]
+    return [*LAUNCHER_COMMANDS[spec.launcher], *opts, *program, *spec.args]
 
 
 def _volumes(spec: JobSpec) -> tuple[list[Obj], list[Obj]]:

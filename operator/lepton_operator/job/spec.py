@@ -43,6 +43,7 @@ class Elastic:
     close_timeout: int = 10
     keep_alive_interval: int = 3       # an agent's heartbeat period (torch: 5)
     keep_alive_max_attempts: int = 3   # heartbeats missed before its node is dropped (torch: 3)
+    launcher: str = "auto"             # auto | lepton | torchrun (see LAUNCHERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,11 @@ class Autoscaling:
     interval_seconds: float = 5.0
 
 
+# How a node agent starts its workers: ``torchrun`` runs a fresh interpreter for each on
+# every (re)start; ``lepton`` runs ``python -m lepton_trainer.launch``, torchrun's agent with
+# workers forked from a process that has imported torch (the image needs lepton_trainer);
+# ``auto``: lepton for the operator's trainer image, torchrun for any other image.
+LAUNCHERS = ("auto", "lepton", "torchrun")
 CAPACITY_MODES = ("provision", "provisioningRequest", "observed")
 # ProvisioningRequest classes of the cluster autoscaler (autoscaling.x-k8s.io/v1).
 PROVISIONING_CLASSES = ("best-effort-atomic-scale-up.autoscaling.x-k8s.io", "check-capacity.autoscaling.x-k8s.io")
@@ -119,6 +125,14 @@ class JobSpec:
     autoscaling: Autoscaling | None
     capacity: Capacity = Capacity()
     network_policy: NetworkPolicySpec = NetworkPolicySpec()
+    default_image: bool = False        # ``image`` is the operator's trainer image
+
+    @property
+    def launcher(self) -> str:
+        """``lepton`` or ``torchrun``: ``elastic.launcher``, with ``auto`` resolved."""
+        if self.elastic.launcher != "auto":
+            return self.elastic.launcher
+        return "lepton" if self.default_image else "torchrun"
 
     @property
     def claim_names(self) -> tuple[str, ...]:
@@ -214,7 +228,8 @@ def parse_job(name: str, spec: Mapping[str, Any] | None, default_image: str,
         integer(raw_el, "lastCallTimeoutSeconds", 2, 0, 3600, problems, "elastic."),
         integer(raw_el, "closeTimeoutSeconds", 10, 0, 3600, problems, "elastic."),
         integer(raw_el, "keepAliveIntervalSeconds", 3, 1, 300, problems, "elastic."),
-        integer(raw_el, "keepAliveMaxAttempts", 3, 1, 100, problems, "elastic."))
+        integer(raw_el, "keepAliveMaxAttempts", 3, 1, 100, problems, "elastic."),
+        choice(raw_el.get("launcher", "auto"), LAUNCHERS, problems, "elastic.launcher"))
 
     env = items(spec, "env", problems, "", Mapping, "an EnvVar object")
     for i, var in enumerate(env):
@@ -230,8 +245,9 @@ def parse_job(name: str, spec: Mapping[str, Any] | None, default_image: str,
     output = _mount(raw_output, "/output", checkpoint.claim_name if checkpoint else None,
                     problems, "output")
 
+    image = text(spec, "image", problems, "", default_image)
     job = JobSpec(
-        image=text(spec, "image", problems, "", default_image),
+        image=image, default_image=image == default_image,
         image_pull_policy=text(spec, "imagePullPolicy", problems, "", default_pull_policy),
         command=command, module=module if not command else None,
         args=items(spec, "args", problems, "", str, "a string"),

@@ -70,3 +70,32 @@ def test_bad_settings_are_rejected(tmp_path):
         CheckpointManager(tmp_path, keep=0)
     with pytest.raises(ValueError, match="every"):
         CheckpointManager(tmp_path, every=-1)
+
+
+def test_a_background_save_writes_the_state_as_it_was_when_called(tmp_path):
+    m = CheckpointManager(tmp_path, keep=2)
+    weights = torch.zeros(1000)
+    state = {"model": {"w": weights}, "optimizer": {"state": {0: {"exp_avg": weights * 2}}, "groups": [1, 2]}}
+    seen = []
+    m.save_async(5, state, seen.append)
+    weights += 1                                   # the next optimizer step, while the file is written
+    path = m.wait()
+    assert seen == [path] and path == m.path_for(5) and path.exists()
+    loaded = m.load_latest()
+    assert loaded["step"] == 5 and torch.equal(loaded["model"]["w"], torch.zeros(1000))
+    assert loaded["optimizer"]["groups"] == [1, 2] and isinstance(loaded["optimizer"]["state"][0]["exp_avg"], torch.Tensor)
+    assert m.wait() is None                        # nothing in flight
+    # One write in flight at most: each call waits for the one before; pruning still keeps 2.
+    for step in (10, 15, 20):
+        m.save_async(step, {"model": {"w": weights}})
+    m.wait()
+    assert m.steps() == [15, 20] and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_failed_background_save_raises_at_the_next_wait(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    m = CheckpointManager(blocked)
+    m.save_async(1, {"x": torch.ones(2)})
+    with pytest.raises((FileExistsError, NotADirectoryError)):
+        m.wait()

@@ -8,17 +8,23 @@ and then the directory itself is fsynced, so a reader sees either the complete f
 nothing. Loading walks from the newest step down and skips any file that does not load
 (truncated, corrupt, or a step that does not match its name), with a warning.
 
+:meth:`save_async` writes the same file in the background: it copies the state's
+tensors to CPU memory and returns, and a writer thread does the rest, so a checkpoint
+every few seconds costs training only the copy. One write is in flight at most: the
+next ``save_async`` (and :meth:`wait`) waits for it, and raises its error if it failed.
+
 The manager is independent of the rest of the runtime: a user's own torchrun script can
 use it as is. In a distributed job only global rank 0 should call :meth:`save`; every
 rank may call :meth:`load_latest`.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -42,6 +48,8 @@ class CheckpointManager:
         self.directory = Path(directory)
         self.every = every
         self.keep = keep
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: concurrent.futures.Future | None = None
 
     def path_for(self, step: int) -> Path:
         return self.directory / f"ckpt-{step:010d}.pt"
@@ -76,6 +84,30 @@ class CheckpointManager:
             self.path_for(old).unlink(missing_ok=True)
         return final
 
+    def save_async(self, step: int, state: dict[str, Any],
+                   done: Callable[[Path], None] | None = None) -> concurrent.futures.Future:
+        """Copy ``state``'s tensors to CPU memory, then :meth:`save` it on the writer thread;
+        ``done(path)`` runs there once the file is in place. Returns the write's future."""
+        self.wait()
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        snapshot = _to_cpu(state)
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+
+        def write() -> Path:
+            path = self.save(step, snapshot)
+            if done is not None:
+                done(path)
+            return path
+        self._pending = self._executor.submit(write)
+        return self._pending
+
+    def wait(self) -> Path | None:
+        """Wait for the write in flight, if any; its path, or its error raised."""
+        pending, self._pending = self._pending, None
+        return pending.result() if pending is not None else None
+
     def load_latest(self, map_location: Any = "cpu") -> dict[str, Any] | None:
         """The newest checkpoint that loads and whose step matches its name, or None."""
         for step in reversed(self.steps()):
@@ -94,6 +126,18 @@ class CheckpointManager:
                 continue
             return state
         return None
+
+
+def _to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor copied to CPU memory (containers rebuilt, the rest as is):
+    a snapshot that later optimizer steps cannot change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _fsync_dir(directory: Path) -> None:

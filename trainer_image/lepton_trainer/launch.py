@@ -13,7 +13,8 @@ log formatter would import it on the first failure it logs (seconds, in the midd
 a recovery).
 
 Imported in the forkserver: torch, ``torch.distributed``, ``torch._dynamo``, and for the
-built-in trainer (``-m lepton_trainer.train``) the trainer and its data loader's
+built-in trainer (``-m lepton_trainer.train``, or ``-m lepton_trainer train``) the trainer's
+modules and its data loader's
 scikit-learn modules; more with ``LEPTON_PRELOAD`` (comma-separated module names). A
 user's own program is not imported there: it runs only in the worker. Nothing touches
 CUDA before the fork; every worker initialises its own devices and process group.
@@ -35,10 +36,10 @@ import threading
 
 PRELOAD = ("torch", "torch.distributed", "torch._dynamo", "torch.nn.parallel")
 # the built-in trainer's imports (not the module itself: runpy runs it afresh as __main__)
-PROGRAM_PRELOAD = {"lepton_trainer.train": ("lepton_trainer.checkpoint", "lepton_trainer.data",
-                                            "lepton_trainer.metrics", "lepton_trainer.modelio",
-                                            "lepton_trainer.models", "sklearn.datasets",
-                                            "sklearn.model_selection")}
+_TRAINER_IMPORTS = ("lepton_trainer.checkpoint", "lepton_trainer.data", "lepton_trainer.metrics",
+                    "lepton_trainer.modelio", "lepton_trainer.models", "sklearn.datasets",
+                    "sklearn.model_selection")
+PROGRAM_PRELOAD = {"lepton_trainer.train": _TRAINER_IMPORTS, "lepton_trainer": _TRAINER_IMPORTS}
 ENV_PRELOAD = "LEPTON_PRELOAD"
 
 

@@ -125,6 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"default ${contract.ENV_CHECKPOINT_DIR}; none: no checkpoints")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps; 0: only at the end")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    p.add_argument("--checkpoint-async", action=argparse.BooleanOptionalAction, default=True,
+                   help="write periodic checkpoints in the background (the last one is always "
+                        "waited for)")
     p.add_argument("--output-dir", default=env(contract.ENV_OUTPUT_DIR),
                    help=f"final model directory, default ${contract.ENV_OUTPUT_DIR}")
     p.add_argument("--metrics-port", type=int,
@@ -168,6 +171,12 @@ def _resume(ckpts: CheckpointManager | None, model, optimizer, args, env: DistEn
         log.info("event=resume step=%d from_world=%s world=%d", step,
                  state.get("world_size"), env.world_size)
     return step
+
+
+def _checkpointed(metrics: TrainingMetrics, step: int, path) -> None:
+    """A checkpoint file is in place (on the writer thread for a background save)."""
+    log.info("event=checkpoint step=%d path=%s", step, path)
+    metrics.set(contract.METRIC_CHECKPOINT_STEP, step)
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -217,14 +226,18 @@ def train(args: argparse.Namespace) -> dict:
                      total.item() / args.global_batch_size / scale, env.world_size)
         if ckpts and (ckpts.due(done) or done == args.steps):
             if env.rank == 0:
-                path = ckpts.save(done, {"model": model.state_dict(),
-                                         "optimizer": optimizer.state_dict(),
-                                         "arch": args.model, "config": config,
-                                         "dataset": args.dataset, "seed": args.seed,
-                                         "global_batch_size": args.global_batch_size,
-                                         "world_size": env.world_size})
-                log.info("event=checkpoint step=%d path=%s", done, path)
-            metrics.set(contract.METRIC_CHECKPOINT_STEP, done)
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "arch": args.model, "config": config, "dataset": args.dataset,
+                         "seed": args.seed, "global_batch_size": args.global_batch_size,
+                         "world_size": env.world_size}
+                saved = functools.partial(_checkpointed, metrics, done)
+                if args.checkpoint_async and done != args.steps:
+                    ckpts.save_async(done, state, saved)
+                else:
+                    ckpts.wait()
+                    saved(ckpts.save(done, state))
+            else:
+                metrics.set(contract.METRIC_CHECKPOINT_STEP, done)
 
     result: dict = {}
     if env.rank == 0:

@@ -25,7 +25,8 @@ first step that includes it. Medians over the cycles.
 ``--parallel`` runs every (workers, mode) job at once, for machines with cores to spare.
 ``--from-log FILE`` summarises the cycles a run printed (one that was cut off, say)
 instead of running. ``--section NAME`` keeps the file's main results and stores the run
-under ``sections.NAME`` (a comparison on another machine, say). Writes bench/results/recovery.json and bench/results/recovery.png.
+under ``sections.NAME`` (a comparison on another machine, say), plotted in
+``recovery-NAME.png``. Writes bench/results/recovery.json and bench/results/recovery.png.
 """
 from __future__ import annotations
 
@@ -197,7 +198,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_xticks(range(len(sizes)), [f"{w} workers" for w in sizes])
         ax.set_ylabel("seconds (median)")
         ax.set_title(title, fontsize=10)
-    axes[1].legend(title="torchrun defaults vs ours", fontsize=8, loc="lower right")
+    axes[1].legend(title="mode", fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -271,7 +272,8 @@ def main() -> None:
         whole = json.loads(path.read_text()) if path.exists() else {}
         whole.setdefault("sections", {})[args.section] = out
         path.write_text(json.dumps(whole, indent=2) + "\n")
-        print(f"wrote section {args.section!r} of {path}")
+        plot(results, args.out / f"recovery-{args.section}.png")
+        print(f"wrote section {args.section!r} of {path} and recovery-{args.section}.png")
         return
     path.write_text(json.dumps(out, indent=2) + "\n")
     plot(results, args.out / "recovery.png")

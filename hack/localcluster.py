@@ -509,7 +509,15 @@ class Cluster:
         Established."""
         for crd in sorted((ROOT / "crds").glob("*.yaml")):
             self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
-            self.kubectl("wait", "--for=condition=Established", "-f", str(crd), "--timeout=60s")
+            self.wait_established("-f", str(crd))
+
+    def wait_established(self, *ref: str, timeout: float = 120.0) -> None:
+        """Wait until the CRD named by ``ref`` (``crd/<name>``, or ``-f file``) is Established.
+        Polled rather than ``kubectl wait``: that fails at once on a CRD whose status has no
+        conditions yet (the API server has not processed it), instead of waiting."""
+        self._wait(f"CRD {' '.join(ref)} to be Established", lambda: self.kubectl(
+            "get", *ref, "-o", 'jsonpath={.status.conditions[?(@.type=="Established")].status}',
+            check=False).strip() == "True", timeout=timeout)
 
     def create_namespace(self, name: str) -> str:
         """Create a namespace and wait until its default service account exists, so pods can be created."""

@@ -85,7 +85,7 @@ def test_crd_schema_bounds_and_cel_rules_reject_bad_objects(cluster, ns):
                          "properties": {"min": {"type": "integer", "minimum": 1},
                                         "max": {"type": "integer", "maximum": 10}}}}}}}]}}
     apply(cluster, crd)
-    cluster.kubectl("wait", "--for=condition=Established", f"crd/widgets.{group}", "--timeout=60s")
+    cluster.wait_established(f"crd/widgets.{group}")
 
     def create(spec):
         obj = {"apiVersion": f"{group}/v1", "kind": "Widget",

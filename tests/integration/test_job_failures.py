@@ -234,9 +234,11 @@ def test_provisioning_request_mode_asks_for_the_gang_and_creates_pods_only_once_
     template = k.get("podtemplate", request)["template"]
     assert template["spec"]["nodeSelector"] == {"lepton.ai/test-pool": pool}
     assert template["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    ready = k.wait_for("WaitingForCapacity", lambda: (c := k.condition("dws", "Ready")).get("reason")
-                       == "WaitingForCapacity" and c, timeout=30)
-    assert f"ProvisioningRequest {request}" in ready["message"] and k.workers("dws") == []
+    # The first message says "asking"; once the operator sees its request, the message names it.
+    ready = k.wait_for("WaitingForCapacity naming the request", lambda: (c := k.condition("dws", "Ready")).get(
+        "reason") == "WaitingForCapacity" and f"ProvisioningRequest {request} " in c.get("message", "") and c,
+        timeout=30)
+    assert "asks the cluster autoscaler for 2 worker(s)" in ready["message"] and k.workers("dws") == []
     assert k.status("dws")["capacityRequest"] == {"name": request, "state": "Pending", "count": 2}
 
     # The autoscaler cannot provision: the job says so, creates nothing, and asks again.

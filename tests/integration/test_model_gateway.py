@@ -22,7 +22,7 @@ def gateway_api(cluster, tmp_path_factory):
     assert proc.returncode == 0, f"cannot fetch {GATEWAY_API} from the Go module proxy: {proc.stderr}"
     crd = Path(json.loads(proc.stdout)["Dir"]) / "config/crd/standard/gateway.networking.k8s.io_httproutes.yaml"
     cluster.kubectl("apply", "--server-side", "-f", str(crd))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=120s", "crd/httproutes.gateway.networking.k8s.io")
+    cluster.wait_established("crd/httproutes.gateway.networking.k8s.io")
 
 
 def test_canary_weights_through_an_httproute(k, cluster, gateway_api):

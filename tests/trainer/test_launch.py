@@ -79,6 +79,17 @@ def test_a_failed_worker_is_restarted_from_the_same_forkserver_and_the_status_is
     assert rc != 0 and "exitcode  : 3" in err and set(seen) == {"rank0-restart0"}
 
 
+def test_standalone_runs_as_with_torchrun(tmp_path, script):
+    out = tmp_path / "standalone"
+    out.mkdir()
+    done = subprocess.run([sys.executable, "-m", "lepton_trainer.launch", "--standalone", "--nproc-per-node=2",
+                           str(script), "x"], cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                          env={"PATH": "/usr/bin:/bin", "OUT": str(out), "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    seen = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert set(seen) == {"rank0-restart0", "rank1-restart0"} and seen["rank1-restart0"]["env"]["WORLD_SIZE"] == "2"
+
+
 def test_what_the_launcher_refuses_and_preloads(tmp_path, script):
     done = subprocess.run([sys.executable, "-m", "lepton_trainer.launch", "--no-python", "--nnodes=1",
                            "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "/bin/true"],

@@ -33,6 +33,7 @@ import os
 import runpy
 import sys
 import threading
+import uuid
 
 PRELOAD = ("torch", "torch.distributed", "torch._dynamo", "torch.nn.parallel")
 # the built-in trainer's imports (not the module itself: runpy runs it afresh as __main__)
@@ -79,8 +80,13 @@ def main(argv: list[str] | None = None) -> None:
     args = torchrun.parse_args(argv)
     if args.no_python or args.run_path:
         sys.exit("lepton_trainer.launch runs Python programs: use torchrun itself for --no-python or --run-path")
+    # As torchrun's own run(): --standalone, and a single-node static job, get a c10d store
+    # on this host; the master port is used by the static backend only.
+    if args.standalone or (args.rdzv_backend == "static" and not args.rdzv_endpoint
+                           and args.master_port is None and torchrun.parse_min_max_nnodes(args.nnodes)[1] == 1):
+        args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
     if args.master_port is None:
-        args.master_port = 29500          # as torchrun: used by the static backend only
+        args.master_port = 29500
     config, _, cmd_args = torchrun.config_from_args(args)
     config.start_method = "forkserver"
     # the program's arguments as torchrun passes them: after "-u [-m] program"

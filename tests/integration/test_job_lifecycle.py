@@ -19,7 +19,9 @@ def test_apply_schedules_workers_on_gpu_nodes_with_the_contract(k, cluster):
         assert spec["nodeName"] in cluster.gpu_nodes
         assert spec["hostname"] == f"train-worker-{i}" and spec["subdomain"] == "train-workers"
         cmd = c["command"]
-        assert cmd[0] == "torchrun" and "--nnodes=2:3" in cmd and "--nproc-per-node=2" in cmd
+        # The operator's trainer image (the default): torchrun's agent through the launcher.
+        assert cmd[:3] == ["python", "-m", "lepton_trainer.launch"]
+        assert "--nnodes=2:3" in cmd and "--nproc-per-node=2" in cmd
         assert f"--rdzv-endpoint=train-rdzv:{contract.RDZV_PORT}" in cmd and f"--rdzv-id={uid}" in cmd
         assert cmd[-4:] == ["-m", "lepton_trainer.train", "--model", "mlp"]
         env = {e["name"]: e.get("value") for e in c["env"]}

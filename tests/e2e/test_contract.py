@@ -24,6 +24,12 @@ tests/real deletes a worker pod with the operator running in the cluster.
 Each way runs under both launchers (``elastic.launcher``): ``torchrun`` and ``lepton``, whose
 survivor's new worker process is forked from the forkserver that started the first one
 (the same parent, not the agent), with torch already imported.
+
+``faultTolerance: perStep`` runs the rendezvous pod's command (the torchft Lighthouse) and
+standalone workers, one replica group each: the survivor's worker process keeps its PID
+and its step through the loss, and the replacement takes the weights of the live peer.
+The harness cannot show the pod network (the managers advertise the pod IP, here
+127.0.0.1): tests/real runs the same scenario in real containers.
 """
 from __future__ import annotations
 
@@ -171,3 +177,82 @@ def test_operator_built_pods_form_an_elastic_job_that_survives_a_lost_worker(tmp
             proc.stop()
             for pid in survivors:
                 kill_tree(pid)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "lepton"])
+def test_per_step_survivors_keep_their_processes_and_the_replacement_heals_from_a_peer(tmp_path, launcher):
+    """The keep-alive is 10 minutes, far beyond the waits here: the group re-forms on the
+    Lighthouse's heartbeat timeout, and no report is sent (perStep has no report port)."""
+    elastic = {**SPEC["elastic"], "launcher": launcher, **REPORTED_KEEP_ALIVE}
+    spec = parse_job("contract", {**SPEC, "elastic": elastic, "faultTolerance": "perStep"}, "lepton-trainer:test")
+    lighthouse_pod, _service = training.rendezvous_objects(OWNER, spec, "lepton-trainer:test")
+    port = free_port()
+    started: list[Proc] = []
+
+    def start(pod: dict, name: str) -> Proc:
+        container = pod["spec"]["containers"][0]
+        env = local_env(pod, tmp_path / "volumes")
+        cmd = local_command(container, env, port)
+        if pod is lighthouse_pod:
+            cmd[cmd.index("--port") + 1] = str(port)
+            cmd += ["--host", "127.0.0.1"]
+        else:
+            assert env[contract.ENV_LIGHTHOUSE] == f"http://contract-rdzv:{contract.RDZV_PORT}"
+            env[contract.ENV_LIGHTHOUSE] = f"http://127.0.0.1:{port}"
+        proc = Proc(cmd, tmp_path / f"{name}.log", env)
+        started.append(proc)
+        return proc
+
+    def step_losses(text: str) -> dict[int, str]:
+        return dict((int(a), b) for a, b in re.findall(r"event=step step=(\d+) loss=(\S+)", text))
+
+    try:
+        lighthouse = start(lighthouse_pod, "lighthouse")
+        lighthouse.wait_for(r"lighthouse ready on port")
+        w0 = start(training.worker_pod(OWNER, spec, 0), "worker-0")
+        w1 = start(training.worker_pod(OWNER, spec, 1), "worker-1")
+        pid = int(w0.wait_for(r"event=start pid=(\d+) .*fault_tolerance=perStep replica=contract-worker-0").group(1))
+        w0.wait_for(r"event=quorum replicas=2 world=2 ")
+        trained = int(w0.wait_for(r"event=checkpoint step=(\d+)").group(1))
+        assert trained > 0
+
+        # Lose worker 1 the way a pod is lost: agent and its worker die at once.
+        kill_tree(w1.popen.pid)
+        w1.popen.wait(30)
+        mark = len(w0.text())
+        before = losses(w0.text())
+        last = max(step_losses(w0.text()))
+        reformed = w0.wait_for(r"event=quorum replicas=1 world=1 rank=0 step=(\d+)", after=mark,
+                               timeout=RESUME_WAIT)
+        # The survivor goes on from the step in flight, not from the checkpoint ...
+        assert int(reformed.group(1)) >= last >= trained
+        after_step = int(w0.wait_for(r"event=step step=(\d+) loss=\S+ world=1", after=reformed.end()).group(1))
+        assert after_step > int(reformed.group(1))
+        # ... in the same process: no new worker process, no restart of the agent's group.
+        assert re.findall(r"event=start pid=(\d+)", w0.text()) == [str(pid)]
+        assert process_tree(w0.popen.pid)[1:] and pid in process_tree(w0.popen.pid)
+        assert "event=resume" not in w0.text()
+        # The loss continues where it was: below the first logged loss, near the last one.
+        first_after = losses(w0.text()[reformed.end():])[0]
+        assert first_after < before[0] and first_after < 2 * max(before[-1], 0.05), (before, first_after)
+
+        # The operator's replacement for index 1 joins at a step boundary with the live weights.
+        mark = len(w0.text())
+        w1b = start(training.worker_pod(OWNER, spec, 1), "worker-1b")
+        healed = int(w1b.wait_for(r"event=heal step=(\d+) from_step=\d+").group(1))
+        assert healed > after_step
+        regrown = w0.wait_for(r"event=quorum replicas=2 world=2 rank=0 step=(\d+)", after=mark)
+        assert int(regrown.group(1)) == healed
+        w1b.wait_for(r"event=step step=\d+ loss=\S+ world=2")
+        w0.wait_for(r"event=step step=\d+ loss=\S+ world=2", after=regrown.end())
+        # Both groups log the global loss: the same value at the same step once they share weights.
+        common = sorted(set(step_losses(w1b.text())) & set(step_losses(w0.text()[regrown.end():])))
+        assert common and all(step_losses(w0.text())[s] == step_losses(w1b.text())[s] for s in common)
+        assert re.findall(r"event=start pid=(\d+)", w0.text()) == [str(pid)]
+        assert lighthouse.popen.poll() is None
+    finally:
+        for proc in reversed(started):
+            survivors = process_tree(proc.popen.pid)[1:]
+            proc.stop()
+            for pid_ in survivors:
+                kill_tree(pid_)

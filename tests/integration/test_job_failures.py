@@ -116,6 +116,7 @@ def test_deleting_a_job_removes_pods_and_services_never_the_pvc(k):
      "value must be empty when operator is Exists"),
     ("priv", {"securityContext": {"privileged": True, "allowPrivilegeEscalation": False}},
      "allowPrivilegeEscalation false cannot go with privileged true"),
+    ("ft", {"faultTolerance": "perEpoch"}, 'spec.faultTolerance: Unsupported value: "perEpoch"'),
 ])
 def test_schema_rejects_bad_specs_at_apply_time(k, name, spec, message):
     manifest = k.manifest(name, **spec)
@@ -123,6 +124,18 @@ def test_schema_rejects_bad_specs_at_apply_time(k, name, spec, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert k.job(name) is None
+
+
+def test_fault_tolerance_cannot_change_once_the_job_exists(k):
+    """The rendezvous pod runs a c10d store or a Lighthouse: switching would strand the workers."""
+    k.apply(k.manifest("ftfixed", suspend=True))
+    for spec in ({"faultTolerance": "perStep"}, {"faultTolerance": "restart"}):
+        result = k.run("apply", "-f", "-", input=__import__("yaml").safe_dump(k.manifest("ftfixed", suspend=True, **spec)))
+        if spec["faultTolerance"] == "restart":   # unset means restart: naming it changes nothing
+            assert result.returncode == 0, result.stderr
+        else:
+            assert result.returncode != 0 and "faultTolerance cannot change once the job exists" in result.stderr
+    assert k.job("ftfixed")["spec"]["faultTolerance"] == "restart"
 
 
 def test_missing_pvc_is_invalid_spec_until_it_exists(k):

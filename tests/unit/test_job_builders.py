@@ -90,6 +90,48 @@ def test_a_named_launcher_rolls_the_workers_and_an_unknown_one_is_refused():
         parse_job("mnist", {"elastic": {"launcher": "mpirun"}}, "t")
 
 
+def test_per_step_runs_a_lighthouse_and_one_standalone_replica_group_per_pod():
+    spec = {**FULL_SPEC, "faultTolerance": "perStep"}
+    job = parse_job("mnist", spec, "trainer:default")
+    worker, store, service, _ = built(spec)
+    c = worker["spec"]["containers"][0]
+    # Each pod's agent is standalone: its processes are one replica group; no c10d rendezvous.
+    assert c["command"] == ["torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=2", "--max-restarts=5",
+                            "-m", "lepton_trainer.train", "--model", "mlp"]
+    env = {v["name"]: v.get("value") for v in c["env"]}
+    assert env[contract.ENV_FAULT_TOLERANCE] == "perStep" and env[contract.ENV_REPLICA_ID] == "mnist-worker-0"
+    assert env[contract.ENV_MIN_REPLICAS] == "2"
+    assert env[contract.ENV_LIGHTHOUSE] == f"http://mnist-rdzv:{contract.RDZV_PORT}"
+    assert env[contract.ENV_FT_QUORUM_TIMEOUT] == "300"       # elastic.joinTimeoutSeconds: waiting for workers.min
+    assert env[contract.ENV_FT_TIMEOUT] == str(training.FT_TIMEOUT_SECONDS)
+    assert "POD_IP" in env                                     # the address the manager advertises
+    # The rendezvous pod runs the Lighthouse on the store's port, in the operator's image.
+    sc = store["spec"]["containers"][0]
+    assert sc["image"] == "trainer:default"
+    assert sc["command"] == ["python", "-m", "lepton_trainer.lighthouse", "--port", str(contract.RDZV_PORT),
+                             "--min-replicas", "2", "--join-timeout-ms", "1000",
+                             "--heartbeat-timeout-ms", str(training.LIGHTHOUSE_HEARTBEAT_TIMEOUT_MS)]
+    assert [p["name"] for p in sc["ports"]] == ["rdzv"] and sc["readinessProbe"]["tcpSocket"]["port"] == "rdzv"
+    assert [p["port"] for p in service["spec"]["ports"]] == [contract.RDZV_PORT]   # no report port
+    # The default stays torchrun's model, with the same template hash as before the field existed.
+    assert training.template_hash(parse_job("mnist", {**FULL_SPEC, "faultTolerance": "restart"}, "t")) == \
+        "87b86e51fcdf" != training.template_hash(parse_job("mnist", spec, "t"))
+    assert training.worker_command(OWNER, parse_job("mnist", FULL_SPEC, "t"))[1].startswith("--nnodes=2:4")
+    # The lepton launcher takes the same standalone options.
+    lepton = training.worker_command(OWNER, parse_job("mnist", {**spec, "image": None}, "trainer:default"))
+    assert lepton[:3] == ["python", "-m", "lepton_trainer.launch"] and lepton[3:] == c["command"][1:]
+    with pytest.raises(InvalidSpec, match="faultTolerance must be one of restart, perStep; got 'perEpoch'"):
+        parse_job("mnist", {"faultTolerance": "perEpoch"}, "t")
+    with pytest.raises(InvalidSpec, match="TORCHFT_LIGHTHOUSE is set by the operator"):
+        parse_job("mnist", {"env": [{"name": "TORCHFT_LIGHTHOUSE", "value": "http://x"}]}, "t")
+
+
+def test_per_step_network_policy_opens_only_the_lighthouse_port():
+    job = parse_job("mnist", {**FULL_SPEC, "faultTolerance": "perStep", "networkPolicy": {"enabled": True}}, "t")
+    store_policy = training.network_policies(OWNER, job, "lepton-system")[0]
+    assert [p["port"] for rule in store_policy["spec"]["ingress"] for p in rule["ports"]] == [contract.RDZV_PORT]
+
+
 def test_security_context_and_gpu_defaults():
     pod = built()[0]
     spec, c = pod["spec"], pod["spec"]["containers"][0]

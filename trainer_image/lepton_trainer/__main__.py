@@ -1,12 +1,12 @@
 """``python -m lepton_trainer ROLE [ARGS]``: the image's entrypoint.
 
 Roles: ``train`` (run it under torchrun: ``torchrun ... -m lepton_trainer train ...``),
-``compress``, ``serve`` and ``rendezvous``; each is the module of the same name.
+``compress``, ``serve``, ``rendezvous`` and ``lighthouse``; each is the module of the same name.
 """
 import runpy
 import sys
 
-ROLES = ("train", "compress", "serve", "rendezvous")
+ROLES = ("train", "compress", "serve", "rendezvous", "lighthouse")
 
 
 def main() -> None:

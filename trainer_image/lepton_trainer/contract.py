@@ -19,6 +19,15 @@ ENV_JOB_UID = "LEPTON_JOB_UID"
 ENV_CHECKPOINT_DIR = "LEPTON_CHECKPOINT_DIR"
 ENV_OUTPUT_DIR = "LEPTON_OUTPUT_DIR"
 ENV_METRICS_PORT = "LEPTON_METRICS_PORT"
+# spec.faultTolerance perStep: each worker pod is one torchft replica group that joins the
+# job's Lighthouse (the rendezvous pod runs it on RDZV_PORT instead of the c10d store).
+ENV_FAULT_TOLERANCE = "LEPTON_FAULT_TOLERANCE"  # one of FAULT_TOLERANCE_MODES
+ENV_REPLICA_ID = "LEPTON_REPLICA_ID"            # the replica group's name (the pod's)
+ENV_MIN_REPLICAS = "LEPTON_MIN_REPLICAS"        # fewest replica groups that may commit a step
+ENV_LIGHTHOUSE = "TORCHFT_LIGHTHOUSE"           # torchft's own: http://<rdzv Service>:RDZV_PORT
+ENV_FT_TIMEOUT = "TORCHFT_TIMEOUT_SEC"          # torchft's own: collectives, commit, healing
+ENV_FT_QUORUM_TIMEOUT = "TORCHFT_QUORUM_TIMEOUT_SEC"  # torchft's own: waiting for a quorum
+FAULT_TOLERANCE_MODES = ("restart", "perStep")
 
 # --- Trainer metrics (prometheus-client, served on METRICS_PORT by local rank 0) -------
 # Label names avoid "job" and "namespace": Prometheus sets those on every scraped

@@ -16,6 +16,18 @@ Elastic rules:
   newest valid checkpoint; only global rank 0 writes them; every rank loads, and ranks
   that see different checkpoints stop with an error (the directory must be shared).
 
+Fault tolerance (``--fault-tolerance``, from ``spec.faultTolerance``):
+
+* ``restart`` (default): a lost rank ends every worker process; torchrun's agents re-form
+  the group and the new processes resume from the newest checkpoint.
+* ``perStep``: each node (pod) is one torchft replica group; the groups agree on a quorum
+  through the job's Lighthouse before every step and commit the step only when every
+  member's gradient all-reduce succeeded. A lost group costs the step in flight: the
+  survivors' processes keep running, re-form without it and redo that step with the
+  global batch cut into fewer shards. A new group joins at a step boundary and takes the
+  model and optimizer state from a live peer, not from a checkpoint. Checkpoints are still
+  written, for a restart of the whole job.
+
 Flags fall back to the environment the operator sets (``contract.ENV_*``). The pieces a
 user script may want on its own are :func:`init_distributed`,
 :func:`global_batch_indices`, :func:`rank_slice`,
@@ -31,6 +43,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -135,6 +148,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="served by local rank 0; 0 disables")
     p.add_argument("--job-name", default=env(contract.ENV_JOB_NAME, "local"))
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--fault-tolerance", choices=contract.FAULT_TOLERANCE_MODES,
+                   default=env(contract.ENV_FAULT_TOLERANCE, "restart"),
+                   help=f"default ${contract.ENV_FAULT_TOLERANCE} or restart; perStep needs "
+                        f"${contract.ENV_LIGHTHOUSE}")
+    p.add_argument("--min-replicas", type=int, default=int(env(contract.ENV_MIN_REPLICAS, "1")),
+                   help=f"perStep: fewest replica groups that commit a step (${contract.ENV_MIN_REPLICAS})")
+    p.add_argument("--replica-id", default=env(contract.ENV_REPLICA_ID, ""),
+                   help=f"perStep: this replica group's name (${contract.ENV_REPLICA_ID}, "
+                        "else the host name)")
     args = p.parse_args(argv)
     for name in ("steps", "global_batch_size", "keep", "log_every"):
         if getattr(args, name) < 1:
@@ -145,10 +167,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--checkpoint-every must be >= 0 and --metrics-port in 0..65535")
     if not isinstance(args.model_config, dict):
         p.error("--model-config must be a JSON object")
+    if args.fault_tolerance == "perStep" and (args.min_replicas < 1 or not env(contract.ENV_LIGHTHOUSE)):
+        p.error(f"--fault-tolerance perStep needs --min-replicas >= 1 and ${contract.ENV_LIGHTHOUSE}")
     return args
 
 
-def _resume(ckpts: CheckpointManager | None, model, optimizer, args, env: DistEnv) -> int:
+def _resume(ckpts: CheckpointManager | None, model, optimizer, args, env: DistEnv,
+            manager=None) -> int:
+    """Load the newest checkpoint (if any) and return its step. Under torchrun's group every
+    rank must have found the same one; a torchft ``manager`` instead takes the checkpoint's
+    step, and a replica group that is behind the others heals from a live peer."""
     state = ckpts.load_latest() if ckpts else None
     step = 0
     if state is not None:
@@ -161,7 +189,10 @@ def _resume(ckpts: CheckpointManager | None, model, optimizer, args, env: DistEn
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
-    if env.distributed:
+    if manager is not None:
+        manager.load_state_dict(state.get("torchft", {"step": step, "batches_committed": 0})
+                                if state is not None else {"step": 0, "batches_committed": 0})
+    elif env.distributed:
         seen = [None] * env.world_size
         dist.all_gather_object(seen, step)
         if len(set(seen)) != 1:
@@ -179,13 +210,7 @@ def _checkpointed(metrics: TrainingMetrics, step: int, path) -> None:
     metrics.set(contract.METRIC_CHECKPOINT_STEP, step)
 
 
-def train(args: argparse.Namespace) -> dict:
-    """Train (resuming if a checkpoint exists); returns the final metrics on rank 0."""
-    env = init_distributed()
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
-                        format=f"%(asctime)s rank={env.rank}/{env.world_size} %(message)s")
-    log.info("event=start pid=%d world=%d local_rank=%d restart=%d device=%s", os.getpid(),
-             env.world_size, env.local_rank, env.restart_count, env.device)
+def _setup(args: argparse.Namespace, env: DistEnv):
     split = data.load(args.dataset)
     config = {"in_features": split.num_features, "num_classes": split.num_classes,
               **DEFAULT_CONFIGS[args.model], **args.model_config}
@@ -194,15 +219,72 @@ def train(args: argparse.Namespace) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     ckpts = (CheckpointManager(args.checkpoint_dir, every=args.checkpoint_every, keep=args.keep)
              if args.checkpoint_dir else None)
-    start = _resume(ckpts, model, optimizer, args, env)
-    shard = rank_slice(args.global_batch_size, env.world_size, env.rank)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if env.distributed else model
-
     metrics = TrainingMetrics(args.job_name, os.environ.get(contract.ENV_JOB_NAMESPACE, ""),
                               port=args.metrics_port if env.local_rank == 0 and args.metrics_port
                               else None)
-    metrics.set(contract.METRIC_WORLD_SIZE, env.world_size)
     metrics.set(contract.METRIC_RESTARTS, env.restart_count)
+    return split, config, model, optimizer, ckpts, metrics
+
+
+def _batch_loss(model, x, y, step: int, args, world: int, rank: int) -> tuple[torch.Tensor, int]:
+    """Rank ``rank`` of ``world``'s loss on its shard of step ``step``'s global batch, scaled
+    so that the average over the ranks of its gradient is the global batch's mean."""
+    idx = global_batch_indices(step, args.global_batch_size, len(x), args.seed)
+    idx = idx[rank_slice(args.global_batch_size, world, rank)]
+    scale = world / args.global_batch_size
+    return F.cross_entropy(model(x[idx]), y[idx], reduction="sum") * scale, len(idx)
+
+
+def _maybe_checkpoint(ckpts, done: int, writer: bool, model, optimizer, args, config, world: int,
+                      metrics: TrainingMetrics, extra: dict | None = None) -> None:
+    if not ckpts or not (ckpts.due(done) or done == args.steps):
+        return
+    if not writer:
+        metrics.set(contract.METRIC_CHECKPOINT_STEP, done)
+        return
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "arch": args.model, "config": config, "dataset": args.dataset,
+             "seed": args.seed, "global_batch_size": args.global_batch_size,
+             "world_size": world, **(extra or {})}
+    saved = functools.partial(_checkpointed, metrics, done)
+    if args.checkpoint_async and done != args.steps:
+        ckpts.save_async(done, state, saved)
+    else:
+        ckpts.wait()
+        saved(ckpts.save(done, state))
+
+
+def _finish(model, split, args, config, env: DistEnv) -> dict:
+    acc = models.accuracy(model, split.x_test.to(env.device), split.y_test.to(env.device))
+    result = {"accuracy": acc, "step": args.steps}
+    log.info("event=done step=%d accuracy=%.4f", args.steps, acc)
+    if args.output_dir:
+        modelio.save_model(args.output_dir, model.cpu(), {
+            "arch": args.model, "config": config, "dataset": args.dataset,
+            "input_shape": [split.num_features], "dtype": "float32", "metrics": result})
+        log.info("event=output dir=%s", args.output_dir)
+    return result
+
+
+def _log_format(env: DistEnv) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
+                        format=f"%(asctime)s rank={env.rank}/{env.world_size} %(message)s")
+    for name in ("torchft", "torchft_quorums", "torchft_commits", "torchft_errors"):
+        logging.getLogger(name).setLevel(logging.WARNING)   # our event= lines say what matters
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train (resuming if a checkpoint exists); returns the final metrics on rank 0."""
+    if args.fault_tolerance == "perStep":
+        return train_per_step(args)
+    env = init_distributed()
+    _log_format(env)
+    log.info("event=start pid=%d world=%d local_rank=%d restart=%d device=%s", os.getpid(),
+             env.world_size, env.local_rank, env.restart_count, env.device)
+    split, config, model, optimizer, ckpts, metrics = _setup(args, env)
+    start = _resume(ckpts, model, optimizer, args, env)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if env.distributed else model
+    metrics.set(contract.METRIC_WORLD_SIZE, env.world_size)
     metrics.set(contract.METRIC_STEP, start)
     if start:
         metrics.set(contract.METRIC_CHECKPOINT_STEP, start)
@@ -211,47 +293,132 @@ def train(args: argparse.Namespace) -> dict:
     scale = env.world_size / args.global_batch_size
     ddp.train()
     for step in range(start, args.steps):
-        idx = global_batch_indices(step, args.global_batch_size, len(x), args.seed)[shard]
-        loss = F.cross_entropy(ddp(x[idx]), y[idx], reduction="sum") * scale
+        loss, n = _batch_loss(ddp, x, y, step, args, env.world_size, env.rank)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         done = step + 1
-        metrics.step(done, loss.item() / scale / len(idx), args.global_batch_size)
+        metrics.step(done, loss.item() / scale / n, args.global_batch_size)
         if done % args.log_every == 0 or done == args.steps:
             total = loss.detach().clone()
             if env.distributed:
                 dist.all_reduce(total)
             log.info("event=step step=%d loss=%.4f world=%d", done,
                      total.item() / args.global_batch_size / scale, env.world_size)
-        if ckpts and (ckpts.due(done) or done == args.steps):
-            if env.rank == 0:
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "arch": args.model, "config": config, "dataset": args.dataset,
-                         "seed": args.seed, "global_batch_size": args.global_batch_size,
-                         "world_size": env.world_size}
-                saved = functools.partial(_checkpointed, metrics, done)
-                if args.checkpoint_async and done != args.steps:
-                    ckpts.save_async(done, state, saved)
-                else:
-                    ckpts.wait()
-                    saved(ckpts.save(done, state))
-            else:
-                metrics.set(contract.METRIC_CHECKPOINT_STEP, done)
+        _maybe_checkpoint(ckpts, done, env.rank == 0, model, optimizer, args, config,
+                          env.world_size, metrics)
 
-    result: dict = {}
-    if env.rank == 0:
-        acc = models.accuracy(model, split.x_test.to(env.device), split.y_test.to(env.device))
-        result = {"accuracy": acc, "step": args.steps}
-        log.info("event=done step=%d accuracy=%.4f", args.steps, acc)
-        if args.output_dir:
-            modelio.save_model(args.output_dir, model.cpu(), {
-                "arch": args.model, "config": config, "dataset": args.dataset,
-                "input_shape": [split.num_features], "dtype": "float32", "metrics": result})
-            log.info("event=output dir=%s", args.output_dir)
+    result = _finish(model, split, args, config, env) if env.rank == 0 else {}
     if env.distributed:
         dist.barrier()
         dist.destroy_process_group()
+    metrics.close()
+    return result
+
+
+def _ft_manager(args, env: DistEnv, model, optimizer):
+    """A torchft Manager for this replica group: group rank 0 serves the manager and talks
+    to the Lighthouse (``$TORCHFT_LIGHTHOUSE``); its peers find it through the group's
+    store. The address it advertises is the pod's IP, which the other pods can reach."""
+    from torchft import Manager, ProcessGroupBabyNCCL, ProcessGroupGloo
+
+    timeout = timedelta(seconds=float(os.environ.get(contract.ENV_FT_TIMEOUT, "30")))
+    pg = ProcessGroupBabyNCCL(timeout=timeout) if env.device.type == "cuda" else ProcessGroupGloo(timeout=timeout)
+
+    def load(state: dict) -> None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+
+    def save() -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+    host = os.environ.get("POD_IP") or os.environ["MASTER_ADDR"]
+    return Manager(pg=pg, load_state_dict=load, state_dict=save, min_replica_size=args.min_replicas,
+                   use_async_quorum=False, timeout=timeout, replica_id=args.replica_id or None,
+                   rank=env.rank, world_size=env.world_size, store_addr=host,
+                   store_port=int(os.environ["MASTER_PORT"]), hostname=host)
+
+
+def train_per_step(args: argparse.Namespace) -> dict:
+    """``--fault-tolerance perStep``: the loop of :func:`train` under a torchft Manager.
+
+    Every step: a quorum (blocking, so the world is known before the batch is cut); the
+    forward and backward pass on this rank's shard; one flat gradient all-reduce (the
+    loss rides along in its last element), first inside the replica group, then across
+    the groups through the manager; the optimizer steps only if every group committed.
+    A failed step is redone with the next quorum's world: the data of a step is a
+    function of the step alone.
+    """
+    if not ("RANK" in os.environ and "MASTER_PORT" in os.environ):
+        raise SystemExit("--fault-tolerance perStep runs under torchrun (torchrun --standalone for "
+                         "one replica group), as the operator's workers do")
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():   # creates the group's TCPStore the manager joins
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    env = DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                  local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                  restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+                  device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda
+                  else torch.device("cpu"), distributed=dist.get_world_size() > 1)
+    _log_format(env)
+    log.info("event=start pid=%d world=%d local_rank=%d restart=%d device=%s fault_tolerance=perStep "
+             "replica=%s", os.getpid(), env.world_size, env.local_rank, env.restart_count, env.device,
+             args.replica_id or "-")
+    split, config, model, optimizer, ckpts, metrics = _setup(args, env)
+    manager = _ft_manager(args, env, model, optimizer)
+    start = _resume(ckpts, model, optimizer, args, env, manager)
+    metrics.set(contract.METRIC_STEP, start)
+    if start:
+        metrics.set(contract.METRIC_CHECKPOINT_STEP, start)
+
+    x, y = split.x_train.to(env.device), split.y_train.to(env.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    quorum = None
+    model.train()
+    while manager.current_step() < args.steps:
+        before = manager.current_step()
+        manager.start_quorum()    # blocks until the quorum is in and a lagging group healed
+        step = manager.current_step()
+        if step != before:
+            log.info("event=heal step=%d from_step=%d", step, before)
+            metrics.set(contract.METRIC_STEP, step)
+            if step >= args.steps:
+                break
+        replicas, replica_rank = manager.num_participants(), manager.participating_rank()
+        world, rank = replicas * env.world_size, replica_rank * env.world_size + env.rank
+        if quorum != (world, rank):
+            quorum = (world, rank)
+            log.info("event=quorum replicas=%d world=%d rank=%d step=%d", replicas, world, rank, step)
+            metrics.set(contract.METRIC_WORLD_SIZE, world)
+        optimizer.zero_grad(set_to_none=False)
+        loss, n = _batch_loss(model, x, y, step, args, world, rank)
+        loss.backward()
+        flat = torch.cat([*(p.grad.reshape(-1) for p in params), loss.detach().reshape(1)])
+        if env.distributed:       # inside the replica group: average its ranks
+            dist.all_reduce(flat)
+            flat /= env.world_size
+        manager.allreduce(flat).wait()   # across the groups: averages the replicas
+        if not manager.should_commit():
+            log.info("event=step_failed step=%d world=%d", step, world)
+            continue
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        optimizer.step()
+        done = step + 1
+        scale = world / args.global_batch_size
+        metrics.step(done, loss.item() / scale / n, args.global_batch_size)
+        if done % args.log_every == 0 or done == args.steps:
+            log.info("event=step step=%d loss=%.4f world=%d", done, flat[-1].item(), world)
+        _maybe_checkpoint(ckpts, done, rank == 0, model, optimizer, args, config, world, metrics,
+                          {"torchft": manager.state_dict()})
+
+    result = _finish(model, split, args, config, env) if manager.participating_rank() == 0 and env.rank == 0 else {}
+    if ckpts:
+        ckpts.wait()
+    manager.shutdown(wait=False)
+    dist.destroy_process_group()
     metrics.close()
     return result
 

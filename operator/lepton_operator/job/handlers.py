@@ -371,7 +371,7 @@ async def _reconcile(body: kopf.Body, memory: JobMemory, indices: dict[str, Any]
     observed = _observe(spec, memory, indices["lepton_job_workers"].get(key, []))
     store = next((v for _, v in indices["lepton_job_rdzv_pods"].get(key, [])), state.MISSING_STORE)
     lost = _lost_workers(memory, observed)
-    if lost and settings.reports_lost_workers and store.ready and not store.deleting \
+    if lost and settings.reports_lost_workers and not spec.per_step and store.ready and not store.deleting \
             and memory.status.get("phase") not in TERMINAL_PHASES:
         _report_lost(namespace, name, meta["uid"], lost, spec.workers.min, logger)
     slots, no_node_fits = _free_slots(spec, indices, nodes)

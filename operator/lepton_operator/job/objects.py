@@ -4,7 +4,10 @@ A job owns:
 
 - ``<job>-rdzv`` pod and Service: the c10d TCPStore (``python -m lepton_trainer.rendezvous``)
   on the fixed ``contract.RDZV_PORT``. It is not a worker, so losing any worker leaves the
-  rendezvous state alive;
+  rendezvous state alive. With ``faultTolerance: perStep`` the same pod runs torchft's
+  Lighthouse on that port instead (``python -m lepton_trainer.lighthouse``), and each
+  worker pod is one replica group: ``torchrun --standalone`` for its own processes, which
+  join the Lighthouse's quorum every step;
 - ``<job>-workers``: a headless Service that gives every worker a stable DNS name and
   declares the metrics port;
 - ``<job>-worker-<i>`` pods: one torchrun node agent each, joining the store with
@@ -61,6 +64,14 @@ RDZV_STARTUP_PROBE = {"tcpSocket": {"port": "rdzv"}, "periodSeconds": 2, "failur
 RDZV_READINESS_PROBE = {"tcpSocket": {"port": "rdzv"}, "periodSeconds": 2}
 RDZV_LIVENESS_PROBE = {"tcpSocket": {"port": "rdzv"}, "periodSeconds": 10, "timeoutSeconds": 5,
                        "failureThreshold": 6}
+# faultTolerance perStep. The Lighthouse drops a replica group whose manager (heartbeat every
+# 100 ms, on its own thread) has been silent this long; until then a quorum without it waits,
+# so this is most of what a lost pod costs the survivors. A false drop costs a step: the
+# group rejoins at the next one and heals from a peer.
+LIGHTHOUSE_HEARTBEAT_TIMEOUT_MS = 2000
+# torchft's timeout of one collective, commit vote or healing transfer: a peer that stops
+# answering without closing its connections (a partitioned node) costs this much.
+FT_TIMEOUT_SECONDS = 30
 # JobSpec fields that do not shape a worker pod (sizing, lifecycle, autoscaling, the network).
 _NOT_TEMPLATE = ("suspend", "backoff_limit", "active_deadline_seconds", "ttl_seconds_after_finished",
                  "autoscaling", "capacity", "network_policy",
@@ -68,6 +79,7 @@ _NOT_TEMPLATE = ("suspend", "backoff_limit", "active_deadline_seconds", "ttl_sec
 # Fields added after jobs already ran: left out of the hash while at their defaults, so that
 # an operator upgrade does not make the running workers look stale.
 _ADDED_LATER = {"elastic": (Elastic, ("keep_alive_interval", "keep_alive_max_attempts", "launcher"))}
+_ADDED_LATER_TOP = {"fault_tolerance": "restart"}
 
 
 def rdzv_name(job: str) -> str:
@@ -111,6 +123,9 @@ def template_hash(spec: JobSpec) -> str:
         for key in keys:
             if fields[group][key] == defaults[key]:
                 del fields[group][key]
+    for key, default in _ADDED_LATER_TOP.items():
+        if fields[key] == default:
+            del fields[key]
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -130,12 +145,31 @@ def _pod_spec_common(spec: JobSpec, tolerate_gpu_taint: bool = False) -> Obj:
     return pod
 
 
+def lighthouse_url(job: str) -> str:
+    """Where a perStep job's replica groups find its Lighthouse (the rendezvous Service)."""
+    return f"http://{rdzv_name(job)}:{contract.RDZV_PORT}"
+
+
+def _coordinator_command(spec: JobSpec) -> tuple[list[str], list[Obj]]:
+    """(command, ports) of the rendezvous pod: the c10d store and its report port, or for
+    perStep the Lighthouse alone (lost groups leave its quorum by their heartbeat)."""
+    port = {"name": "rdzv", "containerPort": contract.RDZV_PORT, "protocol": "TCP"}
+    if spec.per_step:
+        return (["python", "-m", "lepton_trainer.lighthouse", "--port", str(contract.RDZV_PORT),
+                 "--min-replicas", str(spec.workers.min),
+                 "--join-timeout-ms", str(spec.elastic.last_call_timeout * 1000),
+                 "--heartbeat-timeout-ms", str(LIGHTHOUSE_HEARTBEAT_TIMEOUT_MS)], [port])
+    control = {"name": "control", "containerPort": contract.RDZV_CONTROL_PORT, "protocol": "TCP"}
+    return (["python", "-m", "lepton_trainer.rendezvous",
+             "--port", str(contract.RDZV_PORT), "--control-port", str(contract.RDZV_CONTROL_PORT)],
+            [port, control])
+
+
 def rendezvous_objects(owner: Mapping[str, Any], spec: JobSpec, trainer_image: str) -> list[Obj]:
-    """The rendezvous store pod and its Service."""
+    """The rendezvous pod (the c10d store, or for perStep the Lighthouse) and its Service."""
     job = owner["metadata"]["name"]
     lbls = labels(job, ROLE_RDZV)
-    port = {"name": "rdzv", "containerPort": contract.RDZV_PORT, "protocol": "TCP"}
-    control = {"name": "control", "containerPort": contract.RDZV_CONTROL_PORT, "protocol": "TCP"}
+    command, ports = _coordinator_command(spec)
     pod = {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": meta(owner, rdzv_name(job), lbls),
@@ -146,9 +180,8 @@ def rendezvous_objects(owner: Mapping[str, Any], spec: JobSpec, trainer_image: s
                 "name": "rendezvous",
                 "image": trainer_image,
                 "imagePullPolicy": spec.image_pull_policy,
-                "command": ["python", "-m", "lepton_trainer.rendezvous",
-                            "--port", str(contract.RDZV_PORT), "--control-port", str(contract.RDZV_CONTROL_PORT)],
-                "ports": [port, control],
+                "command": command,
+                "ports": ports,
                 "env": scratch_env(),
                 "startupProbe": copy.deepcopy(RDZV_STARTUP_PROBE),
                 "readinessProbe": copy.deepcopy(RDZV_READINESS_PROBE),
@@ -164,10 +197,8 @@ def rendezvous_objects(owner: Mapping[str, Any], spec: JobSpec, trainer_image: s
         "apiVersion": "v1", "kind": "Service",
         "metadata": meta(owner, rdzv_name(job), lbls),
         "spec": {"selector": {LABEL_JOB: job, LABEL_ROLE: ROLE_RDZV},
-                 "ports": [{"name": "rdzv", "port": contract.RDZV_PORT, "targetPort": "rdzv",
-                            "protocol": "TCP"},
-                           {"name": "control", "port": contract.RDZV_CONTROL_PORT, "targetPort": "control",
-                            "protocol": "TCP"}]},
+                 "ports": [{"name": p["name"], "port": p["containerPort"], "targetPort": p["name"],
+                            "protocol": "TCP"} for p in ports]},
     }
     return [pod, service]
 
@@ -201,7 +232,7 @@ def network_policies(owner: Mapping[str, Any], spec: JobSpec, operator_namespace
     from_workers = [{"podSelector": {"matchLabels": dict(workers)}}]
     metrics = [{"port": contract.METRICS_PORT, "protocol": "TCP"}]
     store_ingress = [{"from": from_workers, "ports": [{"port": contract.RDZV_PORT, "protocol": "TCP"}]}]
-    if operator_namespace:
+    if operator_namespace and not spec.per_step:   # the store's report port (no Lighthouse has one)
         store_ingress.append({"from": [{"namespaceSelector": {"matchLabels": {
                                  "kubernetes.io/metadata.name": operator_namespace}}}],
                               "ports": [{"port": contract.RDZV_CONTROL_PORT, "protocol": "TCP"}]})
@@ -219,9 +250,15 @@ LAUNCHER_COMMANDS = {"torchrun": ["torchrun"], "lepton": ["python", "-m", "lepto
 def worker_command(owner: Mapping[str, Any], spec: JobSpec) -> list[str]:
     """``torchrun <options> (-m module | script) args``, or the same through
     ``python -m lepton_trainer.launch`` (``spec.launcher``); ``$(POD_IP)`` is expanded by
-    the kubelet."""
+    the kubelet. For perStep, each pod's agent is standalone: its processes are one
+    replica group, and the groups meet at the Lighthouse, not in a rendezvous."""
     m = owner["metadata"]
     w, el = spec.workers, spec.elastic
+    program = ["-m", spec.module] if spec.module else list(spec.command)
+    if spec.per_step:
+        opts = ["--standalone", "--nnodes=1", f"--nproc-per-node={w.nproc_per_node}",
+                f"--max-restarts={el.max_restarts}"]
+        return [*LAUNCHER_COMMANDS[spec.launcher], *opts, *program, *spec.args]
     opts = torchrun_args(
         endpoint=f"{rdzv_name(m['name'])}:{contract.RDZV_PORT}", run_id=m["uid"],
         min_nodes=w.min, max_nodes=w.max, nproc_per_node=w.nproc_per_node,
@@ -229,7 +266,6 @@ def worker_command(owner: Mapping[str, Any], spec: JobSpec) -> list[str]:
         join_timeout=el.join_timeout, last_call_timeout=el.last_call_timeout,
         close_timeout=el.close_timeout, keep_alive_interval=el.keep_alive_interval,
         keep_alive_max_attempt=el.keep_alive_max_attempts)
-    program = ["-m", spec.module] if spec.module else list(spec.command)
     return [*LAUNCHER_COMMANDS[spec.launcher], *opts, *program, *spec.args]
 
 
@@ -268,6 +304,13 @@ def worker_pod(owner: Mapping[str, Any], spec: JobSpec, index: int) -> Obj:
         variables.append(env(contract.ENV_CHECKPOINT_DIR, spec.checkpoint.path))
     if spec.output:
         variables.append(env(contract.ENV_OUTPUT_DIR, spec.output.path))
+    if spec.per_step:
+        variables += [env(contract.ENV_FAULT_TOLERANCE, spec.fault_tolerance),
+                      env(contract.ENV_REPLICA_ID, worker_name(job, index)),
+                      env(contract.ENV_MIN_REPLICAS, spec.workers.min),
+                      env(contract.ENV_LIGHTHOUSE, lighthouse_url(job)),
+                      env(contract.ENV_FT_TIMEOUT, FT_TIMEOUT_SECONDS),
+                      env(contract.ENV_FT_QUORUM_TIMEOUT, spec.elastic.join_timeout)]
     variables += [copy.deepcopy(dict(v)) for v in spec.env]
     volumes, mounts = _volumes(spec)
     container = {

@@ -22,7 +22,8 @@ DEFAULT_MODULE = "lepton_trainer.train"
 MAX_WORKERS = 999
 RESERVED_ENV = frozenset({contract.ENV_JOB_NAME, contract.ENV_JOB_NAMESPACE, contract.ENV_JOB_UID,
                           contract.ENV_CHECKPOINT_DIR, contract.ENV_OUTPUT_DIR,
-                          contract.ENV_METRICS_PORT, "POD_IP", "HOME", "TMPDIR"})
+                          contract.ENV_METRICS_PORT, contract.ENV_FAULT_TOLERANCE, contract.ENV_REPLICA_ID,
+                          contract.ENV_MIN_REPLICAS, contract.ENV_LIGHTHOUSE, "POD_IP", "HOME", "TMPDIR"})
 
 __all__ = ["InvalidSpec", "JobSpec", "parse_job", "DEFAULT_MODULE"]
 
@@ -126,6 +127,12 @@ class JobSpec:
     capacity: Capacity = Capacity()
     network_policy: NetworkPolicySpec = NetworkPolicySpec()
     default_image: bool = False        # ``image`` is the operator's trainer image
+    fault_tolerance: str = "restart"   # one of contract.FAULT_TOLERANCE_MODES
+
+    @property
+    def per_step(self) -> bool:
+        """``faultTolerance: perStep``: torchft replica groups and a Lighthouse."""
+        return self.fault_tolerance == "perStep"
 
     @property
     def launcher(self) -> str:
@@ -270,6 +277,8 @@ def parse_job(name: str, spec: Mapping[str, Any] | None, default_image: str,
         autoscaling=_autoscaling(spec.get("autoscaling"), problems),
         capacity=_capacity(mapping(spec, "capacity", problems, ""), problems),
         network_policy=network_policy(spec.get("networkPolicy"), problems),
+        fault_tolerance=choice(spec.get("faultTolerance", "restart"), contract.FAULT_TOLERANCE_MODES,
+                               problems, "faultTolerance"),
     )
     if problems:
         raise InvalidSpec(problems)

@@ -1,0 +1,52 @@
+"""``python -m lepton_trainer.lighthouse``: torchft's Lighthouse for a ``perStep`` job.
+
+The operator runs it in the job's rendezvous pod, behind the rendezvous Service, on
+``contract.RDZV_PORT``. Every replica group's manager heartbeats to it and asks it for a
+quorum before each step. It issues a quorum once ``--min-replicas`` groups have asked and
+every group that still heartbeats has asked too, waiting at most ``--join-timeout-ms`` for
+stragglers; a group silent for ``--heartbeat-timeout-ms`` is left out. torchft's own
+quorum log (two lines per step) is at its info level; ``RUST_LOG`` (default ``warn``)
+chooses what is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+
+from . import contract
+
+log = logging.getLogger("lepton_trainer.lighthouse")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m lepton_trainer.lighthouse", description=__doc__.split("\n")[0])
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=contract.RDZV_PORT)
+    p.add_argument("--min-replicas", type=int, required=True)
+    p.add_argument("--join-timeout-ms", type=int, default=2000)
+    p.add_argument("--heartbeat-timeout-ms", type=int, default=2000)
+    p.add_argument("--quorum-tick-ms", type=int, default=100)
+    args = p.parse_args(argv)
+    if args.min_replicas < 1 or args.heartbeat_timeout_ms < 1 or args.join_timeout_ms < 0 or args.quorum_tick_ms < 1:
+        p.error("--min-replicas, --heartbeat-timeout-ms and --quorum-tick-ms must be >= 1, "
+                "--join-timeout-ms >= 0")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    os.environ.setdefault("RUST_LOG", "warn")
+    from torchft.coordination import LighthouseServer
+
+    stop = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    server = LighthouseServer(bind=f"{args.host}:{args.port}", min_replicas=args.min_replicas,
+                              join_timeout_ms=args.join_timeout_ms, quorum_tick_ms=args.quorum_tick_ms,
+                              heartbeat_timeout_ms=args.heartbeat_timeout_ms)
+    log.info("lighthouse ready on port %d (min replicas %d, join timeout %d ms, heartbeat timeout %d ms)",
+             args.port, args.min_replicas, args.join_timeout_ms, args.heartbeat_timeout_ms)
+    signal.sigwait(stop)
+    server.shutdown()
+    log.info("lighthouse stopped")
+
+
+if __name__ == "__main__":
+    main()

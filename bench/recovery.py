@@ -15,6 +15,12 @@ again, then starts a replacement and waits until a step includes it. Three modes
   lepton_trainer.launch`` (the operator's launcher for its trainer image): survivors'
   worker processes fork from a process that has imported torch, instead of starting a
   fresh interpreter.
+- ``perStep``: ``faultTolerance: perStep``. torchft's Lighthouse
+  (``python -m lepton_trainer.lighthouse``, the operator's settings) instead of the store,
+  and standalone agents through the launcher, one replica group each: the survivors'
+  processes keep running and go on from the step in flight, and the replacement heals from
+  a live peer. Nothing is reported: the Lighthouse drops the lost group when its
+  heartbeat stops (2 s).
 
 For each cycle: worker lost -> first step after the loss; steps lost (the last step
 logged before the loss minus the step training resumed from); replacement started ->
@@ -45,7 +51,8 @@ from pathlib import Path
 
 import torch
 
-from lepton_trainer import rendezvous
+from lepton_operator.job.objects import LIGHTHOUSE_HEARTBEAT_TIMEOUT_MS
+from lepton_trainer import contract, rendezvous
 from lepton_trainer.rendezvous import DEFAULT_RDZV_CONF, TUNED_RDZV_CONF, torchrun_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,7 +68,7 @@ from ttfs import free_port, start, stop  # noqa: E402
 ttfs.ENV["CUDA_VISIBLE_DEVICES"] = ""
 
 RESULTS = Path(__file__).parent / "results"
-MODES = ("default", "tuned", "reported", "preloaded")
+MODES = ("default", "tuned", "reported", "preloaded", "perStep")
 REPORTED_KEEP_ALIVE = {"keep_alive_interval": 60, "keep_alive_max_attempt": 10}
 CHECKPOINT_EVERY = 50
 LOG_EVERY = 5
@@ -75,13 +82,20 @@ class Job:
         self.workdir, self.workers, self.mode = workdir, workers, mode
         self.port, self.control = free_port(), free_port()
         self.run_id = f"recovery-{mode}-{workers}"
+        self.agents: list = []
+        self.started = 0
+        self.launcher = "lepton_trainer.launch" if mode in ("preloaded", "perStep") else "torch.distributed.run"
+        if mode == "perStep":
+            self.store = start([sys.executable, "-m", "lepton_trainer.lighthouse", "--port", str(self.port),
+                                "--host", "127.0.0.1", "--min-replicas", "1", "--join-timeout-ms", "2000",
+                                "--heartbeat-timeout-ms", str(LIGHTHOUSE_HEARTBEAT_TIMEOUT_MS)],
+                               workdir / "lighthouse.log")
+            self.args = ["--standalone", "--nnodes=1", "--nproc-per-node=1", "--max-restarts=100"]
+            return
         self.store = start([sys.executable, "-m", "lepton_trainer.rendezvous", "--port", str(self.port),
                             "--control-port", str(self.control), "--host", "127.0.0.1"],
                            workdir / "rdzv.log")
-        self.agents: list = []
-        self.started = 0
         conf = dict(REPORTED_KEEP_ALIVE) if mode in ("reported", "preloaded") else {}
-        self.launcher = "lepton_trainer.launch" if mode == "preloaded" else "torch.distributed.run"
         self.args = torchrun_args(endpoint=f"127.0.0.1:{self.port}", run_id=self.run_id, min_nodes=1,
                                   max_nodes=workers, local_addr="127.0.0.1", tuned=mode != "default",
                                   max_restarts=100, **conf)
@@ -91,8 +105,13 @@ class Job:
                   "--checkpoint-every", str(CHECKPOINT_EVERY), "--checkpoint-dir", str(self.workdir / "ckpt"),
                   "--keep", "2", "--metrics-port", "0"]
         log = self.workdir / f"agent-{self.started}.log"
+        env = []
+        if self.mode == "perStep":   # what the operator sets on a perStep worker pod
+            script += ["--fault-tolerance", "perStep"]
+            env = ["env", f"{contract.ENV_LIGHTHOUSE}=http://127.0.0.1:{self.port}", "POD_IP=127.0.0.1",
+                   f"{contract.ENV_REPLICA_ID}=agent-{self.started}", f"{contract.ENV_MIN_REPLICAS}=1"]
         self.started += 1
-        self.agents.append((start([sys.executable, "-m", self.launcher, *self.args, *script], log), log))
+        self.agents.append((start([*env, sys.executable, "-m", self.launcher, *self.args, *script], log), log))
 
     def logs(self) -> list[str]:
         return [log.read_text(errors="replace") for _, log in self.agents]
@@ -142,10 +161,13 @@ def cycle(job: Job) -> dict:
     victim.wait()
     marks = [len(t) for t in job.logs()]
 
+    # Where the survivors went on from: a checkpoint (resume), or the step in flight (perStep's quorum).
+    went_on = (r"event=quorum replicas=\d+ world=(?P<world>\d+) rank=\d+ step=(?P<step>\d+)" if job.mode == "perStep"
+               else r"event=resume step=(?P<step>\d+) from_world=\d+ world=(?P<world>\d+)")
+
     def resumed(ts):
-        found = [int(m.group(1)) for t, mk in zip(ts, marks)
-                 for m in re.finditer(r"event=resume step=(\d+) from_world=\d+ world=(\d+)", t[mk:])
-                 if int(m.group(2)) == n - 1]
+        found = [int(m.group("step")) for t, mk in zip(ts, marks)
+                 for m in re.finditer(went_on, t[mk:]) if int(m.group("world")) == n - 1]
         return found[0] if found and steps_after(ts, marks, n - 1) else None
     resume_step = job.wait("step after the loss", resumed)
     t_resumed = time.monotonic()
@@ -155,7 +177,7 @@ def cycle(job: Job) -> dict:
     job.start_agent()
     job.wait("step with the replacement", lambda ts: True if steps_after(ts, marks, n) else None)
     t_joined = time.monotonic()
-    return {"lost_to_first_step_s": round(t_resumed - t_lost, 3), "steps_lost": last - resume_step,
+    return {"lost_to_first_step_s": round(t_resumed - t_lost, 3), "steps_lost": max(0, last - resume_step),
             "joined_to_first_step_s": round(t_joined - t_join, 3), "last_step": last, "resumed_from": resume_step}
 
 
@@ -259,7 +281,9 @@ def main() -> None:
                   "rdzv_conf": {"default": {"is_host": "false", **DEFAULT_RDZV_CONF},
                                 "tuned": dict(TUNED_RDZV_CONF),
                                 "reported": {**TUNED_RDZV_CONF, **REPORTED_KEEP_ALIVE},
-                                "preloaded": {**TUNED_RDZV_CONF, **REPORTED_KEEP_ALIVE}},
+                                "preloaded": {**TUNED_RDZV_CONF, **REPORTED_KEEP_ALIVE},
+                                "perStep": {"lighthouse_heartbeat_timeout_ms": LIGHTHOUSE_HEARTBEAT_TIMEOUT_MS,
+                                            "join_timeout_ms": 2000}},
                   "device": "cpu (CUDA_VISIBLE_DEVICES empty)",
                   "machine": ({"summarised_from_log": args.from_log.name, "machine": args.machine}
                               if args.from_log else

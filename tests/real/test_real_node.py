@@ -8,7 +8,8 @@ pod or a local process standing in for a container.
 
 The tests run in order and build on each other: train, lose a worker, lose the
 rendezvous store, finish, compress, serve, predict, autoscale; then a user's own
-Hugging Face model from the volume, queried with tritonclient over REST and gRPC.
+Hugging Face model from the volume, queried with tritonclient over REST and gRPC; then a
+``faultTolerance: perStep`` job that loses a worker pod while its survivor keeps running.
 
 What this cannot show: GPUs and NCCL (the node has none; workers use gloo on CPU, and
 the kwok GPU nodes of tests/integration cover GPU scheduling), and several machines
@@ -248,57 +249,6 @@ def test_the_job_succeeds_and_its_model_lands_on_the_volume(workspace):
     assert outputs, sorted(str(p) for p in volume.rglob("*"))
 
 
-FT_JOB = "mnist-ft"
-QUORUM_LINE = re.compile(r"^(\S+) .*event=quorum replicas=(\d+) world=\d+ rank=\d+ step=(\d+)", re.M)
-
-
-def test_a_per_step_job_keeps_its_survivor_running_through_a_lost_worker_pod(workspace):
-    """faultTolerance perStep in real containers: the Lighthouse in the rendezvous pod, one
-    replica group per worker pod, found through the Service and the pods' IPs."""
-    c, _ = workspace
-    c.kubectl("apply", "-f", "-", input=yaml.safe_dump({
-        "apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonJob", "metadata": {"name": FT_JOB, "namespace": NS},
-        "spec": {"module": "lepton_trainer.train", "faultTolerance": "perStep",
-                 "args": ["--model", "mlp", "--steps", "1000000", "--checkpoint-every", str(CHECKPOINT_EVERY),
-                          "--log-every", "20"],
-                 "workers": {"min": 1, "max": 2, "replicas": 2},
-                 "resources": {"gpus": 0, "cpu": "500m", "memory": "1Gi"},
-                 "checkpoint": {"claimName": "ckpt", "subPath": FT_JOB}}}))
-    survivor, victim = f"{FT_JOB}-worker-0", f"{FT_JOB}-worker-1"
-    try:
-        def quorum(pod: str, replicas: int, after: float = 0.0):
-            text = timestamped_logs(c, pod)
-            found = [(_ts(t), int(s)) for t, r, s in QUORUM_LINE.findall(text) if int(r) == replicas and _ts(t) > after]
-            return found[0] if found else None
-        wait_for("both replica groups in one quorum", lambda: quorum(survivor, 2), timeout=300)
-        wait_for("a checkpoint step", lambda: "event=checkpoint" in timestamped_logs(c, survivor), timeout=120)
-        pod = _json(c, "get", "pod", survivor, "-n", NS)
-        uid = pod["metadata"]["uid"]
-        pid = re.findall(r"event=start pid=(\d+)", timestamped_logs(c, survivor))
-        t_delete = time.time()
-        c.kubectl("delete", "pod", victim, "-n", NS, "--wait=false")
-        try:
-            t_quorum, step = wait_for("the survivor to re-form alone", lambda: quorum(survivor, 1, t_delete), timeout=120)
-            first = wait_for("a step after it", lambda: next(
-                (s for s in steps(timestamped_logs(c, survivor)) if s[0] > t_quorum), None), timeout=60)
-            # The replacement joins at a step boundary and takes the weights from the survivor.
-            t_join, _ = wait_for("the replacement to join", lambda: quorum(survivor, 2, t_quorum), timeout=240)
-            healed = re.search(r"event=heal step=(\d+)", timestamped_logs(c, victim))
-        except AssertionError:
-            raise AssertionError(dump(c, NS)) from None
-        assert healed and int(healed.group(1)) > step, timestamped_logs(c, victim)[-3000:]
-        # The survivor never restarted: same pod, same container, one worker process.
-        pod = _json(c, "get", "pod", survivor, "-n", NS)
-        assert pod["metadata"]["uid"] == uid and pod["status"]["containerStatuses"][0]["restartCount"] == 0
-        assert re.findall(r"event=start pid=(\d+)", timestamped_logs(c, survivor)) == pid and len(pid) == 1
-        assert "event=resume" not in timestamped_logs(c, survivor)
-        record("per_step_worker_deleted_to_step_seconds", round(first[0] - t_delete, 1))
-        record("per_step_worker_deleted_to_quorum_seconds", round(t_quorum - t_delete, 1))
-        record("per_step_replacement_joined_seconds_after_delete", round(t_join - t_delete, 1))
-    finally:
-        c.kubectl("delete", "lj", FT_JOB, "-n", NS, "--wait=true", check=False)
-
-
 CLIENT = """
 import json, urllib.request
 from lepton_trainer import data
@@ -459,6 +409,60 @@ def test_a_users_hugging_face_model_on_a_volume_is_served_to_tritonclient_over_h
     got_grpc = grpcclient.InferenceServerClient(f"{ip}:8081").infer("minilm", [g_in]).as_numpy("sentence_embedding")
     np.testing.assert_allclose(got_http, want, atol=1e-5)
     np.testing.assert_allclose(got_grpc, want, atol=1e-5)
+
+FT_JOB = "mnist-ft"
+QUORUM_LINE = re.compile(r"^(\S+) .*event=quorum replicas=(\d+) world=\d+ rank=\d+ step=(\d+)", re.M)
+
+
+def test_a_per_step_job_keeps_its_survivor_running_through_a_lost_worker_pod(workspace):
+    """faultTolerance perStep in real containers: the Lighthouse in the rendezvous pod, one
+    replica group per worker pod, found through the Service and the pods' IPs."""
+    c, _ = workspace
+    c.kubectl("delete", "lm", "--all", "-n", NS, "--wait=true")   # the node's CPU, for the workers
+    c.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonJob", "metadata": {"name": FT_JOB, "namespace": NS},
+        "spec": {"module": "lepton_trainer.train", "faultTolerance": "perStep",
+                 "args": ["--model", "mlp", "--steps", "1000000", "--checkpoint-every", str(CHECKPOINT_EVERY),
+                          "--log-every", "20"],
+                 "workers": {"min": 1, "max": 2, "replicas": 2},
+                 "resources": {"gpus": 0, "cpu": "500m", "memory": "1Gi"},
+                 "checkpoint": {"claimName": "ckpt", "subPath": FT_JOB}}}))
+    survivor, victim = f"{FT_JOB}-worker-0", f"{FT_JOB}-worker-1"
+    try:
+        def quorum(pod: str, replicas: int, after: float = 0.0):
+            text = timestamped_logs(c, pod)
+            found = [(_ts(t), int(s)) for t, r, s in QUORUM_LINE.findall(text) if int(r) == replicas and _ts(t) > after]
+            return found[0] if found else None
+        wait_for("both replica groups in one quorum", lambda: quorum(survivor, 2), timeout=300)
+        wait_for("a checkpoint step", lambda: "event=checkpoint" in timestamped_logs(c, survivor), timeout=120)
+        pod = _json(c, "get", "pod", survivor, "-n", NS)
+        uid = pod["metadata"]["uid"]
+        pid = re.findall(r"event=start pid=(\d+)", timestamped_logs(c, survivor))
+        t_delete = time.time()
+        c.kubectl("delete", "pod", victim, "-n", NS, "--wait=false")
+        try:
+            t_quorum, step = wait_for("the survivor to re-form alone", lambda: quorum(survivor, 1, t_delete), timeout=120)
+            first = wait_for("a step after it", lambda: next(
+                (s for s in steps(timestamped_logs(c, survivor)) if s[0] > t_quorum), None), timeout=60)
+            # The replacement joins at a step boundary and takes the weights from the survivor.
+            t_join, _ = wait_for("the replacement to join", lambda: quorum(survivor, 2, t_quorum), timeout=240)
+            healed = re.search(r"event=heal step=(\d+)", timestamped_logs(c, victim))
+        except AssertionError:
+            raise AssertionError(dump(c, NS)) from None
+        assert healed and int(healed.group(1)) > step, timestamped_logs(c, victim)[-3000:]
+        # The survivor never restarted: same pod, same container, one worker process.
+        pod = _json(c, "get", "pod", survivor, "-n", NS)
+        assert pod["metadata"]["uid"] == uid and pod["status"]["containerStatuses"][0]["restartCount"] == 0
+        assert re.findall(r"event=start pid=(\d+)", timestamped_logs(c, survivor)) == pid and len(pid) == 1
+        assert "event=resume" not in timestamped_logs(c, survivor)
+        record("per_step_worker_deleted_to_step_seconds", round(first[0] - t_delete, 1))
+        record("per_step_worker_deleted_to_quorum_seconds", round(t_quorum - t_delete, 1))
+        record("per_step_replacement_joined_seconds_after_delete", round(t_join - t_delete, 1))
+    finally:
+        c.kubectl("delete", "lj", FT_JOB, "-n", NS, "--wait=true", check=False)
+        wait_for("the job's pods to go", lambda: not _json(c, "get", "pods", "-n", NS, "-l",
+                                                          f"lepton.ai/job={FT_JOB}")["items"], timeout=120)
+
 
 def test_cluster_down_leaves_nothing_behind(real_cluster):
     """``make cluster-down`` (the same command line) on the cluster the tests above used,

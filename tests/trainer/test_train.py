@@ -1,4 +1,5 @@
 """The built-in trainer: real torchrun training, sharding rules, resume."""
+import os
 import re
 import subprocess
 import sys
@@ -8,8 +9,9 @@ import torch
 
 from lepton_trainer import modelio, models, data
 from lepton_trainer.checkpoint import CheckpointManager
+from lepton_trainer.rendezvous import WORKER_ENV
 from lepton_trainer.train import global_batch_indices, rank_slice
-from torchrun_procs import Proc, procs, rdzv_endpoint, start_agent  # noqa: F401 (fixtures)
+from torchrun_procs import Proc, free_port, procs, rdzv_endpoint, start_agent  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.trainer
 
@@ -87,6 +89,13 @@ def test_bad_flags_are_rejected(tmp_path):
     res = subprocess.run([sys.executable, "-m", "lepton_trainer.train", "--steps", "0"],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "--steps must be >= 1" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "lepton_trainer.train", "--fault-tolerance", "perStep"],
+                         capture_output=True, text=True, env={k: v for k, v in os.environ.items()
+                                                              if k != "TORCHFT_LIGHTHOUSE"})
+    assert res.returncode == 2 and "perStep needs --min-replicas >= 1 and $TORCHFT_LIGHTHOUSE" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "lepton_trainer.train", "--fault-tolerance", "perStep"],
+                         capture_output=True, text=True, env={**os.environ, "TORCHFT_LIGHTHOUSE": "http://x:1"})
+    assert res.returncode == 1 and "perStep runs under torchrun" in res.stderr
 
 
 def test_training_is_the_same_for_any_world_size(tmp_path, procs, rdzv_endpoint):
@@ -104,6 +113,34 @@ def test_training_is_the_same_for_any_world_size(tmp_path, procs, rdzv_endpoint)
     assert (one["world_size"], many["world_size"]) == (1, 3)
     for name, tensor in one["model"].items():
         torch.testing.assert_close(many["model"][name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_per_step_replica_groups_train_exactly_as_one_process(tmp_path, procs):
+    """Two perStep replica groups of 2 ranks each (the gradient is averaged inside each
+    group, then across the groups through torchft) take the same steps as one process."""
+    common = ["--steps", "20", "--checkpoint-every", "20", "--metrics-port", "0"]
+    alone = Proc([sys.executable, "-m", "lepton_trainer.train", *common,
+                  "--checkpoint-dir", str(tmp_path / "alone")], tmp_path / "alone.log")
+    procs.append(alone)
+    port = free_port()
+    procs.append(lighthouse := Proc([sys.executable, "-m", "lepton_trainer.lighthouse", "--host", "127.0.0.1",
+                                     "--port", str(port), "--min-replicas", "2"], tmp_path / "lighthouse.log"))
+    lighthouse.wait_for("lighthouse ready")
+    groups = []
+    for i in range(2):
+        env = {**WORKER_ENV, "TORCHFT_LIGHTHOUSE": f"http://127.0.0.1:{port}", "POD_IP": "127.0.0.1",
+               "LEPTON_REPLICA_ID": f"group-{i}", "LEPTON_MIN_REPLICAS": "2", "LEPTON_FAULT_TOLERANCE": "perStep"}
+        groups.append(Proc([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                            "--nproc-per-node=2", "-m", "lepton_trainer.train", *common,
+                            "--checkpoint-dir", str(tmp_path / "groups")], tmp_path / f"group-{i}.log", env))
+        procs.append(groups[-1])
+    for proc in (alone, *groups):
+        assert proc.wait() == 0, proc.text()[-3000:]
+    assert "event=quorum replicas=2 world=4 rank=0 step=0" in groups[0].text() + groups[1].text()
+    one, four = (CheckpointManager(tmp_path / d).load_latest() for d in ("alone", "groups"))
+    assert (one["world_size"], four["world_size"], four["torchft"]["step"]) == (1, 4, 20)
+    for name, tensor in one["model"].items():
+        torch.testing.assert_close(four["model"][name], tensor, rtol=1e-4, atol=1e-5)
 
 
 def test_checkpoint_from_another_configuration_is_refused(tmp_path, procs):

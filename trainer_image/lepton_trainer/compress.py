@@ -391,7 +391,8 @@ def apply(method: str, loaded: modelio.LoadedModel, params: dict,
         cand.module, cand.meta = module.eval(), new_meta
         return cand, extra, ("builtin", module, new_meta)
     if loaded.format == "huggingface":
-        module = copy.deepcopy(loaded.module)
+        # The methods that change weights in place get a copy; distill builds its own student.
+        module = loaded.module if method == "distill" else copy.deepcopy(loaded.module)
         extra: dict[str, Any] = {}
         lepton: dict[str, Any] = {"format": "huggingface"}
         if method == "int8":

@@ -41,6 +41,7 @@ import functools
 import json
 import logging
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -319,8 +320,18 @@ def train(args: argparse.Namespace) -> dict:
 def _ft_manager(args, env: DistEnv, model, optimizer):
     """A torchft Manager for this replica group: group rank 0 serves the manager and talks
     to the Lighthouse (``$TORCHFT_LIGHTHOUSE``); its peers find it through the group's
-    store. The address it advertises is the pod's IP, which the other pods can reach."""
+    store. Every address it advertises (manager, store, state for healing) is the pod's
+    IP, which the other pods can reach; the pod's bare host name does not resolve there."""
+    os.environ.setdefault("RUST_LOG", "warn")   # torchft's own log: several info lines per step
     from torchft import Manager, ProcessGroupBabyNCCL, ProcessGroupGloo
+    from torchft.checkpointing.http_transport import HTTPTransport
+
+    class PodTransport(HTTPTransport):
+        """torchft's HTTP transport of a healing group's state, advertised at ``host``: it
+        names itself by the host name, which other pods cannot resolve."""
+
+        def address(self) -> str:
+            return super().address().replace(f"//{socket.gethostname()}:", f"//{url_host}:", 1)
 
     timeout = timedelta(seconds=float(os.environ.get(contract.ENV_FT_TIMEOUT, "30")))
     pg = ProcessGroupBabyNCCL(timeout=timeout) if env.device.type == "cuda" else ProcessGroupGloo(timeout=timeout)
@@ -333,10 +344,12 @@ def _ft_manager(args, env: DistEnv, model, optimizer):
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
 
     host = os.environ.get("POD_IP") or os.environ["MASTER_ADDR"]
+    url_host = f"[{host}]" if ":" in host else host
     return Manager(pg=pg, load_state_dict=load, state_dict=save, min_replica_size=args.min_replicas,
                    use_async_quorum=False, timeout=timeout, replica_id=args.replica_id or None,
                    rank=env.rank, world_size=env.world_size, store_addr=host,
-                   store_port=int(os.environ["MASTER_PORT"]), hostname=host)
+                   store_port=int(os.environ["MASTER_PORT"]), hostname=host,
+                   checkpoint_transport=PodTransport(timeout=timeout, num_chunks=0))
 
 
 def train_per_step(args: argparse.Namespace) -> dict:
@@ -384,6 +397,8 @@ def train_per_step(args: argparse.Namespace) -> dict:
             metrics.set(contract.METRIC_STEP, step)
             if step >= args.steps:
                 break
+        # Every replica group has as many ranks as this one (the operator's pods all run
+        # nprocPerNode processes), so the global world and rank follow from the quorum.
         replicas, replica_rank = manager.num_participants(), manager.participating_rank()
         world, rank = replicas * env.world_size, replica_rank * env.world_size + env.rank
         if quorum != (world, rank):

@@ -181,6 +181,21 @@ def cycle(job: Job) -> dict:
             "joined_to_first_step_s": round(t_joined - t_join, 3), "last_step": last, "resumed_from": resume_step}
 
 
+STAMPED_STEP = re.compile(r"^(\S+ \S+) rank=0/\d+ event=step step=(\d+) loss=\S+ world=(\d+)", re.M)
+
+
+def steps_per_second(texts: list[str], world: int) -> float | None:
+    """Median training speed with the whole group (steps per second between consecutive
+    step lines of rank 0 at ``world``): the price of a mode when nothing fails."""
+    rates = []
+    for text in texts:
+        points = [(time.mktime(time.strptime(t[:19], "%Y-%m-%d %H:%M:%S")) + int(t[20:]) / 1000, int(step))
+                  for t, step, w in STAMPED_STEP.findall(text) if int(w) == world]
+        rates += [(s1 - s0) / (t1 - t0) for (t0, s0), (t1, s1) in zip(points, points[1:])
+                  if s1 - s0 == LOG_EVERY and t1 > t0]
+    return round(statistics.median(rates), 1) if rates else None
+
+
 def run_job(workers: int, mode: str, runs: int, root: Path, out: dict) -> None:
     workdir = root / f"{mode}-{workers}"
     workdir.mkdir()
@@ -194,6 +209,7 @@ def run_job(workers: int, mode: str, runs: int, root: Path, out: dict) -> None:
             samples.append(cycle(job))
             print(f"workers={workers} {mode:8s} run={rep} {samples[-1]}", flush=True)
         out[(workers, mode)] = samples
+        out[(workers, mode, "steps_per_second")] = steps_per_second(job.logs(), workers)
     except AssertionError:   # a wait timed out
         print(job.tails(), flush=True)
         raise
@@ -255,6 +271,7 @@ def main() -> None:
     else:
         for w, mode in jobs:
             run_job(w, mode, args.runs, root, samples)
+    speeds = {key[:2]: samples.pop(key) for key in list(samples) if len(key) == 3}
     missing = [job for job in jobs if job not in samples]
     if missing:
         sys.exit(f"no result for {missing}; logs in {root}")
@@ -266,6 +283,7 @@ def main() -> None:
             "lost_to_first_step_median_s": statistics.median(r["lost_to_first_step_s"] for r in runs),
             "steps_lost_median": statistics.median(r["steps_lost"] for r in runs),
             "joined_to_first_step_median_s": statistics.median(r["joined_to_first_step_s"] for r in runs),
+            "steps_per_second_median": speeds.get((w, mode)),
             "n": len(runs), "runs": runs})
         print(f"workers={w} {mode:8s} lost->step {results[-1]['lost_to_first_step_median_s']:.1f}s  "
               f"steps lost {results[-1]['steps_lost_median']}  "

@@ -157,7 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"perStep: fewest replica groups that commit a step (${contract.ENV_MIN_REPLICAS})")
     p.add_argument("--replica-id", default=env(contract.ENV_REPLICA_ID, ""),
                    help=f"perStep: this replica group's name (${contract.ENV_REPLICA_ID}, "
-                        "else the host name)")
+                        "else a random id)")
     args = p.parse_args(argv)
     for name in ("steps", "global_batch_size", "keep", "log_every"):
         if getattr(args, name) < 1:

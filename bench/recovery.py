@@ -4,7 +4,7 @@ An elastic job (``--nnodes=1:N``, one worker per node agent, the built-in traine
 digits, gloo) runs with the operator's torchrun arguments against a dedicated store
 (``python -m lepton_trainer.rendezvous``), all on this machine. Each cycle kills one whole
 agent (agent and worker at once, as when a pod is lost), waits until the survivors train
-again, then starts a replacement and waits until a step includes it. Three modes:
+again, then starts a replacement and waits until a step includes it. The modes:
 
 - ``default``: torchrun's own settings (keep-alive 5 s x 3, last call 30 s);
 - ``tuned``: the operator's defaults (keep-alive 3 s x 3, last call 2 s);

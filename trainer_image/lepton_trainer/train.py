@@ -365,14 +365,7 @@ def train_per_step(args: argparse.Namespace) -> dict:
     if not ("RANK" in os.environ and "MASTER_PORT" in os.environ):
         raise SystemExit("--fault-tolerance perStep runs under torchrun (torchrun --standalone for "
                          "one replica group), as the operator's workers do")
-    cuda = torch.cuda.is_available()
-    if not dist.is_initialized():   # creates the group's TCPStore the manager joins
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    env = DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                  local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                  restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
-                  device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda
-                  else torch.device("cpu"), distributed=dist.get_world_size() > 1)
+    env = init_distributed()   # the replica group; it creates the TCPStore the manager joins
     _log_format(env)
     log.info("event=start pid=%d world=%d local_rank=%d restart=%d device=%s fault_tolerance=perStep "
              "replica=%s", os.getpid(), env.world_size, env.local_rank, env.restart_count, env.device,
@@ -409,7 +402,7 @@ def train_per_step(args: argparse.Namespace) -> dict:
         loss, n = _batch_loss(model, x, y, step, args, world, rank)
         loss.backward()
         flat = torch.cat([*(p.grad.reshape(-1) for p in params), loss.detach().reshape(1)])
-        if env.distributed:       # inside the replica group: average its ranks
+        if env.world_size > 1:    # inside the replica group: average its ranks
             dist.all_reduce(flat)
             flat /= env.world_size
         manager.allreduce(flat).wait()   # across the groups: averages the replicas

@@ -22,6 +22,7 @@ from lepton_operator.job.spec import parse_job
 from lepton_operator.model import state as ms
 from lepton_operator.model.spec import parse_model
 from lepton_operator.scaling.prometheus import no_data
+from planning import plan_job
 
 pytestmark = pytest.mark.unit
 HEALTH = Path(__file__).resolve().parents[2] / "charts" / "lepton-operator" / "health"
@@ -72,15 +73,15 @@ def job(status, generation=2):
 
 
 def job_statuses():
-    running = js.plan_job(META, job_spec(), {"phase": "Scaling"}, [pod(i) for i in range(4)], 0, NOW).status
-    creating = js.plan_job(META, job_spec(), {}, [], 4, NOW).status
-    done = js.plan_job(META, job_spec(), {"phase": "Running"},
+    running = plan_job(META, job_spec(), {"phase": "Scaling"}, [pod(i) for i in range(4)], 0, NOW).status
+    creating = plan_job(META, job_spec(), {}, [], 4, NOW).status
+    done = plan_job(META, job_spec(), {"phase": "Running"},
                        [pod(i, "Succeeded") for i in range(4)], 0, NOW).status
-    failed = js.plan_job(META, job_spec(backoffLimit=0), {"phase": "Running"},
+    failed = plan_job(META, job_spec(backoffLimit=0), {"phase": "Running"},
                          [pod(0, "Failed", message="exit 1"), pod(1)], 0, NOW).status
-    suspended = js.plan_job(META, job_spec(suspend=True), {"phase": "Running"}, [pod(0)], 0, NOW).status
+    suspended = plan_job(META, job_spec(suspend=True), {"phase": "Running"}, [pod(0)], 0, NOW).status
     invalid = st.apply_outcome({}, Outcome("Pending", "InvalidSpec", "invalid spec: x", stalled=True), 2)
-    zero = js.plan_job(META, job_spec(), {}, [], 0, NOW, no_node_fits=True).status
+    zero = plan_job(META, job_spec(), {}, [], 0, NOW, no_node_fits=True).status
     return {"running": (running, "Healthy"), "creating": (creating, "Progressing"), "succeeded": (done, "Healthy"),
             "failed": (failed, "Degraded"), "suspended": (suspended, "Suspended"), "invalid": (invalid, "Degraded"),
             "waiting-for-capacity": (zero, "Progressing")}

@@ -4,7 +4,7 @@ active (``status.activeWorkerUIDs``) and the autoscaler's baseline, cooldown and
 decision (``status.autoscaling``).
 
 The planner tests lose the memory by planning from the written status alone. The loop
-tests run the real reconcile (``job.handlers._reconcile``, ``job.autoscale.tick``)
+tests run the real reconcile (``job.handlers.reconcile``: observe, plan, execute)
 against a recording stand-in for the API server and "kill" the process at the worst
 moment: after the status write that counts, before the write that acts on it; or after
 the operator's own DELETE of a worker, before anything else is written.
@@ -12,6 +12,7 @@ the operator's own DELETE of a worker, before anything else is written.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -27,6 +28,7 @@ from lepton_operator.job import state as js
 from lepton_operator.job.spec import parse_job
 from lepton_operator.scaling import policy
 from lepton_operator.scaling import prometheus
+from planning import plan_job
 
 pytestmark = pytest.mark.unit
 NOW = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
@@ -51,16 +53,16 @@ FAILED = pod(1, "Failed", message="container worker exited with code 1")
 # --- the planner ---------------------------------------------------------------------
 
 def test_a_counted_failure_is_recorded_in_the_status_that_counts_it():
-    plan = js.plan_job(META, spec(), {"phase": "Running"}, [pod(0), FAILED], 0, NOW)
+    plan = plan_job(META, spec(), {"phase": "Running"}, [pod(0), FAILED], 0, NOW)
     assert plan.status["restarts"]["counted"] == 1 and plan.counted_uids == {"uid-1"}
     assert plan.status[js.COUNTED_POD_UIDS] == ["uid-1"]
     assert plan.delete == ["j-worker-1"]
 
 
 def test_a_plan_from_the_written_status_alone_does_not_count_the_same_pod_again():
-    written = js.plan_job(META, spec(), {"phase": "Running"}, [pod(0), FAILED], 0, NOW).status
+    written = plan_job(META, spec(), {"phase": "Running"}, [pod(0), FAILED], 0, NOW).status
     # A fresh process: nothing but the status it wrote, and the failed pod still there.
-    again = js.plan_job(META, spec(), written, [pod(0), FAILED], 0, NOW)
+    again = plan_job(META, spec(), written, [pod(0), FAILED], 0, NOW)
     assert again.status["restarts"] == {"counted": 1, "uncounted": 0} and again.status["restartCount"] == 1
     assert again.counted_uids == set() and not any(e[1] == "WorkerFailed" for e in again.events)
     assert again.delete == ["j-worker-1"]                 # the delete the kill prevented happens now
@@ -68,17 +70,17 @@ def test_a_plan_from_the_written_status_alone_does_not_count_the_same_pod_again(
 
 
 def test_the_uid_stays_while_the_pod_is_deleting_and_is_dropped_once_it_is_gone():
-    written = js.plan_job(META, spec(), {"phase": "Running"}, [pod(0), FAILED], 0, NOW).status
+    written = plan_job(META, spec(), {"phase": "Running"}, [pod(0), FAILED], 0, NOW).status
     deleting = js.dataclasses.replace(FAILED, deleting=True)
-    going = js.plan_job(META, spec(), written, [pod(0), deleting], 0, NOW)
+    going = plan_job(META, spec(), written, [pod(0), deleting], 0, NOW)
     assert going.status[js.COUNTED_POD_UIDS] == ["uid-1"] and going.status["restarts"]["counted"] == 1
-    gone = js.plan_job(META, spec(), going.status, [pod(0)], 1, NOW)
+    gone = plan_job(META, spec(), going.status, [pod(0)], 1, NOW)
     assert js.COUNTED_POD_UIDS not in gone.status and gone.status["restarts"]["counted"] == 1
     assert gone.create == [1]
     # A new pod failing under the same name is a new failure.
     second = pod(1, "Failed", message="exit 1")
     second = js.dataclasses.replace(second, uid="uid-1b")
-    recount = js.plan_job(META, spec(), gone.status, [pod(0), second], 0, NOW)
+    recount = plan_job(META, spec(), gone.status, [pod(0), second], 0, NOW)
     assert recount.status["restarts"]["counted"] == 2
     assert recount.status[js.COUNTED_POD_UIDS] == ["uid-1b"]
 
@@ -86,7 +88,7 @@ def test_the_uid_stays_while_the_pod_is_deleting_and_is_dropped_once_it_is_gone(
 def test_uids_passed_in_and_uids_in_the_status_both_count_as_handled():
     prev = {"phase": "Running", "restarts": {"counted": 1, "uncounted": 0}, js.COUNTED_POD_UIDS: ["uid-0"]}
     failed0 = pod(0, "Failed", message="exit 1")
-    plan = js.plan_job(META, spec(), prev, [failed0, FAILED], 0, NOW, handled_uids={"uid-1"})
+    plan = plan_job(META, spec(), prev, [failed0, FAILED], 0, NOW, handled_uids={"uid-1"})
     assert plan.status["restarts"]["counted"] == 1
     assert plan.status[js.COUNTED_POD_UIDS] == ["uid-0", "uid-1"]
 
@@ -95,19 +97,19 @@ def test_the_status_lists_the_active_workers_the_plan_keeps():
     deleting = js.dataclasses.replace(pod(2), deleting=True)
     pending = js.PodView(name="j-worker-3", uid="", index=3, phase="Pending")      # created, not yet seen
     pods = [pod(0), pod(1), deleting, pending]
-    steady = js.plan_job(META, spec(workers={"min": 1, "max": 4, "replicas": 3}), {"phase": "Running"}, pods, 8, NOW)
+    steady = plan_job(META, spec(workers={"min": 1, "max": 4, "replicas": 3}), {"phase": "Running"}, pods, 8, NOW)
     assert steady.delete == [] and steady.status[js.ACTIVE_WORKER_UIDS] == ["uid-0", "uid-1"]
-    plan = js.plan_job(META, spec(workers={"min": 1, "max": 4, "replicas": 1}), steady.status, pods, 8, NOW)
+    plan = plan_job(META, spec(workers={"min": 1, "max": 4, "replicas": 1}), steady.status, pods, 8, NOW)
     assert sorted(plan.delete) == ["j-worker-1", "j-worker-3"]              # scale-down to one
     assert plan.status[js.ACTIVE_WORKER_UIDS] == ["uid-0"]
-    suspended = js.plan_job(META, spec(suspend=True), plan.status, [pod(0)], 8, NOW)
+    suspended = plan_job(META, spec(suspend=True), plan.status, [pod(0)], 8, NOW)
     assert suspended.delete == ["j-worker-0"] and js.ACTIVE_WORKER_UIDS not in suspended.status
 
 
 def test_a_finished_job_keeps_no_uid_of_a_pod_that_is_gone():
     prev = {"phase": "Failed", "restarts": {"counted": 4, "uncounted": 0}, js.COUNTED_POD_UIDS: ["uid-1"],
             "completionTime": "2026-01-01T11:00:00Z"}
-    plan = js.plan_job(META, spec(), prev, [], 0, NOW)
+    plan = plan_job(META, spec(), prev, [], 0, NOW)
     assert plan.status["phase"] == "Failed" and js.COUNTED_POD_UIDS not in plan.status
 
 
@@ -189,8 +191,8 @@ def reconcile(api: FakeAPI, pods: list[js.PodView], memory: jh.JobMemory | None 
     that just started, whose memory is built from the status on the server); ``body``:
     see ``job_body``."""
     body = job_body(api.status, **body)
-    memory = memory or jh._loops.new_memory(dict(api.status))
-    asyncio.run(jh._reconcile(body, memory, indices(pods), LOG))
+    memory = memory or jh.observe.new_memory(dict(api.status))
+    asyncio.run(jh.reconcile(body, memory, indices(pods), jh.new_runtime(), LOG))
     return memory
 
 
@@ -316,7 +318,7 @@ def test_what_the_autoscaler_adds_after_the_write_before_the_deletes_is_written_
     auto = {"autoscaling": {"cooldownSeconds": 60, "intervalSeconds": 5}}
     memory = reconcile(api, [pod(0), pod(1)], **auto)
     api.calls.clear()
-    memory.autoscaler.next_tick = 0.0                         # its next tick is due
+    memory.autoscaler = dataclasses.replace(memory.autoscaler, next_tick=0.0)   # its next tick is due
     reconcile(api, [pod(0), pod(1)], memory, workers=1, **auto)
     assert api.names("delete") == ["j-worker-1"]
     assert api.status["autoscaling"] == memory.status["autoscaling"]
@@ -361,20 +363,27 @@ def autoscaled(cooldown: int = 60) -> tuple[Any, dict[str, Any]]:
     return parse_job("j", raw, "img"), raw
 
 
-def tick(api: FakeAPI, job_spec, status: dict[str, Any], memory: jh.JobMemory | None = None):
-    body = job_body(api.status)
-    memory = memory or jh._loops.new_memory(dict(api.status))
-    asyncio.run(autoscale.tick(body, job_spec, memory, memory.autoscaler, status, 8, LOG))
-    return memory
+def tick(api: FakeAPI, raw: dict[str, Any]) -> dict[str, Any]:
+    """One reconcile of the autoscaled job ``raw`` (one running worker) by a process that
+    just started, whose first autoscaler tick runs at once; the status it leaves."""
+    body = {**job_body(api.status), "spec": raw}
+    memory = jh.observe.new_memory(dict(api.status))
+    before = config._current
+    config._current = config.from_env({}, prometheus_url="http://prometheus:9090")
+    try:
+        asyncio.run(jh.reconcile(body, memory, indices([pod(0)]), jh.new_runtime(), LOG))
+    finally:
+        config._current = before
+    return api.status
 
 
 def test_the_scale_event_is_in_the_status_before_the_spec_changes(api, monkeypatch):
     monkeypatch.setattr(prometheus, "client", lambda: FakePrometheus(100.0))
-    job_spec, _ = autoscaled()
+    _, raw = autoscaled()
     long_ago = time.time() - 3600
     api.status = {"phase": "Running", "workers": {"ready": 1},
                   "autoscaling": autoscale.state_to_status(policy.TrainingState(100.0, 1, long_ago))}
-    tick(api, job_spec, dict(api.status))
+    tick(api, raw)
     verbs = [name for name, _ in api.calls if name in ("patch_status", "patch")]
     assert verbs == ["patch_status", "patch"]
     assert api.status["autoscaling"]["lastDecision"] == policy.GOODPUT_HOLDS
@@ -383,19 +392,18 @@ def test_the_scale_event_is_in_the_status_before_the_spec_changes(api, monkeypat
 
 def test_killed_after_recording_a_scale_event_the_restarted_autoscaler_waits_its_cooldown(api, monkeypatch):
     monkeypatch.setattr(prometheus, "client", lambda: FakePrometheus(100.0))
-    job_spec, _ = autoscaled(cooldown=600)
+    _, raw = autoscaled(cooldown=600)
     long_ago = time.time() - 3600
     api.status = {"phase": "Running", "workers": {"ready": 1},
                   "autoscaling": autoscale.state_to_status(policy.TrainingState(100.0, 1, long_ago))}
     api.kill_before = "patch"
     with pytest.raises(Killed):
-        tick(api, job_spec, dict(api.status))
+        tick(api, raw)
     recorded = api.status["autoscaling"]
     assert autoscale.state_from_status(recorded, 0.0).last_scale > long_ago
     # A new process, the scale never applied: it holds for the cooldown rather than scaling
     # again at once, and keeps the learned baseline.
-    status = dict(api.status)
-    tick(api, job_spec, status)
+    status = tick(api, raw)
     assert status["autoscaling"]["lastDecision"] == policy.COOLDOWN
     assert status["autoscaling"]["baselineRate"] == 100.0
     assert "patch" not in [name for name, _ in api.calls]
@@ -403,12 +411,11 @@ def test_killed_after_recording_a_scale_event_the_restarted_autoscaler_waits_its
 
 def test_a_restarted_autoscaler_keeps_the_cooldown_of_the_last_scale_event(api, monkeypatch):
     monkeypatch.setattr(prometheus, "client", lambda: FakePrometheus(200.0))
-    job_spec, _ = autoscaled(cooldown=600)
+    _, raw = autoscaled(cooldown=600)
     just_now = time.time() - 30
     api.status = {"phase": "Running", "workers": {"ready": 1},
                   "autoscaling": {**autoscale.state_to_status(policy.TrainingState(100.0, 1, just_now)),
                                   "lastDecision": policy.GOODPUT_HOLDS}}
-    status = dict(api.status)
-    tick(api, job_spec, status)                               # a fresh memory: the first tick runs at once
+    status = tick(api, raw)                                   # a fresh memory: the first tick runs at once
     assert status["autoscaling"]["lastDecision"] == policy.COOLDOWN
     assert status["autoscaling"]["baselineRate"] == 100.0 and status["autoscaling"]["baselineWorkers"] == 1

@@ -6,6 +6,7 @@ import pytest
 from lepton_operator.job import state as js
 from lepton_operator.constants import COND_READY, COND_STALLED
 from lepton_operator.job.spec import parse_job
+from planning import plan_job
 
 pytestmark = pytest.mark.unit
 NOW = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
@@ -28,19 +29,19 @@ def cond(plan, type_):
 
 
 def test_gang_creates_nothing_until_min_fits():
-    plan = js.plan_job(META, spec(), {}, [], free_slots=1, now=NOW)
+    plan = plan_job(META, spec(), {}, [], free_slots=1, now=NOW)
     assert plan.create == [] and plan.status["phase"] == "Pending"
     assert cond(plan, COND_READY)["reason"] == "WaitingForCapacity"
-    plan = js.plan_job(META, spec(), {}, [], free_slots=2, now=NOW)
+    plan = plan_job(META, spec(), {}, [], free_slots=2, now=NOW)
     assert plan.create == [0, 1]                        # min at once, capacity-limited beyond
     assert plan.status["startTime"] == "2026-01-01T12:00:00Z"
 
 
 def test_scale_up_limited_by_capacity_and_reported():
     prev = {"phase": "Running"}
-    plan = js.plan_job(META, spec(), prev, [pod(0), pod(1)], free_slots=1, now=NOW)
+    plan = plan_job(META, spec(), prev, [pod(0), pod(1)], free_slots=1, now=NOW)
     assert plan.create == [2]
-    plan = js.plan_job(META, spec(), prev, [pod(0), pod(1), pod(2)], free_slots=0, now=NOW)
+    plan = plan_job(META, spec(), prev, [pod(0), pod(1), pod(2)], free_slots=0, now=NOW)
     assert plan.create == [] and plan.status["phase"] == "Running"
     assert "1 more wait for GPU capacity" in cond(plan, COND_READY)["message"]
     assert plan.status["workers"] == {"desired": 4, "scheduled": 3, "running": 3, "ready": 3}
@@ -48,13 +49,13 @@ def test_scale_up_limited_by_capacity_and_reported():
 
 def test_scale_down_deletes_highest_indices():
     s = spec(workers={"min": 1, "max": 4, "replicas": 2})
-    plan = js.plan_job(META, s, {"phase": "Running"}, [pod(i) for i in range(4)], free_slots=0, now=NOW)
+    plan = plan_job(META, s, {"phase": "Running"}, [pod(i) for i in range(4)], free_slots=0, now=NOW)
     assert plan.delete == ["j-worker-3", "j-worker-2"] and plan.create == []
     assert plan.status["phase"] == "Scaling" and plan.status["replicas"] == 2
 
 
 def test_all_running_is_ready():
-    plan = js.plan_job(META, spec(), {"phase": "Scaling"}, [pod(i) for i in range(4)], 0, NOW)
+    plan = plan_job(META, spec(), {"phase": "Scaling"}, [pod(i) for i in range(4)], 0, NOW)
     assert plan.status["phase"] == "Running" and cond(plan, COND_READY)["status"] == "True"
     assert plan.status["observedGeneration"] == 2 and plan.status["workersReady"] == "4/4"
     assert plan.events and plan.events[0][1] == "Running"
@@ -63,12 +64,12 @@ def test_all_running_is_ready():
 def test_counted_failure_is_replaced_within_budget_and_not_counted_twice():
     failed = pod(1, "Failed", message="container worker exited with code 1")
     prev = {"phase": "Running", "startTime": "2026-01-01T11:00:00Z"}
-    plan = js.plan_job(META, spec(), prev, [pod(0), failed, pod(2), pod(3)], 1, NOW)
+    plan = plan_job(META, spec(), prev, [pod(0), failed, pod(2), pod(3)], 1, NOW)
     assert plan.status["restarts"] == {"counted": 1, "uncounted": 0}
     assert plan.delete == ["j-worker-1"] and plan.create == [1]
     assert plan.status["phase"] == "Restarting" and plan.counted_uids == {"uid-1"}
     assert any(e[0] == "Warning" and e[1] == "WorkerFailed" for e in plan.events)
-    again = js.plan_job(META, spec(), plan.status, [pod(0), failed, pod(2), pod(3)], 1, NOW,
+    again = plan_job(META, spec(), plan.status, [pod(0), failed, pod(2), pod(3)], 1, NOW,
                         handled_uids={"uid-1"})
     assert again.status["restarts"]["counted"] == 1
 
@@ -77,71 +78,71 @@ def test_template_change_replaces_the_whole_group_without_counting_a_restart():
     s = spec(workers={"min": 2, "max": 2, "replicas": 2})
     prev = {"phase": "Running", "restarts": {"counted": 0, "uncounted": 0}}
     old = [pod(0, template="aaa", generation=1), pod(1, template="aaa", generation=1)]
-    same = js.plan_job(META, s, prev, old, 4, NOW, template="aaa")
+    same = plan_job(META, s, prev, old, 4, NOW, template="aaa")
     assert same.delete == [] and same.status["phase"] == "Running"
-    plan = js.plan_job(META, s, prev, old, 4, NOW, template="bbb")
+    plan = plan_job(META, s, prev, old, 4, NOW, template="bbb")
     assert plan.delete == ["j-worker-0", "j-worker-1"]
     assert plan.create == []                            # the names are free only once the old pods are gone
     assert plan.status["phase"] == "Restarting" and cond(plan, COND_READY)["reason"] == "TemplateChanged"
     assert plan.status["restarts"] == {"counted": 0, "uncounted": 0}
     assert any(e[1] == "TemplateChanged" and "aaa -> bbb" in e[2] for e in plan.events)
     going = [js.dataclasses.replace(p, deleting=True) for p in old]
-    waiting = js.plan_job(META, s, plan.status, going, 2, NOW, template="bbb")
+    waiting = plan_job(META, s, plan.status, going, 2, NOW, template="bbb")
     assert waiting.create == [] and waiting.delete == []
-    fresh = js.plan_job(META, s, waiting.status, [], 2, NOW, template="bbb")
+    fresh = plan_job(META, s, waiting.status, [], 2, NOW, template="bbb")
     assert fresh.create == [0, 1]
-    unknown = js.plan_job(META, s, prev, [pod(0), pod(1)], 4, NOW, template="bbb")
+    unknown = plan_job(META, s, prev, [pod(0), pod(1)], 4, NOW, template="bbb")
     assert unknown.delete == []                         # pods without a hash are left alone
     current = [pod(0, template="aaa", generation=2), pod(1, template="aaa", generation=2)]
-    upgraded = js.plan_job(META, s, prev, current, 4, NOW, template="bbb")
+    upgraded = plan_job(META, s, prev, current, 4, NOW, template="bbb")
     assert upgraded.delete == []                        # same generation: an operator upgrade, not a spec change
 
 
 def test_retryable_failure_and_vanished_pods_are_uncounted():
     evicted = pod(0, "Failed", retryable=True, message="disrupted (Evicted)")
-    plan = js.plan_job(META, spec(), {"phase": "Running"}, [evicted, pod(1)], 2, NOW, vanished=1)
+    plan = plan_job(META, spec(), {"phase": "Running"}, [evicted, pod(1)], 2, NOW, vanished=1)
     assert plan.status["restarts"] == {"counted": 0, "uncounted": 2}
 
 
 def test_backoff_limit_fails_the_job_and_it_stays_failed():
     s = spec(backoffLimit=1)
     prev = {"phase": "Running", "restarts": {"counted": 1, "uncounted": 0}}
-    plan = js.plan_job(META, s, prev, [pod(0, "Failed"), pod(1)], 4, NOW)
+    plan = plan_job(META, s, prev, [pod(0, "Failed"), pod(1)], 4, NOW)
     assert plan.status["phase"] == "Failed" and plan.create == []
     assert plan.delete == ["j-worker-1"] and plan.delete_rendezvous   # failed pod kept for its logs
     assert cond(plan, COND_STALLED)["status"] == "True"
     assert cond(plan, COND_READY)["reason"] == "BackoffLimitExceeded"
-    later = js.plan_job(META, s, plan.status, [], 4, NOW + dt.timedelta(hours=1))
+    later = plan_job(META, s, plan.status, [], 4, NOW + dt.timedelta(hours=1))
     assert later.status["phase"] == "Failed" and later.create == []
 
 
 def test_deadline():
     s = spec(activeDeadlineSeconds=60)
     prev = {"phase": "Running", "startTime": "2026-01-01T11:59:30Z"}
-    plan = js.plan_job(META, s, prev, [pod(0), pod(1)], 0, NOW)
+    plan = plan_job(META, s, prev, [pod(0), pod(1)], 0, NOW)
     assert plan.status["phase"] == "Running" and plan.requeue_after == pytest.approx(30)
-    plan = js.plan_job(META, s, prev, [pod(0), pod(1)], 0, NOW + dt.timedelta(seconds=31))
+    plan = plan_job(META, s, prev, [pod(0), pod(1)], 0, NOW + dt.timedelta(seconds=31))
     assert plan.status["phase"] == "Failed" and cond(plan, COND_READY)["reason"] == "DeadlineExceeded"
 
 
 def test_suspend_deletes_workers_and_resume_recreates():
     prev = {"phase": "Running", "startTime": "2026-01-01T11:00:00Z"}
-    plan = js.plan_job(META, spec(suspend=True), prev, [pod(0), pod(1)], 4, NOW)
+    plan = plan_job(META, spec(suspend=True), prev, [pod(0), pod(1)], 4, NOW)
     assert plan.status["phase"] == "Suspended" and plan.delete == ["j-worker-0", "j-worker-1"]
     assert "startTime" not in plan.status and not plan.delete_rendezvous
-    resumed = js.plan_job(META, spec(), plan.status, [], 4, NOW)
+    resumed = plan_job(META, spec(), plan.status, [], 4, NOW)
     assert resumed.create == [0, 1, 2, 3] and any(e[1] == "Resumed" for e in resumed.events)
 
 
 def test_success_then_ttl():
     s = spec(ttlSecondsAfterFinished=30, checkpoint={"claimName": "c"})
-    plan = js.plan_job(META, s, {"phase": "Running"}, [pod(0, "Succeeded"), pod(1, "Succeeded")], 4, NOW)
+    plan = plan_job(META, s, {"phase": "Running"}, [pod(0, "Succeeded"), pod(1, "Succeeded")], 4, NOW)
     assert plan.status["phase"] == "Succeeded" and plan.status["completionTime"] == "2026-01-01T12:00:00Z"
     assert plan.status["outputURI"] == "pvc://c/output" and plan.requeue_after == 30
     assert cond(plan, COND_READY)["status"] == "True"
-    early = js.plan_job(META, s, plan.status, [], 4, NOW + dt.timedelta(seconds=10))
+    early = plan_job(META, s, plan.status, [], 4, NOW + dt.timedelta(seconds=10))
     assert not early.delete_job and early.requeue_after == pytest.approx(20)
-    late = js.plan_job(META, s, plan.status, [], 4, NOW + dt.timedelta(seconds=30))
+    late = plan_job(META, s, plan.status, [], 4, NOW + dt.timedelta(seconds=30))
     assert late.delete_job
 
 
@@ -184,34 +185,34 @@ def test_restart_count_counts_replacements_not_failures():
     (backoffLimit 0) is a failure, not a restart."""
     failed = pod(1, "Failed", message="container worker exited with code 1")
     prev = {"phase": "Running", "startTime": "2026-01-01T11:00:00Z"}
-    plan = js.plan_job(META, spec(), prev, [pod(0), failed, pod(2), pod(3)], 1, NOW)
+    plan = plan_job(META, spec(), prev, [pod(0), failed, pod(2), pod(3)], 1, NOW)
     assert plan.status["restartCount"] == 1 and plan.status["workersReady"] == "3/4"
-    ended = js.plan_job(META, spec(backoffLimit=0), prev, [pod(0), failed, pod(2), pod(3)], 1, NOW)
+    ended = plan_job(META, spec(backoffLimit=0), prev, [pod(0), failed, pod(2), pod(3)], 1, NOW)
     assert ended.status["phase"] == "Failed" and ended.status["restartCount"] == 0
     assert ended.status["restarts"]["counted"] == 1 and ended.status["workersReady"] == "-"
-    vanished = js.plan_job(META, spec(), prev, [pod(0), pod(2), pod(3)], 1, NOW, vanished=1)
+    vanished = plan_job(META, spec(), prev, [pod(0), pod(2), pod(3)], 1, NOW, vanished=1)
     assert vanished.status["restartCount"] == 1 and vanished.status["restarts"]["uncounted"] == 1
 
 
 def test_a_pool_at_zero_gets_the_gang_as_pending_pods():
     """provision (default): no node can hold a worker, so the gang at min is created as
     Pending pods, the demand a cluster autoscaler acts on; nothing beyond min."""
-    plan = js.plan_job(META, spec(), {}, [], free_slots=0, now=NOW, no_node_fits=True)
+    plan = plan_job(META, spec(), {}, [], free_slots=0, now=NOW, no_node_fits=True)
     assert plan.create == [0, 1] and plan.status["phase"] == "Pending"
     ready = cond(plan, COND_READY)
     assert ready["reason"] == "WaitingForCapacity" and "ask the cluster autoscaler for nodes" in ready["message"]
     assert plan.status["waitingForCapacitySince"] == "2026-01-01T12:00:00Z"
     pending = [pod(0, "Pending"), pod(1, "Pending")]
-    again = js.plan_job(META, spec(), plan.status, pending, free_slots=0, now=NOW, no_node_fits=True)
+    again = plan_job(META, spec(), plan.status, pending, free_slots=0, now=NOW, no_node_fits=True)
     assert again.create == [] and cond(again, COND_READY)["reason"] == "WaitingForCapacity"
     # Nodes appear: the pods run, the wait is over.
-    up = js.plan_job(META, spec(), again.status, [pod(0), pod(1)], free_slots=2, now=NOW)
+    up = plan_job(META, spec(), again.status, [pod(0), pod(1)], free_slots=2, now=NOW)
     assert up.create == [2, 3] and "waitingForCapacitySince" not in up.status
     # observed: a fixed pool; nothing is created (the handler reports the spec as invalid).
-    fixed = js.plan_job(META, spec(capacity={"mode": "observed"}), {}, [], 0, NOW, no_node_fits=True)
+    fixed = plan_job(META, spec(capacity={"mode": "observed"}), {}, [], 0, NOW, no_node_fits=True)
     assert fixed.create == []
     # Nodes that exist but are busy: all or nothing, whatever the mode.
-    busy = js.plan_job(META, spec(), {}, [], free_slots=1, now=NOW, no_node_fits=False)
+    busy = plan_job(META, spec(), {}, [], free_slots=1, now=NOW, no_node_fits=False)
     assert busy.create == [] and cond(busy, COND_READY)["reason"] == "WaitingForCapacity"
 
 
@@ -220,17 +221,17 @@ def test_a_wait_for_capacity_ends_at_its_deadline(on_timeout, phase):
     s = spec(capacity={"timeoutSeconds": 600, "onTimeout": on_timeout})
     prev = {"phase": "Pending", "startTime": "2026-01-01T11:00:00Z", "waitingForCapacitySince": "2026-01-01T11:55:00Z"}
     pending = [pod(0, "Pending"), pod(1, "Pending")]
-    waiting = js.plan_job(META, s, prev, pending, 0, NOW, no_node_fits=True)
+    waiting = plan_job(META, s, prev, pending, 0, NOW, no_node_fits=True)
     assert waiting.status["phase"] == "Pending" and waiting.requeue_after == 300
     late = {**prev, "waitingForCapacitySince": "2026-01-01T11:45:00Z"}
-    ended = js.plan_job(META, s, late, pending, 0, NOW, no_node_fits=True)
+    ended = plan_job(META, s, late, pending, 0, NOW, no_node_fits=True)
     assert ended.status["phase"] == phase and cond(ended, COND_READY)["reason"] == "CapacityTimeout"
     assert sorted(ended.delete) == ["j-worker-0", "j-worker-1"] and ended.create == []
     assert any(e[1] == "CapacityTimeout" and e[0] == "Warning" for e in ended.events)
     if on_timeout == "Suspend":
-        still = js.plan_job(META, s, ended.status, [], 0, NOW, no_node_fits=True)
+        still = plan_job(META, s, ended.status, [], 0, NOW, no_node_fits=True)
         assert still.status["phase"] == "Suspended" and still.create == []
-        retry = js.plan_job({**META, "generation": 3}, s, ended.status, [], 0, NOW, no_node_fits=True)
+        retry = plan_job({**META, "generation": 3}, s, ended.status, [], 0, NOW, no_node_fits=True)
         assert retry.create == [0, 1] and "capacitySuspendedGeneration" not in retry.status
 
 
@@ -252,7 +253,7 @@ def test_a_worker_that_failed_with_its_rendezvous_store_is_an_uncounted_restart(
     failed = pod(1, "Failed", message="container worker exited with code 1 (Error)",
                  started_at=STARTED, finished_at=finished)
     prev = {"phase": "Running", "startTime": STARTED}
-    plan = js.plan_job(META, spec(), prev, [pod(0), failed, pod(2), pod(3)], 1, NOW, store=store)
+    plan = plan_job(META, spec(), prev, [pod(0), failed, pod(2), pod(3)], 1, NOW, store=store)
     assert plan.status["restarts"] == {"counted": counted, "uncounted": 1 - counted}
     assert plan.delete == ["j-worker-1"] and plan.create == [1]
     message = next(m for _, reason, m in plan.events if reason in ("WorkerFailed", "WorkerDisrupted"))
@@ -279,37 +280,37 @@ def test_provisioning_request_mode_asks_for_the_gang_before_any_pod(free_slots, 
     """Whether no node of the pool exists or the nodes are busy, the gang is asked for as a
     whole and no pod is created until the request is Provisioned."""
     pr = spec(capacity={"mode": "provisioningRequest"})
-    plan = js.plan_job(META, pr, {}, [], free_slots, NOW, no_node_fits=no_node_fits)
+    plan = plan_job(META, pr, {}, [], free_slots, NOW, no_node_fits=no_node_fits)
     assert plan.request_capacity == 2 and plan.create == [] and not plan.delete_capacity_request
     assert cond(plan, COND_READY)["reason"] == "WaitingForCapacity"
     assert plan.status["capacityRequest"] == {"state": "Requesting", "count": 2}
     assert plan.status["waitingForCapacitySince"] == "2026-01-01T12:00:00Z"
-    waiting = js.plan_job(META, pr, plan.status, [], free_slots, NOW, request=request())
+    waiting = plan_job(META, pr, plan.status, [], free_slots, NOW, request=request())
     assert waiting.request_capacity == 0 and waiting.create == [] and not waiting.delete_capacity_request
     assert "ProvisioningRequest j-capacity" in cond(waiting, COND_READY)["message"]
-    granted = js.plan_job(META, pr, plan.status, [], free_slots, NOW, request=request("Provisioned"))
+    granted = plan_job(META, pr, plan.status, [], free_slots, NOW, request=request("Provisioned"))
     assert granted.create == [0, 1] and granted.consume == "j-capacity" and not granted.delete_capacity_request
 
 
 def test_a_failed_request_shows_then_is_asked_again_and_a_consumed_one_is_given_back():
     pr = spec(capacity={"mode": "provisioningRequest"})
-    failed = js.plan_job(META, pr, {}, [], 0, NOW, no_node_fits=True,
+    failed = plan_job(META, pr, {}, [], 0, NOW, no_node_fits=True,
                          request=request("Failed", message="stockout"))
     assert not failed.delete_capacity_request and failed.requeue_after == pytest.approx(20)
     assert "Failed (stockout)" in cond(failed, COND_READY)["message"]
     assert failed.status["capacityRequest"]["state"] == "Failed"
-    later = js.plan_job(META, pr, {}, [], 0, NOW, no_node_fits=True,
+    later = plan_job(META, pr, {}, [], 0, NOW, no_node_fits=True,
                         request=request("Failed", since="2026-01-01T11:59:00Z"))
     assert later.delete_capacity_request and later.create == []
     for stale in (request("Expired"), request("Pending", count=3)):
-        assert js.plan_job(META, pr, {}, [], 0, NOW, no_node_fits=True, request=stale).delete_capacity_request
+        assert plan_job(META, pr, {}, [], 0, NOW, no_node_fits=True, request=stale).delete_capacity_request
     # Created and not yet on nodes: kept; every worker on a node: given back.
     pending = [pod(0, "Pending"), pod(1, "Pending")]
-    held = js.plan_job(META, pr, {}, pending, 0, NOW, request=request("Provisioned"))
+    held = plan_job(META, pr, {}, pending, 0, NOW, request=request("Provisioned"))
     assert not held.delete_capacity_request and held.create == []
-    bound = js.plan_job(META, pr, {}, [pod(0), pod(1)], 2, NOW, request=request("Provisioned"))
+    bound = plan_job(META, pr, {}, [pod(0), pod(1)], 2, NOW, request=request("Provisioned"))
     assert bound.delete_capacity_request and "capacityRequest" not in bound.status
-    done = js.plan_job(META, spec(capacity={"mode": "provisioningRequest"}, suspend=True), {}, [], 0, NOW,
+    done = plan_job(META, spec(capacity={"mode": "provisioningRequest"}, suspend=True), {}, [], 0, NOW,
                        request=request())
     assert done.delete_capacity_request
 

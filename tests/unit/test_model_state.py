@@ -8,6 +8,7 @@ from lepton_operator.model import state as ms
 from lepton_operator.model.state import read_result
 from lepton_operator.model.spec import Check, parse_model
 from lepton_operator.scaling.prometheus import QueryResult, no_data, query_error
+from planning import plan_model
 
 pytestmark = pytest.mark.unit
 
@@ -25,7 +26,7 @@ def ready(n):
 
 
 def plan(s, prev, deps, now=T0, total=4, **kw):
-    return ms.plan(s, "m", prev, SRC, s.revision(SRC.uri), kw.pop("comp", None), total, deps, now, **kw)
+    return plan_model(s, "m", prev, SRC, s.revision(SRC.uri), kw.pop("comp", None), total, deps, now, **kw)
 
 
 def test_first_deploy_then_ready_only_when_pods_are_ready():
@@ -231,12 +232,12 @@ def test_a_source_that_goes_away_leaves_the_serving_revision_ready():
     p = plan(s, p.status, {rev: ready(4)})
     assert p.ready and ("SourceAvailable", "True") == p.conditions[0][:2]
     gone = ms.SourceState(None, "SourceNotFound", "LeptonJob 'j' not found")
-    p = ms.plan(s, "m", p.status, gone, None, None, 4, {rev: ready(4)}, T0)
+    p = plan_model(s, "m", p.status, gone, None, None, 4, {rev: ready(4)}, T0)
     assert p.ready and p.status["phase"] == "Ready"
     assert ("SourceAvailable", "False", "SourceNotFound") == p.conditions[0][:3]
     assert f"revision {rev} keeps serving" in p.conditions[0][3]
     # Without a serving revision the model waits for its source.
-    p = ms.plan(s, "m", {}, gone, None, None, 4, {}, T0)
+    p = plan_model(s, "m", {}, gone, None, None, 4, {}, T0)
     assert not p.ready and p.status["phase"] == "Pending" and p.reason == "SourceNotFound"
 
 

@@ -109,8 +109,17 @@ def reconcile_job(network_policy: dict, shown: dict[str, str], memory: jh.JobMem
     status = {"phase": "Running", "restarts": {"counted": 0, "uncounted": 0}, "startTime": "2026-01-01T11:00:00Z"}
     body = {**JOB_OWNER, "spec": {"workers": {"min": 2, "max": 2, "replicas": 2}, "resources": {"gpus": 1},
                                   "networkPolicy": network_policy}, "status": status}
-    memory = memory or jh._loops.new_memory(dict(status))
-    asyncio.run(jh._reconcile(body, memory, job_indices(shown), LOG))
+    memory = memory or jh.observe.new_memory(dict(status))
+    asyncio.run(jh.reconcile(body, memory, job_indices(shown), jh.new_runtime(), LOG))
+    return memory
+
+
+def reconcile_model(spec: dict, shown: dict[str, str], memory=None):
+    """One reconcile of the model ``spec`` whose index shows the policies ``shown``."""
+    body = {**MODEL_OWNER, "spec": spec, "status": {}}
+    memory = memory or mh.observe.new_memory({})
+    indices = {"lepton_model_network_policies": {("ns", "m"): list(shown.items())}}
+    asyncio.run(mh.reconcile(body, memory, indices, mh.new_runtime(), LOG))
     return memory
 
 
@@ -135,19 +144,17 @@ def test_a_job_without_policies_makes_no_policy_call(api):
 
 
 def test_a_model_loop_applies_and_deletes_its_policies(api):
-    memory = mh._loops.new_memory({})
-    spec = parse_model("m", {"source": {"uri": "pvc://c/p"}, "networkPolicy": {"enabled": True}}, "img")
-    asyncio.run(mh._network_policies(MODEL_OWNER, spec, memory, {}))
+    raw = {"source": {"uri": "pvc://c/p"}, "networkPolicy": {"enabled": True}}
+    memory = reconcile_model(raw, {})
     assert api.policy_calls() == [("apply", "m-serving"), ("apply", "m-compression")]
-    shown = hashes(model_objects.network_policies(MODEL_OWNER, spec))
+    shown = hashes(model_objects.network_policies(MODEL_OWNER, parse_model("m", raw, "img")))
 
     api.calls.clear()
-    asyncio.run(mh._network_policies(MODEL_OWNER, spec, memory, shown))
+    reconcile_model(raw, shown, memory)
     assert api.policy_calls() == []
 
     api.calls.clear()
-    off = parse_model("m", {"source": {"uri": "pvc://c/p"}}, "img")
-    asyncio.run(mh._network_policies(MODEL_OWNER, off, memory, shown))
+    reconcile_model({"source": {"uri": "pvc://c/p"}}, shown, memory)
     assert sorted(api.policy_calls()) == [("delete", "m-compression"), ("delete", "m-serving")]
 
 

@@ -65,6 +65,7 @@ from lepton_operator.model.objects import split
 from lepton_operator.model.spec import parse_model
 from lepton_operator.scaling import policy
 from lepton_operator.scaling.prometheus import QueryResult
+from planning import plan_job, plan_model
 
 pytestmark = pytest.mark.unit
 
@@ -327,7 +328,7 @@ def test_a_job_plan_from_any_observation_keeps_its_promises(raw, data):
         generation += changed
         now += dt.timedelta(seconds=seconds)
         no_fit = bool(spec.resources.gpus) and no_fit
-        plan = js.plan_job(meta, spec, prev, pods, 0 if no_fit else free, now, (), vanished, SELECTOR,
+        plan = plan_job(meta, spec, prev, pods, 0 if no_fit else free, now, (), vanished, SELECTOR,
                            template, no_fit, store)
         STEPS["plan_job"] += 1
         check_job_plan(spec, meta, prev, pods, plan, vanished, store)
@@ -459,7 +460,7 @@ class JobWorld:
         by_uid = {p.uid: p for p in pods}
         from_status = sum(1 for u in prev.get(js.ACTIVE_WORKER_UIDS) or () if u not in by_uid or by_uid[u].deleting)
         assert from_status == self.listed_vanished
-        plan = js.plan_job(meta, spec, prev, pods, free, self.now, (), self.vanished, SELECTOR, self.template,
+        plan = plan_job(meta, spec, prev, pods, free, self.now, (), self.vanished, SELECTOR, self.template,
                            no_fit, store)
         STEPS["plan_job"] += 1
         check_job_plan(spec, meta, prev, pods, plan, self.vanished, store)
@@ -596,7 +597,7 @@ def query_results(check) -> st.SearchStrategy[QueryResult]:
 
 
 def model_status(spec, plan: ms.Plan, generation: int, total: int) -> dict[str, Any]:
-    """The status the handler writes for a plan (model/handlers.py ``_report``)."""
+    """The status the handler writes for a plan (model/state.py ``_report``)."""
     new = plan.status
     core_status.apply_outcome(new, plan.outcome, generation, core_status.now_iso(
         dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)))
@@ -708,7 +709,7 @@ def test_a_simulated_model_rollout_keeps_its_promises(raw, data):
         traffic = traffic if spec.rollout.min_requests else None
         due = ms.analysis_due(spec, prev, revision, now)
         analysis = [(c, data.draw(query_results(c), label=f"result {c.name}")) for c in due] if due else None
-        plan = ms.plan(spec, MODEL, prev, source, revision, comp, total, deployments, now, analysis=analysis,
+        plan = plan_model(spec, MODEL, prev, source, revision, comp, total, deployments, now, analysis=analysis,
                        hold_stable=hold_stable, decision=decision, traffic=traffic, namespace="ns")
         STEPS["model.plan"] += 1
         status = model_status(spec, plan, generation, total)
@@ -825,7 +826,7 @@ def test_a_finishing_job_is_not_ready_in_another_phase(prev_phase):
     spec = parse_job(JOB, {"workers": {"min": 2, "max": 2, "replicas": 2}}, "img")
     pods = [js.PodView(f"{JOB}-worker-0", "u0", 0, "Succeeded"),
             js.PodView(f"{JOB}-worker-1", "u1", 1, "Running", node="n1", ready=True)]
-    plan = js.plan_job({"name": JOB, "namespace": "ns", "generation": 1}, spec, {"phase": prev_phase}, pods, 0, T0)
+    plan = plan_job({"name": JOB, "namespace": "ns", "generation": 1}, spec, {"phase": prev_phase}, pods, 0, T0)
     ready = next(c for c in plan.status["conditions"] if c["type"] == COND_READY)
     assert ready["status"] == "False" or plan.status["phase"] in (PHASE_RUNNING, PHASE_SUCCEEDED), \
         (plan.status["phase"], ready)

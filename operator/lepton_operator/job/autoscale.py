@@ -1,44 +1,40 @@
 """LeptonJob autoscaler: ``spec.autoscaling`` drives ``spec.workers.replicas`` by goodput.
 
-The job's own reconcile loop calls ``tick`` (at most every ``intervalSeconds``) while
-the job is Running or Scaling. A tick queries Prometheus for the job's total samples/s
-and applies ``policy.decide_training``: add workers while the per-worker rate stays
-above ``efficiency`` times the single-worker rate, bounded by ``workers.max`` and by
-the GPUs free in the cluster, with ``cooldownSeconds`` between scale events. It changes
-only ``spec.workers.replicas`` (like ``kubectl scale``); the loop does the rest. No data
-holds the size.
+Pure: the job's observation carries the Prometheus sample (``observe`` queries the job's
+total samples/s when a tick is due, at most every ``intervalSeconds``), and ``decide``
+applies ``policy.decide_training`` while the job is Running or Scaling: add workers
+while the per-worker rate stays above ``efficiency`` times the single-worker rate,
+bounded by ``workers.max`` and by the GPUs free in the cluster, with ``cooldownSeconds``
+between scale events. It changes only ``spec.workers.replicas`` (like ``kubectl
+scale``); the loop does the rest. No data holds the size.
 
 What the policy remembers (the learned single-worker rate and the time of the last
 scale event) lives in ``status.autoscaling``, next to the last decision, so an
 operator restart neither forgets the baseline nor resets the cooldown. That is why
 the cooldown is wall-clock time; the LeptonModel autoscaler's windows are samples kept
 in memory and use the monotonic clock. A scale event is recorded in the status before
-``spec.workers.replicas`` changes: an operator killed between the two writes restarts
-into a cooldown (at worst one scale event late), never into a second scale event
-without one. Only the pacing of ticks and the events already said live in the process;
-after a restart the first tick comes at once and decides from the recorded state.
+``spec.workers.replicas`` changes (the plan persists its status first): an operator
+killed between the two writes restarts into a cooldown (at worst one scale event
+late), never into a second scale event without one. Only the pacing of ticks and the
+events already said live in the process (``AutoscalerMemory``); after a restart the
+first tick comes at once and decides from the recorded state.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import logging
-import time
 from typing import Any, Mapping
 
 from lepton_trainer import contract
 
-from .. import metrics
-from ..constants import (API_VERSION, EVENT_NORMAL, EVENT_WARNING, JOB_KIND, PHASE_RUNNING, PHASE_SCALING,
-                         REASON_NO_METRIC_DATA, REASON_SCALED)
-from ..core import kube
+from ..constants import EVENT_NORMAL, EVENT_WARNING, PHASE_RUNNING, PHASE_SCALING, REASON_NO_METRIC_DATA, \
+    REASON_SCALED
 from ..core import status as st
-from ..core.loop import Memory
 from ..scaling import policy, prometheus
 from .spec import JobSpec
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class AutoscalerMemory:
     """Between ticks, in the process: when the next tick is due and what was said."""
     next_tick: float = 0.0           # monotonic
@@ -46,10 +42,28 @@ class AutoscalerMemory:
     said: str | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Tick:
+    """One tick's outcome: ``status.autoscaling``, the new size (None: unchanged), the
+    events, the memory to keep, and the seconds until the next tick."""
+    status: dict[str, Any]
+    replicas: int | None
+    events: list[st.Event]
+    memory: AutoscalerMemory
+    delay: float
+    decision: policy.Decision | None = None
+
+
 def default_query(namespace: str, name: str) -> str:
     """The job's samples/s: every node reports the whole job's rate, so take the max."""
     return (f'max({contract.METRIC_SAMPLES_PER_SECOND}{{{contract.METRICS_JOB_LABEL}="{name}",'
             f'{contract.METRICS_NAMESPACE_LABEL}="{namespace}"}})')
+
+
+def promql(spec: JobSpec, namespace: str, name: str) -> str:
+    """The query a tick measures: the spec's own, or the job's samples/s."""
+    a = spec.autoscaling
+    return prometheus.render(a.query, namespace=namespace, job=name) if a.query else default_query(namespace, name)
 
 
 def state_from_status(auto: Mapping[str, Any] | None, now: float) -> policy.TrainingState:
@@ -67,51 +81,37 @@ def state_to_status(state: policy.TrainingState) -> dict[str, Any]:
     return {"baselineRate": state.baseline, "baselineWorkers": state.baseline_workers, "lastScaleTime": last}
 
 
-async def tick(body: Mapping[str, Any], spec: JobSpec, memory: Memory, auto_memory: AutoscalerMemory,
-               status: dict[str, Any], free_slots: int, logger: logging.Logger) -> float | None:
-    """One autoscaler tick; writes ``status["autoscaling"]`` and returns the seconds until
-    the next tick (None: the job is not in a phase that scales)."""
-    a = spec.autoscaling
-    if a is None or status.get("phase") not in (PHASE_RUNNING, PHASE_SCALING):
-        return None
-    mono = time.monotonic()
-    if mono < auto_memory.next_tick:
-        return auto_memory.next_tick - mono
-    auto_memory.next_tick = mono + a.interval_seconds
-    meta = body["metadata"]
-    namespace, name = meta["namespace"], meta["name"]
-    now = time.time()
-    w = spec.workers
-    pol = policy.TrainingPolicy(w.min, w.max, a.efficiency, a.cooldown_seconds, a.step, spec.resources.gpus)
-    state = state_from_status(status.get("autoscaling"), now)
-    free_gpus = free_slots * spec.resources.gpus if spec.resources.gpus else None
+def scales(spec: JobSpec, status: Mapping[str, Any]) -> bool:
+    """Whether the autoscaler acts on a job in this status."""
+    return spec.autoscaling is not None and status.get("phase") in (PHASE_RUNNING, PHASE_SCALING)
 
-    promql = prometheus.render(a.query, namespace=namespace, job=name) if a.query else default_query(namespace, name)
-    result = await prometheus.client().query(promql)
+
+def decide(spec: JobSpec, status: Mapping[str, Any], result: prometheus.QueryResult, memory: AutoscalerMemory,
+           free_slots: int, now: float, monotonic: float) -> Tick:
+    """One tick from the sample ``result`` (``status``: the plan's new status)."""
+    a, w = spec.autoscaling, spec.workers
+    pol = policy.TrainingPolicy(w.min, w.max, a.efficiency, a.cooldown_seconds, a.step, spec.resources.gpus)
+    free_gpus = free_slots * spec.resources.gpus if spec.resources.gpus else None
     current = w.replicas
     ready = (status.get("workers") or {}).get("ready") or 0
-    decision, state = policy.decide_training(pol, state, now, result.value, current, ready, free_gpus)
-    metrics.record_scaling(JOB_KIND, namespace, name, current, decision)
+    decision, state = policy.decide_training(pol, state_from_status(status.get("autoscaling"), now), now,
+                                             result.value, current, ready, free_gpus)
     events: list[st.Event] = []
-    if result.value is None and not auto_memory.no_data:
+    if result.value is None and not memory.no_data:
         events.append((EVENT_WARNING, REASON_NO_METRIC_DATA, f"holding {current} workers: {result.error}"))
-    auto_memory.no_data = result.value is None
-    status["autoscaling"] = {
-        "metricsAvailable": result.ok,
-        "message": f"{promql} = {result.value:g}" if result.ok else f"holding {current} workers: {result.error}",
-        **state_to_status(state), "lastDecision": decision.reason, "desiredWorkers": decision.replicas}
+    said = memory.said
     if decision.replicas != current:
-        # The scale event's time is durable before the scale itself (see the module doc).
-        await st.write(body, memory, {**memory.status, "autoscaling": status["autoscaling"]})
-        await kube.aio(kube.patch, API_VERSION, JOB_KIND, name, namespace,
-                       {"spec": {"workers": {"replicas": decision.replicas}}})
         inputs = ", ".join(f"{k}={v}" for k, v in decision.inputs.items())
         events.append((EVENT_NORMAL, REASON_SCALED,
                        f"scaled workers {current} -> {decision.replicas} ({decision.reason}): {inputs}"))
-    elif decision.reason == policy.GOODPUT_DROPPED and auto_memory.said != decision.reason:
-        auto_memory.said = decision.reason
+    elif decision.reason == policy.GOODPUT_DROPPED and said != decision.reason:
+        said = decision.reason
         events.append((EVENT_NORMAL, decision.reason,
                        f"holding {current} workers: per-worker rate {decision.inputs.get('perWorker')} is below "
                        f"{pol.efficiency} x the single-worker rate {decision.inputs.get('baseline')}"))
-    await st.emit(body, memory, events, logger)
-    return a.interval_seconds
+    shown = {"metricsAvailable": result.ok,
+             "message": f"{result.query} = {result.value:g}" if result.ok else f"holding {current} workers: {result.error}",
+             **state_to_status(state), "lastDecision": decision.reason, "desiredWorkers": decision.replicas}
+    return Tick(shown, decision.replicas if decision.replicas != current else None, events,
+                AutoscalerMemory(monotonic + a.interval_seconds, result.value is None, said),
+                float(a.interval_seconds), decision)

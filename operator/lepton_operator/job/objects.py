@@ -45,7 +45,7 @@ from typing import Any, Mapping
 from lepton_trainer import contract
 from lepton_trainer.rendezvous import WORKER_ENV, torchrun_args
 
-from ..constants import (ANNOTATION_GENERATION, ANNOTATION_SPEC_HASH, JOB_KIND, LABEL_JOB, ROLE_CAPACITY,
+from ..constants import (ANNOTATION_GENERATION, ANNOTATION_SPEC_HASH, API_VERSION, JOB_KIND, LABEL_JOB, ROLE_CAPACITY,
                          LABEL_KUEUE_QUEUE, LABEL_ROLE, LABEL_WORKER_INDEX, ROLE_RDZV, ROLE_WORKER)
 from ..core.objects import (container_security, env, exposed_ingress, meta, network_policy, pod_security, resources,
                             scratch_env, scratch_mount, scratch_volume, with_gpu_toleration)
@@ -80,6 +80,13 @@ _NOT_TEMPLATE = ("suspend", "backoff_limit", "active_deadline_seconds", "ttl_sec
 # an operator upgrade does not make the running workers look stale.
 _ADDED_LATER = {"elastic": (Elastic, ("keep_alive_interval", "keep_alive_max_attempts", "launcher"))}
 _ADDED_LATER_TOP = {"fault_tolerance": "restart"}
+
+
+def owner(meta: Mapping[str, Any]) -> Obj:
+    """The job as its children's owner (``core.objects.meta`` makes the reference)."""
+    return {"apiVersion": API_VERSION, "kind": JOB_KIND,
+            "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
+                         "generation": meta.get("generation")}}
 
 
 def rdzv_name(job: str) -> str:

@@ -1,8 +1,10 @@
 """The LeptonJob state machine (pure): observed pods and capacity in, a plan out.
 
-``plan_job`` decides which worker pods to create and delete, whether to delete the job
-(TTL), the new ``.status`` and the events to record. It never touches the API server;
-``job.handlers`` gathers the inputs from kopf indices and applies the plan.
+``plan(spec, observed)`` decides which worker pods to create and delete, whether to
+delete the job (TTL), the new ``.status`` (the autoscaler's fields included), the events
+to record and the writes that do it (``core.execute.Action``). It never touches the API
+server: ``job.observe`` gathers a frozen ``JobObserved`` and ``core.execute`` applies the
+plan.
 
 It reads as a list of named steps, in the manner of Argo Rollouts' ``rolloutCanary``:
 a finished job stays finished; suspend; resume; count failures (and fail past
@@ -25,7 +27,7 @@ import dataclasses
 import datetime as _dt
 from typing import Any, Callable, Iterable, Mapping
 
-from ..constants import (ANNOTATION_GENERATION, ANNOTATION_SPEC_HASH, COND_READY, EVENT_NORMAL,
+from ..constants import (ANNOTATION_GENERATION, API_VERSION, JOB_KIND, ANNOTATION_SPEC_HASH, COND_READY, EVENT_NORMAL,
                          EVENT_WARNING, GPU_RESOURCE, LABEL_WORKER_INDEX, PHASE_FAILED, PHASE_PENDING,
                          PHASE_RESTARTING, PHASE_RUNNING, PHASE_SCALING, PHASE_SUCCEEDED,
                          PHASE_SUSPENDED, REASON_BACKOFF_LIMIT, REASON_CAPACITY_TIMEOUT, REASON_CREATING,
@@ -35,8 +37,11 @@ from ..constants import (ANNOTATION_GENERATION, ANNOTATION_SPEC_HASH, COND_READY
                          REASON_TTL_EXPIRED, REASON_WAITING_FOR_CAPACITY, REASON_WORKER_DISRUPTED,
                          REASON_WORKER_FAILED, TERMINAL_PHASES)
 from ..core import status as st
-from ..core.objects import gpus_requested
+from ..core.execute import Action, Effects
+from ..core.objects import gpus_requested, policy_changes
 from ..core.status import Outcome
+from ..scaling import prometheus
+from . import autoscale, objects
 from .spec import JobSpec
 
 # Pod-level reasons that mean the pod was taken away, not that the workload failed.
@@ -288,6 +293,19 @@ class Plan:
     delete_capacity_request: bool = False
     consume: str | None = None          # new workers consume this Provisioned request
     capacity_short: bool = False        # more workers are wanted than the free GPUs allow
+    # What goes out (``core.execute``), and what the loop keeps of it:
+    actions: list[Action] = dataclasses.field(default_factory=list)
+    persist_first: bool = False         # the status must be durable before the actions
+    worker_names: dict[str, int] = dataclasses.field(default_factory=dict)   # created pod -> index
+    gpus_per_worker: int = 0
+    policies_applied: dict[str, tuple[str, float]] = dataclasses.field(default_factory=dict)
+    autoscaler: autoscale.AutoscalerMemory = dataclasses.field(default_factory=autoscale.AutoscalerMemory)
+    tick: autoscale.Tick | None = None
+    report_lost: tuple[str, ...] = ()   # IPs to report to the rendezvous store as gone
+
+    @property
+    def effects(self) -> Effects:
+        return Effects(self.status, self.actions, self.events, self.persist_first)
 
 
 @dataclasses.dataclass
@@ -653,40 +671,97 @@ def _report(job: _Job, outcome: Outcome, selector: str) -> Plan:
     return plan
 
 
-def plan_job(meta: Mapping[str, Any], spec: JobSpec, prev: Mapping[str, Any] | None,
-             pods: Iterable[PodView], free_slots: int, now: _dt.datetime,
-             handled_uids: Iterable[str] = (), vanished: int = 0,
-             selector: str = "", template: str = "", no_node_fits: bool = False,
-             store: StoreView | None = None, request: CapacityRequestView | None = None) -> Plan:
-    """Decide the next step for a job.
+
+
+# --- the observation a plan is made from ---------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Workers:
+    """The job's workers as the plan should see them."""
+    pods: Mapping[str, PodView] = dataclasses.field(default_factory=dict)   # by name, from the index
+    views: tuple[PodView, ...] = ()     # corrected for deletes and creates not yet seen
+    vanished: int = 0                   # active workers gone without the operator deleting them
+    lost: tuple[str, ...] = ()          # IPs of the workers active before and not now
+    addrs: Mapping[str, str] = dataclasses.field(default_factory=dict)   # uid -> IP of the active ones
+
+    @staticmethod
+    def of(pods: Iterable[PodView], vanished: int = 0) -> "Workers":
+        """Workers exactly as given (no correction for writes the index has not shown)."""
+        pods = tuple(pods)
+        return Workers({p.name: p for p in pods}, pods, vanished)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobObserved:
+    """Everything one plan reads; ``job.observe.observe`` builds it (a test, directly).
 
     ``handled_uids``: failed pods whose failure was already counted (they may still show
     in the index until their deletion is observed), in addition to those recorded in
-    ``prev[COUNTED_POD_UIDS]``; the new status records both sets, less the pods no longer
-    in ``pods``. ``vanished``: active workers that
-    disappeared without the operator deleting them (drained, evicted through the API);
-    they are replaced and counted as uncounted restarts. The new status lists the
-    workers active after this plan (``ACTIVE_WORKER_UIDS``), the ones the next
-    ``vanished`` is counted from. ``template``: the hash of the
-    worker template the current spec builds (``objects.template_hash``); active workers
-    built from another template at an older job generation are replaced together (the
-    group re-forms once, from the checkpoint); that restart is not a failure, so it
-    counts against neither maxRestarts nor backoffLimit. ``no_node_fits``: no current node
-    matching the workers' selector and tolerations has their GPUs (``capacity.mode``
-    decides what that means). ``store``: the rendezvous pod (``MISSING_STORE`` when there is
-    none); workers that failed because it went away are uncounted restarts
-    (:func:`lost_store`). ``request``: the job's ProvisioningRequest (capacity.mode
-    provisioningRequest), None when it has none.
+    ``status[COUNTED_POD_UIDS]``. ``workers.vanished``: active workers that disappeared
+    without the operator deleting them (drained, evicted through the API); they are
+    replaced and counted as uncounted restarts. ``no_node_fits``: no current node matching
+    the workers' selector and tolerations has their GPUs (``capacity.mode`` decides what
+    that means). ``store``: the rendezvous pod (``MISSING_STORE`` when there is none);
+    workers that failed because it went away are uncounted restarts (:func:`lost_store`).
+    ``request``: the job's ProvisioningRequest (capacity.mode provisioningRequest).
+    ``children``: the shared children (kind, name) the indices show or that were just
+    created; ``policies``: the job's NetworkPolicies the index shows (name -> spec hash)
+    and ``policies_applied`` those applied recently (``core.objects.policy_changes``).
+    ``template``: the hash of the worker template the current spec builds
+    (``objects.template_hash``); active workers built from another template at an older
+    job generation are replaced together. ``sample``: the autoscaler's Prometheus answer,
+    when its tick is due.
     """
-    status = copy.deepcopy(dict(prev or {}))
+    meta: Mapping[str, Any]
+    status: Mapping[str, Any] | None
+    workers: Workers
+    now: _dt.datetime
+    free_slots: int = 0
+    no_node_fits: bool = False
+    store: StoreView | None = None
+    request: CapacityRequestView | None = None
+    handled_uids: frozenset[str] = frozenset()
+    deleted_uids: frozenset[str] = frozenset()      # workers this loop deleted, not yet gone
+    created: frozenset[str] = frozenset()           # workers this loop created, not yet seen
+    children: frozenset[tuple[str, str]] | None = None   # None: not known, nothing is created
+    policies: Mapping[str, str] | None = None            # None: not known, nothing is applied
+    policies_applied: Mapping[str, tuple[str, float]] = dataclasses.field(default_factory=dict)
+    monotonic: float = 0.0
+    template: str = ""                  # the hash of the worker template the spec builds ("": not compared)
+    trainer_image: str = ""
+    operator_namespace: str = ""
+    reports_lost_workers: bool = False
+    sample: prometheus.QueryResult | None = None
+    autoscaler: autoscale.AutoscalerMemory = dataclasses.field(default_factory=autoscale.AutoscalerMemory)
+
+
+# --- the plan ------------------------------------------------------------------------
+
+def plan(spec: JobSpec, observed: JobObserved) -> Plan:
+    """The whole next step of a job: its status, events and writes (see the module doc)."""
+    p = _decide(spec, observed)
+    _autoscale(spec, observed, p)
+    _writes(spec, observed, p)
+    return p
+
+
+def _decide(spec: JobSpec, observed: JobObserved) -> Plan:
+    """Run the steps: the settling ones until one settles the job, then the shaping ones.
+    Workers built from another template at an older job generation are replaced together
+    (the group re-forms once, from the checkpoint); that restart is not a failure, so it
+    counts against neither maxRestarts nor backoffLimit."""
+    meta = observed.meta
+    status = copy.deepcopy(dict(observed.status or {}))
     status.setdefault("restarts", {"counted": 0, "uncounted": 0})
     status.setdefault("restartCount", 0)
-    pods = sorted(pods, key=lambda p: p.index)
+    pods = sorted(observed.workers.views, key=lambda p: p.index)
     job = _Job(spec=spec, plan=Plan(status=status), pods=pods, active=[p for p in pods if p.active],
-               free_slots=free_slots, now=now,
-               handled=set(handled_uids) | set(status.get(COUNTED_POD_UIDS) or ()), vanished=vanished,
-               template=template, generation=meta.get("generation"), prev_phase=status.get("phase"),
-               no_node_fits=no_node_fits, store=store, request=request)
+               free_slots=observed.free_slots, now=observed.now,
+               handled=set(observed.handled_uids) | set(status.get(COUNTED_POD_UIDS) or ()),
+               vanished=observed.workers.vanished, template=observed.template,
+               generation=meta.get("generation"), prev_phase=status.get("phase"),
+               no_node_fits=observed.no_node_fits, store=observed.store, request=observed.request)
+    selector = objects.worker_selector(meta.get("name", ""))
     for step in SETTLING_STEPS:
         outcome = step(job)
         if outcome is not None:
@@ -694,3 +769,105 @@ def plan_job(meta: Mapping[str, Any], spec: JobSpec, prev: Mapping[str, Any] | N
     for shape in SHAPING_STEPS:
         shape(job)
     return _report(job, summarise(job), selector)
+
+
+def _autoscale(spec: JobSpec, observed: JobObserved, p: Plan) -> None:
+    """The autoscaler's tick, when its sample is in and the job scales: its fields join the
+    status, and a new size is a spec patch made after the status is durable."""
+    p.autoscaler = observed.autoscaler
+    if not autoscale.scales(spec, p.status):
+        return
+    if observed.sample is None:
+        p.requeue_after = _sooner(p.requeue_after, max(observed.autoscaler.next_tick - observed.monotonic, 0.05))
+        return
+    tick = autoscale.decide(spec, p.status, observed.sample, observed.autoscaler, observed.free_slots,
+                            observed.now.timestamp(), observed.monotonic)
+    p.tick, p.autoscaler = tick, tick.memory
+    p.status["autoscaling"] = tick.status
+    p.events += tick.events
+    p.requeue_after = _sooner(p.requeue_after, tick.delay)
+    if tick.replicas is not None:
+        p.persist_first = True
+        meta = observed.meta
+        p.actions.append(Action.patch(API_VERSION, JOB_KIND, meta["name"], meta["namespace"],
+                                      {"spec": {"workers": {"replicas": tick.replicas}}}))
+
+
+def _sooner(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _writes(spec: JobSpec, observed: JobObserved, p: Plan) -> None:
+    """The writes of the plan, and whether its status must be durable before them.
+
+    Restart counts, and the uids of the failed pods they count, are durable before those
+    pods are deleted: a restart in between counts nothing twice. The same status lists the
+    workers still active (``ACTIVE_WORKER_UIDS``), without those about to be deleted: a
+    restarted operator counts as vanished only the workers it had listed, so a worker
+    this plan deletes must have left the list before its DELETE."""
+    meta = observed.meta
+    namespace, name = meta["namespace"], meta["name"]
+    pods = observed.workers.pods
+    deleting = {pods[n].uid for n in p.delete if n in pods}
+    known_active = frozenset((observed.status or {}).get(ACTIVE_WORKER_UIDS) or ())
+    if p.counted_uids or observed.workers.vanished or p.delete_job or deleting & known_active:
+        p.persist_first = True
+    if p.delete_job:
+        p.actions = [Action.delete(API_VERSION, JOB_KIND, name, namespace)]
+        return
+    owner = objects.owner(meta)
+    p.delete = [n for n in p.delete if n in pods or n in observed.created]
+    p.actions += [Action.delete("v1", "Pod", n, namespace) for n in p.delete]
+    if p.status.get("phase") not in TERMINAL_PHASES:
+        p.actions += [Action.create(o) for o in _missing_children(owner, spec, observed)]
+    elif p.delete_rendezvous and observed.store not in (None, MISSING_STORE):
+        p.actions.append(Action.delete("v1", "Pod", objects.rdzv_name(name), namespace))
+    p.gpus_per_worker = spec.resources.gpus
+    for index in p.create:
+        pod = objects.worker_pod(owner, spec, index)
+        if p.consume:
+            objects.consume(pod, p.consume, spec)
+        p.worker_names[pod["metadata"]["name"]] = index
+        p.actions.append(Action.create(pod))
+    p.actions += _policy_writes(owner, spec, observed, p)
+    p.actions += _capacity_request_writes(owner, spec, p)
+    store = observed.store
+    if observed.workers.lost and observed.reports_lost_workers and not spec.per_step and store is not None \
+            and store.ready and not store.deleting and (observed.status or {}).get("phase") not in TERMINAL_PHASES:
+        p.report_lost = observed.workers.lost
+
+
+def _missing_children(owner: Mapping[str, Any], spec: JobSpec, observed: JobObserved) -> list[dict[str, Any]]:
+    """The rendezvous pod and Services neither shown nor just created."""
+    if observed.children is None:
+        return []
+    rdzv_pod, rdzv_service = objects.rendezvous_objects(owner, spec, observed.trainer_image)
+    return [o for o in (rdzv_service, objects.workers_service(owner), rdzv_pod)
+            if (o["kind"], o["metadata"]["name"]) not in observed.children]
+
+
+def _policy_writes(owner: Mapping[str, Any], spec: JobSpec, observed: JobObserved, p: Plan) -> list[Action]:
+    """Apply the NetworkPolicies the spec asks for that the index does not show as they
+    are; delete those it no longer asks for (``networkPolicy.enabled: false``)."""
+    p.policies_applied = dict(observed.policies_applied)
+    if observed.policies is None:
+        return []
+    to_apply, to_delete = policy_changes(objects.network_policies(owner, spec, observed.operator_namespace),
+                                         observed.policies, p.policies_applied, observed.monotonic)
+    return [Action.apply(o) for o in to_apply] + [
+        Action.delete("networking.k8s.io/v1", "NetworkPolicy", n, owner["metadata"]["namespace"]) for n in to_delete]
+
+
+def _capacity_request_writes(owner: Mapping[str, Any], spec: JobSpec, p: Plan) -> list[Action]:
+    """capacity.mode provisioningRequest: ask for the gang (the worker PodTemplate, then
+    the ProvisioningRequest naming it), or give a request back (consumed, failed, expired,
+    or the job finished)."""
+    namespace, job = owner["metadata"]["namespace"], owner["metadata"]["name"]
+    if p.request_capacity:
+        template, request = objects.capacity_request(owner, spec, p.request_capacity)
+        return [Action.apply(template, then=(Action.create(request),))]
+    if p.delete_capacity_request:
+        name = objects.capacity_request_name(job)
+        return [Action.delete(objects.PROVISIONING_API_VERSION, "ProvisioningRequest", name, namespace,
+                              then=(Action.delete("v1", "PodTemplate", name, namespace),))]
+    return []

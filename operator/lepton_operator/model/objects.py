@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 from lepton_trainer import contract
 
-from ..constants import LABEL_MODEL, LABEL_REVISION, LABEL_ROLE, MODEL_KIND, ROLE_COMPRESSION, ROLE_SERVING
+from ..constants import API_VERSION, LABEL_MODEL, LABEL_REVISION, LABEL_ROLE, MODEL_KIND, ROLE_COMPRESSION, ROLE_SERVING
 from ..core.fields import Resources
 from ..core.objects import (GPU_TOLERATION, container_security, env, exposed_ingress, meta, network_policy,
                             pod_security, resources, scratch_env, scratch_mount, scratch_volume)
@@ -49,6 +49,12 @@ KEDA_API_VERSION = "keda.sh/v1alpha1"
 HPA_METRIC_NAMES = {"rps": "lepton_serve_requests_per_second",
                     "inflight": contract.METRIC_SERVE_INFLIGHT,
                     "p95latency": "lepton_serve_p95_latency_seconds"}
+
+
+def owner(meta: Mapping[str, Any]) -> Obj:
+    """The model as its children's owner (``core.objects.meta`` makes the reference)."""
+    return {"apiVersion": API_VERSION, "kind": MODEL_KIND,
+            "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]}}
 
 
 def labels(model: str, role: str, revision: str | None = None) -> dict[str, str]:
@@ -175,16 +181,13 @@ def split(total: int, weight: int) -> tuple[int, int]:
     return max(total - canary, 1), canary
 
 
-def deployment(owner: Mapping[str, Any], spec: ModelSpec, revision: str, model_dir: PvcPath,
-               replicas: int | None) -> Obj:
-    """The Deployment of ``revision`` serving ``model_dir``; ``replicas`` None leaves it out."""
-    m = owner["metadata"]
-    model, s = m["name"], spec.serving
-    lbls = labels(model, ROLE_SERVING, revision)
-    variables = [
+def _serving_env(spec: ModelSpec, model: str, namespace: str, revision: str) -> list[Obj]:
+    """The serving container's environment: the contract's variables, then the spec's."""
+    s = spec.serving
+    return [
         env(contract.ENV_MODEL_DIR, MOUNT),
         env(contract.ENV_MODEL_NAME, model),
-        env(contract.ENV_MODEL_NAMESPACE, m["namespace"]),
+        env(contract.ENV_MODEL_NAMESPACE, namespace),
         env(contract.ENV_MODEL_REVISION, revision),
         env(contract.ENV_MAX_BATCH_SIZE, s.max_batch_size),
         env(contract.ENV_MAX_BATCH_DELAY_MS, s.max_batch_delay_ms),
@@ -193,6 +196,12 @@ def deployment(owner: Mapping[str, Any], spec: ModelSpec, revision: str, model_d
         *scratch_env(),
         *(copy.deepcopy(dict(v)) for v in s.env),
     ]
+
+
+def _serving_container(spec: ModelSpec, variables: list[Obj], model_dir: PvcPath) -> Obj:
+    """The ``server`` container: ``model_dir`` mounted read-only at MOUNT, the REST and gRPC
+    ports, and readiness, liveness and startup probes on the health paths."""
+    s = spec.serving
     mount = {"name": "model", "mountPath": MOUNT, "readOnly": True}
     if model_dir.path:
         mount["subPath"] = model_dir.path
@@ -217,6 +226,16 @@ def deployment(owner: Mapping[str, Any], spec: ModelSpec, revision: str, model_d
     res = resources(s.resources)
     if res:
         container["resources"] = res
+    return container
+
+
+def deployment(owner: Mapping[str, Any], spec: ModelSpec, revision: str, model_dir: PvcPath,
+               replicas: int | None) -> Obj:
+    """The Deployment of ``revision`` serving ``model_dir``; ``replicas`` None leaves it out."""
+    m = owner["metadata"]
+    model, s = m["name"], spec.serving
+    lbls = labels(model, ROLE_SERVING, revision)
+    container = _serving_container(spec, _serving_env(spec, model, m["namespace"], revision), model_dir)
     annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(contract.SERVE_PORT),
                    "prometheus.io/path": contract.METRICS_PATH, **dict(s.pod_annotations)}
     dep_spec: Obj = {

@@ -1,15 +1,17 @@
 """LeptonModel rollout decisions (pure): what each revision should run and what status says.
 
-``plan`` takes the spec, the previous status, the resolved source, the compression
-outcome, the total replicas wanted, the observed Deployments, the time and the canary
-analysis results, and returns a ``Plan``: replicas per revision, Deployments to delete,
-the new status, the ``Outcome``, events, and when to look again. It reads as named
+``plan(spec, observed)`` takes the spec and one frozen ``ModelObserved`` (the previous
+status, the resolved source, the compression outcome, the Deployments, the time, the
+canary analysis results and the autoscaler's sample; ``model.observe`` builds it) and
+returns a ``Plan``: the size (``model.autoscale``), replicas per revision, Deployments to
+delete, the whole new status, the ``Outcome``, events, the writes (``core.execute``) and
+when to look again. The revisions are decided (``revisions``) in named
 steps: wait for the source; compress behind the gate; deploy the first revision or
 run the canary (start the step, wait for its pods within the deadline, pause, judge
 the analysis, advance or promote, or roll back); abandon a canary the spec left;
 clean up; summarise.
 
-The caller runs the analysis queries only when ``analysis_due`` says the canary's
+The observation runs the analysis queries only when ``analysis_due`` says the canary's
 current step is waiting for them, so they run once per reconcile; a plan that reaches
 the analysis without results names the revision in ``analyze`` and asks to be
 called again soon.
@@ -40,7 +42,11 @@ from ..constants import (ANNOTATION_ABORT, ANNOTATION_RESUME, COND_COMPRESSED, C
                          REASON_SERVING, REASON_SOURCE_AVAILABLE, REASON_SOURCE_FAILED, REASON_SOURCE_NOT_FOUND,
                          REASON_WAITING_FOR_SOURCE, REASON_WAITING_FOR_TRAFFIC, TRUE)
 from ..core import status as st
+from ..core.execute import Action, Effects
+from ..core.objects import policy_changes
 from ..core.status import Outcome
+from ..scaling import prometheus
+from . import autoscale, objects
 from .objects import split
 from .spec import ERROR, FAILED, INCONCLUSIVE, SUCCESSFUL, ModelSpec, PvcPath, artifact_path, parse_uri
 
@@ -187,6 +193,16 @@ class Plan:
     events: list[st.Event] = dataclasses.field(default_factory=list)
     requeue_after: float | None = None
     analyze: str | None = None
+    # What goes out (``core.execute``), and what the loop keeps of it:
+    actions: list[Action] = dataclasses.field(default_factory=list)
+    applied: "Applied | None" = None
+    policies_applied: dict[str, tuple[str, float]] = dataclasses.field(default_factory=dict)
+    autoscaler: autoscale.AutoscalerMemory = dataclasses.field(default_factory=autoscale.AutoscalerMemory)
+    tick: autoscale.Tick | None = None
+
+    @property
+    def effects(self) -> Effects:
+        return Effects(self.status, self.actions, self.events)
 
     @property
     def ready(self) -> bool:
@@ -418,7 +434,7 @@ def summarise(m: _Model) -> None:
     p.status["replicas"] = sum(v.ready for v in m.deployments.values())
 
 
-def plan(spec: ModelSpec, name: str, prev: Mapping[str, Any], source: SourceState, revision: str | None,
+def revisions(spec: ModelSpec, name: str, prev: Mapping[str, Any], source: SourceState, revision: str | None,
          comp: CompressionState | None, total: int, deployments: Mapping[str, DeploymentView], now: float,
          analysis: list | None = None, hold_stable: bool = False, decision: str | None = None,
          traffic: float | None = None, namespace: str = "") -> Plan:
@@ -667,3 +683,198 @@ def canary(m: _Model, target: PvcPath) -> bool:
         p.requeue(0.5)
         return True
     return _promote(m, target)
+
+
+# --- the observation a plan is made from ------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Applied:
+    """What the loop has applied and need not apply again while it stands."""
+    deployment: tuple | None = None     # (generation, revision) whose Deployment template was applied
+    service: int | None = None          # generation the Service was applied for
+    route: tuple | None = None          # (generation, backends) of the last applied HTTPRoute
+    revision_services: frozenset[str] = frozenset()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelObserved:
+    """Everything one plan reads; ``model.observe.observe`` builds it (a test, directly).
+
+    ``deployments``: the serving Deployments by revision (the index's fields); ``comp``:
+    the compression outcome of ``revision`` when it needs one, with ``create_compression``
+    when its Job must be created; ``analysis``: (check, QueryResult) pairs measured now for
+    the checks ``analysis_due`` named; ``traffic``: requests the canary served in its step,
+    when ``rollout.minRequests`` asks; ``decision``: "resume" or "abort" from a person, for
+    a paused rollout; ``sample``: the builtin autoscaler's metric, when its tick is due;
+    ``gateway``: the cluster serves HTTPRoutes; ``policies``: the model's NetworkPolicies
+    the index shows (name -> spec hash; None: not known, nothing is applied)."""
+    meta: Mapping[str, Any]
+    status: Mapping[str, Any]
+    source: SourceState
+    revision: str | None = None
+    comp: CompressionState | None = None
+    create_compression: bool = False
+    deployments: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    now: float = 0.0
+    monotonic: float = 0.0
+    analysis: list | None = None
+    traffic: float | None = None
+    decision: str | None = None
+    sample: prometheus.QueryResult | None = None
+    autoscaler: autoscale.AutoscalerMemory = dataclasses.field(default_factory=autoscale.AutoscalerMemory)
+    gateway: bool = False
+    applied: Applied = dataclasses.field(default_factory=Applied)
+    policies: Mapping[str, str] | None = None
+    policies_applied: Mapping[str, tuple[str, float]] = dataclasses.field(default_factory=dict)
+    prometheus_url: str = ""
+
+
+# --- the plan ---------------------------------------------------------------------------
+
+def plan(spec: ModelSpec, observed: ModelObserved) -> Plan:
+    """The whole next step of a model: its size, revisions, status, events and writes."""
+    status = copy.deepcopy(dict(observed.status))
+    total, tick = _size(spec, observed, status)
+    meta = observed.meta
+    views = {r: deployment_view(d) for r, d in observed.deployments.items()}
+    p = revisions(spec, meta["name"], status, observed.source, observed.revision, observed.comp, total, views,
+                  observed.now, analysis=observed.analysis, hold_stable=_hpa_owned(spec),
+                  decision=observed.decision, traffic=observed.traffic, namespace=meta["namespace"])
+    p.autoscaler, p.tick = (tick.memory if tick else _autoscaler(spec, observed)), tick
+    if tick is not None:
+        p.events[:0] = tick.events
+    if spec.autoscaling is not None and spec.autoscaling.engine == "builtin":
+        p.requeue(autoscale.delay(spec.autoscaling, p.autoscaler, observed.monotonic))
+    owner = objects.owner(meta)
+    if observed.create_compression:
+        src = parse_uri(observed.source.uri)
+        p.actions.append(Action.create(objects.compression_job(
+            owner, spec, observed.revision, src, artifact_path(src, meta["name"], observed.revision))))
+    _serving_writes(spec, observed, owner, p)
+    _report(spec, observed, p, total)
+    return p
+
+
+def _hpa_owned(spec: ModelSpec) -> bool:
+    return spec.autoscaling is not None and spec.autoscaling.engine != "builtin"
+
+
+def _autoscaler(spec: ModelSpec, observed: ModelObserved) -> autoscale.AutoscalerMemory:
+    if spec.autoscaling is None or spec.autoscaling.engine != "builtin":
+        return observed.autoscaler
+    return autoscale.start(spec, observed.autoscaler, observed.status)
+
+
+def _size(spec: ModelSpec, observed: ModelObserved, status: dict[str, Any]) -> tuple[int, autoscale.Tick | None]:
+    """(total replicas, the builtin autoscaler's tick): static, the builtin autoscaler's
+    (its fields join ``status``), or the HPA's (read from the stable Deployment)."""
+    a = spec.autoscaling
+    if a is None:
+        return spec.serving.replicas, None
+    if a.engine == "builtin":
+        memory = autoscale.start(spec, observed.autoscaler, observed.status)
+        if observed.sample is None:
+            return memory.total, None
+        tick = autoscale.decide(spec, memory, status, observed.sample, observed.monotonic)
+        status["autoscaling"] = tick.status
+        return tick.memory.total, tick
+    stable = observed.deployments.get((status.get("revisions") or {}).get("stable"))
+    return (stable or {}).get("spec", {}).get("replicas") or spec.floor, None
+
+
+def _serving_writes(spec: ModelSpec, observed: ModelObserved, owner: Mapping[str, Any], p: Plan) -> None:
+    """Service, Deployments (created with replicas, then replicas by patch), cleanup, the
+    HTTPRoute, the HPA or ScaledObject, the NetworkPolicies; what they leave applied."""
+    meta, applied = observed.meta, observed.applied
+    namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
+    if applied.service != generation:
+        p.actions.append(Action.apply(objects.service(owner)))
+        applied = dataclasses.replace(applied, service=generation)
+    applied = _deployment_writes(spec, observed, owner, p, applied)
+    for rev in p.delete:
+        if rev in observed.deployments:
+            # and its Gateway API backend Service, if one was made
+            p.actions.append(Action.delete("apps/v1", "Deployment", objects.deployment_name(name, rev), namespace,
+                                           then=(Action.delete("v1", "Service", objects.deployment_name(name, rev),
+                                                               namespace),)))
+        applied = dataclasses.replace(applied, revision_services=applied.revision_services - {rev})
+    p.applied = _route(observed, owner, p, applied)
+    revs, a = p.status["revisions"], spec.autoscaling
+    if _hpa_owned(spec) and revs.get("stable"):
+        target = objects.deployment_name(name, revs["stable"])
+        obj = (objects.hpa(owner, a, target, spec.floor) if a.engine == "hpa"
+               else objects.scaled_object(owner, a, target, observed.prometheus_url, spec.floor))
+        p.actions.append(Action.apply(obj, missing_api=obj["apiVersion"]))
+    p.policies_applied = dict(observed.policies_applied)
+    if observed.policies is not None:
+        to_apply, to_delete = policy_changes(objects.network_policies(owner, spec), observed.policies,
+                                             p.policies_applied, observed.monotonic)
+        p.actions += [Action.apply(o) for o in to_apply]
+        p.actions += [Action.delete("networking.k8s.io/v1", "NetworkPolicy", n, namespace) for n in to_delete]
+
+
+def _deployment_writes(spec: ModelSpec, observed: ModelObserved, owner: Mapping[str, Any], p: Plan,
+                       applied: Applied) -> Applied:
+    """Create each revision's Deployment with its replicas; apply the wanted revision's
+    template once per generation; patch replicas that differ (not the stable one an HPA
+    owns)."""
+    meta, revs = observed.meta, p.status["revisions"]
+    generation = meta.get("generation")
+    for rev, replicas in p.replicas.items():
+        current = observed.deployments.get(rev)
+        if current is None:
+            if replicas > 0 and rev in p.model_dirs:
+                p.actions.append(Action.create(objects.deployment(owner, spec, rev, p.model_dirs[rev], replicas)))
+                applied = dataclasses.replace(applied, deployment=(generation, rev))
+            continue
+        if rev == observed.revision and applied.deployment != (generation, rev) and rev in p.model_dirs:
+            p.actions.append(Action.apply(objects.deployment(owner, spec, rev, p.model_dirs[rev], None)))
+            applied = dataclasses.replace(applied, deployment=(generation, rev))
+        if _hpa_owned(spec) and rev == revs.get("stable") and not revs.get("canary"):
+            continue     # the HPA / ScaledObject owns the stable Deployment's replicas
+        if current["spec"].get("replicas") != replicas:
+            p.actions.append(Action.patch("apps/v1", "Deployment", current["metadata"]["name"], meta["namespace"],
+                                          {"spec": {"replicas": replicas}}))
+    return applied
+
+
+def _route(observed: ModelObserved, owner: Mapping[str, Any], p: Plan, applied: Applied) -> Applied:
+    """Weight stable and canary exactly with an HTTPRoute where the Gateway API exists."""
+    revs = p.status["revisions"]
+    stable = revs.get("stable")
+    if not stable or not observed.gateway:
+        return applied
+    backends = [(stable, 100)]
+    if revs.get("canary"):
+        weight = int(revs.get("canaryWeight", 0))
+        backends = [(stable, 100 - weight), (revs["canary"], weight)]
+    for rev, _ in backends:
+        if rev not in applied.revision_services:
+            p.actions.append(Action.apply(objects.revision_service(owner, rev)))
+            applied = dataclasses.replace(applied, revision_services=applied.revision_services | {rev})
+    generation = observed.meta.get("generation")
+    if applied.route != (generation, backends):
+        p.actions.append(Action.apply(objects.http_route(owner, backends)))
+        applied = dataclasses.replace(applied, route=(generation, backends))
+    return applied
+
+
+def _report(spec: ModelSpec, observed: ModelObserved, p: Plan, total: int) -> None:
+    """The status to write: the plan's, with the outcome, its conditions and the serving facts."""
+    new, meta = p.status, observed.meta
+    generation = meta.get("generation")
+    st.apply_outcome(new, p.outcome, generation)
+    new["url"] = objects.url(meta["name"], meta["namespace"])
+    new["desiredReplicas"] = total
+    new["trafficRouting"] = "HTTPRoute" if observed.gateway and new["revisions"].get("stable") else "ReplicaRatio"
+    a = spec.autoscaling
+    if a is not None:
+        new["autoscaling"] = {**(new.get("autoscaling") or {}), "floor": spec.floor,
+                              "floorFrom": "spec.serving.replicas" if spec.floor > a.min_replicas
+                              else "autoscaling.minReplicas"}
+    for cond_type, status_, reason, message in p.conditions:
+        new["conditions"] = st.set_condition(new["conditions"], cond_type, status_, reason, message,
+                                             observed_generation=generation)
+    if a is not None and a.engine == "builtin" and p.autoscaler.condition:
+        new["conditions"] = st.set_condition(new["conditions"], *p.autoscaler.condition,
+                                             observed_generation=generation)

@@ -21,7 +21,7 @@ Command line::
     python3 hack/images.py import --address SOCK # into a containerd (the real node's)
     python3 hack/images.py preload               # into the real node's image store, ahead of time
 
-Only the Python standard library is used.
+Builds on ``hack/common.py``; only the Python standard library is used.
 """
 from __future__ import annotations
 
@@ -36,9 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
-HACK = Path(__file__).resolve().parent
-ROOT = HACK.parent
-CACHE = Path(os.environ.get("LEPTON_CACHE", Path.home() / ".cache" / "lepton-operator"))
+from common import CACHE, HACK, ROOT, containerd_address, node_containerds, versions, write_containerd_config
+
 REPO = "localhost"
 DEBIAN_MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -57,16 +56,6 @@ IMAGES = {
 
 def log(msg: str) -> None:
     print(f"[images {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def versions() -> dict[str, str]:
-    out = {}
-    for line in (HACK / "versions.env").read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            out[key] = value
-    return out
 
 
 def missing_tools() -> list[str]:
@@ -278,25 +267,24 @@ def preload() -> None:
     outlives clusters) with a containerd of its own, so that the first cluster starts
     without the import: ``make setup`` runs this beside the Go builds. Skipped when a
     node's containerd holds the store (it imports at start instead)."""
-    import realnode  # noqa: PLC0415
-    if realnode.node_containerds():
+    if node_containerds():
         log("preload skipped: a real node's containerd is running (it imports what it lacks at start)")
         return
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        node = realnode.RealNode(Path(tmp), Path(tmp), "", CACHE, None)
         state = Path("/run") / f"lepton-containerd-preload-{os.getpid()}"
-        node._write_containerd_config(pause_ref(), state)
-        proc = subprocess.Popen(["containerd", "--config", str(node.node_dir / "containerd.toml")],
+        config = write_containerd_config(Path(tmp), CACHE, pause_ref(), state)
+        address = containerd_address(Path(tmp))
+        proc = subprocess.Popen(["containerd", "--config", str(config)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             deadline = time.monotonic() + 60
-            while subprocess.run(["ctr", "--address", node.address, "version"],
+            while subprocess.run(["ctr", "--address", address, "version"],
                                  capture_output=True).returncode != 0:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     log("preload skipped: containerd did not start")
                     return
                 time.sleep(0.2)
-            import_into(node.address)
+            import_into(address)
         finally:
             proc.terminate()
             proc.wait(timeout=30)

@@ -50,10 +50,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import images  # noqa: E402
 import realnode  # noqa: E402
-
-HACK = Path(__file__).resolve().parent
-ROOT = HACK.parent
-CACHE = Path(os.environ.get("LEPTON_CACHE", Path.home() / ".cache" / "lepton-operator"))
+from common import CACHE, HACK, ROOT, issue_cert, kubeconfig, openssl, versions  # noqa: E402
 
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = "nvidia.com/gpu.present"
@@ -65,9 +62,6 @@ LOOPBACK = "127.0.0.1"
 
 def log(msg: str) -> None:
     print(f"[localcluster {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-versions = images.versions  # hack/versions.env as a dict
 
 
 def tool_path(name: str) -> Path:
@@ -129,22 +123,6 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-
-
-def issue_cert(pki: Path, name: str, subject: str, ext: str | None = None) -> None:
-    """``<name>.crt``/``.key`` signed by the cluster's CA; a client certificate unless
-    ``ext`` (an openssl extension file's text) says otherwise."""
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", subject, cwd=pki)
-    extfile = pki / f"{name}.ext"
-    extfile.write_text((ext or "extendedKeyUsage=clientAuth") + "\n")
-    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", f"{name}.crt", "-days", "3650", "-extfile", str(extfile), cwd=pki)
-
-
 def make_pki(pki: Path) -> None:
     """CA, API server serving cert, client certs and the service-account key pair."""
     if (pki / "done-v2").exists():
@@ -168,17 +146,6 @@ def make_pki(pki: Path) -> None:
     openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
     openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
     (pki / "done-v2").write_text("ok\n")
-
-
-def kubeconfig(server: str, pki: Path, user: str) -> str:
-    return json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "lepton-local",
-        "clusters": [{"name": "lepton-local", "cluster": {
-            "server": server, "certificate-authority": str(pki / "ca.crt")}}],
-        "users": [{"name": user, "user": {
-            "client-certificate": str(pki / f"{user}.crt"), "client-key": str(pki / f"{user}.key")}}],
-        "contexts": [{"name": "lepton-local", "context": {"cluster": "lepton-local", "user": user}}],
-    }, indent=2)
 
 
 def gpu_node(name: str, gpus: int, cpu: str = "64", memory: str = "512Gi") -> dict:

@@ -15,7 +15,8 @@ control plane is already gone, by killing what is left in the node's cgroup; mou
 network namespaces, the bridge, iptables chains, cgroups and the kernel settings kubelet
 changes are restored. :func:`leftovers` lists what would remain, for the tests.
 
-Used by ``hack/localcluster.py`` (``up --real-node``); only the standard library is used.
+Used by ``hack/localcluster.py`` (``up --real-node``); builds on ``hack/common.py`` and
+``hack/images.py``; only the standard library is used.
 """
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common import (CONTAINERD_STATE, command_lines, containerd_address, issue_cert, kubeconfig,
+                    node_containerds, write_containerd_config)
+from images import import_into
+
 BRIDGE = "lepton0"
 NODE_IP = "10.250.0.1"
 POD_CIDR = "10.250.0.0/24"
@@ -36,7 +41,6 @@ CGROUP_ROOT = "lepton"
 NODE_LABEL = "lepton.ai/real-node"
 # containerd 1.6's shims keep their sockets here whatever the configured state dir is.
 SHIM_DIR = Path("/run/containerd/s")
-CONTAINERD_STATE = Path("/run/lepton-containerd")
 # Kernel settings kubelet changes at start; restored on stop.
 SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
 BR_NF = "net/bridge/bridge-nf-call-iptables"
@@ -131,30 +135,10 @@ def _cgroup_pids() -> set[int]:
     return pids
 
 
-def _command_lines():
-    """(pid, argv as bytes) of every process."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if cmd and cmd[0]:
-            yield int(proc.name), cmd
-
-
 def _shim_pids(address: str) -> set[int]:
     """containerd-shim processes serving the node's containerd (their command line names
     its socket)."""
-    return {pid for pid, cmd in _command_lines() if b"containerd-shim" in cmd[0] and address.encode() in cmd}
-
-
-def node_containerds() -> list[int]:
-    """Pids of running containerds started from a node's configuration (they share the
-    image store under the cache)."""
-    return [pid for pid, cmd in _command_lines()
-            if cmd[0].endswith(b"containerd") and any(a.endswith(b"/containerd.toml") for a in cmd)]
+    return {pid for pid, cmd in command_lines() if b"containerd-shim" in cmd[0] and address.encode() in cmd}
 
 
 def leftovers(node_dir: Path) -> dict[str, list[str]]:
@@ -162,7 +146,7 @@ def leftovers(node_dir: Path) -> dict[str, list[str]]:
     shims of its containerd, mounts under its directories, network namespaces made for
     pods, the bridge, KUBE-/CNI- iptables chains, its cgroups. Empty lists: nothing."""
     dirs = (str(node_dir), str(CONTAINERD_STATE), str(SHIM_DIR))
-    address = str(node_dir / "containerd.sock")
+    address = containerd_address(node_dir)
     link = subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True).returncode == 0
     return {
         "processes": sorted(str(p) for p in _cgroup_pids() | _shim_pids(address)),
@@ -189,7 +173,7 @@ class RealNode:
 
     @property
     def address(self) -> str:
-        return str(self.node_dir / "containerd.sock")
+        return containerd_address(self.node_dir)
 
     @property
     def kubelet_dir(self) -> Path:
@@ -227,12 +211,11 @@ class RealNode:
         # iptables; the kernel's default leaves bridged frames alone.
         _write_sysctl(BR_NF, "1")
         self._write_cni()
-        self._write_containerd_config(images["pause"])
-        spawn("containerd", ["containerd", "--config", str(self.node_dir / "containerd.toml")])
+        config = write_containerd_config(self.node_dir, self.cache, images["pause"])
+        spawn("containerd", ["containerd", "--config", str(config)])
         wait("containerd", lambda: _sh("ctr", "--address", self.address, "version", check=False) != "",
              60, "containerd")
-        import images as image_builder  # noqa: PLC0415  (hack/images.py)
-        image_builder.import_into(self.address, [images["pause"], images["operator"], images["trainer"]])
+        import_into(self.address, [images["pause"], images["operator"], images["trainer"]])
         self._write_credentials(kubectl)
         self._start_coredns(spawn)
         self._start_kube_proxy(spawn)
@@ -251,44 +234,9 @@ class RealNode:
             }],
         }, indent=2))
 
-    def _write_containerd_config(self, pause: str, state: Path = CONTAINERD_STATE) -> None:
-        root = self.cache / "containerd"  # images stay between clusters; containers do not
-        root.mkdir(parents=True, exist_ok=True)
-        (self.node_dir / "containerd.toml").write_text(f"""version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
-                    "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
-                    "io.containerd.internal.v1.opt", "io.containerd.grpc.v1.cri.v1alpha2"]
-[grpc]
-  address = "{self.address}"
-[ttrpc]
-  address = "{self.address}.ttrpc"
-[debug]
-  address = ""
-[metrics]
-  address = ""
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{pause}"
-  # No CAP_SYS_RESOURCE here: containers may not lower their oom_score_adj below ours.
-  restrict_oom_score_adj = true
-  enable_selinux = false
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "{self.node_dir / 'cni' / 'net.d'}"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        SystemdCgroup = false
-""")
-
     def _write_credentials(self, kubectl) -> None:
         """Client certificates for kubelet (system:node:<name> in system:nodes), kube-proxy
         and CoreDNS, a serving certificate for kubelet, and CoreDNS's read-only RBAC."""
-        from localcluster import issue_cert, kubeconfig  # noqa: PLC0415
         issue_cert(self.pki, "kubelet", f"/O=system:nodes/CN=system:node:{NODE_NAME}")
         issue_cert(self.pki, "kubelet-serving", f"/CN={NODE_NAME}",
                    f"subjectAltName=IP:{NODE_IP},DNS:{NODE_NAME}\nextendedKeyUsage=serverAuth")

@@ -2,11 +2,11 @@
 
 The service comes from Triton's ``grpc_service.proto`` and ``model_config.proto``,
 vendored in ``protos/``; ``grpc.protos_and_services`` (grpcio-tools) compiles them when
-this module is imported, so no generated code is kept in the repository. The servicer
-runs on the REST server's event loop (``grpc.aio``) and shares its model, dynamic
-batcher, statistics and Prometheus metrics; a gRPC status is counted under the HTTP
-code of the same meaning (OK 200, INVALID_ARGUMENT 400, NOT_FOUND 404, UNAVAILABLE 503,
-INTERNAL 500, CANCELLED 499).
+the gRPC server first starts (:func:`load_protos`), so no generated code is kept in the
+repository. The servicer runs on the REST server's event loop (``grpc.aio``) and shares
+its model, dynamic batcher, statistics and Prometheus metrics; a gRPC status is counted
+under the HTTP code of the same meaning (OK 200, INVALID_ARGUMENT 400, NOT_FOUND 404,
+UNAVAILABLE 503, INTERNAL 500, CANCELLED 499).
 
 Implemented: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata,
 ModelInfer (typed ``contents`` or ``raw_input_contents`` in; ``raw_output_contents``
@@ -31,8 +31,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lepton_trainer.grpc")
 
-pb, services = grpc.protos_and_services("lepton_trainer/protos/grpc_service.proto")
-config_pb = sys.modules["lepton_trainer.protos.model_config_pb2"]
+# The modules grpc_tools generates from protos/grpc_service.proto and the
+# model_config.proto it includes; set by load_protos().
+pb = services = config_pb = None
+
+
+def load_protos() -> None:
+    """Compile the vendored .proto files, once per process.
+
+    Done when the gRPC server starts rather than at import, so that a process which also
+    holds another copy of the ``inference`` protobuf package (tritonclient's generated
+    modules, in the tests) can still import this module and :mod:`lepton_trainer.serve`."""
+    global pb, services, config_pb
+    if pb is None:
+        pb, services = grpc.protos_and_services("lepton_trainer/protos/grpc_service.proto")
+        config_pb = sys.modules["lepton_trainer.protos.model_config_pb2"]
+
 
 HTTP_CODE = {grpc.StatusCode.OK: 200, grpc.StatusCode.INVALID_ARGUMENT: 400,
              grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.UNAVAILABLE: 503,
@@ -46,7 +60,10 @@ class Abort(Exception):
         self.code = code
 
 
-class InferenceServicer(services.GRPCInferenceServiceServicer):
+class InferenceServicer:
+    """The implemented RPCs; :func:`servicer` adds the generated base class, whose
+    methods answer UNIMPLEMENTED for the rest."""
+
     def __init__(self, server: "ModelServer"):
         self.s = server
 
@@ -73,8 +90,8 @@ class InferenceServicer(services.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=self.s.ready)
 
     async def ServerMetadata(self, request, context):
-        from .serve import EXTENSIONS
-        return pb.ServerMetadataResponse(name="lepton-serve", version="2", extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(name=v2.SERVER_NAME, version=v2.PROTOCOL_VERSION,
+                                         extensions=v2.EXTENSIONS)
 
     async def ModelMetadata(self, request, context):
         await self._check(request, context)
@@ -97,9 +114,8 @@ class InferenceServicer(services.GRPCInferenceServiceServicer):
 
     async def RepositoryIndex(self, request, context):
         state = "READY" if self.s.ready else "LOADING"
-        from .serve import VERSION
         return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(
-            name=self.s.name, version=VERSION, state=state, reason="")])
+            name=self.s.name, version=v2.VERSION, state=state, reason="")])
 
     async def RepositoryModelLoad(self, request, context):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model control is not supported: this "
@@ -130,7 +146,6 @@ class InferenceServicer(services.GRPCInferenceServiceServicer):
         return arrays, rows.pop()
 
     async def _infer(self, request):
-        from .serve import VERSION, ModelFailed
         try:
             self.s.check_model(request.model_name, request.model_version)
         except LookupError as e:
@@ -148,10 +163,10 @@ class InferenceServicer(services.GRPCInferenceServiceServicer):
             out = await self.s.infer_arrays(arrays)
         except v2.ProtocolError as e:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        except ModelFailed as e:
+        except v2.ModelFailed as e:
             raise Abort(grpc.StatusCode.INTERNAL, str(e)) from None
         specs = {s.name: s for s in m.outputs}
-        response = pb.ModelInferResponse(model_name=self.s.name, model_version=VERSION, id=request.id)
+        response = pb.ModelInferResponse(model_name=self.s.name, model_version=v2.VERSION, id=request.id)
         for n in names:
             arr = out[n]
             response.outputs.add(name=n, datatype=specs[n].datatype, shape=list(arr.shape))
@@ -178,12 +193,20 @@ class InferenceServicer(services.GRPCInferenceServiceServicer):
         return response
 
 
+def servicer(server: "ModelServer") -> InferenceServicer:
+    """The servicer of ``server``'s model (compiles the .proto files on first use)."""
+    load_protos()
+    cls = type("InferenceServicer", (InferenceServicer, services.GRPCInferenceServiceServicer), {})
+    return cls(server)
+
+
 async def start(server: "ModelServer", host: str, port: int) -> grpc.aio.Server:
     limit = server.max_body_bytes
     aio = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                    ("grpc.max_send_message_length", -1),
                                    ("grpc.so_reuseport", 0)])
-    services.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(server), aio)
+    impl = servicer(server)
+    services.add_GRPCInferenceServiceServicer_to_server(impl, aio)
     address = f"{'[::]' if host in ('0.0.0.0', '::') else host}:{port}"
     if aio.add_insecure_port(address) == 0:
         raise OSError(f"cannot bind the gRPC port {address}")

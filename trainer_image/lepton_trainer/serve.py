@@ -66,16 +66,15 @@ import torch
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from . import contract, modelio, v2
+from . import contract, grpc_server, modelio, v2
+from .v2 import EXTENSIONS, VERSION, ModelFailed
 
 log = logging.getLogger("lepton_trainer.serve")
 
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
-VERSION = "1"                       # the model version every path and answer uses
 OFFLOAD_BYTES = 64 * 1024           # bodies (and answers) larger than this leave the event loop
 CLIENT_CLOSED = 499                 # metric code of a request whose client went away
 CONTENT_TYPES = ("application/json", "application/octet-stream")
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "model_repository"]
 
 
 def _error(exc_cls: type[web.HTTPException], message: str, **kw) -> web.HTTPException:
@@ -85,10 +84,6 @@ def _error(exc_cls: type[web.HTTPException], message: str, **kw) -> web.HTTPExce
 class BadRequest(web.HTTPBadRequest):
     def __init__(self, message: str):
         super().__init__(text=json.dumps({"error": message}), content_type="application/json")
-
-
-class ModelFailed(RuntimeError):
-    """The model raised on a request that passed validation."""
 
 
 # --- dynamic batching --------------------------------------------------------------------
@@ -386,7 +381,8 @@ class ModelServer:
         return web.json_response({"ready": self.ready}, status=200 if self.ready else 503)
 
     async def server_meta(self, request: web.Request) -> web.Response:
-        return web.json_response({"name": "lepton-serve", "version": "2", "extensions": EXTENSIONS})
+        return web.json_response({"name": v2.SERVER_NAME, "version": v2.PROTOCOL_VERSION,
+                                  "extensions": EXTENSIONS})
 
     async def model_ready(self, request: web.Request) -> web.Response:
         self._model(request)
@@ -627,10 +623,9 @@ async def serve(args: argparse.Namespace) -> int:
     await runner.setup()
     deadline.install(runner.server)
     await web.TCPSite(runner, args.host, args.port).start()
-    grpc_server = None
+    grpc_aio = None
     if args.grpc_port:
-        from . import grpc_server as grpc_mod
-        grpc_server = await grpc_mod.start(server, args.host, args.grpc_port)
+        grpc_aio = await grpc_server.start(server, args.host, args.grpc_port)
     log.info("serving %s on %s:%d (REST) and %s (gRPC); max batch %d, max delay %.1f ms", args.model_name,
              args.host, args.port, args.grpc_port or "off", args.max_batch_size, args.max_batch_delay_ms)
     stop = asyncio.Event()
@@ -644,8 +639,8 @@ async def serve(args: argparse.Namespace) -> int:
     server.ready = False
     server.batcher.draining = True
     loader.cancel()
-    if grpc_server is not None:
-        await asyncio.gather(grpc_server.stop(args.drain_timeout), runner.cleanup())
+    if grpc_aio is not None:
+        await asyncio.gather(grpc_aio.stop(args.drain_timeout), runner.cleanup())
     else:
         await runner.cleanup()          # stop listening, then wait for in-flight handlers
     await server.batcher.close()

@@ -1,6 +1,7 @@
 """Open Inference Protocol v2 tensors: datatypes, the JSON and binary encodings, and
-request validation against a model's signature. Pure (numpy only): the REST and gRPC
-front ends both use it, so both reject the same bad input with the same reason.
+request validation against a model's signature, and what the server answers alike on
+both APIs (its metadata, the model version, the errors). Pure (numpy only): the REST and
+gRPC front ends both use it, so both reject the same bad input with the same reason.
 
 A tensor travels as a numpy array in the datatype's natural dtype, except ``BF16``,
 which numpy lacks: its array is ``uint16`` holding the bfloat16 bit patterns, and
@@ -33,9 +34,19 @@ DATATYPES = tuple(NUMPY)
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_JSON_DEPTH = 64          # deeper JSON is rejected before it can exhaust the stack
 
+# What the REST and gRPC front ends both answer: server metadata and the one model version.
+SERVER_NAME = "lepton-serve"
+PROTOCOL_VERSION = "2"
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "model_repository"]
+VERSION = "1"                # the model version every path and answer uses
+
 
 class ProtocolError(ValueError):
     """Bad input: the message is the reason sent back (REST 400, gRPC INVALID_ARGUMENT)."""
+
+
+class ModelFailed(RuntimeError):
+    """The model raised on a request that passed validation (REST 500, gRPC INTERNAL)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -313,7 +313,8 @@ def test_a_reconcile_that_deletes_a_listed_worker_writes_the_status_before_the_d
 
 
 def test_what_the_autoscaler_adds_after_the_write_before_the_deletes_is_written_too(api, monkeypatch):
-    monkeypatch.setattr(config, "_current", config.from_env({}, prometheus_url="http://prometheus:9090"))
+    with_prometheus = config.from_env({}, prometheus_url="http://prometheus:9090")
+    monkeypatch.setattr(config, "get", lambda: with_prometheus)
     monkeypatch.setattr(prometheus, "client", lambda: FakePrometheus(100.0))
     auto = {"autoscaling": {"cooldownSeconds": 60, "intervalSeconds": 5}}
     memory = reconcile(api, [pod(0), pod(1)], **auto)
@@ -368,12 +369,12 @@ def tick(api: FakeAPI, raw: dict[str, Any]) -> dict[str, Any]:
     just started, whose first autoscaler tick runs at once; the status it leaves."""
     body = {**job_body(api.status), "spec": raw}
     memory = jh.observe.new_memory(dict(api.status))
-    before = config._current
-    config._current = config.from_env({}, prometheus_url="http://prometheus:9090")
+    before = config.get()
+    config.configure(config.from_env({}, prometheus_url="http://prometheus:9090"))
     try:
         asyncio.run(jh.reconcile(body, memory, indices([pod(0)]), jh.new_runtime(), LOG))
     finally:
-        config._current = before
+        config.configure(before)
     return api.status
 
 

@@ -2,7 +2,8 @@
 
 Each helper reads one field, checks its type and bounds, appends a message naming the
 field to ``problems`` when it is wrong, and returns a usable default so parsing goes
-on: a spec parser reports every problem at once in one ``InvalidSpec``.
+on: a spec parser reports every problem at once in one ``InvalidSpec``. A field's default
+is the default of its dataclass field, which a parser reads with ``default``.
 """
 from __future__ import annotations
 
@@ -36,6 +37,26 @@ class Resources:
     gpus: int = 0
     cpu: str | None = None
     memory: str | None = None
+
+
+def default(cls: type, name: str) -> Any:
+    """The default of field ``name`` of dataclass ``cls`` (a fresh value where the field
+    has a ``default_factory``): the one place a spec's default lives, which the parsers
+    read. A field without a default raises LookupError, which ``parser`` does not turn
+    into an ``InvalidSpec``."""
+    field = _fields(cls).get(name)
+    if field is None:
+        raise LookupError(f"{cls.__name__} has no field {name!r}")
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    raise LookupError(f"{cls.__name__}.{name} has no default")
+
+
+@functools.cache
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
 
 
 def parser(fn: Callable[..., P]) -> Callable[..., P]:
@@ -156,7 +177,7 @@ def resources(raw: Any, problems: list[str], where: str) -> Resources:
         problems.append(f"{where.rstrip('.')} must be an object, got {raw!r}")
         raw = None
     raw = raw or {}
-    return Resources(integer(raw, "gpus", 0, 0, 64, problems, where),
+    return Resources(integer(raw, "gpus", default(Resources, "gpus"), 0, 64, problems, where),
                      quantity(raw.get("cpu")), quantity(raw.get("memory")))
 
 
@@ -285,10 +306,11 @@ def network_policy(raw: Any, problems: list[str], where: str = "networkPolicy") 
     if not isinstance(raw, Mapping):
         problems.append(f"{where} must be an object, got {raw!r}")
         return NetworkPolicySpec()
-    enabled = raw.get("enabled", False)
+    off = default(NetworkPolicySpec, "enabled")
+    enabled = raw.get("enabled", off)
     if not isinstance(enabled, bool):
         problems.append(f"{where}.enabled must be true or false, got {enabled!r}")
-        enabled = False
+        enabled = off
     peers = raw.get("ingressFrom") or []
     if not isinstance(peers, list):
         problems.append(f"{where}.ingressFrom must be a list of NetworkPolicyPeer objects")
@@ -353,7 +375,7 @@ def valid_claim_name(claim: str) -> bool:
     return bool(DNS1123.match(claim)) and len(claim) <= 253
 
 
-__all__ = ["InvalidSpec", "Resources", "NetworkPolicySpec", "parser", "mapping", "items", "text", "flag", "integer",
-           "number", "choice", "quantity", "resources", "string_map", "node_selector", "tolerations",
+__all__ = ["InvalidSpec", "Resources", "NetworkPolicySpec", "default", "parser", "mapping", "items", "text", "flag",
+           "integer", "number", "choice", "quantity", "resources", "string_map", "node_selector", "tolerations",
            "security_context", "pod_security_context", "escalates", "label_key_problem", "label_value_problem", "network_policy",
            "validate_name", "valid_claim_name"]

@@ -47,6 +47,7 @@ from lepton_trainer.rendezvous import WORKER_ENV, torchrun_args
 
 from ..constants import (ANNOTATION_GENERATION, ANNOTATION_SPEC_HASH, API_VERSION, JOB_KIND, LABEL_JOB, ROLE_CAPACITY,
                          LABEL_KUEUE_QUEUE, LABEL_ROLE, LABEL_WORKER_INDEX, ROLE_RDZV, ROLE_WORKER)
+from ..core.fields import default
 from ..core.objects import (container_security, env, exposed_ingress, meta, network_policy, pod_security, resources,
                             scratch_env, scratch_mount, scratch_volume, with_gpu_toleration)
 from ..core.objects import labels as child_labels
@@ -79,7 +80,7 @@ _NOT_TEMPLATE = ("suspend", "backoff_limit", "active_deadline_seconds", "ttl_sec
 # Fields added after jobs already ran: left out of the hash while at their defaults, so that
 # an operator upgrade does not make the running workers look stale.
 _ADDED_LATER = {"elastic": (Elastic, ("keep_alive_interval", "keep_alive_max_attempts", "launcher"))}
-_ADDED_LATER_TOP = {"fault_tolerance": "restart"}
+_ADDED_LATER_TOP = {name: default(JobSpec, name) for name in ("fault_tolerance",)}
 
 
 def owner(meta: Mapping[str, Any]) -> Obj:

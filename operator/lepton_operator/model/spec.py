@@ -2,7 +2,9 @@
 
 The CRD schema rejects what it can express at apply time (enums, bounds, CEL rules);
 ``parse_model`` checks the same rules again, so an API server without CEL still gives
-clear errors, and reports every problem at once in one ``InvalidSpec``.
+clear errors, and reports every problem at once in one ``InvalidSpec``. The spec's
+defaults are the dataclasses' field defaults, which ``parse_model`` reads; they equal the
+CRD's ``default:`` values (tests/unit/test_defaults.py checks each one).
 
 A *revision* is a hash of what changes the served bits: the source, the compression
 and the serving spec (not replicas, rollout or autoscaling).
@@ -16,7 +18,7 @@ from typing import Any, Mapping
 
 from lepton_trainer import contract
 
-from ..core.fields import (InvalidSpec, NetworkPolicySpec, Resources, choice, integer, items, mapping,
+from ..core.fields import (InvalidSpec, NetworkPolicySpec, Resources, choice, default, integer, items, mapping,
                            network_policy, number, parser, pod_security_context, resources, security_context, string_map, text,
                            validate_name)
 from ..scaling import prometheus
@@ -32,6 +34,9 @@ REVISION_LEN = 10
 CHILD_SUFFIX_LEN = len("-compress-") + REVISION_LEN
 MODEL_NAME_MAX = 63 - CHILD_SUFFIX_LEN   # "<name>-compress-<revision>" must fit 63
 ARTIFACT_ROOT = "lepton-models"   # artifacts: <claim>/lepton-models/<model>/<revision>
+# compression.evaluation is passed to the compression program as written (its own defaults
+# fill the rest); the parser checks the metric against this type when the gate names none.
+EVALUATION_TYPE = "fidelity"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +280,7 @@ def _evaluation(raw: Any, problems: list[str]) -> dict[str, Any]:
     unknown = sorted(set(raw) - set(contract.EVALUATION_FIELDS))
     if unknown:
         problems.append(f"compression.evaluation has unknown fields {unknown}")
-    kind = choice(raw.get("type", "fidelity"), contract.EVALUATION_TYPES, problems, where + "type")
+    kind = choice(raw.get("type", EVALUATION_TYPE), contract.EVALUATION_TYPES, problems, where + "type")
     metrics = contract.EVALUATION_METRICS[kind]
     if "metric" in raw:
         choice(raw["metric"], metrics, problems, where + f"metric (for type {kind})")
@@ -285,8 +290,8 @@ def _evaluation(raw: Any, problems: list[str]) -> dict[str, Any]:
     _claim_path(path, "compression.evaluation.path", problems)
     number(raw, "threshold", None, 0, 1, problems, where)
     number(raw, "maxDrop", None, 0, None, problems, where)
-    integer(raw, "k", 5, 1, 1000, problems, where)
-    integer(raw, "samples", 64, 1, 100000, problems, where)
+    integer(raw, "k", None, 1, 1000, problems, where)
+    integer(raw, "samples", None, 1, 100000, problems, where)
     return dict(raw)
 
 
@@ -311,11 +316,11 @@ def _source(raw: Mapping[str, Any], problems: list[str]) -> Source:
 
 
 def _rollout(raw: Mapping[str, Any], problems: list[str]) -> Rollout:
-    strategy = choice(raw.get("strategy", "canary"), STRATEGIES, problems, "rollout.strategy")
+    strategy = choice(raw.get("strategy", default(Rollout, "strategy")), STRATEGIES, problems, "rollout.strategy")
     steps = []
     for i, s in enumerate(items(raw, "steps", problems, "rollout.", Mapping, "a step object ({weight, pauseSeconds})")):
         w = integer(s, "weight", None, 1, 100, problems, f"rollout.steps[{i}].")
-        p = integer(s, "pauseSeconds", 0, 0, 86400, problems, f"rollout.steps[{i}].")
+        p = integer(s, "pauseSeconds", default(Step, "pause_seconds"), 0, 86400, problems, f"rollout.steps[{i}].")
         if w is None:
             problems.append(f"rollout.steps[{i}].weight is required")
         else:
@@ -335,18 +340,21 @@ def _rollout(raw: Mapping[str, Any], problems: list[str]) -> Rollout:
             problems.append(f"{where} needs a threshold: set max and/or min")
         w = f"{where}."
         checks.append(Check(text(c, "name", problems, f"{where}.", f"query-{i}"), query, hi, lo,
-                            integer(c, "count", 1, 1, 1000, problems, w),
-                            integer(c, "intervalSeconds", 10, 1, 3600, problems, w),
-                            integer(c, "failureLimit", 0, 0, 1000, problems, w),
-                            integer(c, "inconclusiveLimit", 5, 0, 1000, problems, w),
-                            integer(c, "consecutiveErrorLimit", 4, 0, 1000, problems, w)))
+                            integer(c, "count", default(Check, "count"), 1, 1000, problems, w),
+                            integer(c, "intervalSeconds", default(Check, "interval_seconds"), 1, 3600, problems, w),
+                            integer(c, "failureLimit", default(Check, "failure_limit"), 0, 1000, problems, w),
+                            integer(c, "inconclusiveLimit", default(Check, "inconclusive_limit"), 0, 1000, problems, w),
+                            integer(c, "consecutiveErrorLimit", default(Check, "consecutive_error_limit"), 0, 1000,
+                                    problems, w)))
     names = [c.name for c in checks]
     if len(set(names)) != len(names):
         problems.append(f"rollout.analysis names must be unique, got {names}")
-    return Rollout(strategy, tuple(steps) if "steps" in raw else Rollout.steps, tuple(checks),
-                   integer(raw, "progressDeadlineSeconds", 600, 30, 86400, problems, "rollout."),
-                   choice(raw.get("onInconclusive", "rollback"), ON_INCONCLUSIVE, problems, "rollout.onInconclusive"),
-                   integer(raw, "minRequests", 0, 0, 10**9, problems, "rollout."))
+    return Rollout(strategy, tuple(steps) if "steps" in raw else default(Rollout, "steps"), tuple(checks),
+                   integer(raw, "progressDeadlineSeconds", default(Rollout, "progress_deadline_seconds"), 30, 86400,
+                           problems, "rollout."),
+                   choice(raw.get("onInconclusive", default(Rollout, "on_inconclusive")), ON_INCONCLUSIVE, problems,
+                          "rollout.onInconclusive"),
+                   integer(raw, "minRequests", default(Rollout, "min_requests"), 0, 10**9, problems, "rollout."))
 
 
 def _autoscaling(raw: Any, problems: list[str]) -> Autoscaling | None:
@@ -356,8 +364,8 @@ def _autoscaling(raw: Any, problems: list[str]) -> Autoscaling | None:
         problems.append(f"autoscaling must be an object, got {raw!r}")
         return None
     where = "autoscaling."
-    engine = choice(raw.get("engine", "builtin"), ENGINES, problems, "autoscaling.engine")
-    metric = choice(raw.get("metric", "rps"), METRICS, problems, "autoscaling.metric")
+    engine = choice(raw.get("engine", default(Autoscaling, "engine")), ENGINES, problems, "autoscaling.engine")
+    metric = choice(raw.get("metric", default(Autoscaling, "metric")), METRICS, problems, "autoscaling.metric")
     query = text(raw, "query", problems, where)
     if metric == "query" and not (query or "").strip():
         problems.append("autoscaling.query must be a non-empty PromQL query when metric is query")
@@ -370,19 +378,21 @@ def _autoscaling(raw: Any, problems: list[str]) -> Autoscaling | None:
     if target is None and "target" not in raw:
         problems.append("autoscaling.target is required (per replica for rps, inflight and query; "
                         "seconds for p95latency)")
-    lo = integer(raw, "minReplicas", 1, 1, 1000, problems, where)
-    hi = integer(raw, "maxReplicas", max(lo, 10), 1, 1000, problems, where)
+    lo = integer(raw, "minReplicas", default(Autoscaling, "min_replicas"), 1, 1000, problems, where)
+    hi = integer(raw, "maxReplicas", max(lo, default(Autoscaling, "max_replicas")), 1, 1000, problems, where)
     if hi < lo:
         problems.append(f"autoscaling.maxReplicas ({hi}) must be >= minReplicas ({lo})")
-    stable = integer(raw, "stableWindowSeconds", 60, 6, 3600, problems, where)
+    stable = integer(raw, "stableWindowSeconds", default(Autoscaling, "stable_window_seconds"), 6, 3600,
+                     problems, where)
     panic = integer(raw, "panicWindowSeconds", max(1, stable // 10), 1, 3600, problems, where)
     if panic > stable:
         problems.append(f"autoscaling.panicWindowSeconds ({panic}) must be <= stableWindowSeconds ({stable})")
     return Autoscaling(
         engine, metric, target or 1.0, query, lo, hi, stable, panic,
-        number(raw, "panicThreshold", 2.0, 1, 100, problems, where, lo_open=True),
-        integer(raw, "scaleDownDelaySeconds", 30, 0, 3600, problems, where),
-        number(raw, "intervalSeconds", 2.0, 0.5, 300, problems, where))
+        number(raw, "panicThreshold", default(Autoscaling, "panic_threshold"), 1, 100, problems, where, lo_open=True),
+        integer(raw, "scaleDownDelaySeconds", default(Autoscaling, "scale_down_delay_seconds"), 0, 3600,
+                problems, where),
+        number(raw, "intervalSeconds", default(Autoscaling, "interval_seconds"), 0.5, 300, problems, where))
 
 
 @parser
@@ -395,12 +405,12 @@ def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str,
     source = _source(mapping(spec, "source", problems, ""), problems)
 
     raw_c = mapping(spec, "compression", problems, "")
-    method = choice(raw_c.get("method", "none"), METHODS, problems, "compression.method")
+    method = choice(raw_c.get("method", default(Compression, "method")), METHODS, problems, "compression.method")
     compression = Compression(
         method, _params(raw_c, problems),
         number(raw_c, "maxAccuracyDrop", None, 0, 1, problems, "compression."),
         resources(raw_c.get("resources"), problems, "compression.resources."),
-        integer(raw_c, "backoffLimit", 1, 0, 10, problems, "compression."),
+        integer(raw_c, "backoffLimit", default(Compression, "backoff_limit"), 0, 10, problems, "compression."),
         string_map(raw_c, "podAnnotations", problems, "compression."),
         pod_security_context(raw_c, "podSecurityContext", problems, "compression."),
         security_context(raw_c, "securityContext", problems, "compression."),
@@ -420,10 +430,11 @@ def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str,
     batching = mapping(raw_s, "batching", problems, "serving.")
     serving = Serving(
         image, text(raw_s, "imagePullPolicy", problems, "serving.", default_pull_policy),
-        integer(raw_s, "replicas", 1, 0, 1000, problems, "serving."),
+        integer(raw_s, "replicas", default(Serving, "replicas"), 0, 1000, problems, "serving."),
         resources(raw_s.get("resources"), problems, "serving.resources."),
-        integer(batching, "maxBatchSize", 32, 1, 4096, problems, "serving.batching."),
-        integer(batching, "maxBatchDelayMs", 0, 0, 10000, problems, "serving.batching."),
+        integer(batching, "maxBatchSize", default(Serving, "max_batch_size"), 1, 4096, problems, "serving.batching."),
+        integer(batching, "maxBatchDelayMs", default(Serving, "max_batch_delay_ms"), 0, 10000, problems,
+                "serving.batching."),
         env, string_map(raw_s, "podAnnotations", problems, "serving."),
         pod_security_context(raw_s, "podSecurityContext", problems, "serving."),
         security_context(raw_s, "securityContext", problems, "serving."))

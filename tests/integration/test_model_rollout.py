@@ -14,7 +14,7 @@ from exporter import Exporter
 
 pytestmark = pytest.mark.integration
 
-GOOD = {"accuracy_before": 0.97, "accuracy_after": 0.965, "bytes_before": 40000, "bytes_after": 10000,
+GOOD = {"passed": True, "accuracy_before": 0.97, "accuracy_after": 0.965, "bytes_before": 40000, "bytes_after": 10000,
         "ratio": 4.0, "latency_p50_ms_before": 0.2, "latency_p50_ms_after": 0.1}
 # What the compression program writes when the gate says no (it exits with status 3).
 BAD = {**GOOD, "accuracy_after": 0.80, "passed": False,
@@ -89,6 +89,21 @@ def test_gated_compression_pass_then_fail_keeps_serving(k):
     deps = deployments(k, "gate")
     assert list(deps) == [stable] and deps[stable]["status"].get("readyReplicas") == 2
     assert any(e["reason"] == "AccuracyGateFailed" and e["type"] == "Warning" for e in k.events("gate"))
+
+
+def test_a_compression_job_that_completes_without_a_verdict_promotes_nothing(k):
+    """The compression pod exits 0 and writes no result (as when it ran on a node that runs
+    nothing): the Job is Complete, but the revision is a failure and the stable one serves."""
+    k.pvc("models")
+    k.apply(model(k, "silent", compression={"method": "none"}))
+    stable = wait_phase(k, "silent", "Ready")["revisions"]["stable"]
+    k.apply(model(k, "silent", compression={"method": "int8", "podAnnotations": {"kwok.lepton.ai/exit-code": "0"}}))
+    s = k.wait_for("no verdict", lambda: (s := mstatus(k, "silent")).get("revisions", {}).get("failed") and s)
+    assert s["revisions"]["stable"] == stable and "canary" not in s["revisions"]
+    assert s["revisions"]["failedReason"] == "CompressionFailed" and "without a verdict" in s["revisions"]["failedMessage"]
+    assert s["compression"]["state"] == "Failed"
+    assert list(deployments(k, "silent")) == [stable]
+    assert f"revision {stable} keeps serving" in cond(k, "silent", "Ready")["message"]
 
 
 def test_canary_steps_to_stable_then_bad_canary_rolled_back(k, exporter):

@@ -54,6 +54,7 @@ def test_each_method_writes_its_result_and_a_loadable_artifact(teacher, tmp_path
     term_text = term.read_text()
     assert len(term_text.encode()) < 4096 and json.loads(term_text) == result
     assert RESULT_KEYS <= result.keys() and result["method"] == method and result["passed"]
+    assert result[contract.RESULT_ARTIFACT] == str(art)             # the directory it wrote, named
     assert result["bytes_after"] == modelio.size_bytes(art)
     assert result["bytes_before"] == modelio.size_bytes(teacher)
     assert result["accuracy_before"] - result["accuracy_after"] <= 0.05

@@ -77,9 +77,9 @@ def test_compressing_then_compressed():
     s = spec(compression={"method": "int8"})
     p = plan(s, {}, {}, comp=ms.CompressionState("Running", None))
     assert p.status["phase"] == "Compressing" and p.replicas == {}
-    p = plan(s, {}, {}, comp=ms.CompressionState("Succeeded", {"ratio": 3.9}))
+    p = plan(s, {}, {}, comp=ms.CompressionState("Succeeded", {"passed": True, "ratio": 3.9}))
     rev = s.revision(SRC.uri)
-    assert p.status["compression"] == {"ratio": 3.9, "revision": rev, "state": "Succeeded"}
+    assert p.status["compression"] == {"passed": True, "ratio": 3.9, "revision": rev, "state": "Succeeded"}
     assert p.model_dirs[rev].path == f"lepton-models/m/{rev}"
 
 
@@ -301,3 +301,26 @@ def test_a_new_canary_is_judged_on_its_own_measurements():
     assert p.status["revisions"]["canary"] == c and "analysis" not in p.status
     p = plan(nxt, p.status, {a: ready(3), c: ready(1)}, now=T0 + 3)
     assert p.status["revisions"]["canaryStep"] == 0 and p.analyze == c      # waits for its own measurement
+
+
+def test_only_a_verdict_that_passed_promotes_and_the_stable_revision_keeps_serving():
+    """A compression Job that completes without a verdict (its pod wrote no result), a
+    result without ``passed``, and a result naming another artifact directory all fail
+    the revision; the stable one keeps serving."""
+    old = spec()
+    prev = plan(old, {}, {}).status
+    stable = old.revision(SRC.uri)
+    s = spec(compression={"method": "int8"})
+    new = s.revision(SRC.uri)
+    silent = ms.compression_state({"status": {"conditions": [{"type": "Complete", "status": "True"}]}},
+                                  [{"metadata": {"name": "c"}, "status": {"phase": "Succeeded", "containerStatuses": [
+                                      {"state": {"terminated": {"exitCode": 0}}}]}}])
+    assert silent.state == "Failed" and "without a verdict" in silent.result["message"]
+    elsewhere = ms.CompressionState("Succeeded", {"passed": True, "artifact": "/models/somewhere/else"})
+    for comp in (silent, ms.CompressionState("Succeeded", {"ratio": 3.9}), elsewhere):
+        p = plan(s, prev, {stable: ready(4)}, comp=comp)
+        assert p.status["revisions"]["stable"] == stable and "canary" not in p.status["revisions"]
+        assert p.status["revisions"]["failed"] == new and p.status["revisions"]["failedReason"] == "CompressionFailed"
+        assert p.replicas == {stable: 4} and p.status["compression"]["state"] == "Failed"
+    named = ms.CompressionState("Succeeded", {"passed": True, "artifact": f"/models/lepton-models/m/{new}"})
+    assert plan(s, prev, {stable: ready(4)}, comp=named).status["revisions"]["canary"] == new

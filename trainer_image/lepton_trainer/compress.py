@@ -630,6 +630,9 @@ def compress(model_dir: Path, artifact_dir: Path, method: str, max_drop: float |
             meta["metrics"] = {**meta["metrics"], "accuracy": score["after"]}
         meta["compression"] = {"method": row["method"], "source": str(model_dir)}
     save(how, model_dir, artifact_dir)
+    if not any(p.name != contract.RESULT_FILE for p in artifact_dir.iterdir()):
+        raise RuntimeError(f"the artifact directory {artifact_dir} holds no model after saving it")
+    result[contract.RESULT_ARTIFACT] = str(artifact_dir)
     modelio.write_json_atomic(artifact_dir / contract.RESULT_FILE, result)
     return result
 

@@ -75,6 +75,7 @@ RESULT_REASON = "reason"          # str (dropped from the termination message on
 RESULT_METHOD = "method"          # the method applied; for auto, the one chosen
 RESULT_GATE = "gate"              # {type, metric, output, before, after, rows, passed, ...}
 RESULT_CANDIDATES = "candidates"  # auto only: one row per candidate (the table)
+RESULT_ARTIFACT = "artifact"      # the artifact directory written (as the program saw it), once it holds the model
 COMPRESS_EXIT_GATE_FAILED = 3     # exit status when the gate fails (no artifact written)
 # Batching settings of `python -m lepton_trainer.serve`
 ENV_MAX_BATCH_SIZE = "LEPTON_MAX_BATCH_SIZE"

@@ -89,6 +89,11 @@ def _params_in_container(params: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def artifact_in_container(artifact: PvcPath) -> str:
+    """The artifact directory as the compression program sees it (and names it in its result)."""
+    return f"{COMPRESSION_MOUNT}/{artifact.path}"
+
+
 def compression_job(owner: Mapping[str, Any], spec: ModelSpec, revision: str, source: PvcPath,
                     artifact: PvcPath) -> Obj:
     """The batch/v1 Job that compresses ``source`` into ``artifact``."""
@@ -97,7 +102,7 @@ def compression_job(owner: Mapping[str, Any], spec: ModelSpec, revision: str, so
     lbls = labels(model, ROLE_COMPRESSION, revision)
     variables = [
         env(contract.ENV_MODEL_DIR, f"{COMPRESSION_MOUNT}/{source.path}".rstrip("/")),
-        env(contract.ENV_ARTIFACT_DIR, f"{COMPRESSION_MOUNT}/{artifact.path}"),
+        env(contract.ENV_ARTIFACT_DIR, artifact_in_container(artifact)),
         env(contract.ENV_MODEL_NAME, model),
         env(contract.ENV_COMPRESSION_METHOD, c.method),
         env(contract.ENV_COMPRESSION_PARAMS, json.dumps(_params_in_container(c.params), sort_keys=True)),

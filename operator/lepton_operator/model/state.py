@@ -129,8 +129,11 @@ def compression_state(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]],
     outcomes = [read_result_(p) for p in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""),
                                                reverse=True)]
     done = next((r for s, r in outcomes if s == "succeeded"), None)
-    if done is not None or "Complete" in conds:
-        return CompressionState("Succeeded", done or {})
+    if done is not None:
+        return CompressionState("Succeeded", done)
+    if "Complete" in conds:      # a Job that ends well but says nothing has no verdict
+        return CompressionState("Failed", {"message": "the compression Job completed without a verdict: its pod "
+                                                      "wrote no result to its termination message"})
     gate = next((r for s, r in outcomes if s == "gate-failed" and r), None)
     if gate is not None:        # the gate's verdict is final: no retry changes it
         return CompressionState("Failed", gate, gate_failed=True)
@@ -140,11 +143,14 @@ def compression_state(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]],
     return CompressionState("Running", None)
 
 
-def verdict(comp: CompressionState) -> tuple[str, str] | None:
+def verdict(comp: CompressionState, artifact: str | None = None) -> tuple[str, str] | None:
     """(reason, message) when compression did not give a servable artifact, else None.
 
     The compression program's own verdict (``passed`` and ``reason``, and its gate exit
-    status) decides; nothing here re-derives it from the numbers.
+    status) decides; nothing here re-derives it from the numbers. Only a result that says
+    ``passed: true`` promotes: a result without a verdict (a Job that completed and said
+    nothing), or one naming another artifact directory (``artifact``, as the program saw
+    it) than the one it was given, is a failure.
     """
     result = comp.result or {}
     text = _text(result) or json.dumps(result, sort_keys=True)[:512]
@@ -153,6 +159,11 @@ def verdict(comp: CompressionState) -> tuple[str, str] | None:
                                                                     f"compression failed: {text}")
     if result.get(contract.RESULT_PASSED) is False:
         return REASON_GATE_FAILED, text
+    if result.get(contract.RESULT_PASSED) is not True:
+        return REASON_COMPRESSION_FAILED, f"compression gave no verdict (no {contract.RESULT_PASSED!r} in its result: {text})"
+    named = result.get(contract.RESULT_ARTIFACT)
+    if artifact is not None and named is not None and named != artifact:
+        return REASON_COMPRESSION_FAILED, f"the compression result names artifact {named!r}, not {artifact!r}"
     return None
 
 
@@ -364,7 +375,7 @@ def compress(m: _Model) -> PvcPath | None:
         p.requeue(2)
         return None
     result = dict(comp.result or {})
-    rejected = verdict(comp)
+    rejected = verdict(comp, objects.artifact_in_container(target))
     if rejected:
         reason, message = rejected
         message += (f"; revision {revision} is not rolled out"

@@ -85,6 +85,7 @@ REASON_WAITING_FOR_SOURCE = "WaitingForSource"
 REASON_SOURCE_NOT_FOUND = "SourceNotFound"
 REASON_SOURCE_FAILED = "SourceFailed"
 REASON_COMPRESSING = "Compressing"
+REASON_COMPRESSION_POD_PENDING = "CompressionPodPending"   # the scheduler cannot place its pod
 REASON_COMPRESSED = "Compressed"
 REASON_GATE_FAILED = "AccuracyGateFailed"
 REASON_COMPRESSION_FAILED = "CompressionFailed"
@@ -136,3 +137,7 @@ MPHASE_FAILED = "Failed"
 MPHASE_PAUSED = "Paused"           # a rollout waits for a person (rollout.onInconclusive: pause)
 MODEL_PHASES = (MPHASE_PENDING, MPHASE_COMPRESSING, MPHASE_DEPLOYING, MPHASE_PROGRESSING,
                 MPHASE_READY, MPHASE_DEGRADED, MPHASE_ROLLING_BACK, MPHASE_FAILED, MPHASE_PAUSED)
+
+# Reasons of a condition that is False while work goes on as it should: their events are
+# Normal, not Warning (a Warning is for what needs a person).
+PROGRESS_REASONS = frozenset({REASON_COMPRESSING, REASON_WAITING_FOR_SOURCE})

@@ -106,6 +106,26 @@ def test_a_compression_job_that_completes_without_a_verdict_promotes_nothing(k):
     assert f"revision {stable} keeps serving" in cond(k, "silent", "Ready")["message"]
 
 
+def test_a_compression_pod_that_cannot_be_scheduled_says_why(k):
+    """The scheduler's reason is in the Compressed condition and a Warning event; plain
+    progress (compressing, waiting for the source) is a Normal event."""
+    k.pvc("models")
+    k.apply(model(k, "big", compression={"method": "int8", "resources": {"cpu": "500", "memory": "1Gi"},
+                                         "podAnnotations": result_annotations(GOOD)}))
+    c = k.wait_for("pending reason", lambda: (c := cond(k, "big", "Compressed")).get("reason")
+                   == "CompressionPodPending" and "Insufficient cpu" in c["message"] and c)
+    assert "is Pending (Unschedulable: " in c["message"] and mstatus(k, "big")["phase"] == "Compressing"
+    events = k.wait_for("pending event", lambda: [e for e in k.events("big") if e["reason"] == "CompressionPodPending"
+                                                  and e["message"].startswith("Compressed=False")])
+    assert events[0]["type"] == "Warning" and "is Pending (Unschedulable: " in events[0]["message"]
+    assert all(e["type"] == "Normal" for e in k.events("big") if e["reason"] == "Compressing")
+    # A Job that compresses at once: Compressing is news, not a warning.
+    k.apply(model(k, "quick"))
+    wait_phase(k, "quick", "Ready")
+    compressing = [e for e in k.events("quick") if e["reason"] == "Compressing"]
+    assert compressing and all(e["type"] == "Normal" for e in compressing)
+
+
 def test_canary_steps_to_stable_then_bad_canary_rolled_back(k, exporter):
     k.pvc("models")
     analysis = [{"name": "error-rate", "query": 'max(test_error_ratio{rev="${revision}"})', "max": 0.1}]

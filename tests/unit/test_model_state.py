@@ -324,3 +324,18 @@ def test_only_a_verdict_that_passed_promotes_and_the_stable_revision_keeps_servi
         assert p.replicas == {stable: 4} and p.status["compression"]["state"] == "Failed"
     named = ms.CompressionState("Succeeded", {"passed": True, "artifact": f"/models/lepton-models/m/{new}"})
     assert plan(s, prev, {stable: ready(4)}, comp=named).status["revisions"]["canary"] == new
+
+
+def test_a_compression_pod_the_scheduler_cannot_place_says_why():
+    pod = {"metadata": {"name": "m-compress-r-x", "creationTimestamp": "2026-01-01T00:00:00Z"},
+           "status": {"phase": "Pending", "conditions": [
+               {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": "0/3 nodes are available: 3 Insufficient cpu."}]}}
+    comp = ms.compression_state({"status": {}}, [pod])
+    assert comp.state == "Running" and "Insufficient cpu" in comp.pending
+    s = spec(compression={"method": "int8"})
+    p = plan(s, {}, {}, comp=comp)
+    assert p.status["phase"] == "Compressing" and p.reason == "CompressionPodPending"
+    assert "is Pending (Unschedulable: 0/3 nodes are available: 3 Insufficient cpu.)" in p.message
+    scheduled = {**pod, "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]}}
+    assert ms.compression_state({"status": {}}, [scheduled]).pending == ""

@@ -57,3 +57,14 @@ def test_time_roundtrip_and_status_diff():
     assert st.now_iso(st.parse_time(T0)) == T0
     assert st.parse_time(None) is None
     assert st.merge_patch({"phase": "Pending", "a": 1, "b": 2}, {"phase": "Running", "a": 1}) == {"phase": "Running", "b": None}
+
+
+def test_progress_is_a_normal_event_and_what_needs_a_person_a_warning():
+    def cond(type_, status, reason):
+        return {"type": type_, "status": status, "reason": reason, "message": "m"}
+    events = st.transition_events([], [cond("Compressed", "False", "Compressing"),
+                                       cond("SourceAvailable", "False", "WaitingForSource")])
+    assert [e[0] for e in events] == ["Normal", "Normal"]
+    events = st.transition_events([], [cond("Compressed", "False", "CompressionPodPending"),
+                                       cond("SourceAvailable", "False", "SourceNotFound")])
+    assert [e[0] for e in events] == ["Warning", "Warning"]

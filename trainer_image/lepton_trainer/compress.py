@@ -730,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("compression failed: %s", e)
         write_termination_message(args.termination_message_path,
                                   {"method": args.method, "passed": False, "reason": str(e)[:2000]})
-        return 1
+        return contract.COMPRESS_EXIT_FAILED
     write_termination_message(args.termination_message_path, result)
     print(json.dumps(result, separators=(",", ":"), sort_keys=True))
     return 0

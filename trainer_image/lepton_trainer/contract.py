@@ -76,6 +76,7 @@ RESULT_METHOD = "method"          # the method applied; for auto, the one chosen
 RESULT_GATE = "gate"              # {type, metric, output, before, after, rows, passed, ...}
 RESULT_CANDIDATES = "candidates"  # auto only: one row per candidate (the table)
 RESULT_ARTIFACT = "artifact"      # the artifact directory written (as the program saw it), once it holds the model
+COMPRESS_EXIT_FAILED = 1          # exit status when compression could not be done (the reason is in the result)
 COMPRESS_EXIT_GATE_FAILED = 3     # exit status when the gate fails (no artifact written)
 # Batching settings of `python -m lepton_trainer.serve`
 ENV_MAX_BATCH_SIZE = "LEPTON_MAX_BATCH_SIZE"

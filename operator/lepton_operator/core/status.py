@@ -21,7 +21,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from ..constants import (API_VERSION, COND_READY, COND_RECONCILING, COND_STALLED, EVENT_WARNING, FALSE,
-                         REASON_INVALID_SPEC, TRUE)
+                         PROGRESS_REASONS, REASON_INVALID_SPEC, TRUE)
 from . import kube
 
 if TYPE_CHECKING:
@@ -144,14 +144,16 @@ _WATCHED = (COND_READY, "SourceAvailable", "MetricsAvailable", "Compressed")
 def transition_events(old: Iterable[Condition] | None, new: Iterable[Condition]) -> list["Event"]:
     """An event for each watched condition whose status or reason changed: every wait and
     every decision shows once, when it starts, not on every reconcile. Ready turning
-    False while Stalled, or another condition turning False, is a Warning."""
+    False while Stalled, or another condition turning False, is a Warning, unless its
+    reason is progress (``PROGRESS_REASONS``: compressing, waiting for the source job)."""
     events: list[Event] = []
     stalled = (get_condition(new, COND_STALLED) or {}).get("status") == TRUE
     for type_ in _WATCHED:
         now, before = get_condition(new, type_), get_condition(old, type_) or {}
         if now is None or (now.get("status"), now.get("reason")) == (before.get("status"), before.get("reason")):
             continue
-        bad = now.get("status") == FALSE and (type_ != COND_READY or stalled)
+        bad = (now.get("status") == FALSE and (type_ != COND_READY or stalled)
+               and now.get("reason") not in PROGRESS_REASONS)
         events.append((EVENT_WARNING if bad else "Normal", now.get("reason", type_),
                        f"{type_}={now.get('status')}: {now.get('message', '')}"))
     return events

@@ -89,13 +89,14 @@ def lepton_model_compression_jobs(namespace: str, labels: dict, name: str, body:
 
 @kopf.index("pods", labels={LABEL_MODEL: kopf.PRESENT, LABEL_ROLE: ROLE_COMPRESSION})
 def lepton_model_compression_pods(namespace: str, labels: dict, body: kopf.Body, **_: Any):
-    """(namespace, model) -> each compression pod's creation time, phase and container states
-    (its termination message carries the compression result)."""
+    """(namespace, model) -> each compression pod's creation time, phase, container states
+    (its termination message carries the compression result) and whether it is scheduled."""
     m, s = body["metadata"], body.get("status") or {}
     return {(namespace, labels[LABEL_MODEL]): {
         "metadata": {"name": m["name"], "creationTimestamp": m.get("creationTimestamp", ""),
                      "labels": dict(labels)},
-        "status": {"phase": s.get("phase"), "containerStatuses": list(s.get("containerStatuses") or ())}}}
+        "status": {"phase": s.get("phase"), "containerStatuses": list(s.get("containerStatuses") or ()),
+                   "conditions": [c for c in s.get("conditions") or () if c.get("type") == "PodScheduled"]}}}
 
 
 @kopf.index("networking.k8s.io", "v1", "networkpolicies",

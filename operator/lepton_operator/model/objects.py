@@ -89,6 +89,16 @@ def _params_in_container(params: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# The compression program's own verdicts (a failed gate, or a compression it could not do)
+# end the Job at once: running it again gives the same answer. A pod taken away (eviction,
+# preemption, a node lost or drained) is no failure and does not count against backoffLimit.
+COMPRESSION_FAILURE_POLICY: Obj = {"rules": [
+    {"action": "FailJob", "onExitCodes": {"containerName": "compress", "operator": "In",
+                                          "values": [contract.COMPRESS_EXIT_FAILED, contract.COMPRESS_EXIT_GATE_FAILED]}},
+    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+]}
+
+
 def artifact_in_container(artifact: PvcPath) -> str:
     """The artifact directory as the compression program sees it (and names it in its result)."""
     return f"{COMPRESSION_MOUNT}/{artifact.path}"
@@ -138,6 +148,7 @@ def compression_job(owner: Mapping[str, Any], spec: ModelSpec, revision: str, so
         "metadata": meta(owner, compression_job_name(model, revision), lbls),
         "spec": {
             "backoffLimit": c.backoff_limit,
+            "podFailurePolicy": COMPRESSION_FAILURE_POLICY,
             "template": {
                 "metadata": template_meta,
                 "spec": {

@@ -39,7 +39,8 @@ from ..constants import (ANNOTATION_ABORT, ANNOTATION_RESUME, COND_COMPRESSED, C
                          REASON_ANALYSIS_NO_DATA, REASON_CANARY_STEP, REASON_COMPRESSED, REASON_COMPRESSING,
                          REASON_COMPRESSION_FAILED, REASON_DEPLOYING, REASON_GATE_FAILED, REASON_PODS_NOT_READY,
                          REASON_PROGRESS_DEADLINE, REASON_PROMOTED, REASON_RESUMED_BY_PERSON, REASON_ROLLED_BACK,
-                         REASON_SERVING, REASON_SOURCE_AVAILABLE, REASON_SOURCE_FAILED, REASON_SOURCE_NOT_FOUND,
+                         REASON_COMPRESSION_POD_PENDING, REASON_SERVING, REASON_SOURCE_AVAILABLE, REASON_SOURCE_FAILED,
+                         REASON_SOURCE_NOT_FOUND,
                          REASON_WAITING_FOR_SOURCE, REASON_WAITING_FOR_TRAFFIC, TRUE)
 from ..core import status as st
 from ..core.execute import Action, Effects
@@ -117,6 +118,18 @@ class CompressionState:
     state: str                      # Running | Succeeded | Failed
     result: Mapping[str, Any] | None
     gate_failed: bool = False       # Failed because the gate said no (not a crash)
+    pending: str = ""               # Running, but its pod waits for the scheduler: why
+
+
+def unschedulable(pod: Mapping[str, Any]) -> str:
+    """The scheduler's reason a Pending pod has no node ("" when it has one or is not Pending)."""
+    s = pod.get("status") or {}
+    if s.get("phase") not in (None, "Pending"):
+        return ""
+    c = next((c for c in s.get("conditions") or () if c.get("type") == "PodScheduled"), None)
+    if c is None or c.get("status") != FALSE:
+        return ""
+    return f"{c.get('reason') or 'Unschedulable'}: {c.get('message') or 'no node fits it'}"
 
 
 def compression_state(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]],
@@ -140,7 +153,10 @@ def compression_state(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]],
     if "Failed" in conds:
         failed = next((r for s, r in outcomes if s == "failed" and r), None)
         return CompressionState("Failed", failed or {"message": conds["Failed"].get("message", "the Job failed")})
-    return CompressionState("Running", None)
+    newest = max(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""), default=None)
+    why = unschedulable(newest) if newest is not None else ""
+    return CompressionState("Running", None, pending=f"its pod {newest['metadata'].get('name')} is Pending ({why})"
+                            if why else "")
 
 
 def verdict(comp: CompressionState, artifact: str | None = None) -> tuple[str, str] | None:
@@ -370,8 +386,10 @@ def compress(m: _Model) -> PvcPath | None:
     comp = m.comp
     if comp is None or comp.state == "Running":
         m.busy = True
-        p.settle(MPHASE_COMPRESSING, REASON_COMPRESSING, f"compressing revision {revision} ({spec.compression.method})")
-        p.conditions.append((COND_COMPRESSED, FALSE, REASON_COMPRESSING, p.message))
+        reason = REASON_COMPRESSION_POD_PENDING if comp is not None and comp.pending else REASON_COMPRESSING
+        p.settle(MPHASE_COMPRESSING, reason, f"compressing revision {revision} ({spec.compression.method})"
+                 + (f": {comp.pending}" if comp is not None and comp.pending else ""))
+        p.conditions.append((COND_COMPRESSED, FALSE, reason, p.message))
         p.requeue(2)
         return None
     result = dict(comp.result or {})

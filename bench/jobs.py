@@ -56,6 +56,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(op: subprocess.Popen | None) -> None:
+    """Stop the operator process: SIGTERM, then SIGKILL after 20 s."""
+    if op is None:
+        return
+    op.terminate()
+    try:
+        op.wait(20)
+    except subprocess.TimeoutExpired:
+        op.kill()
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -237,12 +248,7 @@ def main() -> None:
         (RESULTS / args.out).write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
     finally:
-        if op is not None:
-            op.terminate()
-            try:
-                op.wait(20)
-            except subprocess.TimeoutExpired:
-                op.kill()
+        stop(op)
         cluster.stop()
 
 

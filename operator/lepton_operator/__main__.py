@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig   # kopf's own login reads it too
     kopf.configure(verbose=args.verbose)
-    if not args.verbose:   # one line per watch event is noise; keep warnings and errors
+    if not args.verbose:   # one line per watch event or liveness probe is noise; keep warnings and errors
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("lepton_operator").info(
         "lepton-operator: watching %s; trainer image %s; Prometheus %s",
         "all namespaces" if settings.all_namespaces else ", ".join(settings.namespaces),

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import socket
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
@@ -248,3 +250,17 @@ def test_serves_a_compressed_artifact(start, model_dir, tmp_path):
     assert r.status_code == 200, r.text
     model, _ = modelio.load_model(art)
     assert outputs(r.json())["predicted_class"]["data"] == model(x).argmax(1).tolist()
+
+
+def test_the_access_log_leaves_out_probes_and_scrapes(caplog):
+    """With --access-log, one line per client request; the kubelet's probes and the
+    scrapes, every few seconds each, are not logged."""
+    logger = logging.getLogger("test.access")
+    access = serve.QuietAccessLogger(logger, '%r %s')
+    response = SimpleNamespace(status=200, body_length=2, headers={})
+    with caplog.at_level(logging.INFO, logger="test.access"):
+        for path in (contract.HEALTH_READY_PATH, contract.HEALTH_LIVE_PATH, "/metrics", "/v2/models/m/infer"):
+            request = SimpleNamespace(path=path, method="POST", version=SimpleNamespace(major=1, minor=1),
+                                      path_qs=path, remote="10.0.0.1", headers={}, rel_url=path)
+            access.log(request, response, 0.001)
+    assert [r.getMessage() for r in caplog.records] == ["POST /v2/models/m/infer HTTP/1.1 200"]

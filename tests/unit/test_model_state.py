@@ -339,3 +339,14 @@ def test_a_compression_pod_the_scheduler_cannot_place_says_why():
     assert "is Pending (Unschedulable: 0/3 nodes are available: 3 Insufficient cpu.)" in p.message
     scheduled = {**pod, "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]}}
     assert ms.compression_state({"status": {}}, [scheduled]).pending == ""
+
+
+def test_the_canarys_traffic_count_is_whole_and_never_goes_back_within_its_step():
+    s, status, a, b = at_analysis([{"name": "e", "query": "q", "max": 1}], minRequests=1000)
+    deps = {a: ready(3), b: ready(1)}
+    p = plan(s, status, deps, now=T0 + 1, traffic=138.214)
+    assert "138 of 1000 requests" in p.message and p.status["revisions"]["stepRequests"] == 138
+    p = plan(s, p.status, deps, now=T0 + 2, traffic=136.071)         # increase() extrapolated lower
+    assert "138 of 1000 requests" in p.message
+    p = plan(s, p.status, deps, now=T0 + 3, traffic=140.9)
+    assert "140 of 1000 requests" in p.message

@@ -63,13 +63,23 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from aiohttp import web
+from aiohttp import web, web_log
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from . import contract, grpc_server, modelio, v2
 from .v2 import EXTENSIONS, VERSION, ModelFailed
 
 log = logging.getLogger("lepton_trainer.serve")
+
+
+class QuietAccessLogger(web_log.AccessLogger):
+    """The access log (``--access-log``) without the kubelet's probes and Prometheus's
+    scrapes: one line per request a client made."""
+    QUIET = frozenset({contract.HEALTH_LIVE_PATH, contract.HEALTH_READY_PATH, "/metrics"})
+
+    def log(self, request, response, time):  # noqa: D102 (aiohttp's signature)
+        if request.path not in self.QUIET:
+            super().log(request, response, time)
 
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
 OFFLOAD_BYTES = 64 * 1024           # bodies (and answers) larger than this leave the event loop
@@ -619,7 +629,7 @@ async def serve(args: argparse.Namespace) -> int:
     runner = web.AppRunner(server.make_app(args.max_body_bytes, args.body_timeout, deadline),
                            handle_signals=False, shutdown_timeout=args.drain_timeout,
                            keepalive_timeout=args.idle_timeout,
-                           access_log=log if args.access_log else None)
+                           access_log=log if args.access_log else None, access_log_class=QuietAccessLogger)
     await runner.setup()
     deadline.install(runner.server)
     await web.TCPSite(runner, args.host, args.port).start()

@@ -257,7 +257,7 @@ class Plan:
 
 
 _CANARY_KEYS = ("canary", "canaryStep", "canaryWeight", "stepStartTime", "stepReadyTime", "pausedReason",
-                "pausedMessage")
+                "pausedMessage", "stepRequests", "stepRequestsSince")
 
 
 def _iso(t: float) -> str:
@@ -590,13 +590,25 @@ def _end(m: _Model, step: _Step, reason: str, message: str) -> bool:
     return True
 
 
+def _served(m: _Model) -> int:
+    """Requests the canary served in its step, whole and never fewer than shown before in
+    the same step (Prometheus's ``increase`` extrapolates, and moves both ways); kept in
+    ``revisions.stepRequests``."""
+    revs = m.revs
+    served = math.floor(m.traffic or 0)
+    if revs.get("stepRequestsSince") == revs.get("stepReadyTime"):
+        served = max(served, int(revs.get("stepRequests") or 0))
+    revs.update(stepRequests=served, stepRequestsSince=revs.get("stepReadyTime"))
+    return served
+
+
 def _judge(m: _Model, step: _Step) -> bool | None:
     """The analysis verdict for this step: ended (rolled back or paused: the return of
     ``_end`` / ``_roll_back``), waiting (True), or passed (None)."""
     p, revision, spec = m.plan, m.revision, m.spec
-    if spec.rollout.min_requests and (m.traffic or 0) < spec.rollout.min_requests:
+    if spec.rollout.min_requests and _served(m) < spec.rollout.min_requests:
         p.settle(MPHASE_PROGRESSING, REASON_WAITING_FOR_TRAFFIC,
-                 f"canary {revision} at {step.where}: {m.traffic or 0:g} of {spec.rollout.min_requests} requests "
+                 f"canary {revision} at {step.where}: {_served(m)} of {spec.rollout.min_requests} requests "
                  "served; its analysis waits for that much traffic")
         p.requeue(2)
         return True

@@ -153,3 +153,17 @@ def test_checkpoint_from_another_configuration_is_refused(tmp_path, procs):
     procs.append(second)
     assert second.wait() != 0
     assert "has global_batch_size=64, this run has 32" in second.text()
+
+
+def test_training_that_fails_leaves_its_exception_as_the_termination_message(tmp_path, monkeypatch):
+    from lepton_trainer import train as trainer
+    path = tmp_path / "termination-log"
+    monkeypatch.setattr(trainer.contract, "TERMINATION_MESSAGE_PATH", str(path))
+
+    def broken(args):
+        raise RuntimeError("the data set at /data is empty")
+    monkeypatch.setattr(trainer, "train", broken)
+    monkeypatch.setattr(trainer, "parse_args", lambda argv: argv)
+    with pytest.raises(RuntimeError):
+        trainer.main([])
+    assert path.read_text() == "RuntimeError: the data set at /data is empty"

@@ -325,3 +325,14 @@ def test_capacity_request_fields_need_their_mode():
 def js_spec_invalid():
     from lepton_operator.core.fields import InvalidSpec
     return InvalidSpec
+
+
+def test_a_failed_workers_message_carries_the_tail_of_its_termination_message():
+    """The cause (the trainer's exception, or the tail of a script's log with
+    FallbackToLogsOnError) is in the failure the job reports, not only the exit code."""
+    log = "\n".join(f"line {i}" for i in range(300)) + "\nModuleNotFoundError: No module named 'mylib'"
+    status = {"phase": "Failed", "containerStatuses": [
+        {"name": "worker", "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": log}}}]}
+    retryable, message = js.classify_failure(status)
+    assert not retryable and message.startswith("container worker exited with code 1 (Error): ")
+    assert message.endswith("ModuleNotFoundError: No module named 'mylib'") and len(message) < 1100

@@ -432,7 +432,23 @@ def train_per_step(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(parse_args(argv))
+    try:
+        train(parse_args(argv))
+    except Exception as exc:
+        write_termination_message(exc)
+        raise
+
+
+def write_termination_message(exc: BaseException, path: str | None = None) -> None:
+    """The exception that ended training, for the pod's status (and so the job's failure
+    message): its type and text, the tail when long. Best effort: outside a pod the path
+    may not be writable."""
+    text = f"{type(exc).__name__}: {exc}"
+    try:
+        with open(path or contract.TERMINATION_MESSAGE_PATH, "w") as f:
+            f.write(text[-2000:])
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

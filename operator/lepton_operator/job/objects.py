@@ -330,6 +330,10 @@ def worker_pod(owner: Mapping[str, Any], spec: JobSpec, index: int) -> Obj:
         "ports": [{"name": "metrics", "containerPort": contract.METRICS_PORT, "protocol": "TCP"}],
         "volumeMounts": mounts,
         "securityContext": container_security(spec.security_context),
+        # The trainer writes its exception there; a script that writes nothing (an
+        # ImportError, say) leaves the tail of its log, which the job's failure then quotes.
+        "terminationMessagePath": contract.TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     res = resources(spec.resources)
     if res:

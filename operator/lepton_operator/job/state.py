@@ -108,7 +108,7 @@ def classify_failure(pod_status: Mapping[str, Any]) -> tuple[bool, str]:
         if code in (SIGTERM_EXIT, SIGKILL_EXIT):
             return True, f"container {cs.get('name')} was terminated by a signal (exit {code})"
         if code:
-            msg = (term.get("message") or "").strip()
+            msg = (term.get("message") or "").strip()[-1024:]     # the tail: where a traceback ends
             return False, f"container {cs.get('name')} exited with code {code} ({why}){': ' + msg if msg else ''}"
     return False, f"pod failed: {reason or 'unknown reason'} {pod_status.get('message') or ''}".strip()
 

@@ -119,6 +119,15 @@ def test_a_compression_pod_that_cannot_be_scheduled_says_why(k):
                                                   and e["message"].startswith("Compressed=False")])
     assert events[0]["type"] == "Warning" and "is Pending (Unschedulable: " in events[0]["message"]
     assert all(e["type"] == "Normal" for e in k.events("big") if e["reason"] == "Compressing")
+    # A new revision supersedes it: the Pending Job is deleted, so it never writes an artifact.
+    pending = mstatus(k, "big")["revisions"]
+    pending_jobs = [j["metadata"]["name"] for j in k.list("jobs", "lepton.ai/model=big")]
+    assert len(pending_jobs) == 1
+    k.apply(model(k, "big", compression={"method": "fp16", "podAnnotations": result_annotations(GOOD)}))
+    wait_phase(k, "big", "Ready")
+    k.wait_for("superseded Job deleted", lambda: pending_jobs[0] not in
+               [j["metadata"]["name"] for j in k.list("jobs", "lepton.ai/model=big")])
+    assert any(e["reason"] == "CompressionSuperseded" for e in k.events("big")), pending
     # A Job that compresses at once: Compressing is news, not a warning.
     k.apply(model(k, "quick"))
     wait_phase(k, "quick", "Ready")

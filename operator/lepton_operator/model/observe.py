@@ -212,7 +212,9 @@ async def observe(body: Mapping[str, Any], spec: ModelSpec, memory: ModelMemory,
     analysis, traffic = await _analysis(spec, status, namespace, name, revision, now)
     return state.ModelObserved(
         meta=dict(meta), status=status, deployments=deployments, source=source, revision=revision, comp=comp,
-        create_compression=create_job, now=now, monotonic=mono, analysis=analysis, traffic=traffic,
+        create_compression=create_job, compression_jobs=tuple(
+            (j["name"], j["revision"]) for j in indices.get("lepton_model_compression_jobs", {}).get((namespace, name), [])),
+        now=now, monotonic=mono, analysis=analysis, traffic=traffic,
         decision=decision(meta, status), sample=await _sample(spec, meta, memory, mono),
         autoscaler=memory.autoscaler, gateway=gateway.available, applied=memory.applied,
         policies=dict(indices.get("lepton_model_network_policies", {}).get((namespace, name), [])),

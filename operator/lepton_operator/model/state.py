@@ -755,6 +755,7 @@ class ModelObserved:
     revision: str | None = None
     comp: CompressionState | None = None
     create_compression: bool = False
+    compression_jobs: tuple[tuple[str, str], ...] = ()    # (name, revision) of each compression Job
     deployments: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     now: float = 0.0
     monotonic: float = 0.0
@@ -791,9 +792,25 @@ def plan(spec: ModelSpec, observed: ModelObserved) -> Plan:
         src = parse_uri(observed.source.uri)
         p.actions.append(Action.create(objects.compression_job(
             owner, spec, observed.revision, src, artifact_path(src, meta["name"], observed.revision))))
+    _delete_superseded(observed, p)
     _serving_writes(spec, observed, owner, p)
     _report(spec, observed, p, total)
     return p
+
+
+def _delete_superseded(observed: ModelObserved, p: Plan) -> None:
+    """Delete the compression Jobs of revisions the spec no longer asks for (a Job still
+    pending or running would write an artifact nobody uses); the stable revision's Job
+    stays, as the record of how it was made."""
+    if observed.revision is None:
+        return
+    keep = {observed.revision, p.status["revisions"].get("stable")}
+    namespace = observed.meta["namespace"]
+    for name, revision in observed.compression_jobs:
+        if revision not in keep:
+            p.actions.append(Action.delete("batch/v1", "Job", name, namespace))
+            p.events.append((EVENT_NORMAL, "CompressionSuperseded",
+                             f"deleted compression Job {name}: revision {revision} is no longer asked for"))
 
 
 def _hpa_owned(spec: ModelSpec) -> bool:

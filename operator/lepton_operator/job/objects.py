@@ -292,13 +292,10 @@ def _volumes(spec: JobSpec) -> tuple[list[Obj], list[Obj]]:
     return volumes, mounts
 
 
-def worker_pod(owner: Mapping[str, Any], spec: JobSpec, index: int) -> Obj:
-    """Worker pod ``index``: a torchrun agent; restartPolicy Never (the operator replaces it)."""
+def _worker_env(owner: Mapping[str, Any], spec: JobSpec, index: int) -> list[Obj]:
+    """The worker container's environment: the job's identity, paths, fault tolerance, the user's."""
     m = owner["metadata"]
     job = m["name"]
-    lbls = labels(job, ROLE_WORKER, index)
-    if spec.queue_name:
-        lbls[LABEL_KUEUE_QUEUE] = spec.queue_name
     variables = [
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         env(contract.ENV_JOB_NAME, job),
@@ -320,13 +317,23 @@ def worker_pod(owner: Mapping[str, Any], spec: JobSpec, index: int) -> Obj:
                       env(contract.ENV_FT_TIMEOUT, FT_TIMEOUT_SECONDS),
                       env(contract.ENV_FT_QUORUM_TIMEOUT, spec.elastic.join_timeout)]
     variables += [copy.deepcopy(dict(v)) for v in spec.env]
+    return variables
+
+
+def worker_pod(owner: Mapping[str, Any], spec: JobSpec, index: int) -> Obj:
+    """Worker pod ``index``: a torchrun agent; restartPolicy Never (the operator replaces it)."""
+    m = owner["metadata"]
+    job = m["name"]
+    lbls = labels(job, ROLE_WORKER, index)
+    if spec.queue_name:
+        lbls[LABEL_KUEUE_QUEUE] = spec.queue_name
     volumes, mounts = _volumes(spec)
     container = {
         "name": "worker",
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
         "command": worker_command(owner, spec),
-        "env": variables,
+        "env": _worker_env(owner, spec, index),
         "ports": [{"name": "metrics", "containerPort": contract.METRICS_PORT, "protocol": "TCP"}],
         "volumeMounts": mounts,
         "securityContext": container_security(spec.security_context),

@@ -70,12 +70,20 @@ def test_suspend_deletes_workers_keeps_job_and_checkpoints_then_resumes(k):
     k.kubectl("patch", "lj", "pausable", "--type=merge", "-p", '{"spec":{"suspend":true}}')
     k.wait_phase("pausable", "Suspended")
     k.wait_for("workers deleted", lambda: k.workers("pausable") == [])
-    assert k.get("pvc", "ckpt") and k.get("pod", "pausable-rdzv")
+    k.wait_for("rendezvous pod deleted: a suspended job runs nothing", lambda: k.get("pod", "pausable-rdzv") is None)
+    assert k.get("pvc", "ckpt") and k.get("service", "pausable-rdzv")
     assert k.condition("pausable", "Reconciling")["status"] == "False"
     k.kubectl("patch", "lj", "pausable", "--type=merge", "-p", '{"spec":{"suspend":false}}')
     k.wait_workers("pausable", 2)
     k.wait_phase("pausable", "Running")
+    assert k.get("pod", "pausable-rdzv")
     assert any(e["reason"] == "Resumed" for e in k.events("pausable"))
+
+
+def test_a_job_created_suspended_runs_nothing(k):
+    k.apply(k.manifest("dormant", suspend=True))
+    k.wait_phase("dormant", "Suspended")
+    assert k.get("pod", "dormant-rdzv") is None and k.workers("dormant") == []
 
 
 def test_success_sets_output_then_ttl_deletes_job_and_children_but_not_the_pvc(k):

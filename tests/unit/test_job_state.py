@@ -129,7 +129,7 @@ def test_suspend_deletes_workers_and_resume_recreates():
     prev = {"phase": "Running", "startTime": "2026-01-01T11:00:00Z"}
     plan = plan_job(META, spec(suspend=True), prev, [pod(0), pod(1)], 4, NOW)
     assert plan.status["phase"] == "Suspended" and plan.delete == ["j-worker-0", "j-worker-1"]
-    assert "startTime" not in plan.status and not plan.delete_rendezvous
+    assert "startTime" not in plan.status and plan.delete_rendezvous       # a suspended job runs nothing
     resumed = plan_job(META, spec(), plan.status, [], 4, NOW)
     assert resumed.create == [0, 1, 2, 3] and any(e[1] == "Resumed" for e in resumed.events)
 

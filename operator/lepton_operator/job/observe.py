@@ -140,11 +140,12 @@ def lost_workers(addrs: Mapping[str, str], pods: Iterable[state.PodView], delete
 
 def _children(indices: Indices, key: tuple[str, str], memory: JobMemory, now: float) -> frozenset:
     """The shared children (rendezvous pod, Services) the indices show, or that this loop
-    created less than ``PENDING_CREATE_TTL`` ago."""
+    created less than ``PENDING_CREATE_TTL`` ago (and the index does not show yet)."""
     seen = {("Service", n) for n in indices["lepton_job_services"].get(key, [])}
     seen |= {("Pod", n) for n, _ in indices["lepton_job_rdzv_pods"].get(key, [])}
-    recent = {ident for ident, t in memory.children.items() if now - t < PENDING_CREATE_TTL}
-    return frozenset(seen | recent)
+    memory.children = {ident: t for ident, t in memory.children.items()     # shown: the index took over
+                       if ident not in seen and now - t < PENDING_CREATE_TTL}
+    return frozenset(seen | set(memory.children))
 
 
 async def _sample(spec: JobSpec, meta: Mapping[str, Any], memory: JobMemory, now: float

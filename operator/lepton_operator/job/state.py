@@ -388,10 +388,12 @@ def stay_terminal(job: _Job) -> Outcome | None:
 
 
 def suspend(job: _Job) -> Outcome | None:
-    """``suspend: true`` deletes the workers and keeps the store, checkpoints and status."""
+    """``suspend: true`` deletes the workers and the rendezvous pod (a suspended job runs
+    nothing) and keeps the Services, checkpoints and status; resuming starts a new store."""
     if not job.spec.suspend:
         return None
     job.plan.delete = [p.name for p in job.pods if not p.deleting]
+    job.plan.delete_rendezvous = True
     job.status.pop("startTime", None)    # the deadline counts from the last resume
     return Outcome(PHASE_SUSPENDED, REASON_SUSPENDED, "suspended: workers deleted, checkpoints kept",
                    settled=True)
@@ -818,9 +820,9 @@ def _writes(spec: JobSpec, observed: JobObserved, p: Plan) -> None:
     owner = objects.owner(meta)
     p.delete = [n for n in p.delete if n in pods or n in observed.created]
     p.actions += [Action.delete("v1", "Pod", n, namespace) for n in p.delete]
-    if p.status.get("phase") not in TERMINAL_PHASES:
+    if p.status.get("phase") not in TERMINAL_PHASES and not p.delete_rendezvous:
         p.actions += [Action.create(o) for o in _missing_children(owner, spec, observed)]
-    elif p.delete_rendezvous and observed.store not in (None, MISSING_STORE):
+    elif p.delete_rendezvous and observed.store not in (None, MISSING_STORE) and not observed.store.deleting:
         p.actions.append(Action.delete("v1", "Pod", objects.rdzv_name(name), namespace))
     p.gpus_per_worker = spec.resources.gpus
     for index in p.create:

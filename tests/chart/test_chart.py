@@ -279,3 +279,15 @@ def test_the_operator_has_readiness_and_a_cpu_limit():
     assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert c["resources"]["limits"]["cpu"] and c["resources"]["limits"]["memory"]
     assert "readinessProbe" not in container(render("health.port=0"))
+
+
+def test_a_disruption_budget_keeps_a_standby_through_drains():
+    """With replicas > 1 a PodDisruptionBudget keeps minAvailable operator pods through a
+    drain; with 1 replica none is rendered, since it would block every drain of its node."""
+    assert by_kind(render(), "PodDisruptionBudget") == []
+    docs = render("replicas=2")
+    pdb, = by_kind(docs, "PodDisruptionBudget")
+    deployment, = by_kind(docs, "Deployment")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert by_kind(render("replicas=2", "podDisruptionBudget.enabled=false"), "PodDisruptionBudget") == []

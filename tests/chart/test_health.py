@@ -22,7 +22,7 @@ from lepton_operator.job.spec import parse_job
 from lepton_operator.model import state as ms
 from lepton_operator.model.spec import parse_model
 from lepton_operator.scaling.prometheus import no_data
-from planning import plan_job
+from planning import plan_job, plan_model
 
 pytestmark = pytest.mark.unit
 HEALTH = Path(__file__).resolve().parents[2] / "charts" / "lepton-operator" / "health"
@@ -112,8 +112,8 @@ def model_statuses():
     rev = s.revision(SRC.uri)
     deploying = plan(s, {}, {})
     serving = plan(s, deploying.status, {rev: ready(4)})
-    failed_source = ms.plan(s, "m", {}, ms.SourceState(None, "SourceFailed", "job failed", stalled=True),
-                            None, None, 4, {}, T0)
+    failed_source = plan_model(s, "m", {}, ms.SourceState(None, "SourceFailed", "job failed", stalled=True),
+                               None, None, 4, {}, T0)
     chk = [{"name": "e", "query": "q", "max": 0.1, "inconclusiveLimit": 0}]
     c, status, a, b = at_analysis(chk)
     analysing = plan(c, status, {a: ready(3), b: ready(1)}, now=T0 + 1)

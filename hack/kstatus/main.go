@@ -1,14 +1,14 @@
 // Command kstatus prints the kstatus verdict (sigs.k8s.io/cli-utils/pkg/kstatus/status),
 // the library Flux uses for health, for each object read on stdin.
 //
-// Input: a JSON list of objects, or one JSON object per line (blank lines skipped).
+// Input: a JSON list of objects, or JSON objects one after another (one per line, or
+// pretty-printed over several lines).
 // Output: one JSON line per object: {"name": ..., "status": ..., "message": ...}, where
 // status is Current, InProgress, Failed, Terminating or Unknown.
 // Used by tests/chart/test_kstatus.py; built by hack/build-tools.sh (target kstatus).
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
 	"fmt"
@@ -37,21 +37,22 @@ func objects(in []byte) ([]map[string]interface{}, error) {
 		}
 		return list, nil
 	}
+	// One object after another: one per line, or pretty-printed over many lines.
 	var out []map[string]interface{}
-	sc := bufio.NewScanner(bytes.NewReader(trimmed))
-	sc.Buffer(make([]byte, 1<<20), 64<<20)
-	for n := 1; sc.Scan(); n++ {
-		line := bytes.TrimSpace(sc.Bytes())
-		if len(line) == 0 {
-			continue
+	dec := json.NewDecoder(bytes.NewReader(trimmed))
+	for n := 1; ; n++ {
+		var raw json.RawMessage
+		if err := dec.Decode(&raw); err == io.EOF {
+			return out, nil
+		} else if err != nil {
+			return nil, fmt.Errorf("object %d: %w", n, err)
 		}
 		var obj map[string]interface{}
-		if err := utiljson.Unmarshal(line, &obj); err != nil {
-			return nil, fmt.Errorf("line %d: %w", n, err)
+		if err := utiljson.Unmarshal(raw, &obj); err != nil {
+			return nil, fmt.Errorf("object %d: %w", n, err)
 		}
 		out = append(out, obj)
 	}
-	return out, sc.Err()
 }
 
 func main() {

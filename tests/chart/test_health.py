@@ -119,12 +119,16 @@ def model_statuses():
     analysing = plan(c, status, {a: ready(3), b: ready(1)}, now=T0 + 1)
     rolled_back = plan(c, status, {a: ready(3), b: ready(1)}, now=T0 + 1,
                        analysis=[(c.rollout.analysis[0], no_data("q", "empty"))])
+    restarting = plan(s, serving.status, {rev: ms.DeploymentView(4, 3, 4, True)})     # a pod restarts
+    deadline = s.rollout.progress_deadline_seconds
+    degraded = plan(s, restarting.status, {rev: ms.DeploymentView(4, 3, 4, True)}, now=T0 + deadline + 1)
     c2, status2, a2, b2 = at_analysis(chk, onInconclusive="pause")
     paused = plan(c2, status2, {a2: ready(3), b2: ready(1)}, now=T0 + 1,
                   analysis=[(c2.rollout.analysis[0], no_data("q", "empty"))])
     return {"deploying": (applied(deploying), "Progressing"), "serving": (applied(serving), "Healthy"),
             "source-failed": (applied(failed_source), "Degraded"), "canary": (applied(analysing), "Progressing"),
-            "rolled-back": (applied(rolled_back), "Degraded"), "paused": (applied(paused), "Suspended")}
+            "rolled-back": (applied(rolled_back), "Degraded"), "paused": (applied(paused), "Suspended"),
+            "restarting": (applied(restarting), "Progressing"), "degraded": (applied(degraded), "Degraded")}
 
 
 @pytest.mark.parametrize("case", ["deploying", "serving", "source-failed", "canary", "rolled-back", "paused"])

@@ -38,11 +38,9 @@ EXPECTED = {
                                  "InProgress"),
     "job-failed": ("LeptonJob Failed (Stalled=True)", "Degraded", "Failed"),
     "job-invalid": ("LeptonJob invalid spec (Stalled=True, reason InvalidSpec)", "Degraded", "Failed"),
-    # DISAGREES: Suspended writes Ready=False with Reconciling=False and Stalled=False. kstatus
-    # has no "suspended": with neither abnormal condition True it falls back to Ready, and
-    # Ready=False is InProgress. A Flux Kustomization that waits on a suspended job waits
-    # until its timeout; Argo CD shows Suspended.
-    "job-suspended": ("LeptonJob Suspended (Ready=False, nothing in progress)", "Suspended", "InProgress"),
+    # A job suspended as its spec asks is as it should be: Ready=True, so a Flux wait ends
+    # (kstatus has no "suspended"); Argo CD reads the phase and shows Suspended.
+    "job-suspended": ("LeptonJob Suspended (Ready=True: suspended as asked)", "Suspended", "Current"),
     "job-stale-generation": ("LeptonJob Running, observedGeneration < generation", "Progressing", "InProgress"),
     # DISAGREES: before the operator writes any status, kstatus sees no observedGeneration to
     # compare and no conditions, and says Current; Argo CD says Progressing. A Flux wait
@@ -53,6 +51,10 @@ EXPECTED = {
     "model-canary": ("LeptonModel Progressing, canary analysis (Reconciling=True)", "Progressing", "InProgress"),
     "model-source-failed": ("LeptonModel Failed, source job failed (Stalled=True)", "Degraded", "Failed"),
     "model-rolled-back": ("LeptonModel RollingBack (Stalled=True)", "Degraded", "Failed"),
+    "model-restarting": ("LeptonModel Degraded, a serving pod restarting, within rollout.progressDeadlineSeconds "
+                         "(Reconciling=True)", "Progressing", "InProgress"),
+    "model-degraded": ("LeptonModel Degraded past rollout.progressDeadlineSeconds (Stalled=True)", "Degraded",
+                       "Failed"),
     # DISAGREES: a rollout paused for a person is Ready=False and nothing in progress, the
     # same shape as a suspended job: kstatus InProgress, Argo CD Suspended.
     "model-paused": ("LeptonModel Paused, waiting for a person (Ready=False)", "Suspended", "InProgress"),
@@ -127,3 +129,11 @@ def test_the_readme_table_is_this_table():
     readme = (HEALTH / "README.md").read_text()
     for words, argocd, kstatus in EXPECTED.values():
         assert f"| {words} | {argocd} | {kstatus} |" in readme
+
+
+def test_the_helper_reads_pretty_printed_objects_as_kubectl_writes_them():
+    objs = list(objects().values())[:3]
+    text = "\n".join(json.dumps(o, indent=2) for o in objs)       # kubectl get -o json, one after another
+    out = subprocess.run([str(helper())], input=text, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(line)["name"] for line in out.stdout.splitlines()] == [o["metadata"]["name"] for o in objs]

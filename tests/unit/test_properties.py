@@ -243,9 +243,11 @@ def check_job_plan(spec, meta, prev: dict[str, Any], pods: list[js.PodView], pla
     if phase == PHASE_RUNNING:
         assert ready
     if ready:
-        assert phase in (PHASE_RUNNING, PHASE_SUCCEEDED), f"Ready=True in phase {phase}"
+        assert phase in (PHASE_RUNNING, PHASE_SUCCEEDED, PHASE_SUSPENDED), f"Ready=True in phase {phase}"
     if phase == PHASE_SUSPENDED:
-        assert not (ready or stalled or reconciling)
+        # suspended as asked is as the spec wants it (Ready); released for want of capacity, it
+        # waits for a person: neither is in progress or stuck
+        assert not (stalled or reconciling) and ready == (spec.suspend and prev.get("phase") not in TERMINAL_PHASES)
     if phase in TERMINAL_PHASES or phase == PHASE_SUSPENDED:
         assert status["workersReady"] == "-"
     if prev.get("phase") in TERMINAL_PHASES:

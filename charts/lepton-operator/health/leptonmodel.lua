@@ -1,7 +1,8 @@
 -- Argo CD health of a LeptonModel (resource.customizations.health.lepton.ai_LeptonModel).
 -- Reads what the operator writes: status.phase, the kstatus conditions Ready,
 -- Reconciling and Stalled, and status.observedGeneration. A paused rollout waits for a
--- person: Suspended.
+-- person: Suspended. Degraded with Stalled=False (serving pods restarting, within the
+-- rollout's progress deadline) is Progressing, as for a Deployment.
 local hs = {status = "Progressing", message = "waiting for the operator"}
 if obj.status == nil then
   return hs
@@ -20,8 +21,7 @@ if s.observedGeneration ~= nil and obj.metadata.generation ~= nil
   hs.status, hs.message = "Progressing", "the operator has not seen the latest spec yet"
 elseif s.phase == "Paused" then
   hs.status, hs.message = "Suspended", message
-elseif (stalled ~= nil and stalled.status == "True") or s.phase == "Failed" or s.phase == "Degraded"
-    or s.phase == "RollingBack" then
+elseif (stalled ~= nil and stalled.status == "True") or s.phase == "Failed" or s.phase == "RollingBack" then
   hs.status, hs.message = "Degraded", message
 elseif ready ~= nil and ready.status == "True" then
   hs.status, hs.message = "Healthy", message

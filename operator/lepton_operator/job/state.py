@@ -395,8 +395,11 @@ def suspend(job: _Job) -> Outcome | None:
     job.plan.delete = [p.name for p in job.pods if not p.deleting]
     job.plan.delete_rendezvous = True
     job.status.pop("startTime", None)    # the deadline counts from the last resume
-    return Outcome(PHASE_SUSPENDED, REASON_SUSPENDED, "suspended: workers deleted, checkpoints kept",
-                   settled=True)
+    # Ready: the job is as its spec asks (suspended), so kstatus says Current and a Flux
+    # wait ends; Argo CD reads the phase and shows Suspended.
+    return Outcome(PHASE_SUSPENDED, REASON_SUSPENDED,
+                   "suspended (spec.suspend: true): no workers and no rendezvous pod run, checkpoints are kept; "
+                   "set spec.suspend to false to resume", ready=True)
 
 
 def resume(job: _Job) -> None:

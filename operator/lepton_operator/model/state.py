@@ -456,11 +456,33 @@ def summarise(m: _Model) -> None:
         if is_ready(view, want):
             p.settle(MPHASE_READY, REASON_SERVING, f"revision {stable} serving with {want} ready replicas", ready=True)
         else:
-            was_ready = m.prev_phase in (MPHASE_READY, MPHASE_DEGRADED)
-            p.settle(MPHASE_DEGRADED if was_ready else MPHASE_DEPLOYING, REASON_PODS_NOT_READY,
-                     f"{view.ready if view else 0}/{want} serving pods of revision {stable} are ready")
-            p.requeue(2)
+            _not_ready(m, f"{view.ready if view else 0}/{want} serving pods of revision {stable} are ready")
+    if p.status.get("phase") != MPHASE_DEGRADED or p.reason != REASON_PODS_NOT_READY:
+        p.status.pop("degradedSince", None)
     p.status["replicas"] = sum(v.ready for v in m.deployments.values())
+
+
+def _not_ready(m: _Model, message: str) -> None:
+    """Serving pods not ready. Before the revision was ever Ready: Deploying. After: Degraded,
+    in progress (pods restart, a node goes) until ``rollout.progressDeadlineSeconds`` have
+    passed since it stopped being Ready, then stalled: Argo CD and kstatus agree on both
+    (Progressing / InProgress, then Degraded / Failed), as they do for a Deployment."""
+    p = m.plan
+    if m.prev_phase not in (MPHASE_READY, MPHASE_DEGRADED):
+        p.settle(MPHASE_DEPLOYING, REASON_PODS_NOT_READY, message)
+        p.requeue(2)
+        return
+    since = p.status.setdefault("degradedSince", _iso(m.now))
+    deadline = m.spec.rollout.progress_deadline_seconds
+    left = deadline - _since(since, m.now)
+    if left > 0:
+        p.settle(MPHASE_DEGRADED, REASON_PODS_NOT_READY, f"{message} (not ready since {since})")
+        p.requeue(min(2.0, left))
+    else:
+        p.settle(MPHASE_DEGRADED, REASON_PODS_NOT_READY,
+                 f"{message}, not ready since {since}: more than rollout.progressDeadlineSeconds={deadline}",
+                 stalled=True)
+        p.requeue(2)
 
 
 def revisions(spec: ModelSpec, name: str, prev: Mapping[str, Any], source: SourceState, revision: str | None,

@@ -2,8 +2,10 @@
 """A real Kubernetes control plane on loopback, without Docker.
 
 Starts etcd, kube-apiserver (TLS, client certificates, service-account signing keys,
-RBAC, audit log), kube-controller-manager, kube-scheduler, kwok with fake GPU nodes,
-and Prometheus, each as a plain process on a free port. The binaries come from
+RBAC, audit log), kube-controller-manager, kube-scheduler, kwok with fake GPU nodes
+(tainted and labelled as NVIDIA's GPU nodes are) and, when there is no real node, one fake
+node without GPUs for the pods that ask for none, and Prometheus, each as a plain process
+on a free port. The binaries come from
 ``hack/build-tools.sh`` (built once per version into ``~/.cache/lepton-operator``);
 Prometheus comes from the machine (Debian package ``prometheus``).
 
@@ -161,6 +163,20 @@ def gpu_node(name: str, gpus: int, cpu: str = "64", memory: str = "512Gi") -> di
     }
 
 
+def cpu_node(name: str, cpu: str = "1000", memory: str = "4Ti") -> dict:
+    """A kwok node without GPUs, where pods that ask for none (rendezvous stores, servers,
+    compression) run when there is no real node; large, so that capacity is the GPU nodes'
+    question."""
+    capacity = {"cpu": cpu, "memory": memory, "pods": "10000"}
+    return {
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "annotations": {KWOK_NODE_ANNOTATION: "fake"},
+                     "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+                                "kubernetes.io/arch": "amd64", "type": "kwok"}},
+        "status": {"capacity": capacity, "allocatable": capacity},
+    }
+
+
 AUDIT_POLICY = {
     "apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
     "rules": [
@@ -235,6 +251,11 @@ class Cluster:
     @property
     def gpu_nodes(self) -> list[str]:
         return [f"kwok-gpu-{i}" for i in range(self.gpu_node_count)]
+
+    @property
+    def cpu_nodes(self) -> list[str]:
+        """The kwok node without GPUs, where there is no real node to run CPU-only pods."""
+        return [] if self.real_node else ["kwok-cpu-0"]
 
     @property
     def bin_dir(self) -> Path:
@@ -385,7 +406,8 @@ class Cluster:
 
     def _create_nodes(self) -> None:
         nodes = {"apiVersion": "v1", "kind": "List",
-                 "items": [gpu_node(n, self.gpus_per_node) for n in self.gpu_nodes]}
+                 "items": [gpu_node(n, self.gpus_per_node) for n in self.gpu_nodes]
+                 + [cpu_node(n) for n in self.cpu_nodes]}
         self.kubectl("apply", "-f", "-", input=json.dumps(nodes))
 
     def _register_cluster_apis(self) -> None:
@@ -445,9 +467,10 @@ class Cluster:
 
     def _wait_nodes_ready(self) -> None:
         def ready() -> bool:
+            names = self.gpu_nodes + self.cpu_nodes
             nodes = [n for n in json.loads(self.kubectl("get", "nodes", "-o", "json"))["items"]
-                     if n["metadata"]["name"] in self.gpu_nodes]
-            return len(nodes) == self.gpu_node_count and all(
+                     if n["metadata"]["name"] in names]
+            return len(nodes) == len(names) and all(
                 any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))
                 for n in nodes)
         self._wait("kwok nodes Ready", ready, proc="kwok")

@@ -48,6 +48,7 @@ ANNOTATION_ABORT = f"{GROUP}/abort"
 # --- Kubernetes names -----------------------------------------------------------------
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TAINT_KEY = "nvidia.com/gpu"
+GPU_NODE_LABEL = "nvidia.com/gpu.present"   # NVIDIA's GPU feature discovery labels GPU nodes so
 DNS1035_MAX = 63                 # Service names and labels
 CHILD_SUFFIX_MAX = len("-worker-999")   # longest suffix the operator appends to a job name
 JOB_NAME_MAX = DNS1035_MAX - CHILD_SUFFIX_MAX

@@ -355,3 +355,37 @@ def test_network_policy_is_not_part_of_the_worker_template():
 def test_bad_network_policy_is_an_invalid_spec(network_policy, message):
     with pytest.raises(InvalidSpec, match=message):
         parse_job("mnist", {**FULL_SPEC, "networkPolicy": network_policy}, "t")
+
+
+AVOID = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+    {"matchExpressions": [{"key": "nvidia.com/gpu.present", "operator": "NotIn", "values": ["true"]}]}]}}}
+
+
+def test_pods_that_ask_for_no_gpu_stay_off_gpu_nodes_unless_placed():
+    """The rendezvous pod asks for no GPU: no GPU toleration, off GPU nodes. So do workers
+    with gpus: 0. spec.rendezvous places the store apart from the workers; its priority is
+    the workers' unless it names one."""
+    worker, rdzv, *_ = built({"resources": {"gpus": 1}, "priorityClassName": "high", "tolerations": [
+        {"key": "pool", "operator": "Exists"}]})
+    assert GPU_TOLERATION in worker["spec"]["tolerations"] and "affinity" not in worker["spec"]
+    assert "tolerations" not in rdzv["spec"] and rdzv["spec"]["affinity"] == AVOID
+    assert rdzv["spec"]["priorityClassName"] == "high"
+    cpu_worker = built({"resources": {"gpus": 0}})[0]
+    assert "tolerations" not in cpu_worker["spec"] and cpu_worker["spec"]["affinity"] == AVOID
+    placed = {"nodeSelector": {"pool": "system"}, "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+              "affinity": {"podAffinity": {}}, "priorityClassName": "store"}
+    rdzv = built({"resources": {"gpus": 1}, "rendezvous": placed})[1]
+    assert (rdzv["spec"]["nodeSelector"], rdzv["spec"]["tolerations"], rdzv["spec"]["affinity"],
+            rdzv["spec"]["priorityClassName"]) == ({"pool": "system"}, placed["tolerations"], {"podAffinity": {}}, "store")
+
+
+def test_the_rendezvous_placement_is_no_change_of_the_worker_template():
+    base = parse_job("mnist", {"resources": {"gpus": 1}}, "img")
+    placed = parse_job("mnist", {"resources": {"gpus": 1}, "rendezvous": {"nodeSelector": {"pool": "system"}}}, "img")
+    assert training.template_hash(base) == training.template_hash(placed)
+
+
+def test_a_rendezvous_placement_the_pod_api_would_refuse_is_an_invalid_spec():
+    with pytest.raises(InvalidSpec) as err:
+        parse_job("mnist", {"rendezvous": {"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}}, "img")
+    assert "rendezvous.tolerations[0].value must be empty when operator is Exists" in str(err.value)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from lepton_operator.model import objects, state
-from lepton_operator.model.spec import PvcPath, artifact_path, parse_model
+from lepton_operator.model.spec import PvcPath, artifact_path, parse_model, parse_uri
 
 pytestmark = pytest.mark.unit
 
@@ -263,3 +263,26 @@ def test_bad_network_policy_is_an_invalid_spec():
     from lepton_operator.model.spec import InvalidSpec
     with pytest.raises(InvalidSpec, match=r"networkPolicy.ingressFrom\[0\] must set podSelector"):
         spec(networkPolicy={"enabled": True, "ingressFrom": [{}]})
+
+
+def test_serving_and_compression_pods_are_placed_and_stay_off_gpu_nodes_without_gpus():
+    avoid = {"key": "nvidia.com/gpu.present", "operator": "NotIn", "values": ["true"]}
+    s = spec()
+    rev = s.revision("pvc://models/runs/digits")
+    src = parse_uri("pvc://models/runs/digits")
+    for pod in (objects.deployment(OWNER, s, rev, src, 1)["spec"]["template"]["spec"],
+                objects.compression_job(OWNER, s, rev, src, src)["spec"]["template"]["spec"]):
+        assert "tolerations" not in pod
+        assert pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"][0]["matchExpressions"] == [avoid]
+    placed = {"nodeSelector": {"pool": "infer"}, "priorityClassName": "serving",
+              "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]}
+    g = spec(serving={**SPEC.get("serving", {}), **placed, "resources": {"gpus": 1}},
+             compression={**SPEC.get("compression", {}), "nodeSelector": {"pool": "batch"}})
+    pod = objects.deployment(OWNER, g, rev, src, 1)["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "infer"} and pod["priorityClassName"] == "serving"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert "affinity" not in pod                                  # asks for a GPU: GPU nodes are its place
+    assert objects.compression_job(OWNER, g, rev, src, src)["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "batch"}
+    assert g.revision("pvc://models/runs/digits") == spec(serving={**SPEC.get("serving", {}), "resources": {
+        "gpus": 1}}).revision("pvc://models/runs/digits")       # where pods run is no new revision

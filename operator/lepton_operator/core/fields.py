@@ -379,3 +379,21 @@ __all__ = ["InvalidSpec", "Resources", "NetworkPolicySpec", "default", "parser",
            "integer", "number", "choice", "quantity", "resources", "string_map", "node_selector", "tolerations",
            "security_context", "pod_security_context", "escalates", "label_key_problem", "label_value_problem", "network_policy",
            "validate_name", "valid_claim_name"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where one role's pods may run (core/v1 fields, checked as the Pod API checks them).
+    Unset, a pod that asks for no GPU avoids GPU nodes (``core.objects.placement``)."""
+    node_selector: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+    affinity: Mapping[str, Any] | None = None
+    priority_class_name: str | None = None
+
+
+def placement(raw: Mapping[str, Any], problems: list[str], where: str) -> Placement:
+    """``nodeSelector``, ``tolerations``, ``affinity`` and ``priorityClassName`` of ``raw``."""
+    return Placement(node_selector(raw, "nodeSelector", problems, where),
+                     tolerations(raw, "tolerations", problems, where),
+                     mapping(raw, "affinity", problems, where) or None,
+                     text(raw, "priorityClassName", problems, where))

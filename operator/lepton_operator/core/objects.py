@@ -21,13 +21,17 @@ from typing import Any, Iterable, Mapping
 
 from lepton_trainer import contract
 
-from ..constants import (ANNOTATION_SPEC_HASH, GPU_RESOURCE, GPU_TAINT_KEY, JOB_KIND, LABEL_COMPONENT, LABEL_JOB,
+from ..constants import (ANNOTATION_SPEC_HASH, GPU_NODE_LABEL, GPU_RESOURCE, GPU_TAINT_KEY, JOB_KIND, LABEL_COMPONENT, LABEL_JOB,
                          LABEL_MANAGED_BY, LABEL_MODEL, LABEL_NAME, LABEL_ROLE, MANAGED_BY, MODEL_KIND)
-from .fields import NetworkPolicySpec, Resources, escalates
+from .fields import NetworkPolicySpec, Placement, Resources, escalates
 
 Obj = dict[str, Any]
 
 GPU_TOLERATION = {"key": GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}
+# A pod that asks for no GPU stays off GPU nodes: a store, a server or a compression step on
+# a GPU node burns GPU node hours for nothing (and can keep a GPU pool from scaling down).
+AVOID_GPU_NODES = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+    {"matchExpressions": [{"key": GPU_NODE_LABEL, "operator": "NotIn", "values": ["true"]}]}]}}}
 DEFAULT_POD_SECURITY = {"runAsNonRoot": True, "runAsUser": contract.IMAGE_UID, "runAsGroup": contract.IMAGE_UID,
                         "fsGroup": contract.IMAGE_UID, "seccompProfile": {"type": "RuntimeDefault"}}
 CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "privileged": False, "readOnlyRootFilesystem": True,
@@ -81,6 +85,24 @@ def gpus_requested(pod_spec: Mapping[str, Any]) -> int:
         value = (res.get("limits") or {}).get(GPU_RESOURCE) or (res.get("requests") or {}).get(GPU_RESOURCE)
         total += int(value or 0)
     return total
+
+
+def placement(p: Placement, gpus: int) -> Obj:
+    """The pod spec fields that place a role's pods: its nodeSelector, tolerations (plus the
+    GPU taint's when it asks for GPUs), priorityClassName, and its affinity, or, asking for
+    no GPU and giving none, ``AVOID_GPU_NODES``."""
+    out: Obj = {}
+    if p.node_selector:
+        out["nodeSelector"] = dict(p.node_selector)
+    tols = with_gpu_toleration(p.tolerations) if gpus else [dict(t) for t in p.tolerations]
+    if tols:
+        out["tolerations"] = tols
+    affinity = p.affinity or (None if gpus else AVOID_GPU_NODES)
+    if affinity:
+        out["affinity"] = copy.deepcopy(dict(affinity))
+    if p.priority_class_name:
+        out["priorityClassName"] = p.priority_class_name
+    return out
 
 
 def with_gpu_toleration(tolerations: Iterable[Mapping[str, Any]]) -> list[Obj]:

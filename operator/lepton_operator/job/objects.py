@@ -47,9 +47,9 @@ from lepton_trainer.rendezvous import WORKER_ENV, torchrun_args
 
 from ..constants import (ANNOTATION_GENERATION, ANNOTATION_SPEC_HASH, API_VERSION, JOB_KIND, LABEL_JOB, ROLE_CAPACITY,
                          LABEL_KUEUE_QUEUE, LABEL_ROLE, LABEL_WORKER_INDEX, ROLE_RDZV, ROLE_WORKER)
-from ..core.fields import default
-from ..core.objects import (container_security, env, exposed_ingress, meta, network_policy, pod_security, resources,
-                            scratch_env, scratch_mount, scratch_volume, with_gpu_toleration)
+from ..core.fields import Placement, default
+from ..core.objects import (container_security, env, exposed_ingress, meta, network_policy, placement, pod_security,
+                            resources, scratch_env, scratch_mount, scratch_volume, with_gpu_toleration)
 from ..core.objects import labels as child_labels
 from .spec import Elastic, JobSpec
 
@@ -75,7 +75,7 @@ LIGHTHOUSE_HEARTBEAT_TIMEOUT_MS = 2000
 FT_TIMEOUT_SECONDS = 30
 # JobSpec fields that do not shape a worker pod (sizing, lifecycle, autoscaling, the network).
 _NOT_TEMPLATE = ("suspend", "backoff_limit", "active_deadline_seconds", "ttl_seconds_after_finished",
-                 "autoscaling", "capacity", "network_policy",
+                 "autoscaling", "capacity", "network_policy", "rendezvous",
                  "default_image")     # follows from ``image``, which is in the hash
 # Fields added after jobs already ran: left out of the hash while at their defaults, so that
 # an operator upgrade does not make the running workers look stale.
@@ -137,17 +137,25 @@ def template_hash(spec: JobSpec) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _pod_spec_common(spec: JobSpec, tolerate_gpu_taint: bool = False) -> Obj:
+def worker_placement(spec: JobSpec) -> Placement:
+    """The workers' placement: the spec's top-level nodeSelector, tolerations, affinity, priority."""
+    return Placement(spec.node_selector, spec.tolerations, spec.affinity, spec.priority_class_name)
+
+
+def rendezvous_placement(spec: JobSpec) -> Placement:
+    """``spec.rendezvous``'s placement; its priority is the workers' unless it names one (a
+    store preempted before its workers stops them all)."""
+    return dataclasses.replace(spec.rendezvous, priority_class_name=spec.rendezvous.priority_class_name
+                               or spec.priority_class_name)
+
+
+def _pod_spec_common(spec: JobSpec, role: Placement, gpus: int) -> Obj:
     pod: Obj = {
         "securityContext": pod_security(spec.pod_security_context),
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
+        **placement(role, gpus),
     }
-    tols = tolerations(spec, gpu=True if tolerate_gpu_taint else None)
-    if tols:
-        pod["tolerations"] = tols
-    if spec.priority_class_name:
-        pod["priorityClassName"] = spec.priority_class_name
     if spec.scheduler_name:
         pod["schedulerName"] = spec.scheduler_name
     return pod
@@ -182,7 +190,7 @@ def rendezvous_objects(owner: Mapping[str, Any], spec: JobSpec, trainer_image: s
         "apiVersion": "v1", "kind": "Pod",
         "metadata": meta(owner, rdzv_name(job), lbls),
         "spec": {
-            **_pod_spec_common(spec, tolerate_gpu_taint=True),   # may share a GPU node; asks no GPU
+            **_pod_spec_common(spec, rendezvous_placement(spec), 0),   # asks no GPU: off GPU nodes by default
             "restartPolicy": "Always",
             "containers": [{
                 "name": "rendezvous",
@@ -346,17 +354,13 @@ def worker_pod(owner: Mapping[str, Any], spec: JobSpec, index: int) -> Obj:
     if res:
         container["resources"] = res
     pod_spec = {
-        **_pod_spec_common(spec),
+        **_pod_spec_common(spec, worker_placement(spec), spec.resources.gpus),
         "restartPolicy": "Never",
         "subdomain": workers_service_name(job),
         "hostname": worker_name(job, index),
         "containers": [container],
         "volumes": volumes,
     }
-    if spec.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.node_selector)
-    if spec.affinity:
-        pod_spec["affinity"] = copy.deepcopy(dict(spec.affinity))
     metadata = meta(owner, worker_name(job, index), lbls)
     metadata["annotations"] = {ANNOTATION_SPEC_HASH: template_hash(spec)}
     if m.get("generation") is not None:

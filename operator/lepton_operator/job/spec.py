@@ -16,9 +16,10 @@ from typing import Any, Mapping
 from lepton_trainer import contract
 
 from ..constants import CHILD_SUFFIX_MAX, JOB_NAME_MAX
-from ..core.fields import (InvalidSpec, NetworkPolicySpec, Resources, choice, default, flag, integer, items,
-                           mapping, network_policy, node_selector, number, parser, pod_security_context, quantity,
-                           security_context, string_map, text, tolerations, valid_claim_name, validate_name)
+from ..core.fields import (InvalidSpec, NetworkPolicySpec, Placement, Resources, choice, default, flag, integer,
+                           items, mapping, network_policy, node_selector, number, parser, placement,
+                           pod_security_context, quantity, security_context, string_map, text, tolerations,
+                           valid_claim_name, validate_name)
 
 DEFAULT_MODULE = "lepton_trainer.train"
 CHECKPOINT_PATH = "/checkpoints"   # where ``checkpoint`` is mounted unless it sets ``path``
@@ -134,6 +135,7 @@ class JobSpec:
     network_policy: NetworkPolicySpec = NetworkPolicySpec()
     default_image: bool = False        # ``image`` is the operator's trainer image
     fault_tolerance: str = "restart"   # one of contract.FAULT_TOLERANCE_MODES
+    rendezvous: Placement = Placement()   # where the rendezvous pod runs
 
     @property
     def per_step(self) -> bool:
@@ -296,6 +298,7 @@ def parse_job(name: str, spec: Mapping[str, Any] | None, default_image: str,
         tolerations=tolerations(spec, "tolerations", problems, ""),
         affinity=mapping(spec, "affinity", problems, "") or None,
         priority_class_name=text(spec, "priorityClassName", problems, ""),
+        rendezvous=placement(mapping(spec, "rendezvous", problems, ""), problems, "rendezvous."),
         scheduler_name=text(spec, "schedulerName", problems, ""),
         queue_name=text(spec, "queueName", problems, ""),
         backoff_limit=integer(spec, "backoffLimit", default(JobSpec, "backoff_limit"), 0, 1000, problems, ""),

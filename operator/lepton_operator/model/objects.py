@@ -32,8 +32,8 @@ from typing import Any, Mapping
 from lepton_trainer import contract
 
 from ..constants import API_VERSION, LABEL_MODEL, LABEL_REVISION, LABEL_ROLE, MODEL_KIND, ROLE_COMPRESSION, ROLE_SERVING
-from ..core.fields import Resources
-from ..core.objects import (GPU_TOLERATION, container_security, env, exposed_ingress, meta, network_policy,
+from ..core.fields import Placement, Resources
+from ..core.objects import (container_security, env, exposed_ingress, meta, network_policy, placement,
                             pod_security, resources, scratch_env, scratch_mount, scratch_volume)
 from ..core.objects import labels as child_labels
 from .spec import Autoscaling, ModelSpec, PvcPath, render_query
@@ -62,14 +62,11 @@ def labels(model: str, role: str, revision: str | None = None) -> dict[str, str]
     return child_labels(MODEL_KIND, model, role, **({LABEL_REVISION: revision} if revision else {}))
 
 
-def _pod_common(pod_security_context: Mapping[str, Any]) -> Obj:
-    """Security and scheduling settings shared by the compression and serving pods.
-
-    The GPU taint is tolerated even without a GPU request (like the rendezvous pod), so
-    CPU-only compression and serving can use spare CPU on GPU nodes.
-    """
+def _pod_common(pod_security_context: Mapping[str, Any], role: Placement, gpus: int) -> Obj:
+    """Security and scheduling settings shared by the compression and serving pods: the
+    role's placement; asking for no GPU and naming no affinity, they stay off GPU nodes."""
     return {"securityContext": pod_security(pod_security_context), "enableServiceLinks": False,
-            "automountServiceAccountToken": False, "tolerations": [dict(GPU_TOLERATION)]}
+            "automountServiceAccountToken": False, **placement(role, gpus)}
 
 
 # --- compression ------------------------------------------------------------------------
@@ -152,7 +149,7 @@ def compression_job(owner: Mapping[str, Any], spec: ModelSpec, revision: str, so
             "template": {
                 "metadata": template_meta,
                 "spec": {
-                    **_pod_common(c.pod_security_context),
+                    **_pod_common(c.pod_security_context, c.placement, res.gpus),
                     "restartPolicy": "Never",
                     "containers": [container],
                     "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": source.claim}},
@@ -261,7 +258,7 @@ def deployment(owner: Mapping[str, Any], spec: ModelSpec, revision: str, model_d
         "template": {
             "metadata": {"labels": dict(lbls), "annotations": annotations},
             "spec": {
-                **_pod_common(s.pod_security_context),
+                **_pod_common(s.pod_security_context, s.placement, s.resources.gpus),
                 "terminationGracePeriodSeconds": 30,
                 "containers": [container],
                 "volumes": [{"name": "model", "persistentVolumeClaim": {

@@ -18,9 +18,9 @@ from typing import Any, Mapping
 
 from lepton_trainer import contract
 
-from ..core.fields import (InvalidSpec, NetworkPolicySpec, Resources, choice, default, integer, items, mapping,
-                           network_policy, number, parser, pod_security_context, resources, security_context, string_map, text,
-                           validate_name)
+from ..core.fields import (InvalidSpec, NetworkPolicySpec, Placement, Resources, choice, default, integer, items,
+                           mapping, network_policy, number, parser, placement, pod_security_context, resources,
+                           security_context, string_map, text, validate_name)
 from ..scaling import prometheus
 
 __all__ = ["InvalidSpec", "ModelSpec", "PvcPath", "parse_model", "parse_uri", "artifact_path", "render_query"]
@@ -67,6 +67,7 @@ class Compression:
     pod_security_context: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     security_context: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     evaluation: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # the gate (contract.EVALUATION_*)
+    placement: Placement = Placement()
 
     @property
     def runs_job(self) -> bool:
@@ -85,6 +86,7 @@ class Serving:
     pod_annotations: Mapping[str, str] = dataclasses.field(default_factory=dict)
     pod_security_context: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     security_context: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    placement: Placement = Placement()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,9 +198,10 @@ class ModelSpec:
     def revision(self, source_uri: str | None = None, source_identity: str = "") -> str:
         """Hash of the source (and the run that made it), the compression and the serving spec."""
         serving, compression = dataclasses.asdict(self.serving), dataclasses.asdict(self.compression)
-        for key in ("replicas", "pod_annotations"):
+        for key in ("replicas", "pod_annotations", "placement"):     # where pods run is no new revision
             serving.pop(key)
-        compression.pop("pod_annotations")
+        for key in ("pod_annotations", "placement"):
+            compression.pop(key)
         source = dataclasses.asdict(self.source)
         for part, keys in ((serving, ("pod_security_context", "security_context")),   # unset fields
                            (compression, ("pod_security_context", "security_context", "evaluation")),
@@ -414,7 +417,8 @@ def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str,
         string_map(raw_c, "podAnnotations", problems, "compression."),
         pod_security_context(raw_c, "podSecurityContext", problems, "compression."),
         security_context(raw_c, "securityContext", problems, "compression."),
-        _evaluation(raw_c.get("evaluation"), problems))
+        _evaluation(raw_c.get("evaluation"), problems),
+        placement(raw_c, problems, "compression."))
 
     raw_s = mapping(spec, "serving", problems, "")
     image = text(raw_s, "image", problems, "serving.", default_image)
@@ -437,7 +441,8 @@ def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str,
                 "serving.batching."),
         env, string_map(raw_s, "podAnnotations", problems, "serving."),
         pod_security_context(raw_s, "podSecurityContext", problems, "serving."),
-        security_context(raw_s, "securityContext", problems, "serving."))
+        security_context(raw_s, "securityContext", problems, "serving."),
+        placement(raw_s, problems, "serving."))
 
     rollout = _rollout(mapping(spec, "rollout", problems, ""), problems)
     autoscaling = _autoscaling(spec.get("autoscaling"), problems)

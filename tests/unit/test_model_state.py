@@ -102,9 +102,16 @@ def test_canary_steps_split_pause_and_promote():
     p = plan(s, p.status, {a: ready(2), b: ready(2)}, now=T0 + 2)
     assert p.status["phase"] == "Progressing" and 25 <= p.requeue_after <= 30   # pausing
     p = plan(s, p.status, {a: ready(2), b: ready(2)}, now=T0 + 40)
-    assert p.status["revisions"] == {"stable": b, "stableURI": "pvc://models/digits", "stableMethod": "none"}
-    assert p.replicas == {b: 4} and a in p.delete
+    # Promoted: the new stable surges to 4 while the old one keeps its 2 ready pods ...
+    assert p.status["revisions"] == {"stable": b, "stableURI": "pvc://models/digits", "stableMethod": "none",
+                                     "retiring": a}
+    assert p.replicas == {a: 2, b: 4} and a not in p.delete
     assert any(e[1] == "Promoted" for e in p.events)
+    p = plan(s, p.status, {a: ready(2), b: ms.DeploymentView(4, 3, 4, True)}, now=T0 + 41)
+    assert p.replicas == {a: 2, b: 4} and a not in p.delete                   # ... until all 4 are ready
+    p = plan(s, p.status, {a: ready(2), b: ready(4)}, now=T0 + 42)
+    assert p.status["revisions"] == {"stable": b, "stableURI": "pvc://models/digits", "stableMethod": "none"}
+    assert p.replicas == {b: 4} and a in p.delete and p.status["phase"] == "Ready"
 
 
 def at_analysis(checks, **rollout):

@@ -42,6 +42,9 @@ Obj = dict[str, Any]
 COMPRESSION_MOUNT = "/models"
 COMPRESSION_RESOURCES = Resources(cpu="1", memory="2Gi")   # when the spec sets none
 MOUNT = "/model"
+PRESTOP_SECONDS = 5            # a terminating server keeps serving while endpoints drop it
+DRAIN_SECONDS = 30             # then lets requests in flight finish (the server's --drain-timeout)
+TERMINATION_GRACE_SECONDS = PRESTOP_SECONDS + DRAIN_SECONDS + 5   # longer than both: never killed mid-drain
 PORT_NAME = "http"
 GRPC_PORT_NAME = "grpc"
 KEDA_API_VERSION = "keda.sh/v1alpha1"
@@ -223,7 +226,7 @@ def _serving_container(spec: ModelSpec, variables: list[Obj], model_dir: PvcPath
         "name": "server",
         "image": s.image,
         "imagePullPolicy": s.image_pull_policy,
-        "command": ["python", "-m", "lepton_trainer.serve"],
+        "command": ["python", "-m", "lepton_trainer.serve", "--drain-timeout", str(DRAIN_SECONDS)],
         "env": variables,
         "ports": [{"name": PORT_NAME, "containerPort": contract.SERVE_PORT, "protocol": "TCP"},
                   {"name": GRPC_PORT_NAME, "containerPort": contract.GRPC_PORT, "protocol": "TCP"}],
@@ -235,6 +238,9 @@ def _serving_container(spec: ModelSpec, variables: list[Obj], model_dir: PvcPath
                          "periodSeconds": 2, "failureThreshold": 60},
         "volumeMounts": [mount, scratch_mount()],
         "securityContext": container_security(s.security_context),
+        # Endpoints drop a terminating pod a moment after it is told to stop: it keeps
+        # serving that long before the server drains (see TERMINATION_GRACE_SECONDS).
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
     }
     res = resources(s.resources)
     if res:
@@ -259,7 +265,7 @@ def deployment(owner: Mapping[str, Any], spec: ModelSpec, revision: str, model_d
             "metadata": {"labels": dict(lbls), "annotations": annotations},
             "spec": {
                 **_pod_common(s.pod_security_context, s.placement, s.resources.gpus),
-                "terminationGracePeriodSeconds": 30,
+                "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
                 "containers": [container],
                 "volumes": [{"name": "model", "persistentVolumeClaim": {
                     "claimName": model_dir.claim, "readOnly": True}}, scratch_volume()],

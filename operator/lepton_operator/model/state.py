@@ -430,6 +430,26 @@ def abandon_canary(m: _Model) -> None:
         _drop_canary(m.revs)
 
 
+def _retire(m: _Model) -> None:
+    """The revision a promotion replaced serves on with the pods it has until every pod of
+    the new stable revision is ready; then it goes (so a promotion never drops ready
+    capacity below what the old stable had)."""
+    p, retiring, stable = m.plan, m.revs.get("retiring"), m.stable
+    if not retiring:
+        return
+    if retiring == stable or retiring not in m.deployments or is_ready(m.deployments.get(stable),
+                                                                       p.replicas.get(stable, m.total)):
+        m.revs.pop("retiring")
+        if retiring != stable:
+            p.replicas.pop(retiring, None)
+        if retiring != stable and retiring in m.deployments:
+            p.events.append((EVENT_NORMAL, REASON_PROMOTED, f"revision {retiring} retired: every pod of "
+                                                            f"revision {stable} is ready"))
+        return
+    p.replicas.setdefault(retiring, m.deployments[retiring].replicas)
+    p.requeue(1)
+
+
 def clean_up(m: _Model) -> None:
     """The stable revision runs ``total``; a failed one is held at zero; others go."""
     p, stable, canary_rev, failed = m.plan, m.stable, m.revs.get("canary"), m.revs.get("failed")
@@ -437,6 +457,7 @@ def clean_up(m: _Model) -> None:
         p.replicas[stable] = m.total
     if failed and failed in m.deployments:
         p.replicas.setdefault(failed, 0)
+    _retire(m)
     p.delete = [r for r in m.deployments if r not in p.replicas and r not in (stable, canary_rev, failed)]
 
 
@@ -547,10 +568,13 @@ def _start(m: _Model) -> _Step:
 
 
 def _promote(m: _Model, target: PvcPath) -> bool:
+    """The canary becomes stable at full size; the old stable keeps the pods it has until
+    every pod of the new one is ready (``clean_up``): surge first, retire after."""
     stable = m.stable
     _drop_canary(m.revs)
-    m.revs.update(stable=m.revision, stableURI=target.uri, stableMethod=_method(m))
-    m.plan.replicas.pop(stable, None)
+    m.revs.update(stable=m.revision, stableURI=target.uri, stableMethod=_method(m), retiring=stable)
+    old = m.deployments.get(stable)
+    m.plan.replicas[stable] = old.replicas if old is not None else m.plan.replicas.get(stable, 0)
     m.plan.replicas[m.revision] = m.total
     m.plan.events.append((EVENT_NORMAL, REASON_PROMOTED, f"revision {m.revision} promoted to stable "
                                                          f"(replaces {stable})"))

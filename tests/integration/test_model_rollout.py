@@ -110,7 +110,7 @@ def test_a_compression_pod_that_cannot_be_scheduled_says_why(k):
     """The scheduler's reason is in the Compressed condition and a Warning event; plain
     progress (compressing, waiting for the source) is a Normal event."""
     k.pvc("models")
-    k.apply(model(k, "big", compression={"method": "int8", "resources": {"cpu": "500", "memory": "1Gi"},
+    k.apply(model(k, "big", compression={"method": "int8", "resources": {"cpu": "5000", "memory": "1Gi"},
                                          "podAnnotations": result_annotations(GOOD)}))
     c = k.wait_for("pending reason", lambda: (c := cond(k, "big", "Compressed")).get("reason")
                    == "CompressionPodPending" and "Insufficient cpu" in c["message"] and c)

@@ -100,6 +100,13 @@ SETTINGS: tuple[Setting, ...] = (
             "longest wait between two reconciles of an object when nothing changes"),
     Setting("api_retry_seconds", "LEPTON_API_RETRY_SECONDS", 5.0, _positive,
             "delay before a reconcile is retried after an API error"),
+    Setting("progress_interval", "LEPTON_PROGRESS_INTERVAL_SECONDS", 15.0, _positive,
+            "with Prometheus, how often a Running job's step (lepton_train_step) is read to tell whether "
+            "training makes progress"),
+    Setting("stall_seconds", "LEPTON_STALL_SECONDS", 30.0, _positive,
+            "the shortest time a Running job may go without a step before it is reported stalled "
+            "(Ready=False, reason TrainingStalled); the window is ten of the job's own mean step "
+            "intervals when that is longer"),
     Setting("cluster_gpu_usage", "LEPTON_CLUSTER_GPU_USAGE", True, _bool,
             "watching named namespaces, read the GPU requests of pods in every namespace (list and watch "
             "of pods cluster-wide, read-only), so GPUs used outside the watched namespaces are never "
@@ -141,6 +148,8 @@ class Settings:
     health_port: int = 8080
     resync_seconds: float = 60.0
     api_retry_seconds: float = 5.0
+    progress_interval: float = 15.0
+    stall_seconds: float = 30.0
     cluster_gpu_usage: bool = True
     report_lost_workers: bool | str = "auto"
     operator_namespace: str = ""

@@ -66,7 +66,7 @@ def operator(cluster, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("operator") / "operator.log"
     env = {**cluster.env, "LEPTON_TRAINER_IMAGE": "lepton-trainer:test", "LEPTON_RESYNC_SECONDS": "30",
            "PYTHONUNBUFFERED": "1", "LEPTON_PROMETHEUS_URL": cluster.prometheus_url,
-           "LEPTON_PROMETHEUS_TIMEOUT": "1"}
+           "LEPTON_PROMETHEUS_TIMEOUT": "1", "LEPTON_PROGRESS_INTERVAL_SECONDS": "1", "LEPTON_STALL_SECONDS": "4"}
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(
             [sys.executable, "-m", "lepton_operator", "--all-namespaces",

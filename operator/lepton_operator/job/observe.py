@@ -19,13 +19,13 @@ import time
 from typing import Any, Iterable, Mapping
 
 from .. import config, metrics
-from ..constants import PHASE_SUSPENDED, TERMINAL_PHASES
+from ..constants import PHASE_RUNNING, PHASE_SUSPENDED, TERMINAL_PHASES
 from ..core import kube
 from ..core.execute import Result
 from ..core.fields import InvalidSpec
 from ..core.loop import Memory
 from ..scaling import prometheus
-from . import autoscale, objects, state
+from . import autoscale, objects, progress, state
 from .capacity import PENDING_CREATE_TTL, Capacity
 from .spec import JobSpec, parse_job
 
@@ -43,6 +43,7 @@ class JobMemory(Memory):
     claims_seen: set[tuple[int, str]] = dataclasses.field(default_factory=set)
     addrs: dict[str, str] = dataclasses.field(default_factory=dict)     # uid -> IP of active workers
     autoscaler: autoscale.AutoscalerMemory = dataclasses.field(default_factory=autoscale.AutoscalerMemory)
+    progress: progress.Progress = progress.Progress()
 
     @property
     def known_active(self) -> frozenset[str]:
@@ -158,6 +159,14 @@ async def _sample(spec: JobSpec, meta: Mapping[str, Any], memory: JobMemory, now
     return await prometheus.client().query(autoscale.promql(spec, meta["namespace"], meta["name"]))
 
 
+async def _step(meta: Mapping[str, Any], memory: JobMemory, now: float) -> prometheus.QueryResult | None:
+    """The job's training step, when the job runs and its next reading is due (``job.progress``)."""
+    if not config.get().prometheus_url or memory.status.get("phase") != PHASE_RUNNING \
+            or now < memory.progress.next_tick:
+        return None
+    return await prometheus.client().query(progress.query(meta["namespace"], meta["name"]))
+
+
 async def observe(body: Mapping[str, Any], spec: JobSpec, memory: JobMemory, indices: Indices,
                   capacity: Capacity) -> state.JobObserved:
     """One frozen observation of the job (see the module doc)."""
@@ -180,7 +189,10 @@ async def observe(body: Mapping[str, Any], spec: JobSpec, memory: JobMemory, ind
         policies_applied=dict(memory.policies), monotonic=mono, template=objects.template_hash(spec),
         trainer_image=settings.trainer_image, operator_namespace=settings.operator_namespace,
         reports_lost_workers=settings.reports_lost_workers,
-        sample=await _sample(spec, meta, memory, mono), autoscaler=memory.autoscaler)
+        sample=await _sample(spec, meta, memory, mono), autoscaler=memory.autoscaler,
+        progress=memory.progress, step=await _step(meta, memory, mono),
+        progress_interval=settings.progress_interval if settings.prometheus_url else 0.0,
+        stall_seconds=settings.stall_seconds)
 
 
 # --- what the loop remembers of its own writes -------------------------------------------------
@@ -201,6 +213,7 @@ def remember(memory: JobMemory, observed: state.JobObserved, plan: "state.Plan",
     memory.addrs = dict(observed.workers.addrs)
     memory.policies = dict(plan.policies_applied)
     memory.autoscaler = plan.autoscaler
+    memory.progress = plan.progress
     for action, result in results:
         ok = result is not None and not isinstance(result, BaseException)
         if action.verb != "create" or action.name in plan.delete:

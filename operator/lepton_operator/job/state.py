@@ -34,14 +34,14 @@ from ..constants import (ANNOTATION_GENERATION, API_VERSION, JOB_KIND, ANNOTATIO
                          REASON_DEADLINE,
                          REASON_RESTARTING, REASON_RESUMED, REASON_RUNNING, REASON_SCALING,
                          REASON_SUCCEEDED, REASON_SUSPENDED, REASON_TEMPLATE_CHANGED,
-                         REASON_TTL_EXPIRED, REASON_WAITING_FOR_CAPACITY, REASON_WORKER_DISRUPTED,
-                         REASON_WORKER_FAILED, TERMINAL_PHASES)
+                         REASON_TRAINING_STALLED, REASON_TTL_EXPIRED, REASON_WAITING_FOR_CAPACITY,
+                         REASON_WORKER_DISRUPTED, REASON_WORKER_FAILED, TERMINAL_PHASES)
 from ..core import status as st
 from ..core.execute import Action, Effects
 from ..core.objects import gpus_requested, policy_changes
 from ..core.status import Outcome
 from ..scaling import prometheus
-from . import autoscale, objects
+from . import autoscale, objects, progress
 from .spec import JobSpec
 
 # Pod-level reasons that mean the pod was taken away, not that the workload failed.
@@ -302,6 +302,7 @@ class Plan:
     autoscaler: autoscale.AutoscalerMemory = dataclasses.field(default_factory=autoscale.AutoscalerMemory)
     tick: autoscale.Tick | None = None
     report_lost: tuple[str, ...] = ()   # IPs to report to the rendezvous store as gone
+    progress: progress.Progress = progress.Progress()
 
     @property
     def effects(self) -> Effects:
@@ -738,6 +739,10 @@ class JobObserved:
     reports_lost_workers: bool = False
     sample: prometheus.QueryResult | None = None
     autoscaler: autoscale.AutoscalerMemory = dataclasses.field(default_factory=autoscale.AutoscalerMemory)
+    progress: progress.Progress = progress.Progress()
+    step: prometheus.QueryResult | None = None    # the job's training step, when it was read now
+    progress_interval: float = 0.0                # 0: training progress is not watched
+    stall_seconds: float = 30.0
 
 
 # --- the plan ------------------------------------------------------------------------
@@ -745,9 +750,31 @@ class JobObserved:
 def plan(spec: JobSpec, observed: JobObserved) -> Plan:
     """The whole next step of a job: its status, events and writes (see the module doc)."""
     p = _decide(spec, observed)
+    _liveness(observed, p)
     _autoscale(spec, observed, p)
     _writes(spec, observed, p)
     return p
+
+
+def _liveness(observed: JobObserved, p: Plan) -> None:
+    """A Running job whose training step stopped growing is not Ready: reason TrainingStalled,
+    a Warning event when it starts (``job.progress``). Outside Running the count restarts."""
+    if not observed.progress_interval or p.outcome is None or p.outcome.phase != PHASE_RUNNING:
+        p.progress = progress.Progress()
+        return
+    mono, seen = observed.monotonic, observed.progress
+    if observed.step is not None:
+        seen = dataclasses.replace(progress.update(seen, observed.step.value, mono),
+                                   next_tick=mono + observed.progress_interval)
+    why = progress.stalled(seen, mono, observed.stall_seconds) if p.outcome.ready else ""
+    p.progress = dataclasses.replace(seen, stalled=why)
+    p.requeue_after = _sooner(p.requeue_after, max(seen.next_tick - mono, 0.05))
+    if not why:
+        return
+    p.outcome = Outcome(PHASE_RUNNING, REASON_TRAINING_STALLED, why)
+    st.apply_outcome(p.status, p.outcome, observed.meta.get("generation"), st.now_iso(observed.now))
+    if not observed.progress.stalled:
+        p.events.append((EVENT_WARNING, REASON_TRAINING_STALLED, why))
 
 
 def _decide(spec: JobSpec, observed: JobObserved) -> Plan:

@@ -336,3 +336,38 @@ def test_a_failed_workers_message_carries_the_tail_of_its_termination_message():
     retryable, message = js.classify_failure(status)
     assert not retryable and message.startswith("container worker exited with code 1 (Error): ")
     assert message.endswith("ModuleNotFoundError: No module named 'mylib'") and len(message) < 1100
+
+
+@pytest.mark.parametrize("cause", [
+    "torch.distributed.elastic.rendezvous.api.RendezvousConnectionError: The connection to the C10d store has failed.",
+    "RuntimeError: failed to connect to http://ft-rdzv:29400 within timeout of 60s",
+    "torch.distributed.DistNetworkError: The client socket has timed out while trying to connect to (ft-rdzv, 29400).",
+])
+def test_a_worker_that_could_not_reach_its_store_is_not_counted(cause):
+    """The store on a node that runs nothing, or a Lighthouse gone: every worker fails with
+    the same connection error. That is no failure of the workload: an uncounted restart."""
+    failed = pod(1, "Failed", message=f"container worker exited with code 1 (Error): {cause}")
+    plan = plan_job(META, spec(backoffLimit=0), {"phase": "Running"}, [pod(0), failed], 4, NOW)
+    assert plan.status["phase"] != "Failed"
+    assert plan.status["restarts"] == {"counted": 0, "uncounted": 1}
+    assert any(e[1] == "WorkerDisrupted" and "unreachable" in e[2] for e in plan.events)
+    plain = pod(1, "Failed", message="container worker exited with code 1 (Error): ValueError: bad batch")
+    assert plan_job(META, spec(backoffLimit=0), {"phase": "Running"}, [pod(0), plain], 4, NOW).status["phase"] == "Failed"
+
+
+def test_replica_groups_that_joined_a_replaced_lighthouse_restart_at_once():
+    """perStep: the survivors of a Lighthouse loss would wait out the quorum timeout (600 s);
+    once the new Lighthouse is ready they are replaced, uncounted."""
+    s = spec(faultTolerance="perStep", workers={"min": 2, "max": 2, "replicas": 2})
+    old = [pod(i, started_at="2026-01-01T11:00:00Z") for i in range(2)]
+    fresh = js.StoreView("2026-01-01T11:59:00Z", True, False)
+    plan = plan_job(META, s, {"phase": "Running"}, old, 4, NOW, store=fresh)
+    assert sorted(plan.delete) == ["j-worker-0", "j-worker-1"] and plan.create == []
+    assert plan.status["restarts"] == {"counted": 0, "uncounted": 2}
+    assert any("Lighthouse was replaced" in e[2] for e in plan.events)
+    # the same store, or one not ready yet, or a restart-mode job: nothing is replaced
+    same = js.StoreView("2026-01-01T11:00:01Z", True, False)
+    assert plan_job(META, s, {"phase": "Running"}, old, 4, NOW, store=same).delete == []
+    assert plan_job(META, s, {"phase": "Running"}, old, 4, NOW, store=js.StoreView(fresh.created, False, False)).delete == []
+    restart_mode = spec(workers={"min": 2, "max": 2, "replicas": 2})
+    assert plan_job(META, restart_mode, {"phase": "Running"}, old, 4, NOW, store=fresh).delete == []

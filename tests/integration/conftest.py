@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
+from exporter import Exporter
 from waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,6 +57,14 @@ class OperatorProcess:
             if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
                 total += float(m.group(2))
         return total
+
+
+@pytest.fixture
+def exporter(cluster, namespace):
+    """A real Prometheus exporter whose series the test sets, scraped by the cluster's Prometheus."""
+    e = Exporter(cluster, f"exp-{namespace}", free_port())
+    yield e
+    e.stop()
 
 
 @pytest.fixture(scope="session")

@@ -3,19 +3,11 @@ LeptonModel (scale up on load, down after the window, panic burst, Prometheus ou
 and LeptonJob (goodput: scale up while it holds, stop when it drops)."""
 import pytest
 
-from conftest import free_port, lepton_job
-from exporter import Exporter
+from conftest import lepton_job
 
 pytestmark = pytest.mark.integration
 
 INFLIGHT = "lepton_serve_inflight_requests"
-
-
-@pytest.fixture
-def exporter(cluster, namespace):
-    e = Exporter(cluster, f"exp-{namespace}", free_port())
-    yield e
-    e.stop()
 
 
 def model(k, name, autoscaling):

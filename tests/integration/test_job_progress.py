@@ -13,18 +13,9 @@ import time
 
 import pytest
 
-from exporter import Exporter
-from conftest import free_port
 
 pytestmark = pytest.mark.integration
 STEP = "lepton_train_step"
-
-
-@pytest.fixture
-def exporter(cluster, namespace):
-    e = Exporter(cluster, f"exp-{namespace}", free_port())
-    yield e
-    e.stop()
 
 
 def test_a_job_whose_step_stops_growing_is_not_ready_and_says_why(k, exporter):

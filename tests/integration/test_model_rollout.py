@@ -9,8 +9,6 @@ import json
 
 import pytest
 
-from conftest import free_port
-from exporter import Exporter
 
 pytestmark = pytest.mark.integration
 
@@ -48,13 +46,6 @@ def wait_phase(k, name, phase, timeout=90):
 def deployments(k, name):
     return {d["metadata"]["labels"]["lepton.ai/revision"]: d
             for d in k.list("deployments", f"lepton.ai/model={name}")}
-
-
-@pytest.fixture
-def exporter(cluster, namespace):
-    e = Exporter(cluster, f"exp-{namespace}", free_port())
-    yield e
-    e.stop()
 
 
 def test_gated_compression_pass_then_fail_keeps_serving(k):

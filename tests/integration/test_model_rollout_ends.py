@@ -12,18 +12,9 @@ import subprocess
 
 import pytest
 
-from conftest import free_port
-from exporter import Exporter
 from test_model_rollout import cond, deployments, model, mstatus, wait_phase
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def exporter(cluster, namespace):
-    e = Exporter(cluster, f"exp-{namespace}", free_port())
-    yield e
-    e.stop()
 
 
 def canary_spec(query, **rollout):

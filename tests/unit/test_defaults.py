@@ -105,6 +105,7 @@ MODEL = {
     "spec.compression.method": ({}, "compression.method"),
     "spec.compression.evaluation.type": ({}, EVALUATION),
     "spec.compression.backoffLimit": ({}, "compression.backoff_limit"),
+    "spec.compression.activeDeadlineSeconds": ({}, "compression.active_deadline_seconds"),
     "spec.serving.replicas": ({}, "serving.replicas"),
     "spec.serving.batching.maxBatchSize": ({}, "serving.max_batch_size"),
     "spec.serving.batching.maxBatchDelayMs": ({}, "serving.max_batch_delay_ms"),

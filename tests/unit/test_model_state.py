@@ -357,3 +357,13 @@ def test_the_canarys_traffic_count_is_whole_and_never_goes_back_within_its_step(
     assert "138 of 1000 requests" in p.message
     p = plan(s, p.status, deps, now=T0 + 3, traffic=140.9)
     assert "140 of 1000 requests" in p.message
+
+
+def test_a_compression_job_past_its_deadline_fails_the_revision_with_the_reason():
+    s = spec(compression={"method": "int8", "activeDeadlineSeconds": 600})
+    job = {"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded",
+                                      "message": "Job was active longer than specified deadline"}]}}
+    comp = ms.compression_state(job, [])
+    assert comp.state == "Failed" and ms.verdict(comp)[0] == "CompressionFailed"
+    assert "active longer than specified deadline" in ms.verdict(comp)[1]
+    assert s.compression.active_deadline_seconds == 600

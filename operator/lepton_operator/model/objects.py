@@ -148,6 +148,7 @@ def compression_job(owner: Mapping[str, Any], spec: ModelSpec, revision: str, so
         "metadata": meta(owner, compression_job_name(model, revision), lbls),
         "spec": {
             "backoffLimit": c.backoff_limit,
+            "activeDeadlineSeconds": c.active_deadline_seconds,
             "podFailurePolicy": COMPRESSION_FAILURE_POLICY,
             "template": {
                 "metadata": template_meta,

@@ -68,6 +68,7 @@ class Compression:
     security_context: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     evaluation: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # the gate (contract.EVALUATION_*)
     placement: Placement = Placement()
+    active_deadline_seconds: int = 7200      # the compression Job ends (fails) after this long
 
     @property
     def runs_job(self) -> bool:
@@ -200,7 +201,7 @@ class ModelSpec:
         serving, compression = dataclasses.asdict(self.serving), dataclasses.asdict(self.compression)
         for key in ("replicas", "pod_annotations", "placement"):     # where pods run is no new revision
             serving.pop(key)
-        for key in ("pod_annotations", "placement"):
+        for key in ("pod_annotations", "placement", "active_deadline_seconds"):
             compression.pop(key)
         source = dataclasses.asdict(self.source)
         for part, keys in ((serving, ("pod_security_context", "security_context")),   # unset fields
@@ -418,7 +419,9 @@ def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str,
         pod_security_context(raw_c, "podSecurityContext", problems, "compression."),
         security_context(raw_c, "securityContext", problems, "compression."),
         _evaluation(raw_c.get("evaluation"), problems),
-        placement(raw_c, problems, "compression."))
+        placement(raw_c, problems, "compression."),
+        integer(raw_c, "activeDeadlineSeconds", default(Compression, "active_deadline_seconds"), 60, 7 * 86400,
+                problems, "compression."))
 
     raw_s = mapping(spec, "serving", problems, "")
     image = text(raw_s, "image", problems, "serving.", default_image)

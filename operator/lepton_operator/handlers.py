@@ -5,6 +5,7 @@ import kopf
 
 from . import config
 from .constants import GROUP
+from .core.kube import REQUEST_TIMEOUT
 from .job import handlers as _job_handlers  # noqa: F401  (registers the LeptonJob handlers)
 from .model import handlers as _model_handlers  # noqa: F401  (registers the LeptonModel handlers)
 
@@ -21,3 +22,5 @@ def _kopf_settings(settings: kopf.OperatorSettings, **_) -> None:
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.watching.server_timeout = 600
     settings.watching.client_timeout = 660
+    # kopf's own short requests end as the operator's do (core.kube.REQUEST_TIMEOUT)
+    settings.networking.connect_timeout, settings.networking.request_timeout = REQUEST_TIMEOUT[0], sum(REQUEST_TIMEOUT)

@@ -50,6 +50,9 @@ _CLUSTER_SCOPED = {"Node", "Namespace", "CustomResourceDefinition", "PersistentV
                    "StorageClass", "PriorityClass", "ClusterRole", "ClusterRoleBinding"}
 
 _THREADS = 16       # concurrent API requests from asyncio code (see ``aio``)
+# Every request ends: (connect, read) seconds. A hung connection fails the reconcile, which
+# the loop retries (``RETRYABLE``), instead of holding one of the _THREADS forever.
+REQUEST_TIMEOUT = (5.0, 30.0)
 _executor = concurrent.futures.ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="kube")
 _lock = threading.Lock()
 _client: kubernetes.client.ApiClient | None = None
@@ -94,13 +97,14 @@ def path(api_version: str, kind: str, namespace: str | None = None, name: str | 
 def request(method: str, url_path: str, body: Any = None, query: list[tuple[str, Any]] | None = None,
             content_type: str = "application/json", timeout: float | None = None) -> Obj | None:
     """One HTTP request; raises ``ApiException`` on a non-2xx answer. ``timeout``: seconds
-    for the whole request (None: no limit)."""
+    for the whole request (None: ``REQUEST_TIMEOUT``)."""
     api = _api()
     method, url, headers, body, _ = api.param_serialize(
         method=method, resource_path=url_path, query_params=query or [],
         header_params={"Content-Type": content_type, "Accept": "application/json"},
         body=body, auth_settings=["BearerToken"])
-    resp = api.call_api(method, url, header_params=headers, body=body, _request_timeout=timeout)
+    resp = api.call_api(method, url, header_params=headers, body=body,
+                        _request_timeout=timeout if timeout is not None else REQUEST_TIMEOUT)
     data = resp.read()
     metrics.API_REQUESTS.labels(method, str(resp.status)).inc()
     if not 200 <= resp.status <= 299:

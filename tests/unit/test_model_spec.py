@@ -133,3 +133,11 @@ def test_examples_parse():
     for d in docs:
         s = parse_model(d["metadata"]["name"], d["spec"], "img")
         assert s.rollout.analysis and s.autoscaling
+
+
+@pytest.mark.parametrize("fmt", ["torch.export", "torchscript", "onnx"])
+def test_an_exported_model_with_a_compression_method_is_refused_naming_both_fields(fmt):
+    with pytest.raises(InvalidSpec) as err:
+        parse_model("m", {"source": {"uri": "pvc://c/p", "format": fmt}, "compression": {"method": "int8"}}, "img")
+    assert f"compression.method: a model whose source.format is {fmt} cannot be compressed" in str(err.value)
+    assert parse_model("m", {"source": {"uri": "pvc://c/p", "format": fmt}, "compression": {"method": "none"}}, "img")

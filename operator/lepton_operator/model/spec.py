@@ -56,6 +56,10 @@ class PvcPath:
         return f"pvc://{self.claim}/{self.path}".rstrip("/")
 
 
+# Formats whose models no compression method can rewrite (the CRD refuses the pair too).
+EXPORTED_FORMATS = frozenset({"torch.export", "torchscript", "onnx"})
+
+
 @dataclasses.dataclass(frozen=True)
 class Compression:
     method: str = "none"
@@ -451,6 +455,10 @@ def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str,
     autoscaling = _autoscaling(spec.get("autoscaling"), problems)
     policy = network_policy(spec.get("networkPolicy"), problems)
     compression_image = text(raw_c, "image", problems, "compression.", image)
+    if source.format in EXPORTED_FORMATS and compression.method != "none":
+        problems.append(f"compression.method: a model whose source.format is {source.format} cannot be compressed "
+                        "(its graph has no modules to rewrite): use method none, or compress the model before "
+                        "exporting it")
     if problems:
         raise InvalidSpec(problems)
     return ModelSpec(source, compression, serving, rollout, autoscaling, compression_image, policy)

@@ -5,6 +5,7 @@ import json
 import subprocess
 
 import pytest
+import torch
 
 from lepton_trainer import compress, contract, data, modelio, models, quantization
 from _models import PYTHON, env, train_mlp
@@ -272,3 +273,20 @@ def test_methods_that_do_not_apply_say_so(tmp_path):
         compress.compress(d, tmp_path / "a", "int8", None, {}, latency_iters=2)
     r = compress.compress(d, tmp_path / "b", "none", None, {}, latency_iters=2)
     assert r["passed"] and r["format"] == "torch.export" and (tmp_path / "b" / "m.pt2").exists()
+
+
+def test_auto_with_no_candidate_that_can_run_says_so_and_is_no_failed_gate(tmp_path):
+    """A torch.export program has no modules to rewrite: every candidate is unavailable, no
+    gate runs, and the program says so with exit 1 (compression failed, which the operator
+    reports as CompressionFailed), not the failed gate's exit 3."""
+    model = tmp_path / "exported"
+    model.mkdir()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(torch.nn.Sequential(torch.nn.Linear(4, 3)).eval(), (torch.randn(2, 4),),
+                                  dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(model / "model.pt2"))
+    proc, art, term = run_compress(model, tmp_path, "--method", "auto", "--model-format", "torch.export")
+    assert proc.returncode == contract.COMPRESS_EXIT_FAILED, proc.stderr
+    result = json.loads(term.read_text())
+    assert result["passed"] is False and "no compression candidate could run" in result["reason"]
+    assert all(m in result["reason"] for m in ("int8", "fp16")) and not art.exists()

@@ -581,6 +581,10 @@ def compress(model_dir: Path, artifact_dir: Path, method: str, max_drop: float |
             except MethodUnavailable as e:
                 measured[c] = {"row": {"method": c, "error": str(e)}, "how": None}
             log.info("auto: %s", json.dumps(measured[c]["row"], sort_keys=True))
+        if all(m["how"] is None for m in measured.values()):
+            # nothing was measured, so no gate ran: that is no failed gate
+            raise MethodUnavailable("no compression candidate could run on this model: " + "; ".join(
+                f"{c}: {m['row']['error']}" for c, m in measured.items()))
         rows = [m["row"] for m in measured.values()]
         best, why = choose(rows, objective, float(target) if target is not None else None, latency_batch)
         for r in rows:

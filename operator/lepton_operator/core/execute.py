@@ -13,7 +13,7 @@ A planner returns the whole next status, the events and a flat list of ``Action`
 
 Every kind's answers are handled the same way: a create that finds the object (409) or
 a delete that finds none (404) is done; a 404 on an action that names ``missing_api``
-means an optional API (KEDA, Gateway API) is not installed and becomes one Warning event
+means an optional API (KEDA's ScaledObject, say) is not installed and becomes one Warning event
 instead of an error; a refusal (422, ``kube.Refused``) ends the reconcile and the loop
 reports it as InvalidSpec; any other error ends the reconcile, to be retried. When an
 action fails, the status of step 3 is not written: nothing is reported as done that

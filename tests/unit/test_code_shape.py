@@ -54,3 +54,10 @@ def test_no_test_uses_an_underscored_name_of_the_operator():
                   if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
                   and node.value.id in modules and node.attr.startswith("_") and not node.attr.startswith("__")]
     assert found == []
+
+
+def test_test_modules_have_unique_names():
+    """pytest imports test modules by basename (rootdir-relative, no packages): two with the
+    same name make the second fail to collect."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []

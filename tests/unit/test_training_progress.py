@@ -57,3 +57,10 @@ def test_a_running_job_that_stopped_stepping_is_not_ready_and_says_so_once():
     assert moving.outcome.ready and moving.progress.stalled == ""
     off = dataclasses.replace(observed(20, p.progress, 10.0), progress_interval=0.0)
     assert js.plan(spec, off).outcome.ready                 # without Prometheus nothing is judged
+
+
+def test_a_job_that_exports_no_step_is_read_less_often_and_never_judged():
+    spec = parse_job("j", {"workers": {"min": 2, "max": 2, "replicas": 2}}, "img")
+    silent = dataclasses.replace(observed(None, progress.Progress(), 0.0), step=QueryResult("q", ()))
+    p = js.plan(spec, silent)
+    assert p.outcome.ready and p.progress.next_tick == progress.NO_SERIES_BACKOFF * 1.0

@@ -6,7 +6,7 @@ store its workers cannot reach, a Lighthouse the survivors wait on. The window i
 without a step comes from the job's own pace: ten of its mean step intervals since the
 operator first saw it run, and never less than ``LEPTON_STALL_SECONDS``. A step that goes
 down (a restart from a checkpoint) starts the count again; no series at all (a script
-that exports no metrics) judges nothing. The memory lives in the process (monotonic time):
+that exports no metrics) judges nothing, and is read four times less often. The memory lives in the process (monotonic time):
 a restarted operator starts a fresh window.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import dataclasses
 from lepton_trainer import contract
 
 STEP_INTERVALS = 10          # a window is this many of the job's mean step intervals
+NO_SERIES_BACKOFF = 4        # a job that exports no step is read this many intervals apart
 
 
 @dataclasses.dataclass(frozen=True)

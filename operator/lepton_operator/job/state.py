@@ -803,8 +803,9 @@ def _liveness(observed: JobObserved, p: Plan) -> None:
         return
     mono, seen = observed.monotonic, observed.progress
     if observed.step is not None:
-        seen = dataclasses.replace(progress.update(seen, observed.step.value, mono),
-                                   next_tick=mono + observed.progress_interval)
+        seen = progress.update(seen, observed.step.value, mono)
+        seen = dataclasses.replace(seen, next_tick=mono + observed.progress_interval * (
+            1 if seen.step is not None else progress.NO_SERIES_BACKOFF))
     why = progress.stalled(seen, mono, observed.stall_seconds) if p.outcome.ready else ""
     p.progress = dataclasses.replace(seen, stalled=why)
     p.requeue_after = _sooner(p.requeue_after, max(seen.next_tick - mono, 0.05))

@@ -51,8 +51,8 @@ class JobMemory(Memory):
         by the one before it when this memory was just built from the job's status).
         Read from that status rather than kept beside it, the workers vanished ones are
         counted from and the counts go together: a status write that fails leaves both
-        as they were. A status without the field (an older operator's) lists none."""
-        return frozenset(self.status.get(state.ACTIVE_WORKER_UIDS) or ())
+        as they were."""
+        return state.known_active(self.status)
 
 
 def new_memory(status: Mapping[str, Any]) -> JobMemory:
@@ -122,7 +122,7 @@ def workers(spec: JobSpec, memory: JobMemory, pods: Iterable[state.PodView], now
     vanished = sum(1 for uid in memory.known_active
                    if uid not in by_uid or (by_uid[uid].deleting and uid not in deleted))
     lost, active = lost_workers(memory.addrs, by_name.values(), deleted)
-    return state.Workers(by_name, tuple(views), vanished, lost, active)
+    return state.Workers(by_name, tuple(views), vanished, lost, active, frozenset(deleted), frozenset(created))
 
 
 def lost_workers(addrs: Mapping[str, str], pods: Iterable[state.PodView], deleted: Iterable[str]
@@ -181,9 +181,6 @@ async def observe(body: Mapping[str, Any], spec: JobSpec, memory: JobMemory, ind
         meta=dict(meta), status=memory.status, workers=seen, now=_dt.datetime.now(_dt.timezone.utc),
         free_slots=slots, no_node_fits=no_node_fits, store=store,
         request=next(iter(indices.get("lepton_job_capacity_requests", {}).get(key, [])), None),
-        deleted_uids=frozenset(memory.deleted & {p.uid for p in seen.pods.values()}),
-        created=frozenset(n for n, (_, t) in memory.created.items()
-                          if n not in seen.pods and mono - t < PENDING_CREATE_TTL),
         children=_children(indices, key, memory, mono),
         policies=dict(indices.get("lepton_job_network_policies", {}).get(key, [])),
         policies_applied=dict(memory.policies), monotonic=mono, template=objects.template_hash(spec),
@@ -204,12 +201,9 @@ def remember(memory: JobMemory, observed: state.JobObserved, plan: "state.Plan",
     reconcile, brings the worker back), the shared children it created, the policies it
     applied, the active workers' addresses and the autoscaler's pacing."""
     namespace = observed.meta["namespace"]
-    memory.deleted = set(observed.deleted_uids) | {observed.workers.pods[n].uid for n in plan.delete
-                                                   if n in observed.workers.pods}
-    memory.created = {n: v for n, v in memory.created.items()
-                      if n in observed.created and n not in plan.delete}
-    memory.children = {k: t for k, t in memory.children.items()
-                       if k in observed.children and observed.monotonic - t < PENDING_CREATE_TTL}
+    seen = observed.workers
+    memory.deleted = set(seen.deleted) | {seen.pods[n].uid for n in plan.delete if n in seen.pods}
+    memory.created = {n: v for n, v in memory.created.items() if n in seen.created and n not in plan.delete}
     memory.addrs = dict(observed.workers.addrs)
     memory.policies = dict(plan.policies_applied)
     memory.autoscaler = plan.autoscaler

@@ -170,6 +170,12 @@ def _ts(value: str) -> _dt.datetime | None:
         return None
 
 
+def known_active(status: Mapping[str, Any] | None) -> frozenset[str]:
+    """The uids of the workers active at the last status written (``ACTIVE_WORKER_UIDS``);
+    a status without the field (an older operator's) lists none."""
+    return frozenset((status or {}).get(ACTIVE_WORKER_UIDS) or ())
+
+
 def lost_store(p: PodView, store: StoreView | None, now: _dt.datetime) -> bool:
     """Whether a failed worker failed because the rendezvous store went away: every agent
     exits when its store does, which is the infrastructure's failure, not the workload's.
@@ -728,6 +734,8 @@ class Workers:
     vanished: int = 0                   # active workers gone without the operator deleting them
     lost: tuple[str, ...] = ()          # IPs of the workers active before and not now
     addrs: Mapping[str, str] = dataclasses.field(default_factory=dict)   # uid -> IP of the active ones
+    deleted: frozenset[str] = frozenset()   # uids of workers this loop deleted, not yet gone
+    created: frozenset[str] = frozenset()   # names of workers this loop created, not yet seen
 
     @staticmethod
     def of(pods: Iterable[PodView], vanished: int = 0) -> "Workers":
@@ -766,8 +774,6 @@ class JobObserved:
     store: StoreView | None = None
     request: CapacityRequestView | None = None
     handled_uids: frozenset[str] = frozenset()
-    deleted_uids: frozenset[str] = frozenset()      # workers this loop deleted, not yet gone
-    created: frozenset[str] = frozenset()           # workers this loop created, not yet seen
     children: frozenset[tuple[str, str]] | None = None   # None: not known, nothing is created
     policies: Mapping[str, str] | None = None            # None: not known, nothing is applied
     policies_applied: Mapping[str, tuple[str, float]] = dataclasses.field(default_factory=dict)
@@ -881,14 +887,13 @@ def _writes(spec: JobSpec, observed: JobObserved, p: Plan) -> None:
     namespace, name = meta["namespace"], meta["name"]
     pods = observed.workers.pods
     deleting = {pods[n].uid for n in p.delete if n in pods}
-    known_active = frozenset((observed.status or {}).get(ACTIVE_WORKER_UIDS) or ())
-    if p.counted_uids or observed.workers.vanished or p.delete_job or deleting & known_active:
+    if p.counted_uids or observed.workers.vanished or p.delete_job or deleting & known_active(observed.status):
         p.persist_first = True
     if p.delete_job:
         p.actions = [Action.delete(API_VERSION, JOB_KIND, name, namespace)]
         return
     owner = objects.owner(meta)
-    p.delete = [n for n in p.delete if n in pods or n in observed.created]
+    p.delete = [n for n in p.delete if n in pods or n in observed.workers.created]
     p.actions += [Action.delete("v1", "Pod", n, namespace) for n in p.delete]
     if p.status.get("phase") not in TERMINAL_PHASES and not p.delete_rendezvous:
         p.actions += [Action.create(o) for o in _missing_children(owner, spec, observed)]

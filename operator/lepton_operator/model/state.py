@@ -437,14 +437,18 @@ def _retire(m: _Model) -> None:
     p, retiring, stable = m.plan, m.revs.get("retiring"), m.stable
     if not retiring:
         return
-    if retiring == stable or retiring not in m.deployments or is_ready(m.deployments.get(stable),
-                                                                       p.replicas.get(stable, m.total)):
+    if retiring == stable:
         m.revs.pop("retiring")
-        if retiring != stable:
-            p.replicas.pop(retiring, None)
-        if retiring != stable and retiring in m.deployments:
-            p.events.append((EVENT_NORMAL, REASON_PROMOTED, f"revision {retiring} retired: every pod of "
-                                                            f"revision {stable} is ready"))
+        return
+    if retiring not in m.deployments:                 # nothing left to retire
+        m.revs.pop("retiring")
+        p.replicas.pop(retiring, None)
+        return
+    if is_ready(m.deployments.get(stable), p.replicas.get(stable, m.total)):
+        m.revs.pop("retiring")
+        p.replicas.pop(retiring, None)
+        p.events.append((EVENT_NORMAL, REASON_PROMOTED, f"revision {retiring} retired: every pod of "
+                                                        f"revision {stable} is ready"))
         return
     p.replicas.setdefault(retiring, m.deployments[retiring].replicas)
     p.requeue(1)

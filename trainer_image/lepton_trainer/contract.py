@@ -12,6 +12,15 @@ METRICS_PORT = 9400        # trainer's Prometheus metrics (prometheus-client)
 SERVE_PORT = 8080          # inference server: Open Inference Protocol v2 REST + /metrics
 GRPC_PORT = 8081           # inference server: v2 gRPC (inference.GRPCInferenceService)
 
+# --- The rendezvous store's credential ---------------------------------------------------
+# The operator keeps a random token in the job's Secret ``<job>-rdzv`` (key RDZV_TOKEN_KEY),
+# mounted read-only into the store pod at RDZV_TOKEN_DIR. The store's control port then
+# requires ``Authorization: Bearer <token>``; a store without the file (a pod of an older
+# job) requires none.
+RDZV_TOKEN_KEY = "token"
+RDZV_TOKEN_DIR = "/var/run/secrets/lepton.ai/rendezvous"
+RDZV_TOKEN_FILE = f"{RDZV_TOKEN_DIR}/{RDZV_TOKEN_KEY}"
+
 # --- Environment set by the operator on training workers -----------------------------
 ENV_JOB_NAME = "LEPTON_JOB_NAME"
 ENV_JOB_NAMESPACE = "LEPTON_JOB_NAMESPACE"
@@ -59,14 +68,22 @@ ENV_COMPRESSION_METHOD = "LEPTON_COMPRESSION_METHOD"        # one of COMPRESSION
 ENV_COMPRESSION_PARAMS = "LEPTON_COMPRESSION_PARAMS"        # JSON object of method parameters
 ENV_MAX_ACCURACY_DROP = "LEPTON_MAX_ACCURACY_DROP"          # float, absolute accuracy points (0..1)
 ENV_COMPRESSION_EVALUATION = "LEPTON_COMPRESSION_EVALUATION"  # JSON object: the gate (gates.py)
-COMPRESSION_METHODS = ("int8", "fp16", "bf16", "prune", "prune-structured", "distill", "none", "auto")
+COMPRESSION_METHODS = ("int8", "int8-static", "fp16", "bf16", "prune", "prune-structured", "distill",
+                       "none", "auto")
+# The methods implemented for exported programs (int8-static: exported programs only); every
+# other pair of an exported format and a method is refused by the CRD and the parser.
+EXPORTED_FORMAT_METHODS = {"torch.export": ("int8", "int8-static", "fp16", "bf16", "none", "auto"),
+                           "onnx": ("int8", "int8-static", "fp16", "none", "auto"),
+                           "torchscript": ("fp16", "bf16", "none", "auto")}
+ENV_COMPRESSION_LATENCY_BUDGET = "LEPTON_COMPRESSION_LATENCY_BUDGET_SECONDS"  # seconds of timed passes per candidate
+COMPRESSION_LATENCY_BUDGET_SECONDS = 10     # its default (the CRD's and the parser's)
 MODEL_FORMATS = ("builtin", "torch.export", "torchscript", "huggingface", "onnx")  # ENV_MODEL_FORMAT values
 # Keys of the ENV_COMPRESSION_EVALUATION object (gates.py) and of the auto parameters in
 # ENV_COMPRESSION_PARAMS (compress.py); paths in them are absolute paths in the container.
 EVALUATION_FIELDS = ("type", "path", "metric", "k", "maxDrop", "threshold", "samples", "output")
 EVALUATION_TYPES = ("data", "fidelity")
 EVALUATION_METRICS = {"data": ("accuracy", "top_k", "mse"), "fidelity": ("top1_agreement", "cosine")}
-AUTO_PARAMS = ("candidates", "objective", "latencyTargetMs", "latencyBatch")
+AUTO_PARAMS = ("candidates", "objective", "latencyTargetMs", "latencyBatch", "measureAll")
 AUTO_OBJECTIVES = ("size", "latency")
 # The compression result (RESULT_FILE and the termination message). RESULT_PASSED and
 # RESULT_REASON are the verdict: the operator reports them and never re-derives them.
@@ -81,6 +98,11 @@ COMPRESS_EXIT_GATE_FAILED = 3     # exit status when the gate fails (no artifact
 # Batching settings of `python -m lepton_trainer.serve`
 ENV_MAX_BATCH_SIZE = "LEPTON_MAX_BATCH_SIZE"
 ENV_MAX_BATCH_DELAY_MS = "LEPTON_MAX_BATCH_DELAY_MS"
+# Load shedding of `python -m lepton_trainer.serve` (admission.py)
+ENV_MAX_CONCURRENT_REQUESTS = "LEPTON_MAX_CONCURRENT_REQUESTS"  # infer requests admitted at once
+ENV_MAX_QUEUED_REQUESTS = "LEPTON_MAX_QUEUED_REQUESTS"          # requests waiting for a batch
+ENV_QUEUE_TIMEOUT_MS = "LEPTON_QUEUE_TIMEOUT_MS"                # longest wait for a batch
+ENV_MEMORY_LIMIT_BYTES = "LEPTON_MEMORY_LIMIT_BYTES"            # the container's memory limit
 
 # --- Inference server metrics (served on SERVE_PORT at METRICS_PATH) -----------------
 METRICS_MODEL_LABEL = "lepton_model"                          # served model name
@@ -90,6 +112,14 @@ METRIC_SERVE_REQUESTS = "lepton_serve_requests_total"         # counter, label "
 METRIC_SERVE_LATENCY = "lepton_serve_request_duration_seconds"  # histogram
 METRIC_SERVE_INFLIGHT = "lepton_serve_inflight_requests"      # gauge
 METRIC_SERVE_BATCH_SIZE = "lepton_serve_batch_size"           # histogram
+METRIC_SERVE_REFUSED = "lepton_serve_refused_requests_total"  # counter, label "reason" (REFUSAL_REASONS)
+METRIC_SERVE_QUEUE_DEPTH = "lepton_serve_queue_depth"         # gauge: requests waiting for a batch
+METRIC_SERVE_ADMITTED_BYTES = "lepton_serve_admitted_bytes"   # gauge: memory reserved by admitted requests
+METRIC_SERVE_MEMORY_BUDGET = "lepton_serve_memory_budget_bytes"  # gauge: what requests may reserve
+METRIC_SERVE_ROW_BYTES = "lepton_serve_row_bytes"             # gauge: measured memory per row
+METRIC_SERVE_MAX_REQUEST_ROWS = "lepton_serve_max_request_rows"  # gauge: rows one request may carry
+# Why a request was refused (label "reason" of METRIC_SERVE_REFUSED)
+REFUSAL_REASONS = ("concurrency", "queue_full", "memory", "too_large", "deadline")
 
 # --- Inference server HTTP paths (Open Inference Protocol v2) -------------------------
 HEALTH_LIVE_PATH = "/v2/health/live"

@@ -42,7 +42,7 @@ class Server:
         out: dict[str, float] = {}
         for fam in text_string_to_metric_families(self.get(contract.METRICS_PATH).text):
             for s in fam.samples:
-                extra = s.labels.get("code") or s.labels.get("le")
+                extra = s.labels.get("code") or s.labels.get("le") or s.labels.get("reason")
                 out[s.name + (f"[{extra}]" if extra else "")] = s.value
                 assert s.labels.get(contract.METRICS_MODEL_LABEL) == self.name
         return out

@@ -87,7 +87,6 @@ def test_metadata_config_statistics_and_index(client):
     ("input", [1, 63], "FP32", "does not match [N, 64]"),
     ("input", [1, 64], "FP64", "this model takes FP32"),
     ("pixels", [1, 64], "FP32", "unknown input 'pixels'"),
-    ("input", [17, 64], "FP32", "request too large: 17 rows"),
 ])
 def test_bad_tensors_get_invalid_argument(client, srv, name, shape, dtype, message):
     before = srv.metrics().get("lepton_serve_requests_total[400]", 0)
@@ -100,6 +99,21 @@ def test_bad_tensors_get_invalid_argument(client, srv, name, shape, dtype, messa
     ok = grpcclient.InferInput("input", [1, 64], "FP32")
     ok.set_data_from_numpy(np.zeros((1, 64), np.float32))
     assert client.infer(MODEL, [ok]).as_numpy("logits").shape == (1, 10)
+
+
+def test_too_many_rows_is_resource_exhausted_naming_the_limit(client, srv):
+    before = srv.metrics()
+    inp = grpcclient.InferInput("input", [17, 64], "FP32")
+    inp.set_data_from_numpy(np.zeros((17, 64), np.float32))
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(MODEL, [inp])
+    assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert "request too large: 17 rows, the limit is 16 rows per request" in e.value.message()
+    assert "memory limit" in e.value.message() and "bytes per row" in e.value.message()
+    after = srv.metrics()
+    assert after["lepton_serve_requests_total[413]"] == before.get("lepton_serve_requests_total[413]", 0) + 1
+    assert after["lepton_serve_refused_requests_total[too_large]"] == \
+        before["lepton_serve_refused_requests_total[too_large]"] + 1
 
 
 def test_raw_bytes_that_do_not_match_the_shape(client):

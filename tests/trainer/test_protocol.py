@@ -33,7 +33,7 @@ def model_dir(tmp_path_factory):
 def srv(tmp_path_factory, model_dir):
     start, servers = _starter(tmp_path_factory.mktemp("proto-srv"))
     server = start(model_dir, "--max-body-bytes", str(16 * 1024 * 1024), "--idle-timeout", "1",
-                   "--body-timeout", "5")
+                   "--body-timeout", "5", "--max-request-rows", "1000")
     yield server
     assert server.stop() == 0, server.log()
     assert "Traceback" not in server.log(), server.log()

@@ -66,6 +66,7 @@ def test_ready_only_after_load_and_warm_up(start, tmp_path):
     m = srv.metrics()
     # the warm-up went through the real batching path before readiness, and is not a client request
     assert m["lepton_serve_batch_size_count"] == 1 and m["lepton_serve_batch_size_sum"] == 1
+    assert m["lepton_serve_row_bytes"] > 0 and m["lepton_serve_max_request_rows"] == 32
     assert m["lepton_serve_requests_total[503]"] == 1 and "lepton_serve_requests_total[200]" not in m
 
     r = srv.infer(body(x, id="req-1"))
@@ -140,7 +141,6 @@ def _ok(n=1, **over):
     (_ok(data=[[0.5] * 64, [0.5]]), "not a regular array"),
     (b'{"inputs":[{"name":"input","shape":[1,64],"datatype":"FP32","data":[NaN' + b',0.5' * 63 + b']}]}',
      "NaN or infinite"),
-    (_ok(n=17), "request too large: 17 rows"),
     (_ok() | {"outputs": [{"name": "embeddings"}]}, "unknown outputs ['embeddings']"),
 ])
 def test_bad_input_gets_400_with_the_reason(shared, payload, message):
@@ -163,8 +163,13 @@ def test_too_large_body_and_unknown_model(shared):
     r = srv.get(f"/v2/models/{MODEL}/infer")
     assert r.status_code == 405 and r.json()["error"] and r.headers["Allow"] == "POST"
     assert srv.infer(_ok(3)).status_code == 200
+    r = srv.infer(_ok(n=17))
+    assert r.status_code == 413 and "request too large: 17 rows, the limit is 16 rows" in r.json()["error"]
+    assert "memory limit" in r.json()["error"]
     m = srv.metrics()
-    assert m["lepton_serve_requests_total[413]"] == before.get("lepton_serve_requests_total[413]", 0) + 1
+    assert m["lepton_serve_requests_total[413]"] == before.get("lepton_serve_requests_total[413]", 0) + 2
+    assert m["lepton_serve_refused_requests_total[too_large]"] == \
+        before["lepton_serve_refused_requests_total[too_large]"] + 1
     assert m["lepton_serve_requests_total[404]"] == before.get("lepton_serve_requests_total[404]", 0) + 1
 
 

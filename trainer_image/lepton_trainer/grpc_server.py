@@ -6,7 +6,14 @@ the gRPC server first starts (:func:`load_protos`), so no generated code is kept
 repository. The servicer runs on the REST server's event loop (``grpc.aio``) and shares
 its model, dynamic batcher, statistics and Prometheus metrics; a gRPC status is counted
 under the HTTP code of the same meaning (OK 200, INVALID_ARGUMENT 400, NOT_FOUND 404,
-UNAVAILABLE 503, INTERNAL 500, CANCELLED 499).
+UNAVAILABLE 503, INTERNAL 500, CANCELLED 499; RESOURCE_EXHAUSTED 503 when the server is
+busy, 413 when the request can never fit).
+
+Inference passes the server's admission (concurrency, memory, the batch queue) like a
+REST request; grpc itself admits at most ``RPC_HEADROOM`` RPCs more than the server's
+concurrency limit. Inputs over 64 KiB are decoded in the server's decoder thread, off
+the event loop. A request waits for a batch no longer than its deadline or Triton's
+``timeout`` parameter (µs), if either is shorter than the server's queue timeout.
 
 Implemented: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata,
 ModelInfer (typed ``contents`` or ``raw_input_contents`` in; ``raw_output_contents``
@@ -25,6 +32,7 @@ import grpc
 from google.protobuf import json_format
 
 from . import v2
+from .admission import Refused
 
 if TYPE_CHECKING:
     from .serve import ModelServer
@@ -54,10 +62,20 @@ HTTP_CODE = {grpc.StatusCode.OK: 200, grpc.StatusCode.INVALID_ARGUMENT: 400,
              grpc.StatusCode.RESOURCE_EXHAUSTED: 413}
 
 
+# RPCs beyond the server's limit on concurrent inference requests that grpc itself admits
+# (metadata, health, statistics) before it answers RESOURCE_EXHAUSTED on its own.
+RPC_HEADROOM = 16
+
+
 class Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, http: int | None = None):
         super().__init__(message)
-        self.code = code
+        self.code, self.http = code, http or HTTP_CODE.get(code, 500)
+
+
+def refused(e: "Refused") -> Abort:
+    """A refusal as RESOURCE_EXHAUSTED, counted as 413 (never fits) or 503 (busy)."""
+    return Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), 413 if e.too_large else 503)
 
 
 class InferenceServicer:
@@ -145,13 +163,37 @@ class InferenceServicer:
             raise v2.ProtocolError(f"inputs disagree on the batch size (first dimension): {sorted(rows)}")
         return arrays, rows.pop()
 
-    async def _infer(self, request):
+    @staticmethod
+    def _timeout(request, context) -> float | None:
+        """Seconds the request may wait: its deadline, or Triton's ``timeout`` parameter."""
+        waits = [context.time_remaining()]
+        if "timeout" in request.parameters:
+            us = v2.timeout_parameter(request.parameters["timeout"].int64_param)
+            waits.append(us and us / 1e6)
+        waits = [w for w in waits if w is not None]
+        return min(waits) if waits else None
+
+    async def _infer(self, request, context):
         try:
             self.s.check_model(request.model_name, request.model_version)
         except LookupError as e:
             raise Abort(grpc.StatusCode.NOT_FOUND, str(e)) from None
         if not self.s.ready:
             raise Abort(grpc.StatusCode.UNAVAILABLE, f"model {self.s.name!r} is not ready")
+        size = request.ByteSize()
+        try:
+            ticket = self.s.admission.enter(size)
+        except Refused as e:
+            raise refused(e) from None
+        try:
+            return await self._admitted(request, context, ticket, size)
+        except Refused as e:
+            raise refused(e) from None
+        finally:
+            self.s.admission.leave(ticket)
+
+    async def _admitted(self, request, context, ticket, size: int):
+        """Decode (in the decoder thread when large), reserve the rows' memory, run."""
         m = self.s.model
         known = [o.name for o in m.outputs]
         names = [o.name for o in request.outputs] or known
@@ -159,8 +201,11 @@ class InferenceServicer:
         try:
             if unknown:
                 raise v2.ProtocolError(f"unknown outputs {unknown}; known: {known}")
-            arrays, rows = self._inputs(request)
-            out = await self.s.infer_arrays(arrays)
+            arrays, rows = await self.s.offload(size, self._inputs, request)
+            self.s.admission.add_rows(ticket, rows)
+            out = await self.s.infer_arrays(arrays, timeout=self._timeout(request, context))
+        except v2.TooManyRows as e:
+            raise refused(self.s.too_many_rows(e)) from None
         except v2.ProtocolError as e:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except v2.ModelFailed as e:
@@ -178,9 +223,9 @@ class InferenceServicer:
         # them right after its answer sees its own request counted
         t0 = self.s.begin()
         try:
-            response, rows = await self._infer(request)
+            response, rows = await self._infer(request, context)
         except Abort as e:
-            self.s.end(t0, HTTP_CODE.get(e.code, 500))
+            self.s.end(t0, e.http)
             await context.abort(e.code, str(e))
         except asyncio.CancelledError:
             self.s.end(t0, HTTP_CODE[grpc.StatusCode.CANCELLED])
@@ -202,7 +247,8 @@ def servicer(server: "ModelServer") -> InferenceServicer:
 
 async def start(server: "ModelServer", host: str, port: int) -> grpc.aio.Server:
     limit = server.max_body_bytes
-    aio = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+    aio = grpc.aio.server(maximum_concurrent_rpcs=server.shedding.max_concurrent + RPC_HEADROOM,
+                          options=[("grpc.max_receive_message_length", limit),
                                    ("grpc.max_send_message_length", -1),
                                    ("grpc.so_reuseport", 0)])
     impl = servicer(server)

@@ -29,12 +29,21 @@ padded to the longest (masked) and each answer is cut back to its own length. A 
 with more rows than ``--max-batch-size`` runs as a batch of its own. If a batched forward
 pass fails, its requests are retried one by one so that one bad request fails alone.
 
+Load is shed before it can exhaust the process (:mod:`admission`): at most
+``--max-concurrent-requests`` inference requests at once, ``--max-queued-requests``
+waiting for a batch, and the memory their bodies and rows need within a budget measured
+from the memory limit at start-up; past those a request gets 503 with ``Retry-After``
+(gRPC RESOURCE_EXHAUSTED), one that waited for a batch longer than ``--queue-timeout-ms``
+or its own deadline is refused uncomputed, and one with more rows than the memory
+allows (``max_batch_size`` of the model configuration) gets 413. Refusals are counted
+in ``lepton_serve_refused_requests_total`` by reason.
+
 Bad input gets 400 with the reason (malformed JSON, JSON nested deeper than 64 levels,
 a non-string ``id``, unknown or missing inputs, datatype, shape or byte-size mismatches);
 an output holding NaN or infinity asked for as JSON gets 400 too (JSON cannot carry it:
 ask for it with ``binary_data`` or over gRPC). Unknown model or version: 404. A body over
-``--max-body-bytes``: 413. A Content-Type other than JSON or octet-stream: 415. A body
-not received within ``--body-timeout``: 408. A client that disconnects before its
+``--max-body-bytes``, or more rows than a request may carry: 413. A Content-Type other
+than JSON or octet-stream: 415. A body not received within ``--body-timeout``: 408. A client that disconnects before its
 request is read is counted with code ``499`` and logged in one line. Bodies over 64 KiB
 are parsed and answered in a worker thread, so health probes stay answered. A connection
 that sends no complete request within ``--idle-timeout`` seconds is closed (slow or
@@ -51,6 +60,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -66,7 +76,8 @@ import torch
 from aiohttp import web, web_log
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from . import contract, grpc_server, modelio, v2
+from . import admission, contract, grpc_server, modelio, v2
+from .admission import Refused
 from .v2 import EXTENSIONS, VERSION, ModelFailed
 
 log = logging.getLogger("lepton_trainer.serve")
@@ -113,14 +124,19 @@ class Batcher:
     """Collects concurrent requests into batches of at most ``max_rows`` rows and runs each
     batch as one call of ``forward`` per tensor shape, in a single worker thread.
 
-    ``submit`` takes a tensor or a dict of tensors (all with the same first dimension)."""
+    ``submit`` takes a tensor or a dict of tensors (all with the same first dimension).
+    At most ``max_queued`` requests wait for a batch (0: no bound); one more is refused
+    (:class:`admission.Refused`, ``queue_full``), and a request whose deadline passes
+    before a batch takes it is dropped uncomputed (``deadline``); ``on_refuse`` counts both."""
 
     def __init__(self, forward: Callable[[Any], dict[str, torch.Tensor]],
                  max_rows: int, max_delay_s: float, on_batch: Callable[[int], None],
-                 model: Callable[[], Any] | None = None):
+                 model: Callable[[], Any] | None = None, max_queued: int = 0,
+                 on_refuse: Callable[[str], None] = lambda reason: None):
         self.forward, self.max_rows, self.max_delay_s, self.on_batch = forward, max_rows, max_delay_s, on_batch
         self.model = model     # returns the LoadedModel whose batch_key/collate/uncollate apply
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.on_refuse = on_refuse
+        self.queue: asyncio.Queue = asyncio.Queue(max_queued)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self._task: asyncio.Task | None = None
         self.draining = False     # set on shutdown: open batches run without waiting
@@ -136,12 +152,33 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)
         self.executor.shutdown(wait=True)
 
-    async def submit(self, x, wait: bool = True) -> dict[str, torch.Tensor]:
-        """Run ``x`` in the next batch; ``wait=False`` closes a batch it opens at once."""
+    async def submit(self, x, wait: bool = True, deadline: float | None = None) -> dict[str, torch.Tensor]:
+        """Run ``x`` in the next batch; ``wait=False`` closes a batch it opens at once.
+        ``deadline`` (event-loop time) drops ``x`` uncomputed if no batch took it by then."""
         fut = asyncio.get_running_loop().create_future()
         rows = len(x) if isinstance(x, torch.Tensor) else _rows(x)
-        await self.queue.put((x, fut, wait, rows))
+        try:
+            self.queue.put_nowait((x, fut, wait, rows, deadline))
+        except asyncio.QueueFull:
+            self.on_refuse("queue_full")
+            raise Refused("queue_full", f"server busy: {self.queue.maxsize} requests are waiting "
+                                        f"for a batch, the limit") from None
         return await fut
+
+    def _expired(self, items: list) -> list:
+        """``items`` less those whose client went away or whose deadline passed (answered
+        with ``deadline``, never computed)."""
+        now, live = asyncio.get_running_loop().time(), []
+        for it in items:
+            if it[1].done():
+                continue
+            if it[4] is not None and now > it[4]:
+                self.on_refuse("deadline")
+                it[1].set_exception(Refused("deadline", "server busy: the request waited past its "
+                                                        "deadline before a batch took it"))
+                continue
+            live.append(it)
+        return live
 
     async def _collect(self, first) -> tuple[list, Any]:
         loop = asyncio.get_running_loop()
@@ -206,7 +243,7 @@ class Batcher:
         while True:
             first, carry = carry or await self.queue.get(), None
             items, carry = await self._collect(first)
-            items = [it for it in items if not it[1].done()]   # the client went away
+            items = self._expired(items)
             model = self.model() if self.model else None
             groups: dict[Any, list] = collections.defaultdict(list)
             for it in items:
@@ -239,10 +276,22 @@ class Stats:
 
 # --- the server ----------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class Shedding:
+    """What the server admits (see :mod:`admission`): requests at once, requests waiting
+    for a batch, the longest wait, and the memory limit (None: the cgroup's)."""
+    max_concurrent: int = 64
+    max_queued: int = 32
+    queue_timeout_ms: int = 5000
+    memory_limit: int | None = None
+
+
 class ModelServer:
     def __init__(self, model_dir: Path, name: str, max_batch_size: int, max_batch_delay_ms: float,
-                 max_request_rows: int, labels: dict[str, str], model_format: str | None = None):
+                 max_request_rows: int, labels: dict[str, str], model_format: str | None = None,
+                 shedding: "Shedding | None" = None):
         self.model_dir, self.name, self.max_request_rows = model_dir, name, max_request_rows
+        self.shedding = shedding or Shedding()
         self.model_format = model_format
         self.max_batch_size, self.max_batch_delay_ms = max_batch_size, max_batch_delay_ms
         self.model: modelio.LoadedModel | None = None
@@ -263,9 +312,35 @@ class ModelServer:
         batch_buckets = sorted({2 ** i for i in range(13) if 2 ** i < max_batch_size} | {max_batch_size})
         self.batch_size = Histogram(contract.METRIC_SERVE_BATCH_SIZE, "Rows per forward pass",
                                     names, buckets=batch_buckets, registry=self.registry).labels(**labels)
+        self.refused = Counter(contract.METRIC_SERVE_REFUSED.removesuffix("_total"),
+                               "Inference requests refused before they were computed, by reason",
+                               names + ["reason"], registry=self.registry)
+        for reason in contract.REFUSAL_REASONS:
+            self.refused.labels(**labels, reason=reason)
         self.batcher = Batcher(self._forward, max_batch_size, max_batch_delay_ms / 1000.0,
-                               self.batch_size.observe, model=lambda: self.model)
+                               self.batch_size.observe, model=lambda: self.model,
+                               max_queued=self.shedding.max_queued, on_refuse=self._count_refusal)
+        self.admission = admission.Admission(self.shedding.max_concurrent, self._count_refusal)
+        self._limit_gauges(names)
         self.decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")
+
+    def _count_refusal(self, reason: str) -> None:
+        self.refused.labels(**self.labels, reason=reason).inc()
+
+    def _limit_gauges(self, names: list[str]) -> None:
+        def gauge(name: str, doc: str, fn: Callable[[], float]) -> None:
+            Gauge(name, doc, names, registry=self.registry).labels(**self.labels).set_function(fn)
+        lim = lambda: self.admission.limits  # noqa: E731
+        gauge(contract.METRIC_SERVE_QUEUE_DEPTH, "Inference requests waiting for a batch",
+              lambda: self.batcher.queue.qsize())
+        gauge(contract.METRIC_SERVE_ADMITTED_BYTES, "Memory reserved by the admitted requests",
+              lambda: self.admission.bytes)
+        gauge(contract.METRIC_SERVE_MEMORY_BUDGET, "Memory the admitted requests may reserve together",
+              lambda: lim().budget if lim() else 0)
+        gauge(contract.METRIC_SERVE_ROW_BYTES, "Measured memory of one row in flight",
+              lambda: lim().row_bytes if lim() else 0)
+        gauge(contract.METRIC_SERVE_MAX_REQUEST_ROWS, "Rows one request may carry",
+              lambda: self.max_request_rows)
 
     # model ---------------------------------------------------------------------------
     def _forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -284,14 +359,41 @@ class ModelServer:
             loop = asyncio.get_running_loop()
             self.model = await loop.run_in_executor(None, modelio.load, self.model_dir, self.model_format)
             await self.infer_arrays(self.model.sample(1), warm_up=True)
+            limits = await self._measure()
         except Exception:  # noqa: BLE001 - any failure here means this server cannot serve
             log.exception("model %s from %s failed to load or warm up", self.name, self.model_dir)
             self.exit_code = 1
             stop.set()
             return
+        if limits.max_rows < 1:
+            log.error("model %s cannot serve one row within its memory: %s", self.name, limits.describe())
+            self.exit_code = 1
+            stop.set()
+            return
+        self.admission.calibrate(limits)
+        self.max_request_rows = limits.max_rows
+        self.batcher.max_rows = min(self.batcher.max_rows, limits.max_rows)
+        log.info("admission: %s; at most %d requests at once, %d waiting for a batch, %d ms in the queue",
+                 limits.describe(), self.shedding.max_concurrent, self.shedding.max_queued,
+                 self.shedding.queue_timeout_ms)
         self.ready = True
         log.info("model %s ready (%s)", self.name,
                  ", ".join(f"{k}={v}" for k, v in self.model.describe().items() if v))
+
+    async def _measure(self) -> admission.Limits:
+        """The memory of a row: the resident set's peak growth over one batch (see admission)."""
+        rows = min(self.max_request_rows, admission.MEASURE_ROWS)
+        sample, m = self.model.sample(rows, seed=1), self.model
+
+        def run() -> dict[str, torch.Tensor]:    # what a batch does, uncounted (no client asked)
+            return m.forward(m.collate([m.prepare(sample)]))
+        with admission.PeakGrowth() as growth:
+            out = await asyncio.get_running_loop().run_in_executor(self.batcher.executor, run)
+        io = sum(a.nbytes for a in sample.values() if a.dtype != object) + \
+            sum(t.numel() * t.element_size() for t in out.values())
+        row_bytes = max(growth.bytes, 2 * io) // rows
+        limit, source = admission.memory_limit(self.shedding.memory_limit)
+        return admission.Limits.derive(limit, source, admission.rss_bytes(), row_bytes, self.max_request_rows)
 
     def _present(self) -> bool:
         """A model is there: meta.json for a built-in directory (written last), else any
@@ -311,12 +413,21 @@ class ModelServer:
             self._why_absent = str(e)
             return False
 
-    async def infer_arrays(self, tensors: dict[str, np.ndarray], warm_up: bool = False) -> dict[str, np.ndarray]:
-        """The shared core of REST and gRPC: prepare, batch, run, convert."""
+    async def infer_arrays(self, tensors: dict[str, np.ndarray], warm_up: bool = False,
+                           timeout: float | None = None) -> dict[str, np.ndarray]:
+        """The shared core of REST and gRPC: prepare, batch, run, convert. A request that
+        waits for a batch longer than the queue timeout (or ``timeout`` seconds, if
+        shorter) is refused uncomputed."""
         loop = asyncio.get_running_loop()
         prepared = await loop.run_in_executor(self.decoder, self.model.prepare, tensors)
+        wait = self.shedding.queue_timeout_ms / 1000.0
+        if timeout is not None:
+            wait = min(wait, timeout)
         try:
-            out = await self.batcher.submit(prepared, wait=not warm_up)
+            out = await self.batcher.submit(prepared, wait=not warm_up,
+                                            deadline=None if warm_up else loop.time() + wait)
+        except Refused:
+            raise
         except Exception as e:  # noqa: BLE001
             raise ModelFailed(f"the model failed on this request: {type(e).__name__}: {e}") from e
         return {s.name: modelio.to_numpy(out[s.name], s.datatype) for s in self.model.outputs}
@@ -348,7 +459,7 @@ class ModelServer:
                     **({"reshape": {"shape": []}} if len(s.shape) == 1 else {})}
         m = self.model
         return {"name": self.name, "platform": m.platform, "backend": "lepton",
-                "max_batch_size": self.max_batch_size,
+                "max_batch_size": self.max_request_rows,     # what a request may carry (admission)
                 "input": [io(s) for s in m.inputs], "output": [io(s) for s in m.outputs],
                 "dynamic_batching": {"max_queue_delay_microseconds": int(self.max_batch_delay_ms * 1000)},
                 "version_policy": {"latest": {"num_versions": 1}}}
@@ -443,7 +554,8 @@ class ModelServer:
         finally:
             self.end(t0, code, rows)
 
-    async def _offload(self, size: int, fn, *args):
+    async def offload(self, size: int, fn, *args):
+        """``fn(*args)``, in the decoder thread when ``size`` bytes are at stake."""
         if size < OFFLOAD_BYTES:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.decoder, fn, *args)
@@ -472,6 +584,18 @@ class ModelServer:
                 raise ConnectionResetError(str(e) or type(e).__name__) from None
             raise
 
+    def refusal(self, e: Refused) -> web.HTTPException:
+        """A refused request's answer: 413 if it can never fit, else 503 and Retry-After."""
+        if e.too_large:
+            return _error(web.HTTPRequestEntityTooLarge, str(e), max_size=self.max_body_bytes, actual_size=0)
+        return _error(web.HTTPServiceUnavailable, str(e), headers={"Retry-After": str(admission.RETRY_AFTER_S)})
+
+    def too_many_rows(self, e: v2.TooManyRows) -> Refused:
+        """``e`` as a refusal, counted, with the memory behind the row limit named."""
+        self._count_refusal("too_large")
+        lim = self.admission.limits
+        return Refused("too_large", f"{e} ({lim.describe()})" if lim else str(e))
+
     def _too_large(self) -> web.HTTPException:
         return _error(web.HTTPRequestEntityTooLarge,
                       f"request too large: the body exceeds {self.max_body_bytes} bytes",
@@ -479,7 +603,21 @@ class ModelServer:
 
     async def _infer(self, request: web.Request) -> tuple[web.Response, int]:
         self._model(request)
+        try:
+            ticket = self.admission.enter(request.content_length or 0, request.content_type.endswith("json"))
+        except Refused as e:
+            raise self.refusal(e) from None
+        try:
+            return await self._admitted(request, ticket)
+        except Refused as e:
+            raise self.refusal(e) from None
+        finally:
+            self.admission.leave(ticket)
+
+    async def _admitted(self, request: web.Request, ticket: admission.Ticket) -> tuple[web.Response, int]:
         body = await self._read(request)
+        if request.content_length is None:
+            self.admission.add_bytes(ticket, len(body))
         self._require_ready()
         raw_len = request.headers.get(v2.HEADER_LENGTH)
         try:
@@ -488,14 +626,17 @@ class ModelServer:
             raise BadRequest(f"{v2.HEADER_LENGTH} must be an integer, got {raw_len!r}") from None
         m = self.model
         try:
-            req = await self._offload(len(body), v2.parse_rest, body, header_len, m.inputs,
-                                      m.outputs, self.max_request_rows)
-            out = await self.infer_arrays(req.inputs)
+            req = await self.offload(len(body), v2.parse_rest, body, header_len, m.inputs,
+                                     m.outputs, self.max_request_rows)
+            self.admission.add_rows(ticket, req.rows)
+            out = await self.infer_arrays(req.inputs, timeout=req.timeout_us and req.timeout_us / 1e6)
             size = sum(a.nbytes for a in out.values() if a.dtype != object)
             tensors = [(n, m_spec.datatype, out[n]) for n in req.outputs
                        for m_spec in m.outputs if m_spec.name == n]
-            payload, json_len = await self._offload(8 * size, v2.rest_response, self.name, VERSION,
+            payload, json_len = await self.offload(8 * size, v2.rest_response, self.name, VERSION,
                                                     req.id, tensors, req.binary)
+        except v2.TooManyRows as e:
+            raise self.too_many_rows(e) from None
         except v2.ProtocolError as e:
             raise BadRequest(str(e)) from None
         except ModelFailed as e:
@@ -599,7 +740,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="most rows in one forward pass (1 = no batching)")
     p.add_argument("--max-batch-delay-ms", type=float, default=float(env(contract.ENV_MAX_BATCH_DELAY_MS, 0)),
                    help="longest wait for a batch to fill; 0 batches what queued during the previous batch")
-    p.add_argument("--max-request-rows", type=int, default=1024, help="most rows in one request")
+    p.add_argument("--max-request-rows", type=int, default=None,
+                   help="most rows in one request (default: --max-batch-size); fewer if the memory "
+                        "limit holds fewer")
+    p.add_argument("--max-concurrent-requests", type=int,
+                   default=int(env(contract.ENV_MAX_CONCURRENT_REQUESTS, Shedding.max_concurrent)),
+                   help="inference requests admitted at once (REST and gRPC together); more get 503")
+    p.add_argument("--max-queued-requests", type=int,
+                   default=int(env(contract.ENV_MAX_QUEUED_REQUESTS, Shedding.max_queued)),
+                   help="requests waiting for a batch; more get 503")
+    p.add_argument("--queue-timeout-ms", type=int,
+                   default=int(env(contract.ENV_QUEUE_TIMEOUT_MS, Shedding.queue_timeout_ms)),
+                   help="a request that waits longer for a batch is refused uncomputed")
+    p.add_argument("--memory-limit-bytes", type=int, default=int(env(contract.ENV_MEMORY_LIMIT_BYTES, 0)) or None,
+                   help="the memory the server may use (default: the cgroup's limit)")
     p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="largest request body")
     p.add_argument("--idle-timeout", type=float, default=15.0,
                    help="seconds a connection may stay without a complete request (headers)")
@@ -610,8 +764,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.model_dir:
         p.error(f"--model-dir or {contract.ENV_MODEL_DIR} is required")
+    if args.max_request_rows is None:
+        args.max_request_rows = args.max_batch_size
     if args.max_batch_size < 1 or args.max_batch_delay_ms < 0 or args.max_request_rows < 1:
         p.error("--max-batch-size and --max-request-rows must be >= 1, --max-batch-delay-ms >= 0")
+    if min(args.max_concurrent_requests, args.max_queued_requests, args.queue_timeout_ms) < 1:
+        p.error("--max-concurrent-requests, --max-queued-requests and --queue-timeout-ms must be >= 1")
     if args.idle_timeout <= 0 or args.body_timeout <= 0:
         p.error("--idle-timeout and --body-timeout must be > 0")
     return args
@@ -622,7 +780,9 @@ async def serve(args: argparse.Namespace) -> int:
               contract.METRICS_MODEL_NAMESPACE_LABEL: os.environ.get(contract.ENV_MODEL_NAMESPACE, ""),
               contract.METRICS_REVISION_LABEL: os.environ.get(contract.ENV_MODEL_REVISION, "")}
     server = ModelServer(Path(args.model_dir), args.model_name, args.max_batch_size,
-                         args.max_batch_delay_ms, args.max_request_rows, labels, args.model_format)
+                         args.max_batch_delay_ms, args.max_request_rows, labels, args.model_format,
+                         Shedding(args.max_concurrent_requests, args.max_queued_requests,
+                                  args.queue_timeout_ms, args.memory_limit_bytes))
     # keepalive_timeout closes connections idle between requests; HeaderDeadline closes
     # those that never complete their first request header (slow or idle clients).
     deadline = HeaderDeadline(args.idle_timeout)

@@ -45,6 +45,11 @@ class ProtocolError(ValueError):
     """Bad input: the message is the reason sent back (REST 400, gRPC INVALID_ARGUMENT)."""
 
 
+class TooManyRows(ProtocolError):
+    """A request with more rows than the server takes in one request (REST 413, gRPC
+    RESOURCE_EXHAUSTED): the limit follows from the memory a row needs (serve.py)."""
+
+
 class ModelFailed(RuntimeError):
     """The model raised on a request that passed validation (REST 500, gRPC INTERNAL)."""
 
@@ -67,6 +72,16 @@ class Request:
     binary: dict[str, bool]            # output name -> send as binary
     id: str | None
     rows: int
+    timeout_us: int | None = None      # parameters.timeout (Triton's): the longest wait, in µs
+
+
+def timeout_parameter(value: Any) -> int | None:
+    """Triton's ``timeout`` request parameter (microseconds a request may wait; 0: none)."""
+    if value is None:
+        return None
+    if type(value) is not int or value < 0:
+        raise ProtocolError(f"parameters.timeout must be a non-negative integer (microseconds), got {value!r}")
+    return value or None
 
 
 # --- dtype helpers ---------------------------------------------------------------------
@@ -265,7 +280,7 @@ def _check_shape(shape: Any, spec: TensorSpec, max_rows: int) -> list[int]:
                                for i, d in enumerate(spec.shape)) + "]"
         raise ProtocolError(f"input {spec.name!r}: shape {shape} does not match {want} with N >= 1")
     if shape[0] > max_rows:
-        raise ProtocolError(f"request too large: {shape[0]} rows, the limit is {max_rows} per request")
+        raise TooManyRows(f"request too large: {shape[0]} rows, the limit is {max_rows} rows per request")
     return shape
 
 
@@ -357,7 +372,7 @@ def parse_rest(body: bytes, header_length: int | None, inputs: list[TensorSpec],
             if not isinstance(b, bool):
                 raise ProtocolError(f"output {o['name']!r}: binary_data must be true or false")
             binary[o["name"]] = b
-    return Request(arrays, names, binary, req_id, rows.pop())
+    return Request(arrays, names, binary, req_id, rows.pop(), timeout_parameter(params.get("timeout")))
 
 
 def parse_contents(name: str, datatype: str, shape: list[int], contents: Any) -> np.ndarray:

@@ -19,7 +19,15 @@ The int8 section compares fp32, ``quantize_dynamic`` (fbgemm), torchao eager and
 torchao under ``torch.compile``; it is what ``quantization.DEFAULT_INT8_BACKEND`` is
 chosen from.
 
-    .venv/bin/python bench/compression.py [--iters 300] [--real-only] [--real-iters 20]
+``exported`` compresses EfficientNet-Lite0 (the architecture; its pretrained weights are not
+on this machine, so the weights are random with batch-norm statistics from random images) as a
+torch.export program, an ONNX graph and a TorchScript archive with every method implemented for
+the format, by ``auto`` (objective size, then latency) at the default latency budget: size,
+fidelity (cosine of the logits) and p50 latency at batch 1 and 32 of the candidates, auto's
+choice, and its wall time.
+``--exported-only`` runs just that section and keeps the rest of the file.
+
+    .venv/bin/python bench/compression.py [--iters 300] [--real-only] [--real-iters 20] [--exported-only]
 
 Writes bench/results/compression.json and bench/results/compression.png.
 """
@@ -37,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from lepton_trainer import compress, data, modelio, models, quantization
+from lepton_trainer import compress, contract, data, modelio, models, quantization
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = [("none", {}), ("int8", {"backend": "fbgemm"}), ("int8", {"backend": "torchao"}),
@@ -166,6 +174,103 @@ def real_model(work: Path, iters: int) -> dict:
             "methods": rows, "auto": auto}
 
 
+# --- exported programs ------------------------------------------------------------------------
+
+# EfficientNet-Lite0 (Tan & Le; the Lite variants drop squeeze-excitation and use ReLU6):
+# (expansion, kernel, stride, channels, repeats) per stage
+LITE0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+                (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+
+
+def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True):
+    from torch import nn
+    layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, *([nn.ReLU6()] if act else []))
+
+
+def efficientnet_lite0(num_classes: int = 1000):
+    """The EfficientNet-Lite0 architecture (4.65M parameters), randomly initialised."""
+    from torch import nn
+
+    class MBConv(nn.Module):
+        def __init__(self, cin, cout, expand, k, stride):
+            super().__init__()
+            mid = cin * expand
+            self.residual = stride == 1 and cin == cout
+            self.block = nn.Sequential(*([_conv_bn(cin, mid, 1)] if expand != 1 else []),
+                                       _conv_bn(mid, mid, k, stride, groups=mid), _conv_bn(mid, cout, 1, act=False))
+
+        def forward(self, x):
+            return x + self.block(x) if self.residual else self.block(x)
+    blocks, cin = [_conv_bn(3, 32, 3, 2)], 32
+    for expand, k, stride, cout, repeats in LITE0_STAGES:
+        for i in range(repeats):
+            blocks.append(MBConv(cin, cout, expand, k, stride if i == 0 else 1))
+            cin = cout
+    blocks += [_conv_bn(cin, 1280, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1280, num_classes)]
+    return nn.Sequential(*blocks)
+
+
+def _auto_row(src: Path, art: Path, objective: str, budget: float) -> dict:
+    started = time.time()
+    try:
+        r = compress.compress(src, art, "auto", None, {"objective": objective}, latency_budget_s=budget)
+    except compress.GateFailed as e:
+        r = e.result
+    return {
+        "seconds": round(time.time() - started, 1), "chosen": r["method"] if r["passed"] else None,
+        "passed": r["passed"], "reason": r["reason"], "bytes_before": r["bytes_before"],
+        "bytes_after": r.get("bytes_after"), "size_ratio": r.get("ratio"),
+        "p50_ms_b1_fp32": r["latency_p50_ms_batch1_before"], "p50_ms_b32_fp32": r["latency_p50_ms_batch32_before"],
+        "p50_ms_b1": r.get("latency_p50_ms_batch1_after"), "p50_ms_b32": r.get("latency_p50_ms_batch32_after"),
+        "latency_passes_fp32": r.get("latency_passes_before"),
+        "candidates": [{k: c[k] for k in ("method", "bytes", "latency_p50_ms_batch1", "latency_p50_ms_batch32",
+                                          "latency_passes", "error", "rejected", "chosen", "quantizer",
+                                          "activations", "converter") if k in c}
+                       | ({"cosine": c["gate"]["after"], "gate_passed": c["gate"]["passed"]} if "gate" in c else {})
+                       for c in r["candidates"]]}
+
+
+def exported_programs(work: Path, budget: float) -> dict:
+    """EfficientNet-Lite0 as a torch.export program, an ONNX graph and a TorchScript archive,
+    each compressed by ``auto`` for ``objective: size`` and for ``objective: latency`` (default
+    candidates, which include every method implemented for the format; default gate: cosine
+    0.99 of the logits on 64 sample images) at latency budget ``budget``: auto's table holds
+    each candidate's size, and the fidelity and latency of those measured in full."""
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")   # the Job's progress
+    torch.manual_seed(0)
+    net = efficientnet_lite0()
+    with torch.no_grad():          # batch-norm statistics of the random network, so activations stay O(1)
+        net.train()
+        for _ in range(4):
+            net(torch.randn(16, 3, 224, 224))
+    net.eval()
+    x = torch.randn(2, 3, 224, 224)
+    dirs = {fmt: work / fmt for fmt in ("torch.export", "onnx", "torchscript")}
+    for d in dirs.values():
+        d.mkdir(parents=True)
+    torch.export.save(torch.export.export(net, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=1024)},)),
+                      str(dirs["torch.export"] / "model.pt2"))
+    torch.onnx.export(net, (x,), str(dirs["onnx"] / "model.onnx"), input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    torch.jit.save(torch.jit.script(net), str(dirs["torchscript"] / "model.pt"))
+    (dirs["torchscript"] / "signature.json").write_text(json.dumps({
+        "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 3, 224, 224]}],
+        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 1000]}]}))
+    out: dict = {}
+    for fmt, src in dirs.items():
+        out[fmt] = {}
+        for objective in ("size", "latency"):
+            out[fmt][f"auto_{objective}"] = _auto_row(src, work / f"{fmt}-auto-{objective}", objective, budget)
+            print(f"  {fmt} ({objective}): {json.dumps(out[fmt][f'auto_{objective}'])}", flush=True)
+    return {"model": "EfficientNet-Lite0 architecture (4.65M parameters), random weights with batch-norm "
+                     "statistics from random images: the pretrained weights are not on this machine",
+            "input": "FP32 [-1, 3, 224, 224]", "gate": "fidelity, cosine >= 0.99 of logits on 64 sample images",
+            "latency": f"p50 of at most 100 forward passes within the default budget ({budget} s per model, "
+                       f"both batch sizes), ms", "formats": out}
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -188,9 +293,21 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--real-iters", type=int, default=20, help="timed passes per latency figure, real model")
     p.add_argument("--real-only", action="store_true", help="only the real-model section; keep the rest")
+    p.add_argument("--exported-only", action="store_true", help="only the exported-programs section; keep the rest")
+    p.add_argument("--budget", type=float, default=contract.COMPRESSION_LATENCY_BUDGET_SECONDS,
+                   help="latency budget per model measured, exported programs (seconds)")
     args = p.parse_args()
     torch.set_num_threads(1)
     started = time.time()
+    if args.exported_only:
+        path = RESULTS / "compression.json"
+        result = json.loads(path.read_text()) if path.exists() else {}
+        with tempfile.TemporaryDirectory() as tmp:
+            result["exported"] = exported_programs(Path(tmp), args.budget)
+        result["exported"]["seconds"] = round(time.time() - started, 1)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path} (exported) in {result['exported']['seconds']} s")
+        return
     if args.real_only:
         path = RESULTS / "compression.json"
         result = json.loads(path.read_text()) if path.exists() else {}
@@ -208,6 +325,8 @@ def main() -> None:
         backends = int8_backends(model_dir, args.iters)
         print("real model:", flush=True)
         real = real_model(Path(tmp), args.real_iters)
+        print("exported programs:", flush=True)
+        exported = exported_programs(Path(tmp) / "exported", args.budget)
     ok = {k: v for k, v in backends.items() if "error" not in v and k.startswith(("fbgemm", "torchao"))}
     faster = min(ok, key=lambda k: ok[k]["p50_ms_b32"]) if ok else None
     result = {
@@ -217,6 +336,7 @@ def main() -> None:
         "latency": f"p50 of {args.iters} forward passes after warm-up, milliseconds",
         "methods": rows, "int8_backends_cpu": backends, "faster_int8_backend_cpu_b32": faster,
         "default_int8_backend": quantization.DEFAULT_INT8_BACKEND, "real_model": real,
+        "exported": exported,
         "seconds": round(time.time() - started, 1),
     }
     RESULTS.mkdir(exist_ok=True)

@@ -254,8 +254,11 @@ def test_auto_on_the_builtin_writes_the_whole_table(teacher, tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads((art / contract.RESULT_FILE).read_text())
     table = {r["method"]: r for r in result["candidates"]}
-    passing = {m: r for m, r in table.items() if r["gate"]["passed"]}
+    passing = {m: r for m, r in table.items() if "gate" in r and r["gate"]["passed"]}
     assert result["method"] == min(passing, key=lambda m: (passing[m]["bytes"], passing[m]["latency_p50_ms_batch1"]))
+    # a candidate larger than one that already passed is sized, then neither gated nor timed
+    assert all(r["skipped"].startswith("not gated or timed") and r["bytes"] > result["bytes_after"]
+               for r in table.values() if "gate" not in r)
     assert result["requested_method"] == "auto" and result["passed"] and result["reason"].startswith("auto chose")
     assert json.loads(term.read_text())["method"] == result["method"]
     assert modelio.size_bytes(art) == result["bytes_after"]
@@ -269,24 +272,26 @@ def test_methods_that_do_not_apply_say_so(tmp_path):
     torch.export.save(torch.export.export(m, (torch.zeros(2, 4),),
                                           dynamic_shapes=({0: torch.export.Dim("b", min=1, max=64)},)),
                       str(d / "m.pt2"))
-    with pytest.raises(compress.MethodUnavailable, match="no modules to rewrite"):
-        compress.compress(d, tmp_path / "a", "int8", None, {}, latency_iters=2)
+    with pytest.raises(compress.MethodUnavailable, match="prune-structured is not available for torch.export"):
+        compress.compress(d, tmp_path / "a", "prune-structured", None, {}, latency_iters=2)
     r = compress.compress(d, tmp_path / "b", "none", None, {}, latency_iters=2)
     assert r["passed"] and r["format"] == "torch.export" and (tmp_path / "b" / "m.pt2").exists()
 
 
 def test_auto_with_no_candidate_that_can_run_says_so_and_is_no_failed_gate(tmp_path):
-    """A torch.export program has no modules to rewrite: every candidate is unavailable, no
-    gate runs, and the program says so with exit 1 (compression failed, which the operator
-    reports as CompressionFailed), not the failed gate's exit 3."""
+    """Pruning and distillation have no implementation for a torch.export program: when every
+    candidate is unavailable, no gate runs, and the program says so with exit 1 (compression
+    failed, which the operator reports as CompressionFailed), not the failed gate's exit 3."""
     model = tmp_path / "exported"
     model.mkdir()
     batch = torch.export.Dim("batch", min=1, max=1024)
     program = torch.export.export(torch.nn.Sequential(torch.nn.Linear(4, 3)).eval(), (torch.randn(2, 4),),
                                   dynamic_shapes=({0: batch},))
     torch.export.save(program, str(model / "model.pt2"))
-    proc, art, term = run_compress(model, tmp_path, "--method", "auto", "--model-format", "torch.export")
+    proc, art, term = run_compress(model, tmp_path, "--method", "auto", "--model-format", "torch.export",
+                                   "--params", json.dumps({"candidates": ["prune-structured", "distill"]}))
     assert proc.returncode == contract.COMPRESS_EXIT_FAILED, proc.stderr
     result = json.loads(term.read_text())
     assert result["passed"] is False and "no compression candidate could run" in result["reason"]
-    assert all(m in result["reason"] for m in ("int8", "fp16")) and not art.exists()
+    assert all(f"{m}: unavailable: {m} is not available for torch.export" in result["reason"]
+               for m in ("prune-structured", "distill")) and not art.exists()

@@ -176,8 +176,9 @@ def test_auto_keeps_the_smallest_candidate_that_passes(tmp_path, minilm):
                   candidates=["int8", "fp16", "prune-structured"], objective="size")
     table = {row["method"]: row for row in r["candidates"]}
     assert set(table) == {"int8", "fp16", "prune-structured"}
-    passing = [m for m, row in table.items() if row["gate"]["passed"]]
+    passing = [m for m, row in table.items() if "gate" in row and row["gate"]["passed"]]
     assert passing, r
+    assert all(row["bytes"] > r["bytes_after"] and row["skipped"] for row in table.values() if "gate" not in row)
     best = min(passing, key=lambda m: (table[m]["bytes"], table[m]["latency_p50_ms_batch1"]))
     assert r["passed"] and r["method"] == best and table[best]["chosen"]
     assert sum(row["chosen"] for row in table.values()) == 1

@@ -1,8 +1,10 @@
 """``python -m lepton_trainer.compress``: compress a model behind a gate, or let ``auto`` choose.
 
-Methods (any format with a torch module: builtin and Hugging Face; torch.export,
-TorchScript and ONNX programs take ``none`` only, their graphs have no modules to rewrite):
+Methods (any format with a torch module: builtin and Hugging Face; exported programs,
+torch.export, TorchScript and ONNX, take the methods of ``contract.EXPORTED_FORMAT_METHODS``,
+implemented in :mod:`exported`: PT2E and onnxruntime quantization, casts):
   int8              dynamic int8 quantization of the Linear layers (backend: quantization.py)
+  int8-static       exported programs only: int8 with activations calibrated on the gate's inputs
   fp16, bf16        parameters cast to float16 / bfloat16
   prune-structured  removes the weakest hidden units (L2 norm of their weights) of every
                     MLP hidden layer, or of every transformer feed-forward block: the
@@ -16,15 +18,22 @@ TorchScript and ONNX programs take ``none`` only, their graphs have no modules t
                     own layers, evenly spaced; or {path: dir}: a student directory), trained
                     on the inputs of the ``data`` file to match the gated output
   none              the model unchanged (the result still records its numbers)
-  auto              tries ``candidates`` (default int8, fp16, bf16, prune-structured),
-                    measures size, gate metric and latency of each on this machine, and
+  auto              tries ``candidates`` (default int8, fp16, bf16, prune-structured; for an
+                    exported program int8-static first; one that cannot apply is listed as
+                    unavailable with its reason), measures size, gate metric and latency
+                    (at most ``--latency-iters`` passes within ``--latency-budget`` seconds
+                    per model) of each on this machine (a candidate already larger, or for
+                    ``objective: latency`` slower, than one that passed is not measured
+                    further and says so, ``skipped``, unless ``measureAll``), and
                     keeps the smallest (``objective: size``) or the fastest (``latency``)
                     that passes the gate and the optional ``latencyTargetMs`` (p50 at
                     ``latencyBatch`` rows, default 1); the whole table goes into the result
 
 The gate is :mod:`gates`: labelled data with a metric, or fidelity to the original
 (``LEPTON_COMPRESSION_EVALUATION``). If the gate fails, the command exits with status 3,
-prints why, and writes no artifact. Otherwise the artifact directory receives a model
+prints why, and writes no artifact; if nothing could be compressed, or ``auto`` rejected
+every candidate without a failed gate, it exits 1 with the reason. Each phase (loading,
+the gate's reference, each candidate's apply, gate and latency) is one flushed log line. Otherwise the artifact directory receives a model
 of the same format and ``result.json``; the same compact JSON goes to the
 termination-message path, where the operator reads it. A failed gate writes its JSON
 (``passed: false``) to the termination-message path only. ``passed`` and ``reason`` are
@@ -34,18 +43,20 @@ Every flag falls back to an environment variable (contract.py); method parameter
 come as a JSON object in LEPTON_COMPRESSION_PARAMS with keys ``sparsity``, ``amount``,
 ``studentHidden``, ``student``, ``data``, ``epochs``, ``lr``, ``batchSize``, ``temperature``,
 ``backend``, and for ``auto``:
-``candidates``, ``objective``, ``latencyTargetMs``, ``latencyBatch``.
+``candidates``, ``objective``, ``latencyTargetMs``, ``latencyBatch``, ``measureAll``.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import io
 import json
 import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -55,12 +66,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune as tprune
 
-from . import contract, data, gates, modelio, models, quantization
+from . import contract, data, exported, gates, modelio, models, quantization
 
 log = logging.getLogger("lepton_trainer.compress")
 
 METHODS = contract.COMPRESSION_METHODS
 AUTO_CANDIDATES = ("int8", "fp16", "bf16", "prune-structured")
+AUTO_CANDIDATES_EXPORTED = ("int8-static", "int8", "fp16", "bf16", "prune-structured")   # likely smallest first
 OBJECTIVES = contract.AUTO_OBJECTIVES
 ENV_TERMINATION_MESSAGE_PATH = "LEPTON_TERMINATION_MESSAGE_PATH"
 TERMINATION_MESSAGE_LIMIT = 4096   # the kubelet truncates termination messages at 4 KiB
@@ -68,8 +80,11 @@ GATE_FAILED_EXIT = contract.COMPRESS_EXIT_GATE_FAILED
 
 
 class GateFailed(Exception):
-    def __init__(self, result: dict[str, Any]):
-        self.result = result
+    """No artifact: a gate ran and failed (``gate_failed``), or every candidate that ran was
+    rejected for another reason (a latency target, no gain)."""
+
+    def __init__(self, result: dict[str, Any], gate_failed: bool = True):
+        self.result, self.gate_failed = result, gate_failed
         super().__init__(result["reason"])
 
 
@@ -369,6 +384,9 @@ def apply(method: str, loaded: modelio.LoadedModel, params: dict,
     ``output`` is the output the gate scores (what a Hugging Face student learns)."""
     if method == "none" and loaded.format != "builtin":
         return loaded, {}, ("copy",)
+    if method == "int8-static" and loaded.format not in exported.FORMATS:
+        raise MethodUnavailable(f"int8-static (calibrated activations) is implemented for torch.export and ONNX "
+                                f"programs; a {loaded.format} model takes int8 (dynamic)")
     if loaded.format == "builtin":
         meta = loaded.meta
         if method == "prune-structured":
@@ -436,7 +454,9 @@ def save(how: tuple, source: Path, artifact: Path) -> None:
     if how[0] == "builtin":
         modelio.save_model(artifact, how[1], how[2])
         return
-    if how[0] == "copy":
+    if how[0] == "dir":
+        shutil.copytree(how[1], tmp)
+    elif how[0] == "copy":
         if source.is_file():
             tmp.mkdir(parents=True)
             shutil.copy2(source, tmp / source.name)
@@ -468,6 +488,8 @@ def save(how: tuple, source: Path, artifact: Path) -> None:
 def model_bytes(how: tuple, source: Path) -> int:
     if how[0] == "copy":
         return modelio.size_bytes(source)
+    if how[0] == "dir":
+        return modelio.size_bytes(how[1])
     if how[0] == "builtin":
         return state_dict_bytes(how[1])
     _, module, lepton = how
@@ -476,31 +498,113 @@ def model_bytes(how: tuple, source: Path) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-def latency(loaded: modelio.LoadedModel, batch: int, iters: int, warmup: int = 5) -> float:
-    """Median wall time of one forward pass at ``batch`` rows (prepared inputs), in ms."""
+MIN_TIMED_PASSES = 1
+
+
+def latency(loaded: modelio.LoadedModel, batch: int, iters: int, warmup: int = 5,
+            budget_s: float | None = None, stats: dict | None = None) -> float:
+    """Median wall time of one forward pass at ``batch`` rows (prepared inputs), in ms:
+    ``iters`` timed passes at most, and no new pass once ``budget_s`` seconds (warm-up
+    included, a quarter of it at most) are spent, after one warm-up pass and
+    MIN_TIMED_PASSES timed ones. ``stats["passes"]`` receives the timed passes run."""
     x = loaded.prepare(loaded.sample(batch, seed=2))
+    start = time.perf_counter()
     with torch.inference_mode():
         for _ in range(warmup):
             loaded.forward(x)
-        times = []
-        for _ in range(iters):
+            if budget_s is not None and time.perf_counter() - start > budget_s / 4:
+                break
+        times: list[float] = []
+        while len(times) < iters:
+            if budget_s is not None and len(times) >= MIN_TIMED_PASSES and time.perf_counter() - start > budget_s:
+                break
             t0 = time.perf_counter()
             loaded.forward(x)
             times.append(time.perf_counter() - t0)
+    if stats is not None:
+        stats["passes"] = len(times)
     times.sort()
     return 1000.0 * times[len(times) // 2]
 
 
+def progress(message: str, *args: Any) -> None:
+    """One line per phase of the compression Job, flushed at once (the pod's log)."""
+    log.info(message, *args)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
 # --- the command -------------------------------------------------------------------------
 
-def _measure(method: str, loaded: modelio.LoadedModel, params: dict, split, evaluator: gates.Evaluator,
-             source: Path, iters: int) -> dict[str, Any]:
-    cand, extra, how = apply(method, loaded, params, split, evaluator.output)
-    score = evaluator.score(cand)
-    row = {"method": method, "bytes": model_bytes(how, source),
-           "latency_p50_ms_batch1": round(latency(cand, 1, iters), 4),
-           "latency_p50_ms_batch32": round(latency(cand, 32, iters), 4),
-           "gate": score, **extra}
+@dataclasses.dataclass
+class Run:
+    """What every measurement of one compression shares."""
+    loaded: modelio.LoadedModel
+    params: dict
+    split: Any
+    evaluator: gates.Evaluator
+    source: Path
+    iters: int
+    budget_s: float
+    work: Path
+
+    def latencies(self, model: modelio.LoadedModel, label: str) -> dict[Any, Any]:
+        """p50 ms at batch 1 and 32, and under "passes" the timed passes each took."""
+        out: dict[Any, Any] = {"passes": {}}
+        for b in (1, 32):
+            progress("%s: measuring latency at batch %d (%d passes at most, %.3g s)",
+                     label, b, self.iters, self.budget_s / 2)
+            stats: dict[str, int] = {}
+            out[b] = latency(model, b, self.iters, budget_s=self.budget_s / 2, stats=stats)
+            out["passes"][f"batch{b}"] = stats["passes"]
+        return out
+
+
+def _apply_any(method: str, run: Run) -> tuple[modelio.LoadedModel, dict, Any]:
+    if run.loaded.format in exported.FORMATS and method != "none":
+        try:
+            return exported.apply(method, run.loaded, run.evaluator.inputs, run.work, run.source.is_dir())
+        except exported.Unavailable as e:
+            raise MethodUnavailable(str(e)) from None
+    return apply(method, run.loaded, run.params, run.split, run.evaluator.output)
+
+
+def _cannot_win(row: dict[str, Any], rivals: list[dict[str, Any]], params: dict) -> str | None:
+    """Why ``row`` (measured so far) cannot beat the best candidate that already passed:
+    larger under ``objective: size``, slower under ``objective: latency``; None if it can."""
+    objective, target = params.get("objective", "size"), params.get("latencyTargetMs")
+    batch = int(params.get("latencyBatch", 1))
+    best, _ = choose(copy.deepcopy(rivals), objective, float(target) if target is not None else None, batch)
+    if best is None:
+        return None
+    if objective == "size" and best["bytes"] < row["bytes"]:
+        return f"not gated or timed: larger than {best['method']} ({best['bytes']} bytes), which passed"
+    key = f"latency_p50_ms_batch{batch}"
+    if objective == "latency" and key in row and best[key] < row[key]:
+        return f"not gated: slower at batch {batch} than {best['method']} ({best[key]} ms), which passed"
+    return None
+
+
+def _measure(method: str, run: Run, label: str = "", rivals: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Apply, size, time and gate one method. With ``rivals`` (auto), what cannot beat the
+    best of them is not measured further, and the row says why (``skipped``)."""
+    label = label or method
+    progress("%s: applying %s", label, method)
+    cand, extra, how = _apply_any(method, run)
+    row: dict[str, Any] = {"method": method, "bytes": model_bytes(how, run.source), **extra}
+    for phase in ("size", "latency", "gate"):
+        skip = _cannot_win(row, rivals, run.params) if rivals else None
+        if skip:
+            progress("%s: %s", label, skip)
+            return {"row": {**row, "skipped": skip}, "how": how}
+        if phase == "latency":
+            lat = run.latencies(cand, label)
+            row.update(latency_p50_ms_batch1=round(lat[1], 4), latency_p50_ms_batch32=round(lat[32], 4),
+                       latency_passes=lat["passes"])
+        elif phase == "gate":
+            progress("%s: gating (%s %s on %d rows)", label, run.evaluator.gate.type, run.evaluator.gate.metric,
+                     len(next(iter(run.evaluator.inputs.values()))))
+            row["gate"] = run.evaluator.score(cand)
     if method == "prune":
         row["effective"] = False
         row["note"] = ("unstructured sparsity is stored densely and runs through dense kernels: "
@@ -524,6 +628,8 @@ def choose(rows: list[dict[str, Any]], objective: str, latency_target_ms: float 
     for r in rows:
         if r.get("error"):
             r["rejected"] = r["error"]
+        elif r.get("skipped"):
+            r["rejected"] = r["skipped"]
         elif not r["gate"]["passed"]:
             r["rejected"] = "gate failed"
         elif r.get("effective") is False:
@@ -545,11 +651,57 @@ def choose(rows: list[dict[str, Any]], objective: str, latency_target_ms: float 
 
 def compress(model_dir: Path, artifact_dir: Path, method: str, max_drop: float | None,
              params: dict, dataset: str | None = None, latency_iters: int = 100,
-             evaluation: Any = None, model_format: str | None = None) -> dict:
-    """Run one compression (or ``auto``); returns the result dict or raises :class:`GateFailed`."""
+             evaluation: Any = None, model_format: str | None = None,
+             latency_budget_s: float = contract.COMPRESSION_LATENCY_BUDGET_SECONDS) -> dict:
+    """Run one compression (or ``auto``); returns the result dict or raises :class:`GateFailed`.
+    Latency figures take ``latency_iters`` timed passes at most and ``latency_budget_s``
+    seconds per model measured (both batch sizes together)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
-    model_dir, artifact_dir = Path(model_dir), Path(artifact_dir)
+    if latency_budget_s <= 0:
+        raise ValueError(f"the latency budget must be > 0 seconds, got {latency_budget_s}")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lepton-compress-") as work:
+        result = _compress(Path(model_dir), Path(artifact_dir), method, max_drop, params, dataset,
+                           latency_iters, evaluation, model_format, latency_budget_s, Path(work), started)
+    progress("done in %.1f s: %s", time.perf_counter() - started, result["reason"])
+    return result
+
+
+def _auto(run: Run, candidates: list[str]) -> dict[str, dict[str, Any]]:
+    """Measure every candidate; one that cannot apply is listed as unavailable with its
+    reason, one that raises while it runs as failed with the error."""
+    bad = [c for c in candidates if c not in METHODS or c == "auto"]
+    if bad:
+        raise ValueError(f"unknown auto candidates {bad}; known: {[m for m in METHODS if m != 'auto']}")
+    measured = {}
+    for k, c in enumerate(candidates, 1):
+        label = f"candidate {k} of {len(candidates)} ({c})"
+        rivals = None if run.params.get("measureAll") else [m["row"] for m in measured.values()]
+        try:
+            measured[c] = _measure(c, run, label, rivals)
+        except MethodUnavailable as e:
+            measured[c] = {"row": {"method": c, "error": f"unavailable: {e}", "unavailable": True}, "how": None}
+        except (RuntimeError, ValueError, TypeError, AssertionError) as e:   # the library's own refusals
+            measured[c] = {"row": {"method": c, "error": f"failed: {type(e).__name__}: {str(e)[:300]}"},
+                           "how": None}
+        row = measured[c]["row"]
+        if "gate" in row or "error" in row:
+            progress("%s: %s", label, row["error"] if "error" in row else
+                     f"{row['bytes']} bytes, gate {'passed' if row['gate']['passed'] else 'failed'} "
+                     f"({row['gate']['after']}), p50 {row['latency_p50_ms_batch1']} ms at batch 1")
+        log.info("auto: %s", json.dumps(row, sort_keys=True))
+    if all(m["how"] is None for m in measured.values()):
+        # nothing was measured, so no gate ran: that is no failed gate
+        raise MethodUnavailable("no compression candidate could run on this model: " + "; ".join(
+            f"{c}: {m['row']['error']}" for c, m in measured.items()))
+    return measured
+
+
+def _compress(model_dir: Path, artifact_dir: Path, method: str, max_drop: float | None,
+              params: dict, dataset: str | None, latency_iters: int, evaluation: Any,
+              model_format: str | None, budget_s: float, work: Path, started: float) -> dict:
+    progress("loading %s", model_dir)
     loaded = modelio.load(model_dir, model_format)
     builtin = loaded.format == "builtin"
     gate = gates.parse(evaluation, max_drop, builtin=builtin)
@@ -558,9 +710,11 @@ def compress(model_dir: Path, artifact_dir: Path, method: str, max_drop: float |
         split = data.load(dataset or loaded.meta.get("dataset", "digits"))
         if gate.type == "data" and gate.path is None:
             gate_data = ({"input": split.x_test.numpy()}, {"labels": split.y_test.numpy()})
+    progress("computing the %s gate's reference (%s) on the original %s model", gate.type, gate.metric, loaded.format)
     evaluator = gates.Evaluator(gate, loaded, gate_data)
+    run = Run(loaded, params, split, evaluator, model_dir, latency_iters, budget_s, work)
     bytes_before = modelio.size_bytes(model_dir)
-    before = {b: latency(loaded, b, latency_iters) for b in (1, 32)}
+    before = run.latencies(loaded, "original")
 
     objective = params.get("objective", "size")
     target = params.get("latencyTargetMs")
@@ -570,28 +724,15 @@ def compress(model_dir: Path, artifact_dir: Path, method: str, max_drop: float |
     if latency_batch not in (1, 32):
         raise ValueError(f"latencyBatch must be 1 or 32, got {latency_batch}")
     if method == "auto":
-        candidates = params.get("candidates") or list(AUTO_CANDIDATES)
-        bad = [c for c in candidates if c not in METHODS or c == "auto"]
-        if bad:
-            raise ValueError(f"unknown auto candidates {bad}; known: {[m for m in METHODS if m != 'auto']}")
-        measured = {}
-        for c in candidates:
-            try:
-                measured[c] = _measure(c, loaded, params, split, evaluator, model_dir, latency_iters)
-            except MethodUnavailable as e:
-                measured[c] = {"row": {"method": c, "error": str(e)}, "how": None}
-            log.info("auto: %s", json.dumps(measured[c]["row"], sort_keys=True))
-        if all(m["how"] is None for m in measured.values()):
-            # nothing was measured, so no gate ran: that is no failed gate
-            raise MethodUnavailable("no compression candidate could run on this model: " + "; ".join(
-                f"{c}: {m['row']['error']}" for c, m in measured.items()))
+        default = AUTO_CANDIDATES_EXPORTED if loaded.format in exported.FORMATS else AUTO_CANDIDATES
+        measured = _auto(run, list(params.get("candidates") or default))
         rows = [m["row"] for m in measured.values()]
         best, why = choose(rows, objective, float(target) if target is not None else None, latency_batch)
         for r in rows:
             r["chosen"] = best is not None and r is best
         chosen = measured[best["method"]] if best else None
     else:
-        chosen = _measure(method, loaded, params, split, evaluator, model_dir, latency_iters)
+        chosen = _measure(method, run)
         rows, best, why = None, chosen["row"], ""
 
     row = best or {}
@@ -606,6 +747,7 @@ def compress(model_dir: Path, artifact_dir: Path, method: str, max_drop: float |
         "latency_p50_ms_batch1_after": row.get("latency_p50_ms_batch1"),
         "latency_p50_ms_batch32_before": round(before[32], 4),
         "latency_p50_ms_batch32_after": row.get("latency_p50_ms_batch32"),
+        "latency_passes_before": before["passes"], "latency_passes_after": row.get("latency_passes"),
         **{k: v for k, v in row.items() if k not in ("method", "bytes", "gate", "backend", "chosen")
            and not k.startswith("latency_")},
     }
@@ -617,9 +759,10 @@ def compress(model_dir: Path, artifact_dir: Path, method: str, max_drop: float |
     if method == "auto":
         result.update(candidates=rows, objective=objective, latency_target_ms=target,
                       latency_batch=latency_batch)
+    result["seconds"] = round(time.perf_counter() - started, 2)
     if best is None:
         result.update(passed=False, reason=f"{why}; no artifact written")
-        raise GateFailed(result)
+        raise GateFailed(result, gate_failed=any(r.get("gate", {}).get("passed") is False for r in rows))
     if not score["passed"]:
         result["reason"] = _gate_reason(row["method"], score) + "; no artifact written"
         raise GateFailed(result)
@@ -690,13 +833,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, help="distill: softmax temperature")
     p.add_argument("--objective", choices=OBJECTIVES, help="auto: keep the smallest or the fastest")
     p.add_argument("--dataset", choices=sorted(data.DATASETS), help="default: the model's own dataset")
-    p.add_argument("--latency-iters", type=int, default=100, help="timed forward passes per latency figure")
+    p.add_argument("--latency-iters", type=int, default=100, help="timed forward passes per latency figure, at most")
+    p.add_argument("--latency-budget", type=float,
+                   default=_env_float(contract.ENV_COMPRESSION_LATENCY_BUDGET)
+                   or contract.COMPRESSION_LATENCY_BUDGET_SECONDS,
+                   help="seconds of latency measurement per model measured (both batch sizes)")
     p.add_argument("--termination-message-path",
                    default=env(ENV_TERMINATION_MESSAGE_PATH, contract.TERMINATION_MESSAGE_PATH))
     args = p.parse_args(argv)
     if not args.model_dir or not args.artifact_dir:
         p.error(f"--model-dir and --artifact-dir (or {contract.ENV_MODEL_DIR} and "
                 f"{contract.ENV_ARTIFACT_DIR}) are required")
+    if not args.latency_budget > 0:
+        p.error(f"--latency-budget / {contract.ENV_COMPRESSION_LATENCY_BUDGET} must be > 0 seconds")
     if args.max_accuracy_drop is not None and not 0.0 <= args.max_accuracy_drop <= 1.0:
         p.error(f"--max-accuracy-drop must be a fraction in [0, 1], got {args.max_accuracy_drop}")
     try:
@@ -725,11 +874,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = compress(Path(args.model_dir), Path(args.artifact_dir), args.method,
                           args.max_accuracy_drop, args.params, args.dataset,
-                          max(1, args.latency_iters), args.evaluation, args.model_format)
+                          max(1, args.latency_iters), args.evaluation, args.model_format, args.latency_budget)
     except GateFailed as e:
         log.error("%s", e)
         write_termination_message(args.termination_message_path, e.result)
-        return GATE_FAILED_EXIT
+        return GATE_FAILED_EXIT if e.gate_failed else contract.COMPRESS_EXIT_FAILED
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         log.error("compression failed: %s", e)
         write_termination_message(args.termination_message_path,

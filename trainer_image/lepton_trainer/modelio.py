@@ -6,7 +6,9 @@ Formats (:data:`FORMATS`), detected from the directory by :func:`detect_format` 
                 directory that training and compression write
   torch.export  one ``*.pt2`` file written by ``torch.export.save``
   torchscript   one ``*.pt`` TorchScript archive (``torch.jit.save``) plus
-                ``signature.json`` naming its inputs (TorchScript records no shapes)
+                ``signature.json`` naming its inputs (TorchScript records no shapes);
+                ``lepton.json`` ``{"dtype": "float16"}`` marks an archive cast to that
+                dtype (inputs are cast on entry, floating outputs back to float32)
   huggingface   a transformers directory: ``config.json`` plus ``*.safetensors``
                 (and a tokenizer, which turns text inputs into BYTES)
   onnx          one ``*.onnx`` file, run by onnxruntime on CPU (its first dimension
@@ -346,12 +348,28 @@ class _GraphModel(LoadedModel):
         return _name_outputs(out, self.output_names)
 
 
+def _uses_pt2e_operators(path: Path) -> bool:
+    """Whether a .pt2 archive's graph calls quantized_decomposed operators (PT2E int8)."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(b"quantized_decomposed" in z.read(n) for n in z.namelist()
+                       if "/models/" in n and n.endswith(".json"))
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 class ExportedModel(_GraphModel):
     format = "torch.export"
 
     def __init__(self, path: Path, signature: dict[str, Any]):
+        if _uses_pt2e_operators(path):
+            try:    # registers the quantized_decomposed operators of int8 (PT2E) programs
+                import torchao.quantization.pt2e  # noqa: F401
+            except ImportError as e:
+                raise FormatError(f"{path.name} is an int8 (PT2E) program; loading it needs torchao: {e}") from None
         ep = torch.export.load(str(path))
-        self.meta = {"file": path.name}
+        self.meta, self.path = {"file": path.name}, path
         user_inputs = [s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
         nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
         specs = []
@@ -375,11 +393,23 @@ class TorchScriptModel(_GraphModel):
         if "inputs" not in signature:
             raise FormatError(f"TorchScript {path.name} needs {SIGNATURE_FILE} beside it declaring its "
                               f"inputs (name, datatype, shape): a TorchScript archive records no shapes")
-        self.meta = {"file": path.name}
+        lepton = path.parent / LEPTON_FILE
+        self.meta = {**(json.loads(lepton.read_text()) if lepton.exists() else {}), "file": path.name}
+        self.path = path
+        self.dtype = DTYPES[self.meta.get("dtype", "float32")]
         self.inputs = _specs(signature["inputs"], "inputs")
         self.callable = torch.jit.load(str(path), map_location="cpu").eval()
         self.output_names = [o["name"] for o in signature["outputs"]] if "outputs" in signature else None
         self.outputs = self._probe_outputs()
+
+    @torch.inference_mode()
+    def forward(self, batch):
+        """A program cast to float16 / bfloat16 (``lepton.json`` ``dtype``) takes floating
+        inputs in that dtype and answers float32, as its signature says."""
+        if self.dtype == torch.float32:
+            return super().forward(batch)
+        out = super().forward({k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()})
+        return {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
@@ -492,8 +522,9 @@ class OnnxModel(LoadedModel):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
         opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3     # errors only: graph-optimizer notes (unused initializers) are no news
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.meta = {"file": path.name}
+        self.meta, self.path = {"file": path.name}, path
 
         def specs(nodes, what):
             out = []

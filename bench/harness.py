@@ -63,7 +63,7 @@ class Bench:
         self.op = subprocess.Popen([sys.executable, "-m", "lepton_operator", "--all-namespaces",
                                     "--metrics-port", str(free_port()), "--health-port", str(free_port())],
                                    env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        self.exporter = Exporter(c, "bench", free_port())
+        self.exporter = Exporter(c, "bench", free_port(), namespace=self.ns)
         self.apply([
             {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{self.ns}-models"},
              "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"],

@@ -89,9 +89,11 @@ def serve(port: int) -> None:
 
 
 class Exporter:
-    """The exporter process, scraped by ``cluster``'s Prometheus as target ``name``."""
+    """The exporter process, scraped by ``cluster``'s Prometheus as target ``name``; with a
+    ``namespace``, its series carry that ``namespace`` target label, as a pod's do when
+    Prometheus discovers it in that namespace."""
 
-    def __init__(self, cluster, name: str, port: int):
+    def __init__(self, cluster, name: str, port: int, namespace: str | None = None):
         self.cluster, self.name, self.port = cluster, name, port
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen([sys.executable, __file__, str(port)])
@@ -104,7 +106,7 @@ class Exporter:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise RuntimeError("the test exporter did not start")
                 time.sleep(0.1)
-        cluster.add_scrape_target(name, f"127.0.0.1:{port}")
+        cluster.add_scrape_target(name, f"127.0.0.1:{port}", {"namespace": namespace} if namespace else None)
 
     def _post(self, path: str, body: dict) -> None:
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",

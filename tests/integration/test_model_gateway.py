@@ -27,7 +27,7 @@ def gateway_api(cluster, tmp_path_factory):
 
 def test_canary_weights_through_an_httproute(k, cluster, gateway_api):
     k.pvc("models")
-    exporter = Exporter(cluster, f"exp-{k.ns}", free_port())
+    exporter = Exporter(cluster, f"exp-{k.ns}", free_port(), namespace=k.ns)
     try:
         spec = dict(serving={"replicas": 3},
                     rollout={"steps": [{"weight": 20}],

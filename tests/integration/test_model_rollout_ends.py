@@ -53,11 +53,12 @@ def test_promql_syntax_error_is_an_invalid_spec_before_any_canary(k, operator):
     k.apply(model(k, "badq", **canary_spec("sum(rate(foo[1m]")))
     ready = k.wait_for("InvalidSpec", lambda: (c := cond(k, "badq", "Ready")).get("reason") == "InvalidSpec" and c,
                        timeout=30)
-    assert "Prometheus cannot parse 'sum(rate(foo[1m]'" in ready["message"] and "parse error" in ready["message"]
+    assert "rollout.analysis[0].query: 'sum(rate(foo[1m]' is not valid PromQL: unclosed left parenthesis" \
+        in ready["message"]
     assert cond(k, "badq", "Stalled")["status"] == "True"
     assert not deployments(k, "badq") and not mstatus(k, "badq").get("revisions")
     assert events(k, "badq", "InvalidSpec")[0]["type"] == "Warning"
-    assert "InvalidSpec" in operator.log() and "Prometheus cannot parse" in operator.log()
+    assert "InvalidSpec" in operator.log() and "is not valid PromQL" in operator.log()
 
 
 def test_a_serving_deployment_the_api_server_refuses_is_invalid_spec(k, operator):

@@ -31,7 +31,8 @@ from ..constants import EVENT_NORMAL, EVENT_WARNING, PHASE_RUNNING, PHASE_SCALIN
     REASON_SCALED
 from ..core import status as st
 from ..scaling import policy, prometheus
-from .spec import JobSpec
+from ..scaling.promql import NAMESPACE_LABEL
+from .spec import JobSpec, scoped_query
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,15 +56,17 @@ class Tick:
 
 
 def default_query(namespace: str, name: str) -> str:
-    """The job's samples/s: every node reports the whole job's rate, so take the max."""
+    """The job's samples/s: every node reports the whole job's rate, so take the max (of
+    the series scraped in the job's namespace)."""
     return (f'max({contract.METRIC_SAMPLES_PER_SECOND}{{{contract.METRICS_JOB_LABEL}="{name}",'
-            f'{contract.METRICS_NAMESPACE_LABEL}="{namespace}"}})')
+            f'{contract.METRICS_NAMESPACE_LABEL}="{namespace}",{NAMESPACE_LABEL}="{namespace}"}})')
 
 
 def promql(spec: JobSpec, namespace: str, name: str) -> str:
-    """The query a tick measures: the spec's own, or the job's samples/s."""
+    """The query a tick measures: the spec's own, confined to the job's namespace (the
+    parser refused a query that cannot be), or the job's samples/s."""
     a = spec.autoscaling
-    return prometheus.render(a.query, namespace=namespace, job=name) if a.query else default_query(namespace, name)
+    return scoped_query(a.query, namespace, name) if a.query else default_query(namespace, name)
 
 
 def state_from_status(auto: Mapping[str, Any] | None, now: float) -> policy.TrainingState:

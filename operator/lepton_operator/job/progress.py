@@ -15,6 +15,8 @@ import dataclasses
 
 from lepton_trainer import contract
 
+from ..scaling import promql
+
 STEP_INTERVALS = 10          # a window is this many of the job's mean step intervals
 NO_SERIES_BACKOFF = 4        # a job that exports no step is read this many intervals apart
 
@@ -31,7 +33,7 @@ class Progress:
 
 def query(namespace: str, job: str) -> str:
     return (f'max({contract.METRIC_STEP}{{{contract.METRICS_JOB_LABEL}="{job}",'
-            f'{contract.METRICS_NAMESPACE_LABEL}="{namespace}"}})')
+            f'{contract.METRICS_NAMESPACE_LABEL}="{namespace}",{promql.NAMESPACE_LABEL}="{namespace}"}})')
 
 
 def update(p: Progress, step: float | None, now: float) -> Progress:

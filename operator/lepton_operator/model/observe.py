@@ -27,9 +27,9 @@ from ..core import status as st
 from ..core.execute import Result
 from ..core.fields import InvalidSpec
 from ..core.loop import Memory
-from ..scaling import prometheus
+from ..scaling import prometheus, promql
 from . import autoscale, objects, state
-from .spec import ModelSpec, parse_model, parse_uri, render_query
+from .spec import PLACEHOLDER_REVISION, Check, ModelSpec, parse_model, parse_uri, render_query, scoped_query
 
 CREATE_TTL = 30.0             # seconds a created compression Job may take to show up in the index
 GATEWAY_RECHECK_SECONDS = 30.0
@@ -80,7 +80,8 @@ async def parse(body: Mapping[str, Any], memory: ModelMemory) -> ModelSpec:
     PromQL Prometheus cannot parse (found before any canary exists)."""
     settings = config.get()
     meta = body["metadata"]
-    spec = parse_model(meta["name"], body.get("spec"), settings.trainer_image, settings.image_pull_policy)
+    spec = parse_model(meta["name"], body.get("spec"), settings.trainer_image, settings.image_pull_policy,
+                       namespace=meta["namespace"])
     problems = await _query_problems(spec, meta["namespace"], meta["name"], memory, meta.get("generation"))
     if problems:
         raise InvalidSpec(problems)
@@ -98,12 +99,13 @@ async def _query_problems(spec: ModelSpec, namespace: str, name: str, memory: Mo
     if prometheus.unavailable(needs):
         memory.query_problems = (generation, prometheus.unavailable(needs))
         return memory.query_problems[1]
-    queries = [(f"rollout.analysis[{i}] {c.name!r}", c.query) for i, c in enumerate(spec.rollout.analysis)]
+    queries = [(f"rollout.analysis[{i}] {c.name!r}", c.query, PLACEHOLDER_REVISION)
+               for i, c in enumerate(spec.rollout.analysis)]
     if spec.autoscaling is not None and spec.autoscaling.metric == "query":
-        queries.append(("autoscaling.query", spec.autoscaling.query or ""))
+        queries.append(("autoscaling.query", spec.autoscaling.query or "", ""))
     problems = []
-    for where, query in queries:
-        why = await prometheus.client().validate(render_query(query, namespace, name, "revision"))
+    for where, query, revision in queries:       # parse_model has confined each to the namespace
+        why = await prometheus.client().validate(scoped_query(query, namespace, name, revision))
         if why:
             problems.append(f"{where}: Prometheus cannot parse {query!r}: {why}")
     memory.query_problems = (generation, problems)
@@ -160,11 +162,20 @@ async def _analysis(spec: ModelSpec, status: Mapping[str, Any], namespace: str, 
         due = []                       # not judged on too little traffic
     if not due:
         return None, traffic
-    results = [(check, await prometheus.client().query(render_query(check.query, namespace, name, revision)))
-               for check in due]
+    results = [(check, await _measure(check, namespace, name, revision)) for check in due]
     for check, result in results:
         metrics.ANALYSIS.labels(namespace, name, check.name, check.judge(result)[0]).inc()
     return results, traffic
+
+
+async def _measure(check: Check, namespace: str, name: str, revision: str) -> prometheus.QueryResult:
+    """One measurement of ``check`` on the canary ``revision``, its query confined to the
+    model's namespace (a query the revision makes unscopable is an Error measurement)."""
+    try:
+        query = scoped_query(check.query, namespace, name, revision)
+    except promql.ScopeError as exc:
+        return prometheus.query_error(render_query(check.query, namespace, name, revision), str(exc))
+    return await prometheus.client().query(query)
 
 
 async def _traffic(spec: ModelSpec, status: Mapping[str, Any], namespace: str, name: str, now: float) -> float | None:

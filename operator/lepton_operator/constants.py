@@ -45,6 +45,12 @@ ANNOTATION_GENERATION = f"{GROUP}/generation"      # the owner's metadata.genera
 ANNOTATION_RESUME = f"{GROUP}/resume"
 ANNOTATION_ABORT = f"{GROUP}/abort"
 
+# --- Finalizers -------------------------------------------------------------------------
+# The operator puts no finalizer on its objects (every child is garbage-collected through its
+# owner reference). Releases that reconciled through kopf daemons left kopf's finalizer, under
+# the name they configured or kopf's default; the operator removes these from an object once.
+LEGACY_FINALIZERS = (f"{GROUP}/finalizer", "kopf.zalando.org/KopfFinalizerMarker")
+
 # --- Kubernetes names -----------------------------------------------------------------
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TAINT_KEY = "nvidia.com/gpu"

@@ -4,7 +4,6 @@ import logging
 import kopf
 
 from . import config
-from .constants import GROUP
 from .core.kube import REQUEST_TIMEOUT
 from .job import handlers as _job_handlers  # noqa: F401  (registers the LeptonJob handlers)
 from .model import handlers as _model_handlers  # noqa: F401  (registers the LeptonModel handlers)
@@ -13,13 +12,14 @@ from .model import handlers as _model_handlers  # noqa: F401  (registers the Lep
 @kopf.on.startup()
 def _kopf_settings(settings: kopf.OperatorSettings, **_) -> None:
     """Events are posted by the operator itself (core.status.emit), not for every log line.
+    No handler needs a finalizer (the loops follow watch events, see core.loop), so kopf puts
+    none on the objects.
     Watching named namespaces, kopf does not scan cluster-wide for namespaces and CRDs,
     which a namespaced Role does not grant."""
     if not config.get().all_namespaces:
         settings.scanning.disabled = True
     settings.posting.enabled = False
     settings.posting.level = logging.WARNING
-    settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.watching.server_timeout = 600
     settings.watching.client_timeout = 660
     # kopf's own short requests end as the operator's do (core.kube.REQUEST_TIMEOUT)

@@ -74,7 +74,7 @@ def operator_as_service_account(installed, tmp_path_factory):
                  "POD_NAMESPACE": RELEASE_NS, "POD_NAME": "lepton-lepton-operator-test"})
 
     wait_healthy(proc, health, log_path, "the operator to become healthy", timeout=120)
-    yield c, log_path
+    yield c, log_path, proc
     proc.terminate()
     proc.wait(timeout=20)
 
@@ -90,7 +90,7 @@ def test_chart_installs_crds_service_account_and_deployment(installed):
 
 
 def test_chart_rbac_is_enough_for_a_job_lifecycle(operator_as_service_account):
-    c, log_path = operator_as_service_account
+    c, log_path, _ = operator_as_service_account
     ns = c.create_namespace("rbac-check")
     c.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([
         {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "rbac-ckpt"},
@@ -120,6 +120,7 @@ def test_chart_rbac_is_enough_for_a_job_lifecycle(operator_as_service_account):
 
     wait_for("2 running workers", lambda: workers(2))
     wait_for("phase Running", lambda: phase() == "Running")
+    assert c.kubectl("get", "secret", "rbac-rdzv", "-n", ns, "-o", "name").strip() == "secret/rbac-rdzv"
     wait_for("the job's NetworkPolicies", lambda: policies() == ["rbac-rdzv", "rbac-workers"])
     c.kubectl("patch", "lj", "rbac", "-n", ns, "--type=merge", "-p", '{"spec": {"networkPolicy": {"enabled": false}}}')
     wait_for("the NetworkPolicies to be deleted", lambda: policies() == [])
@@ -133,3 +134,45 @@ def test_chart_rbac_is_enough_for_a_job_lifecycle(operator_as_service_account):
     assert lease["spec"]["holderIdentity"].startswith("lepton-lepton-operator-test_")
     log = log_path.read_text()
     assert "Forbidden" not in log and " 403" not in log, log[-3000:]
+
+
+def test_helm_uninstall_with_objects_left_blocks_no_deletion(operator_as_service_account):
+    """Uninstall first, objects still there: they and their children stay, and deleting them
+    and their namespace later completes, since they carry no finalizer. The chart's RBAC lets
+    the operator remove the finalizer an older release left. Runs last: it uninstalls."""
+    c, _, proc = operator_as_service_account
+    ns = c.create_namespace("uninstall-first")
+
+    def obj(kind: str, name: str) -> dict | None:
+        out = c.kubectl("get", kind, name, "-n", ns, "-o", "json", check=False)
+        return json.loads(out) if out else None
+
+    def running_workers() -> list[str]:
+        pods = json.loads(c.kubectl("get", "pods", "-n", ns, "-l", "lepton.ai/job=left,lepton.ai/role=worker",
+                                    "-o", "json"))["items"]
+        return [p["metadata"]["uid"] for p in pods if p["status"].get("phase") == "Running"]
+
+    job = {"apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonJob", "metadata": {"name": "left", "namespace": ns},
+           "spec": {"workers": {"min": 1, "max": 1, "replicas": 1}, "resources": {"gpus": 1}}}
+    older = {**job, "metadata": {"name": "older", "namespace": ns, "finalizers": ["lepton.ai/finalizer"]}}
+    model = {"apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonModel", "metadata": {"name": "leftm", "namespace": ns},
+             "spec": {"source": {"jobRef": {"name": "left"}}, "compression": {"method": "none"}}}
+    c.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([job, older, model]))
+    workers = wait_for("left's worker Running", running_workers)
+    wait_for("older's finalizer removed", lambda: not obj("lj", "older")["metadata"].get("finalizers"))
+    for kind, name in (("lj", "left"), ("lm", "leftm")):
+        wait_for(f"{name} reconciled", lambda: (obj(kind, name).get("status") or {}).get("observedGeneration"))
+        assert not obj(kind, name)["metadata"].get("finalizers")
+
+    proc.terminate()                  # the operator's pod goes with the release
+    assert proc.wait(timeout=30) == 0
+    result = subprocess.run([str(localcluster.tool_path("helm")), "uninstall", "lepton", "-n", RELEASE_NS, "--wait",
+                             "--kubeconfig", c.kubeconfig], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert obj("lj", "left") and obj("lm", "leftm") and running_workers() == workers
+
+    for namespace in (ns, RELEASE_NS):
+        c.kubectl("delete", "namespace", namespace, "--wait=false")
+    for namespace in (ns, RELEASE_NS):
+        wait_for(f"namespace {namespace} gone", lambda: not c.kubectl("get", "namespace", namespace, "-o", "name",
+                                                                      check=False).strip(), timeout=180)

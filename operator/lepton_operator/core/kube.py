@@ -7,6 +7,7 @@ autoscaling, the lepton.ai CRDs, KEDA, Gateway API) goes through the same few ve
 - ``apply``: server-side apply with the single field manager ``lepton-operator``;
 - ``create``: create, treating "already exists" as done (idempotent);
 - ``get`` / ``list_objects`` / ``delete`` / ``patch`` / ``patch_status``;
+- ``remove_finalizers``: drop named finalizers, never another controller's;
 - ``replace``: a full update (PUT) that carries the object's resourceVersion, so a
   concurrent writer's change fails it with 409 instead of being overwritten;
 - ``emit_event``: a core/v1 Event on an object.
@@ -23,7 +24,7 @@ import functools
 import json
 import threading
 import uuid
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Collection, TypeVar
 
 import kubernetes
 import urllib3
@@ -36,7 +37,8 @@ Obj = dict[str, Any]
 T = TypeVar("T")
 
 __all__ = ["ApiException", "load", "apply", "create", "get", "list_objects", "delete", "patch",
-           "patch_status", "replace", "emit_event", "is_not_found", "is_conflict", "aio", "RETRYABLE", "describe", "Refused"]
+           "patch_status", "remove_finalizers", "replace", "emit_event", "is_not_found", "is_conflict", "aio",
+           "RETRYABLE", "describe", "Refused"]
 
 # Errors after which a reconcile is retried: an error answer, or no answer at all (the
 # API server restarting: connection refused or reset, retries exhausted).
@@ -217,6 +219,26 @@ def patch(api_version: str, kind: str, name: str, namespace: str | None, body: A
                     "strategic": "application/strategic-merge-patch+json"}[patch_type]
     return request("PATCH", path(api_version, kind, namespace, name, subresource), body,
                    [("fieldManager", FIELD_MANAGER)], content_type)
+
+
+def remove_finalizers(obj: Obj, names: Collection[str]) -> Obj | None:
+    """Remove ``names`` from ``obj``'s ``metadata.finalizers`` with one JSON patch that first
+    tests the list is still the one ``obj`` shows, so a finalizer another controller added
+    meanwhile is never dropped. Returns the patched object; None when there was nothing to
+    remove, the object is gone, or its list changed (the caller tries again on the next body)."""
+    api_version, kind, namespace, name = _coords(obj)
+    current = list(obj.get("metadata", {}).get("finalizers") or ())
+    kept = [f for f in current if f not in names]
+    if kept == current:
+        return None
+    ops = [{"op": "test", "path": "/metadata/finalizers", "value": current},
+           {"op": "replace", "path": "/metadata/finalizers", "value": kept}]
+    try:
+        return patch(api_version, kind, name, namespace, ops, patch_type="json")
+    except ApiException as exc:
+        if is_not_found(exc) or exc.status == 422:      # 422: the test failed, the list changed
+            return None
+        raise
 
 
 def replace(obj: Obj, timeout: float | None = None) -> Obj | None:

@@ -1,6 +1,7 @@
 """LeptonModel handlers: kopf indices feed one reconcile loop per model.
 
-Each LeptonModel gets a kopf daemon that reconciles when the model, its Deployments,
+Each LeptonModel gets a loop (``core.loop``: started by the model's first watch event,
+stopped by its deletion; no finalizer) that reconciles when the model, its Deployments,
 its compression Jobs or their pods, or a LeptonJob in its namespace change, on each step
 deadline, and on every tick of the builtin autoscaler. A reconcile is three stages:
 ``observe`` reads (kopf's indices, Prometheus) into one frozen ``ModelObserved``;
@@ -53,9 +54,11 @@ async def _start(memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.cleanup()
 async def _stop(memo: kopf.Memo, **_: Any) -> None:
+    """Stop every model's loop and the Gateway API check when the operator stops."""
     task = getattr(memo, "models_gateway_task", None)
     if task is not None:
         task.cancel()
+    await memo.models.loops.stop()
 
 
 # --- indices (kopf keeps them current from its watch streams) ----------------------------
@@ -109,46 +112,42 @@ def lepton_model_network_policies(namespace: str, labels: dict, name: str, annot
 # --- wake-ups ----------------------------------------------------------------------------
 
 @kopf.on.event(GROUP, VERSION, MODEL_PLURAL)
-def _model_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    memo.models.loops.wake(namespace, name)
+async def lepton_model(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
+                       **kwargs: Any) -> None:
+    """Follow one LeptonModel: its first event starts its loop, every event feeds the loop the
+    newest body and wakes it, its deletion stops it (``ReconcileLoops.follow``)."""
+    runtime: ModelRuntime = memo.models
+    runtime.loops.follow(type, body, logger,
+                         lambda live, memory: reconcile(live, memory, kwargs, runtime, logger))
 
 
 @kopf.on.event("deployments", labels={LABEL_MODEL: kopf.PRESENT})
-def _deployment_changed(namespace: str, labels: dict, memo: kopf.Memo, **_: Any) -> None:
+async def _deployment_changed(namespace: str, labels: dict, memo: kopf.Memo, **_: Any) -> None:
     memo.models.loops.wake(namespace, labels.get(LABEL_MODEL))
 
 
 @kopf.on.event("networking.k8s.io", "v1", "networkpolicies",
                labels={LABEL_MODEL: kopf.PRESENT, LABEL_MANAGED_BY: MANAGED_BY})
-def _network_policy_changed(namespace: str, labels: dict, memo: kopf.Memo, **_: Any) -> None:
+async def _network_policy_changed(namespace: str, labels: dict, memo: kopf.Memo, **_: Any) -> None:
     memo.models.loops.wake(namespace, labels.get(LABEL_MODEL))     # a policy changed or deleted by hand is restored
 
 
 @kopf.on.event("pods", labels={LABEL_MODEL: kopf.PRESENT, LABEL_ROLE: ROLE_COMPRESSION})
-def _compression_pod_changed(namespace: str, labels: dict, memo: kopf.Memo, **_: Any) -> None:
+async def _compression_pod_changed(namespace: str, labels: dict, memo: kopf.Memo, **_: Any) -> None:
     memo.models.loops.wake(namespace, labels.get(LABEL_MODEL))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_MODEL: kopf.PRESENT, LABEL_ROLE: ROLE_COMPRESSION})
-def _compression_job_changed(namespace: str, labels: dict, memo: kopf.Memo, **_: Any) -> None:
+async def _compression_job_changed(namespace: str, labels: dict, memo: kopf.Memo, **_: Any) -> None:
     memo.models.loops.wake(namespace, labels.get(LABEL_MODEL))
 
 
 @kopf.on.event(GROUP, VERSION, JOB_PLURAL)
-def _job_changed_for_models(namespace: str, memo: kopf.Memo, **_: Any) -> None:
+async def _job_changed_for_models(namespace: str, memo: kopf.Memo, **_: Any) -> None:
     memo.models.loops.wake(namespace)        # a model in this namespace may be waiting for this job
 
 
 # --- the per-model loop ------------------------------------------------------------------
-
-@kopf.daemon(GROUP, VERSION, MODEL_PLURAL, cancellation_timeout=5.0)
-async def lepton_model(body: kopf.Body, uid: str, stopped: kopf.DaemonStopped, memo: kopf.Memo,
-                       logger: logging.Logger, **kwargs: Any) -> None:
-    """Reconcile one LeptonModel until it is deleted."""
-    runtime: ModelRuntime = memo.models
-    await runtime.loops.run(body, uid, stopped, logger,
-                            lambda memory: reconcile(body, memory, kwargs, runtime, logger))
-
 
 async def reconcile(body: Mapping[str, Any], memory: ModelMemory, indices: Mapping[str, Any],
                     runtime: ModelRuntime, logger: logging.Logger) -> float | None:

@@ -6,6 +6,7 @@
 #   kwok                                                              <- sigs.k8s.io/kwok
 #   helm                                                              <- helm.sh/helm/v3
 #   coredns (the real node's cluster DNS)                             <- github.com/coredns/coredns
+#   kube-router (the real node's NetworkPolicy engine, firewall only) <- github.com/cloudnativelabs/kube-router/v2
 #   pause (the real node's sandbox process)                           <- hack/pause
 #   kstatus (Flux's health verdict, for tests/chart/test_kstatus.py)  <- hack/kstatus
 # Results land in $LEPTON_CACHE/bin/<tool>-<version>; a second run builds nothing.
@@ -91,6 +92,10 @@ go_install() { # name version package
   mv "$gobin/$1" "$BIN/$1-$2"
 }
 
+build_kube_router() {
+  go_install kube-router "$KUBE_ROUTER_VERSION" github.com/cloudnativelabs/kube-router/v2/cmd/kube-router
+}
+
 # The pod sandbox's process, versioned by its source's hash.
 build_pause() {
   local v
@@ -117,16 +122,17 @@ main() {
   case $only in
     all) build_etcd; go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
          go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm; build_kubernetes
-         go_install coredns "$COREDNS_VERSION" github.com/coredns/coredns; build_pause
+         go_install coredns "$COREDNS_VERSION" github.com/coredns/coredns; build_kube_router; build_pause
          build_kstatus ;;
     kubernetes) build_kubernetes ;;
     etcd) build_etcd ;;
     kwok) go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok ;;
     helm) go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm ;;
     coredns) go_install coredns "$COREDNS_VERSION" github.com/coredns/coredns ;;
+    kube-router) build_kube_router ;;
     pause) build_pause ;;
     kstatus) build_kstatus ;;
-    *) echo "usage: $0 [all|kubernetes|etcd|kwok|helm|coredns|pause|kstatus]" >&2; exit 2 ;;
+    *) echo "usage: $0 [all|kubernetes|etcd|kwok|helm|coredns|kube-router|pause|kstatus]" >&2; exit 2 ;;
   esac
   log "tools ready in $BIN"
 }

@@ -218,11 +218,9 @@ def _record_build(name: str, image: str, seconds: float) -> None:
 
 
 def build_all() -> dict[str, str]:
-    build_base()
-    build_pause()
-    for name in IMAGES:
-        build(name)
-    return refs()
+    """Build what is missing; the references of the images built (named by the sources
+    at the start of each build, so that a file edited meanwhile does not rename them)."""
+    return {"base": build_base(), "pause": build_pause(), **{name: build(name) for name in IMAGES}}
 
 
 def size_bytes(image: str) -> int:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # System packages the local control plane and the tests need: Prometheus (Debian package),
 # openssl, Lua 5.1 (the chart's Argo CD health checks), and what the real node and the
-# image builds use: containerd and runc, the CNI plugins, buildah, debootstrap, iptables
-# and conntrack.
+# image builds use: containerd and runc, the CNI plugins, buildah, debootstrap, iptables,
+# ipset (kube-router's NetworkPolicy firewall) and conntrack.
 # Go and python3 come with the machine. Idempotent; installs nothing when all is present.
 set -euo pipefail
 need=()
@@ -16,6 +16,7 @@ command -v runc >/dev/null 2>&1 || need+=(runc)
 command -v buildah >/dev/null 2>&1 || need+=(buildah)
 command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
+command -v ipset >/dev/null 2>&1 || need+=(ipset)
 command -v conntrack >/dev/null 2>&1 || need+=(conntrack)
 [ ${#need[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null 2>&1; then

@@ -72,7 +72,7 @@ def tool_path(name: str) -> Path:
     if name == "pause":
         return images.pause_binary()
     version = {"etcd": v["ETCD_VERSION"], "kwok": v["KWOK_VERSION"], "helm": v["HELM_VERSION"],
-               "coredns": v["COREDNS_VERSION"]}.get(name, v["K8S_VERSION"])
+               "coredns": v["COREDNS_VERSION"], "kube-router": v["KUBE_ROUTER_VERSION"]}.get(name, v["K8S_VERSION"])
     return CACHE / "bin" / f"{name}-{version}"
 
 
@@ -80,7 +80,7 @@ def ensure_tools(real_node: bool = False) -> None:
     """Build whatever binary is missing; a no-op once the cache is warm."""
     names = ["etcd", "kwok", "helm", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl"]
     if real_node:
-        names += ["kubelet", "kube-proxy", "coredns", "pause"]
+        names += ["kubelet", "kube-proxy", "kube-router", "coredns", "pause"]
     missing = [n for n in names if not tool_path(n).exists()]
     if missing:
         log(f"building missing tools: {', '.join(missing)}")
@@ -242,7 +242,7 @@ class Cluster:
     @property
     def node(self) -> "realnode.RealNode":
         return realnode.RealNode(self.state_dir / "node", self.pki, self.server, CACHE, tool_path,
-                                 self.ports, self.pids)
+                                 self.ports, self.pids, service_cidr=SERVICE_CIDR)
 
     @property
     def process_names(self) -> tuple[str, ...]:

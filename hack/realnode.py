@@ -3,6 +3,12 @@ the same ``k8s.io/kubernetes`` module as the API server), containerd and runc (D
 the CNI bridge and host-local plugins (Debian), CoreDNS for cluster DNS, and a pause
 image built here. Pods on it are real containers.
 
+NetworkPolicy is enforced by kube-router in firewall-only mode (``--run-firewall``, no
+router, no service proxy: kube-proxy stays the service proxy), with iptables and ipset
+(Debian). As NetworkPolicy engines do, it lets the node itself reach every pod, so
+kubelet's probes, Prometheus and the tests' clients on the host are not policed; pods
+are.
+
 Networking: a bridge, ``lepton0`` with ``10.250.0.1/24`` (kwok's fake pods take
 ``10.244.0.0/16``), is made before the API server starts. Pods get addresses from that subnet; the host side of the bridge is the node's
 IP and the address the API server, Prometheus and CoreDNS listen on, so that pods reach
@@ -12,8 +18,8 @@ reaches the pods.
 Everything the node makes is recorded and undone by :meth:`RealNode.stop`: processes are
 stopped by pid, pods' containers and sandboxes through the kubelet or, when the
 control plane is already gone, by killing what is left in the node's cgroup; mounts,
-network namespaces, the bridge, iptables chains, cgroups and the kernel settings kubelet
-changes are restored. :func:`leftovers` lists what would remain, for the tests.
+network namespaces, the bridge, iptables chains and kube-router's ipsets, cgroups and the
+kernel settings kubelet changes are restored. :func:`leftovers` lists what would remain, for the tests.
 
 Used by ``hack/localcluster.py`` (``up --real-node``); builds on ``hack/common.py`` and
 ``hack/images.py``; only the standard library is used.
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -44,7 +51,11 @@ SHIM_DIR = Path("/run/containerd/s")
 # Kernel settings kubelet changes at start; restored on stop.
 SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
 BR_NF = "net/bridge/bridge-nf-call-iptables"
-NODE_PROCESSES = ("containerd", "kubelet", "kube-proxy", "coredns", "pod-sd")
+NODE_PROCESSES = ("containerd", "kubelet", "kube-proxy", "kube-router", "coredns", "pod-sd")
+# kube-router's ipsets (the pods a NetworkPolicy selects, and its peers).
+IPSET_PREFIXES = ("KUBE-SRC-", "KUBE-DST-")
+# The chain kube-router's firewall puts in the FORWARD path once it has synced.
+KUBE_ROUTER_CHAIN = "KUBE-ROUTER-FORWARD"
 
 
 def log(msg: str) -> None:
@@ -62,7 +73,7 @@ def unsupported_reason() -> str | None:
     """Why this machine cannot run the real node, or None when it can."""
     if os.geteuid() != 0:
         return "not root (kubelet, containerd and the CNI plugins need root)"
-    need = [t for t in ("containerd", "runc", "ctr", "ip", "iptables", "buildah") if not shutil.which(t)]
+    need = [t for t in ("containerd", "runc", "ctr", "ip", "iptables", "ipset", "buildah") if not shutil.which(t)]
     if not Path("/usr/lib/cni/bridge").exists():
         need.append("CNI plugins in /usr/lib/cni")
     if need:
@@ -119,6 +130,14 @@ def _iptables_chains() -> list[str]:
     return out
 
 
+def _ipsets() -> list[str]:
+    """kube-router's ipsets (``IPSET_PREFIXES``)."""
+    if not shutil.which("ipset"):
+        return []
+    names = subprocess.run(["ipset", "list", "-n"], capture_output=True, text=True).stdout.split()
+    return sorted(n for n in names if n.startswith(IPSET_PREFIXES))
+
+
 def _cgroup_dirs() -> list[Path]:
     base = Path("/sys/fs/cgroup")
     return sorted(p for p in base.glob(f"*/{CGROUP_ROOT}") if p.is_dir())
@@ -144,7 +163,8 @@ def _shim_pids(address: str) -> set[int]:
 def leftovers(node_dir: Path) -> dict[str, list[str]]:
     """What a stopped node would have left on the machine: processes in its cgroup or
     shims of its containerd, mounts under its directories, network namespaces made for
-    pods, the bridge, KUBE-/CNI- iptables chains, its cgroups. Empty lists: nothing."""
+    pods, the bridge, KUBE-/CNI- iptables chains (kube-router's too), kube-router's ipsets,
+    its cgroups. Empty lists: nothing."""
     dirs = (str(node_dir), str(CONTAINERD_STATE), str(SHIM_DIR))
     address = containerd_address(node_dir)
     link = subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True).returncode == 0
@@ -154,6 +174,7 @@ def leftovers(node_dir: Path) -> dict[str, list[str]]:
         "netns": [n for n in _netns() if n.startswith("cni-")],
         "links": [BRIDGE] if link else [],
         "iptables": _iptables_chains(),
+        "ipsets": _ipsets(),
         "cgroups": [str(p) for p in _cgroup_dirs()],
     }
 
@@ -170,6 +191,7 @@ class RealNode:
     ports: dict[str, int] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     saved_sysctls: dict[str, str] = field(default_factory=dict)
+    service_cidr: str = ""   # the cluster's Service range (kube-router's --service-cluster-ip-range)
 
     @property
     def address(self) -> str:
@@ -193,7 +215,8 @@ class RealNode:
 
     # ---- start ------------------------------------------------------------------------
     def start(self, spawn, wait, kubectl, images: dict[str, str], free_port) -> None:
-        """Start containerd, import the images, then CoreDNS, kube-proxy and kubelet.
+        """Start containerd, import the images, then CoreDNS, kube-proxy and kubelet, and
+        once the node is registered kube-router's firewall.
 
         ``spawn(name, argv)``, ``wait(what, check, timeout, proc)`` and ``kubectl(*args)``
         are the cluster's; ``images`` maps image roles to references."""
@@ -221,6 +244,8 @@ class RealNode:
         self._start_kube_proxy(spawn)
         self._start_kubelet(spawn)
         wait("the real node Ready", lambda: self._ready(kubectl), 180, "kubelet")
+        self._start_kube_router(spawn)
+        wait("kube-router's NetworkPolicy firewall", self._firewall_ready, 120, "kube-router")
 
     def _write_cni(self) -> None:
         conf_dir = self.node_dir / "cni" / "net.d"
@@ -242,7 +267,8 @@ class RealNode:
                    f"subjectAltName=IP:{NODE_IP},DNS:{NODE_NAME}\nextendedKeyUsage=serverAuth")
         issue_cert(self.pki, "kube-proxy", "/CN=system:kube-proxy")
         issue_cert(self.pki, "coredns", "/CN=lepton:coredns")
-        for user in ("kubelet", "kube-proxy", "coredns"):
+        issue_cert(self.pki, "kube-router", "/CN=lepton:kube-router")
+        for user in ("kubelet", "kube-proxy", "coredns", "kube-router"):
             (self.node_dir / f"{user}.kubeconfig").write_text(kubeconfig(self.server, self.pki, user))
         kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [
             {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
@@ -255,6 +281,20 @@ class RealNode:
              "metadata": {"name": "lepton:coredns"},
              "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "lepton:coredns"},
              "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "lepton:coredns"}]},
+            # kube-router's firewall: reads pods, namespaces, policies and its node; its
+            # informers also list Services and endpoints, whatever controllers run.
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+             "metadata": {"name": "lepton:kube-router"},
+             "rules": [{"apiGroups": [""], "resources": ["pods", "namespaces", "nodes", "services", "endpoints"],
+                        "verbs": ["get", "list", "watch"]},
+                       {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                        "verbs": ["list", "watch"]},
+                       {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
+                        "verbs": ["list", "watch"]}]},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+             "metadata": {"name": "lepton:kube-router"},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "lepton:kube-router"},
+             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "lepton:kube-router"}]},
         ]}))
 
     def _start_coredns(self, spawn) -> None:
@@ -288,6 +328,24 @@ class RealNode:
             "nodePortAddresses": [f"{NODE_IP}/32"],
         }, indent=2))
         spawn("kube-proxy", [str(self.tool_path("kube-proxy")), "--config", str(config), "--v=1"])
+
+    def _start_kube_router(self, spawn) -> None:
+        """kube-router as the node's NetworkPolicy engine only: its firewall controller
+        turns each policy into iptables chains and ipsets; routing (BGP) and the service
+        proxy stay off (kube-proxy is the proxy). It needs the registered node."""
+        spawn("kube-router", [
+            str(self.tool_path("kube-router")), "--kubeconfig", str(self.node_dir / "kube-router.kubeconfig"),
+            "--hostname-override", NODE_NAME,
+            "--run-firewall=true", "--run-router=false", "--run-service-proxy=false",
+            "--service-cluster-ip-range", self.service_cidr,
+            "--enable-ipv4=true", "--enable-ipv6=false",
+            "--health-port=0", "--metrics-port=0", "--iptables-sync-period=1m", "--v=1",
+        ])
+
+    @staticmethod
+    def _firewall_ready() -> bool:
+        return subprocess.run(["iptables", "-w", "-t", "filter", "-S", KUBE_ROUTER_CHAIN],
+                              capture_output=True).returncode == 0
 
     @staticmethod
     def _make_cgroup_root() -> None:
@@ -368,7 +426,7 @@ class RealNode:
         when another cluster's node runs now (this one was stopped before, and its
         state is stale), they are its, and only this node's own processes are stopped."""
         mine = self.pids.get("containerd")
-        for name in ("pod-sd", "kubelet", "kube-proxy", "coredns"):
+        for name in ("pod-sd", "kube-router", "kubelet", "kube-proxy", "coredns"):
             terminate(self.pids.pop(name, None))
         if any(pid != mine for pid in node_containerds()):
             terminate(self.pids.pop("containerd", None))
@@ -410,6 +468,8 @@ class RealNode:
         if Path(kube_proxy).exists():
             subprocess.run([str(kube_proxy), "--cleanup"], capture_output=True)
         self._drop_chains()
+        for name in _ipsets():   # after the chains: a set a rule still uses cannot go
+            subprocess.run(["ipset", "destroy", name], capture_output=True)
         subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
         for top in _cgroup_dirs():
             for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
@@ -432,7 +492,7 @@ class RealNode:
     @staticmethod
     def _drop_chains() -> None:
         """Remove KUBE-* and CNI-* chains (and the jumps to them) that kube-proxy's
-        cleanup does not (kubelet's canaries, a killed CNI plugin's)."""
+        cleanup does not (kubelet's canaries, a killed CNI plugin's, kube-router's)."""
         for tool in ("iptables", "ip6tables"):
             if not shutil.which(tool):
                 continue
@@ -443,7 +503,7 @@ class RealNode:
                 if not ours:
                     continue
                 for line in rules.splitlines():
-                    parts = line.split()
+                    parts = shlex.split(line)   # kube-router's rules carry quoted comments
                     if parts[:1] == ["-A"] and "-j" in parts and parts[parts.index("-j") + 1] in ours \
                             and parts[1] not in ours:
                         subprocess.run([tool, "-w", "-t", table, "-D", *parts[1:]], capture_output=True)

@@ -1,6 +1,7 @@
 """spec.networkPolicy on the real control plane: the operator creates the policies owned
-by the resource, restores one deleted by hand, applies a changed ingressFrom, and deletes
-them when the field turns off."""
+by the resource (a job's by default: a job without ``networkPolicy``, such as one stored
+before that default, gets them too), restores one deleted by hand,
+applies a changed ingressFrom, and deletes them when the field turns off."""
 import json
 
 import pytest
@@ -28,7 +29,8 @@ def wait_policies(k, selector: str, names: set[str], timeout: float = 60.0) -> d
 
 
 def test_a_jobs_policies_follow_its_spec(k):
-    k.apply(k.manifest("fenced", networkPolicy={"enabled": True}))
+    k.apply(k.manifest("fenced"))                                   # no networkPolicy: on by default
+    assert "networkPolicy" not in k.job("fenced")["spec"]
     found = wait_policies(k, "lepton.ai/job=fenced", {"fenced-rdzv", "fenced-workers"})
     uid = k.job("fenced")["metadata"]["uid"]
     for policy in found.values():

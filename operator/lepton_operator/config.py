@@ -52,6 +52,21 @@ def _dns_name(raw: str) -> str:
     return raw
 
 
+_LABEL_KEY = re.compile(r"([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+
+
+def _labels(raw: str) -> tuple[tuple[str, str], ...]:
+    """``key=value,key=value`` -> ((key, value), ...), each a valid label."""
+    pairs = []
+    for item in _names(raw):
+        key, sep, value = item.partition("=")
+        if not sep or not _LABEL_KEY.fullmatch(key.strip()) or not _LABEL_VALUE.fullmatch(value.strip()):
+            raise ValueError("must be comma-separated key=value labels")
+        pairs.append((key.strip(), value.strip()))
+    return tuple(pairs)
+
+
 def _auto_bool(raw: str) -> bool | str:
     return "auto" if raw.strip().lower() == "auto" else _bool(raw)
 
@@ -107,10 +122,13 @@ SETTINGS: tuple[Setting, ...] = (
             "the shortest time a Running job may go without a step before it is reported stalled "
             "(Ready=False, reason TrainingStalled); the window is ten of the job's own mean step "
             "intervals when that is longer"),
-    Setting("cluster_gpu_usage", "LEPTON_CLUSTER_GPU_USAGE", True, _bool,
-            "watching named namespaces, read the GPU requests of pods in every namespace (list and watch "
-            "of pods cluster-wide, read-only), so GPUs used outside the watched namespaces are never "
-            "counted as free; false: count only the watched namespaces' pods (a namespaced Role suffices)"),
+    Setting("cluster_gpu_usage", "LEPTON_CLUSTER_GPU_USAGE", False, _bool,
+            "watching named namespaces, read the requests (GPUs, cpu, memory) of pods in every namespace "
+            "(list and watch of pods cluster-wide, read-only), so capacity used outside the watched "
+            "namespaces is never counted as free; false: only the watched namespaces' pods are counted "
+            "(a namespaced Role suffices), and GPUs, cpu and memory that pods elsewhere use are invisible: "
+            "the operator may plan workers that then stay Pending (the scheduler still never overcommits "
+            "a node). Watching all namespaces, every pod is counted either way"),
     Setting("report_lost_workers", "LEPTON_REPORT_LOST_WORKERS", "auto", _auto_bool,
             "tell a job's rendezvous store as soon as one of its workers is lost (pod deleted, failed or "
             "gone), so that the others re-form at once instead of after the keep-alive timeout; `auto`: "
@@ -120,6 +138,10 @@ SETTINGS: tuple[Setting, ...] = (
             "the operator's namespace: with `spec.networkPolicy`, pods of this namespace may reach the "
             "stores' report port; empty: `$POD_NAMESPACE` (the chart sets it), else none may",
             aliases=("POD_NAMESPACE",)),
+    Setting("operator_pod_labels", "LEPTON_OPERATOR_POD_LABELS", (), _labels,
+            "comma-separated `key=value` labels of the operator's pods (the chart sets its selector "
+            "labels): with them, only those pods of the operator's namespace may reach the stores' "
+            "report port; empty: every pod of that namespace"),
     Setting("leader_election", "LEPTON_LEADER_ELECTION", False, _bool,
             "run as one of several replicas: only the holder of a coordination.k8s.io/v1 Lease "
             "reconciles, the others wait and take over once it stops renewing (lease 15 s, renew "
@@ -150,9 +172,10 @@ class Settings:
     api_retry_seconds: float = 5.0
     progress_interval: float = 15.0
     stall_seconds: float = 30.0
-    cluster_gpu_usage: bool = True
+    cluster_gpu_usage: bool = False
     report_lost_workers: bool | str = "auto"
     operator_namespace: str = ""
+    operator_pod_labels: tuple[tuple[str, str], ...] = ()
     leader_election: bool = False
     leader_election_name: str = "lepton-operator"
     leader_election_namespace: str = ""

@@ -88,21 +88,30 @@ def test_watch_namespaces_mode_uses_roles_per_namespace():
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     cluster_rules = by_kind(docs, "ClusterRole")[0]["rules"]
     cluster_resources = {r for rule in cluster_rules for r in rule["resources"]}
-    assert "nodes" in cluster_resources, "GPU capacity needs nodes cluster-wide"
-    # GPU usage of every namespace: pods read-only cluster-wide, or nothing with clusterGpuUsage=false
-    assert [sorted(r["verbs"]) for r in cluster_rules if "pods" in r["resources"]] == [["list", "watch"]]
-    strict = by_kind(render("watchNamespaces={team-a,team-b}", "clusterGpuUsage=false"), "ClusterRole")[0]["rules"]
-    assert "pods" not in {r for rule in strict for r in rule["resources"]}
+    assert "nodes" in cluster_resources, "capacity needs nodes cluster-wide"
+    # Pods are read cluster-wide (read-only) only when asked for: clusterGpuUsage=true
+    assert "pods" not in cluster_resources
+    wide = by_kind(render("watchNamespaces={team-a,team-b}", "clusterGpuUsage=true"), "ClusterRole")[0]["rules"]
+    assert [sorted(r["verbs"]) for r in wide if "pods" in r["resources"]] == [["list", "watch"]]
+    env = {e["name"]: e.get("value") for e in
+           by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LEPTON_CLUSTER_GPU_USAGE"] == "false"
     args = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:2] == ["--namespace=team-a", "--namespace=team-b"]
 
 
-def test_no_rule_grants_wildcards_or_secrets():
-    for docs in (render(), render("watchNamespaces={x}")):
+def test_no_rule_grants_wildcards_and_secrets_are_only_created_and_read_by_name():
+    """The operator creates each job's rendezvous token and reads it back by name: it may
+    never list or watch Secrets (that reads every Secret of a namespace)."""
+    for docs, granted in ((render(), {("ClusterRole", None)}), (render("watchNamespaces={x}"), {("Role", "x")})):
+        secret_rules = set()
         for role in by_kind(docs, "ClusterRole") + by_kind(docs, "Role"):
             for rule in role["rules"]:
                 assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
-                assert "secrets" not in rule["resources"], rule
+                if "secrets" in rule["resources"]:
+                    assert rule["resources"] == ["secrets"] and sorted(rule["verbs"]) == ["create", "get"], rule
+                    secret_rules.add((role["kind"], role["metadata"].get("namespace")))
+        assert secret_rules == granted
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -142,7 +151,7 @@ def test_every_chart_value_reaches_the_operators_own_config_parser(namespaced, m
             "prometheus.url=http://prom.monitoring.svc:9090", "prometheus.timeoutSeconds=0.5",
             "resyncSeconds=17", "metrics.port=9102", "health.port=9103", "logLevel=debug", "replicas=2"]
     if namespaced:
-        sets += ["watchNamespaces={team-a,team-b}"]
+        sets += ["watchNamespaces={team-a,team-b}", "clusterGpuUsage=true"]
     c = container(render(*sets))
     # What the kubelet puts into the downward-API variables of a pod of this release.
     downward = {"metadata.name": f"{FULLNAME}-5d8c7b9f4-x2x7q", "metadata.namespace": "lepton-system"}
@@ -159,7 +168,8 @@ def test_every_chart_value_reaches_the_operators_own_config_parser(namespaced, m
         namespaces=("team-a", "team-b") if namespaced else (), trainer_image="reg.example/trainer:9",
         image_pull_policy="Always", prometheus_url="http://prom.monitoring.svc:9090", prometheus_timeout=0.5,
         metrics_port=9102, health_port=9103, resync_seconds=17.0,
-        cluster_gpu_usage=True, operator_namespace="lepton-system",    # the stores' report port opens to it
+        cluster_gpu_usage=namespaced, operator_namespace="lepton-system",    # the stores' report port opens to it
+        operator_pod_labels=(("app.kubernetes.io/name", "lepton-operator"), ("app.kubernetes.io/instance", "lepton")),
         leader_election=True, leader_election_name=FULLNAME, leader_election_namespace="lepton-system",
         leader_election_identity=f"{FULLNAME}-5d8c7b9f4-x2x7q")
     assert args.verbose and s.all_namespaces is not namespaced
@@ -236,7 +246,10 @@ def test_without_leader_election_one_replica_is_replaced_only_after_the_old_one_
     dep = by_kind(docs, "Deployment")[0]
     assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
     env = {e["name"]: e.get("value") for e in container(docs)["env"]}
-    assert env["LEPTON_LEADER_ELECTION"] == "false" and "POD_NAMESPACE" not in env
+    assert env["LEPTON_LEADER_ELECTION"] == "false" and "POD_NAME" not in env
+    # The operator's identity in its jobs' NetworkPolicies does not depend on leader election.
+    assert "POD_NAMESPACE" in env and env["LEPTON_OPERATOR_POD_LABELS"] == \
+        "app.kubernetes.io/name=lepton-operator,app.kubernetes.io/instance=lepton"
     assert not [r for r in by_kind(docs, "Role") if r["metadata"]["name"] == LEASE_ROLE]
     out = helm("template", "lepton", str(CHART), "--set", "replicas=2", "--set", "leaderElection.enabled=false",
                check=False)

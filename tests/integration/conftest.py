@@ -62,7 +62,7 @@ class OperatorProcess:
 @pytest.fixture
 def exporter(cluster, namespace):
     """A real Prometheus exporter whose series the test sets, scraped by the cluster's Prometheus."""
-    e = Exporter(cluster, f"exp-{namespace}", free_port())
+    e = Exporter(cluster, f"exp-{namespace}", free_port(), namespace=namespace)
     yield e
     e.stop()
 

@@ -101,13 +101,15 @@ def test_success_sets_output_then_ttl_deletes_job_and_children_but_not_the_pvc(k
     assert k.get("pvc", "ckpt") is not None
 
 
-def test_deleting_a_job_removes_pods_and_services_never_the_pvc(k):
+def test_deleting_a_job_removes_pods_services_and_the_stores_token_never_the_pvc(k):
     k.pvc("ckpt")
     k.apply(k.manifest("gone", checkpoint={"claimName": "ckpt"}))
     k.wait_workers("gone", 2)
+    assert k.get("secret", "gone-rdzv") is not None
     k.kubectl("delete", "lj", "gone")
     k.wait_for("children garbage-collected",
-               lambda: not k.list("pods", "lepton.ai/job=gone") and not k.list("services", "lepton.ai/job=gone"))
+               lambda: not k.list("pods", "lepton.ai/job=gone") and not k.list("services", "lepton.ai/job=gone")
+               and k.get("secret", "gone-rdzv") is None)
     assert k.get("pvc", "ckpt") is not None
 
 

@@ -1,4 +1,6 @@
 """LeptonJob on the real control plane: placement, contract, scaling, capacity and gang creation."""
+import base64
+
 import pytest
 
 from lepton_trainer import contract
@@ -38,9 +40,15 @@ def test_apply_schedules_workers_on_gpu_nodes_with_the_contract(k, cluster):
             for v in spec["volumes"] if "persistentVolumeClaim" in v
             for m in c["volumeMounts"] if m["name"] == v["name"]]
     rdzv = k.get("pod", "train-rdzv")
-    assert rdzv["spec"]["containers"][0]["command"][-5:] == [
+    assert rdzv["spec"]["containers"][0]["command"][-7:] == [
         "lepton_trainer.rendezvous", "--port", str(contract.RDZV_PORT),
-        "--control-port", str(contract.RDZV_CONTROL_PORT)]
+        "--control-port", str(contract.RDZV_CONTROL_PORT), "--run-id", uid]
+    # The store's token: a Secret of the job's own (deleted with it), mounted into the store only.
+    secret = k.get("secret", "train-rdzv")
+    assert [(o["kind"], o["uid"]) for o in secret["metadata"]["ownerReferences"]] == [("LeptonJob", uid)]
+    assert len(base64.b64decode(secret["data"][contract.RDZV_TOKEN_KEY])) >= 32 and secret["immutable"] is True
+    assert [v["secret"]["secretName"] for v in rdzv["spec"]["volumes"] if "secret" in v] == ["train-rdzv"]
+    assert not any("secret" in v for v in pods[0]["spec"]["volumes"])
     assert [p["port"] for p in k.get("service", "train-rdzv")["spec"]["ports"]] == [
         contract.RDZV_PORT, contract.RDZV_CONTROL_PORT]
     assert k.get("service", "train-workers")["spec"]["clusterIP"] == "None"
@@ -81,7 +89,7 @@ def test_scale_up_is_limited_by_gpu_capacity(k, cluster):
     status = k.wait_for("status to show the capacity limit",
                         lambda: (s := k.status("big")).get("workers", {}).get("running") == fit and s)
     assert status["workers"]["desired"] == fit + 2
-    assert "wait for GPU capacity" in k.condition("big", "Ready")["message"]
+    assert "wait for capacity" in k.condition("big", "Ready")["message"]
     assert not [p for p in k.workers("big") if p["status"]["phase"] == "Pending"]   # nothing sits Pending
 
 

@@ -1,9 +1,9 @@
 """An operator that watches named namespaces, on a control plane of its own (one kwok GPU
 node of 4 GPUs), so the session's cluster-wide operator does not reconcile beside it.
 
-GPUs that pods outside the watched namespaces hold are not free: the operator reads every
-namespace's GPU requests (LEPTON_CLUSTER_GPU_USAGE, on by default) and a gang that does
-not fit waits instead of half-starting; when those GPUs are released, it starts.
+GPUs that pods outside the watched namespaces hold are not free once the operator is asked
+to read every namespace's pod requests (LEPTON_CLUSTER_GPU_USAGE, off by default): a gang
+that does not fit waits instead of half-starting; when those GPUs are released, it starts.
 """
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def test_gpus_used_outside_the_watched_namespaces_are_not_free(ns_cluster, tmp_p
         proc = subprocess.Popen([sys.executable, "-m", "lepton_operator", "--namespace", team,
                                  "--metrics-port", str(free_port()), "--health-port", str(health)],
                                 stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**c.env, "LEPTON_TRAINER_IMAGE": "lepton-trainer:test", "PYTHONUNBUFFERED": "1"})
+                                env={**c.env, "LEPTON_TRAINER_IMAGE": "lepton-trainer:test", "PYTHONUNBUFFERED": "1",
+                                     "LEPTON_CLUSTER_GPU_USAGE": "true"})
     try:
         wait_healthy(proc, health, log)
         k = Kube(c, team)

@@ -7,9 +7,18 @@ user with a read-only root. Prometheus scrapes the real servers. Nothing here is
 pod or a local process standing in for a container.
 
 The tests run in order and build on each other: train, lose a worker, lose the
-rendezvous store, finish, compress, serve, predict, autoscale; then a user's own
-Hugging Face model from the volume, queried with tritonclient over REST and gRPC; then a
-``faultTolerance: perStep`` job that loses a worker pod while its survivor keeps running.
+rendezvous store, finish, compress, serve, predict, autoscale, promote a new revision
+under steady traffic; then a user's own Hugging Face model from the volume, queried with
+tritonclient over REST and gRPC; then a ``faultTolerance: perStep`` job that loses a
+worker pod while its survivor keeps running, and then loses its Lighthouse.
+
+Every job here sets no ``networkPolicy``, so it runs behind its default NetworkPolicies,
+which the node enforces (kube-router, firewall only: hack/realnode.py). While the
+quickstart job trains, an attacker pod in another namespace and one in the job's
+namespace without its labels are refused by its store (29400) and report port (29401,
+``POST /v1/forget``), and for the perStep job by the Lighthouse's ``POST
+/replica/<id>/kill``; the job trains on without a restart, the operator's report of a
+lost worker still reaches the store, and bench/results/security.json records the tries.
 
 What this cannot show: GPUs and NCCL (the node has none; workers use gloo on CPU, and
 the kwok GPU nodes of tests/integration cover GPU scheduling), and several machines
@@ -39,6 +48,7 @@ import yaml
 from transformers import AutoModel, AutoTokenizer
 from waiting import wait_for
 
+from attacks import OUTSIDE_NS, REFUSED, Attacks, attacker_pod
 from realenv import RELEASE_NS, ROOT, dump, localcluster, pod_logs, record
 
 import realnode  # noqa: E402  (hack/, on sys.path through realenv)
@@ -105,6 +115,23 @@ def workspace(operator, tmp_path_factory):
                   "resources": {"requests": {"storage": "1Gi"}}}},
     ]))
     return c, volume
+
+
+@pytest.fixture(scope="module")
+def attackers(workspace):
+    """Attacker pods: one in another namespace, one in the jobs' namespace (no job's
+    labels). What they tried goes to bench/results/security.json at the end."""
+    c, _ = workspace
+    c.create_namespace(OUTSIDE_NS)
+    pods = [(OUTSIDE_NS, "attacker"), (NS, "neighbour")]
+    c.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(
+        [attacker_pod(c.images["trainer"], ns, name) for ns, name in pods]))
+    for ns, name in pods:
+        wait_for(f"{ns}/{name} running", lambda ns=ns, name=name: _json(c, "get", "pod", name, "-n", ns)
+                 ["status"].get("phase") == "Running", timeout=180)
+    attacks = Attacks(c, pods)
+    yield attacks
+    attacks.save()
 
 
 def test_operator_runs_in_cluster_from_its_image_with_the_charts_settings(operator):
@@ -176,6 +203,44 @@ def test_quickstart_job_trains_for_real_and_checkpoints_to_the_volume(workspace)
     ckpts = wait_for("a checkpoint on the volume",
                      lambda: [p for p in (volume / JOB).rglob("*") if p.is_file()], timeout=60)
     assert all(p.stat().st_uid == IMAGE_UID for p in ckpts), [(p, p.stat().st_uid) for p in ckpts]
+
+
+def untouched(c, job: str, workers: list[str]) -> dict:
+    """What a disturbed job changes: restarts counted, containers restarted, resumes."""
+    status = _json(c, "get", "lj", job, "-n", NS).get("status", {})
+    return {"counted": status.get("restarts", {}).get("counted", 0),
+            "container_restarts": [_json(c, "get", "pod", w, "-n", NS)["status"]["containerStatuses"][0]
+                                   ["restartCount"] for w in workers],
+            "resumes": sum(timestamped_logs(c, w).count("event=resume") for w in workers)}
+
+
+def test_pods_outside_the_job_are_refused_by_its_store_while_it_trains_on(workspace, attackers):
+    """The default policies on the real node's engine: the store's port and its report
+    port refuse both attackers, which still reach the workers' metrics port (open to
+    anyone by default: the refusals are the policies'). The host reaches the pods too."""
+    c, _ = workspace
+    workers = [f"{JOB}-worker-0", f"{JOB}-worker-1"]
+    policies = {p["metadata"]["name"] for p in _json(c, "get", "networkpolicy", "-n", NS)["items"]}
+    assert {f"{JOB}-rdzv", f"{JOB}-workers"} <= policies, policies
+    before, step = untouched(c, JOB, workers), steps(timestamped_logs(c, workers[0]))[-1][1]
+    ips = {p["metadata"]["name"]: p["status"]["podIP"] for p in worker_pods(c)}
+    store = f"{JOB}-rdzv.{NS}.svc.cluster.local"
+    store_ip = _json(c, "get", "pod", f"{JOB}-rdzv", "-n", NS)["status"]["podIP"]
+    forget = json.dumps({"runId": _json(c, "get", "lj", JOB, "-n", NS)["metadata"]["uid"],
+                         "addrs": sorted(ips.values()), "minNodes": 1})
+    for where in attackers.pods:
+        assert attackers.run(where, "tcp connect", "c10d store (Service)", "tcp", f"{store}:29400") in REFUSED
+        assert attackers.run(where, "tcp connect", "c10d store (pod IP)", "tcp", f"{store_ip}:29400") in REFUSED
+        assert attackers.run(where, "POST /v1/forget", "store report port", "post",
+                             f"http://{store}:29401/v1/forget", forget) in REFUSED
+        assert attackers.run(where, "GET /metrics (control)", "worker metrics port", "get",
+                             f"http://{ips[workers[0]]}:9400/metrics") == "http 200"
+    with urllib.request.urlopen(f"http://{ips[workers[1]]}:9400/metrics", timeout=5) as r:
+        assert b"lepton_train_step" in r.read()                  # from the host, as Prometheus
+    wait_for("training to go on", lambda: steps(timestamped_logs(c, workers[0]))[-1][1] >= step + 40, timeout=180)
+    assert untouched(c, JOB, workers) == before and before["container_restarts"] == [0, 0], before
+    after = [s for _, s, _, _ in steps(timestamped_logs(c, workers[0])) if s > step]
+    assert after == sorted(set(after)) and after[0] <= step + 20, after       # no step redone or skipped
 
 
 def _lose_and_resume(c, victim: str) -> tuple[float, int]:
@@ -271,7 +336,8 @@ def test_the_model_is_compressed_in_a_job_served_and_predicts_through_the_servic
         "apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonModel", "metadata": {"name": MODEL, "namespace": NS},
         "spec": {"source": {"jobRef": {"name": JOB}},
                  "compression": {"method": "int8", "maxAccuracyDrop": 0.02},
-                 "serving": {"replicas": 1, "resources": {"cpu": "250m", "memory": "1Gi"}},
+                 "serving": {"replicas": 1, "resources": {"cpu": "250m", "memory": "1Gi"},
+                             "batching": {"maxBatchSize": 256}},      # the client sends 200 rows
                  "rollout": {"strategy": "replace"},
                  "autoscaling": {"engine": "builtin", "metric": "rps", "target": 5, "minReplicas": 1,
                                  "maxReplicas": 3, "stableWindowSeconds": 6, "panicWindowSeconds": 2}}}))
@@ -366,6 +432,54 @@ def test_builtin_autoscaler_scales_serving_from_the_servers_scraped_metrics(work
 
 
 
+def test_a_promotion_under_steady_traffic_fails_no_request(workspace):
+    """A new revision (compression ``int8`` -> ``none``) is promoted while a client on the
+    node sends a steady stream of requests through the model's Service (kube-proxy): the
+    new pods are Ready before any old pod is retired, and the old pods drain (preStop,
+    then the server's drain) before they stop, so no request fails."""
+    c, _ = workspace
+    lm = _json(c, "get", "lm", MODEL, "-n", NS)
+    old = lm["status"]["revisions"]["stable"]
+    svc = _json(c, "get", "svc", MODEL, "-n", NS)["spec"]["clusterIP"]
+    url = f"http://{svc}:8080/v2/models/{MODEL}/infer"
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                                   "data": [0.0] * 64}]}).encode()
+    stop, outcomes = threading.Event(), []
+
+    def steady():
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(urllib.request.Request(
+                        url, body, {"Content-Type": "application/json"}), timeout=10) as r:
+                    outcomes.append(r.status)
+            except OSError as e:
+                outcomes.append(repr(e))
+            time.sleep(0.1)
+    client = threading.Thread(target=steady, daemon=True)
+    client.start()
+    c.kubectl("patch", "lm", MODEL, "-n", NS, "--type", "merge", "-p",
+              json.dumps({"spec": {"compression": {"method": "none", "maxAccuracyDrop": None}}}))
+
+    def promoted():
+        st = _json(c, "get", "lm", MODEL, "-n", NS).get("status", {})
+        revs = st.get("revisions") or {}
+        deps = _json(c, "get", "deploy", "-n", NS, "-l", f"lepton.ai/model={MODEL}")["items"]
+        return revs.get("stable") not in (None, old) and not revs.get("retiring") and \
+            all(d["metadata"]["labels"].get("lepton.ai/revision") != old for d in deps)
+    try:
+        wait_for("the new revision promoted and the old one retired", promoted, timeout=300)
+        time.sleep(3)                      # requests after the last old pod is gone
+    except AssertionError:
+        raise AssertionError(dump(c, NS)) from None
+    finally:
+        stop.set()
+        client.join(timeout=15)
+    failed = [o for o in outcomes if o != 200]
+    record("promotion_requests", len(outcomes))
+    record("promotion_failed_requests", len(failed))
+    assert len(outcomes) > 20 and not failed, (len(outcomes), failed[:5])
+
+
 TEXTS = ["A man is eating food.", "Kubernetes runs containers on a cluster of machines.", "short"]
 
 
@@ -414,7 +528,26 @@ FT_JOB = "mnist-ft"
 QUORUM_LINE = re.compile(r"^(\S+) .*event=quorum replicas=(\d+) world=\d+ rank=\d+ step=(\d+)", re.M)
 
 
-def test_a_per_step_job_keeps_its_survivor_running_through_a_lost_worker_pod(workspace):
+def _attack_the_lighthouse(c, attackers: Attacks, worker: str) -> None:
+    """Both attackers try to kill ``worker``'s replica group on the Lighthouse (its id, as
+    an attacker would learn it, read from the Lighthouse's status page by the host, which
+    no policy polices): refused, and the quorum stays as it was, stepping on."""
+    lighthouse = _json(c, "get", "pod", f"{FT_JOB}-rdzv", "-n", NS)["status"]["podIP"]
+    with urllib.request.urlopen(f"http://{lighthouse}:29400/status", timeout=5) as r:
+        ids = re.findall(rf"{re.escape(worker)}:[0-9a-f-]{{36}}", r.read().decode(errors="replace"))
+    assert ids, f"the Lighthouse's status page names no replica group of {worker}"
+    t0, (_, step, _, world) = time.time(), steps(timestamped_logs(c, worker))[-1]
+    for where in attackers.pods:
+        for host in (f"{FT_JOB}-rdzv.{NS}.svc.cluster.local", lighthouse):
+            assert attackers.run(where, "POST /replica/<id>/kill", "torchft Lighthouse", "post",
+                                 f"http://{host}:29400/replica/{ids[0]}/kill", "{}") in REFUSED
+    wait_for("training to go on", lambda: steps(timestamped_logs(c, worker))[-1][1] >= step + 40, timeout=120)
+    text = timestamped_logs(c, worker)
+    assert not [q for q in QUORUM_LINE.findall(text) if _ts(q[0]) > t0], text[-2000:]   # the same quorum
+    assert {w for t, s, _, w in steps(text) if t > t0} == {world}
+
+
+def test_a_per_step_job_keeps_its_survivor_running_through_a_lost_worker_pod(workspace, attackers):
     """faultTolerance perStep in real containers: the Lighthouse in the rendezvous pod, one
     replica group per worker pod, found through the Service and the pods' IPs."""
     c, _ = workspace
@@ -435,6 +568,7 @@ def test_a_per_step_job_keeps_its_survivor_running_through_a_lost_worker_pod(wor
             return found[0] if found else None
         wait_for("both replica groups in one quorum", lambda: quorum(survivor, 2), timeout=300)
         wait_for("a checkpoint step", lambda: "event=checkpoint" in timestamped_logs(c, survivor), timeout=120)
+        _attack_the_lighthouse(c, attackers, survivor)
         pod = _json(c, "get", "pod", survivor, "-n", NS)
         uid = pod["metadata"]["uid"]
         pid = re.findall(r"event=start pid=(\d+)", timestamped_logs(c, survivor))
@@ -449,7 +583,8 @@ def test_a_per_step_job_keeps_its_survivor_running_through_a_lost_worker_pod(wor
             healed = re.search(r"event=heal step=(\d+)", timestamped_logs(c, victim))
         except AssertionError:
             raise AssertionError(dump(c, NS)) from None
-        assert healed and int(healed.group(1)) > step, timestamped_logs(c, victim)[-3000:]
+        # (the survivor may not have stepped alone yet when the replacement asks: heal >= step)
+        assert healed and int(healed.group(1)) >= step, timestamped_logs(c, victim)[-3000:]
         # The survivor never restarted: same pod, same container, one worker process.
         pod = _json(c, "get", "pod", survivor, "-n", NS)
         assert pod["metadata"]["uid"] == uid and pod["status"]["containerStatuses"][0]["restartCount"] == 0
@@ -458,10 +593,38 @@ def test_a_per_step_job_keeps_its_survivor_running_through_a_lost_worker_pod(wor
         record("per_step_worker_deleted_to_step_seconds", round(first[0] - t_delete, 1))
         record("per_step_worker_deleted_to_quorum_seconds", round(t_quorum - t_delete, 1))
         record("per_step_replacement_joined_seconds_after_delete", round(t_join - t_delete, 1))
+        _lose_the_lighthouse(c)
     finally:
         c.kubectl("delete", "lj", FT_JOB, "-n", NS, "--wait=true", check=False)
         wait_for("the job's pods to go", lambda: not _json(c, "get", "pods", "-n", NS, "-l",
                                                           f"lepton.ai/job={FT_JOB}")["items"], timeout=120)
+
+
+def _lose_the_lighthouse(c) -> None:
+    """The rendezvous pod (the Lighthouse) of the running perStep job is deleted. Its
+    replica groups would wait in a quorum the new Lighthouse never answers, for the
+    quorum timeout (joinTimeoutSeconds, 600 s); the operator replaces them as soon as the
+    new Lighthouse is ready, uncounted, and training resumes from the checkpoint."""
+    before = {p["metadata"]["name"]: p["metadata"]["uid"] for p in _json(
+        c, "get", "pods", "-n", NS, "-l", f"lepton.ai/job={FT_JOB},lepton.ai/role=worker")["items"]}
+    t_delete = time.time()
+    c.kubectl("delete", "pod", f"{FT_JOB}-rdzv", "-n", NS, "--wait=false")
+
+    def resumed():
+        pods = _json(c, "get", "pods", "-n", NS, "-l", f"lepton.ai/job={FT_JOB},lepton.ai/role=worker")["items"]
+        fresh = [p["metadata"]["name"] for p in pods if p["metadata"]["uid"] not in before.values()
+                 and not p["metadata"].get("deletionTimestamp")]
+        after = [s for name in fresh for s in steps(timestamped_logs(c, name)) if s[0] > t_delete]
+        return min(after) if len(fresh) == 2 and after else None
+    try:
+        first = wait_for("replaced replica groups to step with the new Lighthouse", resumed, timeout=240)
+    except AssertionError:
+        raise AssertionError(dump(c, NS)) from None
+    status = _json(c, "get", "lj", FT_JOB, "-n", NS)["status"]
+    assert status["restarts"]["counted"] == 0, status      # a replaced Lighthouse is nobody's failure
+    events = c.kubectl("get", "events", "-n", NS, "--field-selector", f"involvedObject.name={FT_JOB}")
+    assert "the Lighthouse was replaced" in events, events
+    record("per_step_lighthouse_deleted_to_step_seconds", round(first[0] - t_delete, 1))
 
 
 def test_cluster_down_leaves_nothing_behind(real_cluster):
@@ -473,7 +636,8 @@ def test_cluster_down_leaves_nothing_behind(real_cluster):
                              str(c.state_dir)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     left = realnode.leftovers(c.state_dir / "node")
-    assert left == {"processes": [], "mounts": [], "netns": [], "links": [], "iptables": [], "cgroups": []}, left
+    assert left == {"processes": [], "mounts": [], "netns": [], "links": [], "iptables": [], "ipsets": [],
+                    "cgroups": []}, left
     stopped = localcluster.Cluster.load(c.state_dir)
     assert not any(stopped.running().values()), stopped.running()
     # every kernel setting kubelet changed is back

@@ -106,9 +106,13 @@ MODEL = {
     "spec.compression.evaluation.type": ({}, EVALUATION),
     "spec.compression.backoffLimit": ({}, "compression.backoff_limit"),
     "spec.compression.activeDeadlineSeconds": ({}, "compression.active_deadline_seconds"),
+    "spec.compression.latencyBudgetSeconds": ({}, "compression.latency_budget_seconds"),
     "spec.serving.replicas": ({}, "serving.replicas"),
     "spec.serving.batching.maxBatchSize": ({}, "serving.max_batch_size"),
     "spec.serving.batching.maxBatchDelayMs": ({}, "serving.max_batch_delay_ms"),
+    "spec.serving.admission.maxConcurrentRequests": ({}, "serving.admission.max_concurrent_requests"),
+    "spec.serving.admission.maxQueuedRequests": ({}, "serving.admission.max_queued_requests"),
+    "spec.serving.admission.queueTimeoutMs": ({}, "serving.admission.queue_timeout_ms"),
     "spec.networkPolicy.enabled": ({"networkPolicy": {}}, "network_policy.enabled"),
     "spec.rollout.strategy": ({}, "rollout.strategy"),
     "spec.rollout.steps[].pauseSeconds": (STEP, "rollout.steps.0.pause_seconds"),
@@ -192,7 +196,7 @@ def test_the_parsers_give_the_dataclass_defaults_for_an_empty_spec():
     assert job.elastic == job_spec.Elastic()
     assert job.capacity == job_spec.Capacity()
     assert job.autoscaling == job_spec.Autoscaling()
-    assert job.network_policy == NetworkPolicySpec()
+    assert job.network_policy == job_spec.JobNetworkPolicy() and job.network_policy.enabled
     assert job.resources == Resources()
     empty = parse_job_spec({})
     for field in dataclasses.fields(job_spec.JobSpec):

@@ -126,10 +126,12 @@ def test_per_step_runs_a_lighthouse_and_one_standalone_replica_group_per_pod():
         parse_job("mnist", {"env": [{"name": "TORCHFT_LIGHTHOUSE", "value": "http://x"}]}, "t")
 
 
-def test_per_step_network_policy_opens_only_the_lighthouse_port():
-    job = parse_job("mnist", {**FULL_SPEC, "faultTolerance": "perStep", "networkPolicy": {"enabled": True}}, "t")
-    store_policy = training.network_policies(OWNER, job, "lepton-system")[0]
-    assert [p["port"] for rule in store_policy["spec"]["ingress"] for p in rule["ports"]] == [contract.RDZV_PORT]
+def test_per_step_network_policy_opens_only_the_lighthouse_port_and_only_to_the_workers():
+    job = parse_job("mnist", {**FULL_SPEC, "faultTolerance": "perStep"}, "t")   # policies by default
+    store_policy = training.network_policies(OWNER, job, "lepton-system", OPERATOR_LABELS)[0]
+    assert store_policy["spec"]["ingress"] == [
+        {"from": [{"podSelector": {"matchLabels": {"lepton.ai/job": "mnist", "lepton.ai/role": "worker"}}}],
+         "ports": [{"port": contract.RDZV_PORT, "protocol": "TCP"}]}]    # the Lighthouse: workers only
 
 
 def test_security_context_and_gpu_defaults():
@@ -177,7 +179,7 @@ def test_rendezvous_pod_and_services_declare_fixed_ports():
     _, rdzv_pod, rdzv_svc, workers = built()
     assert rdzv_pod["spec"]["containers"][0]["command"] == [
         "python", "-m", "lepton_trainer.rendezvous", "--port", str(contract.RDZV_PORT),
-        "--control-port", str(contract.RDZV_CONTROL_PORT)]
+        "--control-port", str(contract.RDZV_CONTROL_PORT), "--run-id", "0b5e-uid"]   # the job's run only
     assert rdzv_pod["spec"]["containers"][0]["image"] == "trainer:default"   # not the user's image
     assert GPU_RESOURCE not in str(rdzv_pod["spec"]["containers"][0]["resources"])
     assert [(p["name"], p["port"], p["targetPort"]) for p in rdzv_svc["spec"]["ports"]] == [
@@ -186,6 +188,38 @@ def test_rendezvous_pod_and_services_declare_fixed_ports():
         "rdzv": contract.RDZV_PORT, "control": contract.RDZV_CONTROL_PORT}
     assert workers["spec"]["clusterIP"] == "None"
     assert workers["spec"]["ports"][0]["port"] == contract.METRICS_PORT
+
+
+def test_the_stores_token_is_a_secret_owned_by_the_job_and_mounted_only_into_the_store():
+    secret = training.rendezvous_secret(OWNER, "t0ken")
+    assert secret["kind"] == "Secret" and secret["metadata"]["name"] == "mnist-rdzv"
+    assert secret["metadata"]["namespace"] == "team-a" and secret["immutable"] is True
+    assert secret["stringData"] == {contract.RDZV_TOKEN_KEY: "t0ken"}
+    owner_ref = secret["metadata"]["ownerReferences"][0]        # deleted with the job
+    assert (owner_ref["kind"], owner_ref["uid"], owner_ref["controller"]) == ("LeptonJob", "0b5e-uid", True)
+    assert training.secret_token({"data": {contract.RDZV_TOKEN_KEY: "dDBrZW4="}}) == "t0ken"
+    assert training.secret_token({"data": {}}) == "" == training.secret_token({"data": {"token": "%%"}})
+
+    worker, rdzv_pod, _, _ = built()
+    store = rdzv_pod["spec"]["containers"][0]
+    volume = next(v for v in rdzv_pod["spec"]["volumes"] if "secret" in v)
+    assert volume["secret"]["secretName"] == "mnist-rdzv"
+    assert volume["secret"]["items"] == [{"key": contract.RDZV_TOKEN_KEY, "path": contract.RDZV_TOKEN_KEY}]
+    # read-only, readable by the pod's fsGroup (the image's user) and nobody else
+    assert volume["secret"]["defaultMode"] == 0o440 and rdzv_pod["spec"]["securityContext"]["fsGroup"] == \
+        contract.IMAGE_UID
+    mount = next(m for m in store["volumeMounts"] if m["name"] == volume["name"])
+    assert mount == {"name": volume["name"], "mountPath": contract.RDZV_TOKEN_DIR, "readOnly": True}
+    assert contract.RDZV_TOKEN_FILE == f"{contract.RDZV_TOKEN_DIR}/{contract.RDZV_TOKEN_KEY}"
+    # never in env or args, and never in a worker
+    assert "mnist-rdzv" not in str(store.get("env")) and "secret" not in str(worker["spec"]["volumes"])
+    assert not any("secretKeyRef" in str(c.get("env")) for c in (store, worker["spec"]["containers"][0]))
+
+
+def test_a_lighthouse_needs_no_token():
+    spec = parse_job("mnist", {**FULL_SPEC, "faultTolerance": "perStep"}, "trainer:default")
+    pod = training.rendezvous_objects(OWNER, spec, "trainer:default")[0]
+    assert "secret" not in str(pod["spec"]["volumes"]) and "--run-id" not in pod["spec"]["containers"][0]["command"]
 
 
 def test_template_hash_ignores_worker_index():
@@ -201,11 +235,21 @@ def test_read_only_root_with_a_writable_home_and_tmp_in_every_pod():
     for pod in built()[:2]:                       # a worker and the rendezvous store
         spec, c = pod["spec"], pod["spec"]["containers"][0]
         tmp = next(v for v in spec["volumes"] if v["name"] == "tmp")
-        assert tmp == {"name": "tmp", "emptyDir": {}}
+        assert tmp == {"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}}
         assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert env["HOME"] == env["TMPDIR"] == "/tmp"
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_every_empty_dir_has_a_size_limit():
+    """An emptyDir without sizeLimit can fill a node's disk (or, as memory, its RAM):
+    /dev/shm holds at most the worker's memory, or 1Gi when the spec sets none."""
+    for spec, shm in ((FULL_SPEC, "16Gi"), ({k: v for k, v in FULL_SPEC.items() if k != "resources"}, "1Gi")):
+        pods = built(spec)
+        dirs = [v for p in pods if p.get("kind") == "Pod" for v in p["spec"]["volumes"] if "emptyDir" in v]
+        assert dirs and all(v["emptyDir"].get("sizeLimit") for v in dirs)
+        assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}} in dirs
 
 
 def test_container_security_fields_override_one_by_one():
@@ -271,9 +315,26 @@ def policies(network_policy):
     return training.network_policies(OWNER, parse_job("mnist", {**FULL_SPEC, "networkPolicy": network_policy}, "t"))
 
 
-def test_no_network_policy_unless_enabled():
-    assert training.network_policies(OWNER, parse_job("mnist", FULL_SPEC, "t")) == []
+OPERATOR_LABELS = (("app.kubernetes.io/name", "lepton-operator"), ("app.kubernetes.io/instance", "lepton"))
+
+
+def test_network_policies_are_made_by_default_and_none_when_opted_out():
+    made = training.network_policies(OWNER, parse_job("mnist", FULL_SPEC, "t"))
+    assert [p["metadata"]["name"] for p in made] == ["mnist-rdzv", "mnist-workers"]
+    assert made == policies({}) == policies({"enabled": True})
     assert policies({"enabled": False, "ingressFrom": PEERS}) == []
+
+
+def test_golden_job_network_policies():
+    """Both modes, with the operator's namespace and pod labels as the chart gives them."""
+    docs = [p for mode in ("restart", "perStep")
+            for p in training.network_policies(OWNER, parse_job("mnist", {**FULL_SPEC, "faultTolerance": mode}, "t"),
+                                               "lepton-system", OPERATOR_LABELS)]
+    text = yaml.safe_dump_all(docs, sort_keys=True)
+    path = GOLDEN / "job_network_policies.yaml"
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text(), "run with UPDATE_GOLDEN=1 and review the diff"
 
 
 def test_the_store_accepts_only_the_jobs_workers_on_its_port():
@@ -299,6 +360,23 @@ def test_the_operators_namespace_may_reach_only_the_stores_report_port():
                                  "kubernetes.io/metadata.name": "lepton-system"}}}],
                              "ports": [{"port": contract.RDZV_CONTROL_PORT, "protocol": "TCP"}]}
     assert "lepton-system" not in str(workers)                  # the workers' policy is unchanged
+
+
+def test_only_the_operators_own_pods_may_reach_the_report_port_when_their_labels_are_known():
+    rdzv, workers = training.network_policies(OWNER, parse_job("mnist", FULL_SPEC, "t"), "lepton-system",
+                                              OPERATOR_LABELS)
+    _, from_operator = rdzv["spec"]["ingress"]
+    # One peer with both selectors: pods with these labels in that namespace (two peers
+    # would let in every pod of the namespace, and pods with these labels anywhere).
+    assert from_operator == {"from": [{
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "lepton-system"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "lepton-operator",
+                                        "app.kubernetes.io/instance": "lepton"}}}],
+        "ports": [{"port": contract.RDZV_CONTROL_PORT, "protocol": "TCP"}]}
+    assert "lepton-system" not in str(workers["spec"])
+    # Without the operator's namespace nobody but the workers reaches the rendezvous pod.
+    alone, _ = training.network_policies(OWNER, parse_job("mnist", FULL_SPEC, "t"), "", OPERATOR_LABELS)
+    assert [rule["ports"] for rule in alone["spec"]["ingress"]] == [[{"port": contract.RDZV_PORT, "protocol": "TCP"}]]
 
 
 def test_keep_alive_comes_from_the_spec_and_old_jobs_keep_their_template_hash():

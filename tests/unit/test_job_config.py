@@ -48,3 +48,14 @@ def test_lost_workers_are_reported_from_inside_the_cluster_unless_turned_off(mon
     with pytest.raises(ValueError, match="LEPTON_REPORT_LOST_WORKERS must be true or false"):
         config.from_env({"LEPTON_REPORT_LOST_WORKERS": "sometimes"})
     assert config.from_env({"POD_NAMESPACE": "lepton-system"}).operator_namespace == "lepton-system"
+
+
+def test_the_operators_pod_labels_are_read_as_key_value_pairs():
+    labels = config.from_env({"LEPTON_OPERATOR_POD_LABELS":
+                              "app.kubernetes.io/name=lepton-operator, app.kubernetes.io/instance=lepton"})
+    assert labels.operator_pod_labels == (("app.kubernetes.io/name", "lepton-operator"),
+                                          ("app.kubernetes.io/instance", "lepton"))
+    assert config.from_env({}).operator_pod_labels == ()           # the whole namespace
+    for bad in ("app", "app=a b", "-app=x", "app=" + "x" * 64):
+        with pytest.raises(ValueError, match="LEPTON_OPERATOR_POD_LABELS must be comma-separated key=value labels"):
+            config.from_env({"LEPTON_OPERATOR_POD_LABELS": bad})

@@ -116,9 +116,9 @@ def test_an_image_pinned_by_digest_passes_the_schema_and_the_parser_unchanged():
     assert parse_job("j", {"image": DIGEST_IMAGE}, "img").image == DIGEST_IMAGE
 
 
-def test_network_policy_is_typed_off_by_default_and_takes_network_policy_peers():
+def test_network_policy_is_typed_on_by_default_and_takes_network_policy_peers():
     np = SPEC_SCHEMA["properties"]["networkPolicy"]
-    assert np["properties"]["enabled"] == {"type": "boolean", "default": False,
+    assert np["properties"]["enabled"] == {"type": "boolean", "default": True,
                                            "description": np["properties"]["enabled"]["description"]}
     peer = np["properties"]["ingressFrom"]["items"]
     assert set(peer["properties"]) == {"podSelector", "namespaceSelector", "ipBlock"}

@@ -21,9 +21,12 @@ from typing import Any
 import pytest
 
 from lepton_operator import config
+from lepton_operator.constants import ANNOTATION_SPEC_HASH
 from lepton_operator.core import kube
 from lepton_operator.job import autoscale
+from lepton_operator.job import fit
 from lepton_operator.job import handlers as jh
+from lepton_operator.job import objects as job_objects
 from lepton_operator.job import state as js
 from lepton_operator.job.spec import parse_job
 from lepton_operator.scaling import policy
@@ -177,10 +180,10 @@ def job_body(status: dict[str, Any], workers: int = 2, generation: int = 1, **mo
 
 
 def indices(pods: list[js.PodView]) -> dict[str, Any]:
-    node = js.NodeView("n1", 8, {"nvidia.com/gpu.present": "true"},
-                       ({"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"},))
-    return {"lepton_gpu_nodes": {"n1": [node]}, "lepton_job_workers": {("ns", "j"): pods},
-            "lepton_gpu_usage": {"n1": [1 for p in pods if p.active]},
+    node = fit.NodeView("n1", fit.Requests(cpu=64000, memory=2 ** 39, gpus=8), {"nvidia.com/gpu.present": "true"},
+                        ({"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"},))
+    return {"lepton_nodes": {"n1": [node]}, "lepton_job_workers": {("ns", "j"): pods},
+            "lepton_pod_requests": {"n1": [fit.Requests(gpus=1) for p in pods if p.active]},
             "lepton_job_services": {("ns", "j"): ["j-rdzv", "j-workers"]},
             "lepton_job_rdzv_pods": {("ns", "j"): [("j-rdzv", js.StoreView("2026-01-01T00:00:00Z", True, False))]}}
 
@@ -192,7 +195,13 @@ def reconcile(api: FakeAPI, pods: list[js.PodView], memory: jh.JobMemory | None 
     see ``job_body``."""
     body = job_body(api.status, **body)
     memory = memory or jh.observe.new_memory(dict(api.status))
-    asyncio.run(jh.reconcile(body, memory, indices(pods), jh.new_runtime(), LOG))
+    shown = indices(pods)
+    # The job's NetworkPolicies (on by default) as the index shows them once applied.
+    shown["lepton_job_network_policies"] = {("ns", "j"): [
+        (p["metadata"]["name"], p["metadata"]["annotations"][ANNOTATION_SPEC_HASH])
+        for p in job_objects.network_policies(body, parse_job("j", body["spec"], "img"),
+                                              config.get().operator_namespace, config.get().operator_pod_labels)]}
+    asyncio.run(jh.reconcile(body, memory, shown, jh.new_runtime(), LOG))
     return memory
 
 

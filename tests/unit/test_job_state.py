@@ -43,7 +43,7 @@ def test_scale_up_limited_by_capacity_and_reported():
     assert plan.create == [2]
     plan = plan_job(META, spec(), prev, [pod(0), pod(1), pod(2)], free_slots=0, now=NOW)
     assert plan.create == [] and plan.status["phase"] == "Running"
-    assert "1 more wait for GPU capacity" in cond(plan, COND_READY)["message"]
+    assert "1 more wait for capacity" in cond(plan, COND_READY)["message"]
     assert plan.status["workers"] == {"desired": 4, "scheduled": 3, "running": 3, "ready": 3}
 
 
@@ -156,18 +156,6 @@ def test_success_then_ttl():
 ])
 def test_classify_failure(status, retryable):
     assert js.classify_failure(status)[0] is retryable
-
-
-def test_worker_slots_subtract_bound_and_unbound_requests_and_respect_taints_and_selectors():
-    taint = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
-    nodes = [js.NodeView("a", 8, {"pool": "x"}, (taint,)), js.NodeView("b", 4, {"pool": "y"}, (taint,)),
-             js.NodeView("c", 8, {"pool": "x"}, (), unschedulable=True)]
-    tol = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    assert js.worker_slots(nodes, {"a": 2}, 2, {}, tol) == (5, 8)
-    assert js.worker_slots(nodes, {"a": 2}, 2, {}, tol, unscheduled_gpus=2) == (4, 8)
-    assert js.worker_slots(nodes, {}, 2, {"pool": "y"}, tol) == (2, 4)
-    assert js.worker_slots(nodes, {}, 2, {}, []) == (0, 0)               # taint not tolerated
-    assert js.worker_slots(nodes, {}, 0, {}, [])[0] >= 10 ** 6            # CPU-only workers
 
 
 def test_pod_view_summarises_a_pod():

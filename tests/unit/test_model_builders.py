@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from lepton_operator.model import objects, state
-from lepton_operator.model.spec import PvcPath, artifact_path, parse_model, parse_uri
+from lepton_operator.model.spec import InvalidSpec, PvcPath, artifact_path, parse_model, parse_uri
 
 pytestmark = pytest.mark.unit
 
@@ -83,7 +83,8 @@ def test_golden_hpa_and_keda():
                           "query": 'sum(my_queue{ns="${namespace}",app="${model}"})'})
     k = objects.scaled_object(OWNER, q.autoscaling, "digits-abc", "http://prom:9090")
     check_golden("keda_query.yaml", [k])
-    assert k["spec"]["triggers"][0]["metadata"]["query"] == 'sum(my_queue{ns="ml",app="digits"})'
+    # KEDA carries the query confined to the model's namespace
+    assert k["spec"]["triggers"][0]["metadata"]["query"] == 'sum(my_queue{app="digits",namespace="ml",ns="ml"})'
     assert k["spec"]["triggers"][0]["metadata"]["ignoreNullValues"] == "false"
 
 
@@ -109,10 +110,10 @@ def test_split_rejects_bad_weight():
 
 
 @pytest.mark.parametrize("metric,query", [
-    ("rps", 'sum(irate(lepton_serve_requests_total{lepton_model="digits",lepton_namespace="ml"}[1m]))'),
-    ("inflight", 'sum(lepton_serve_inflight_requests{lepton_model="digits",lepton_namespace="ml"})'),
+    ("rps", 'sum(irate(lepton_serve_requests_total{lepton_model="digits",lepton_namespace="ml",namespace="ml"}[1m]))'),
+    ("inflight", 'sum(lepton_serve_inflight_requests{lepton_model="digits",lepton_namespace="ml",namespace="ml"})'),
     ("p95latency", 'histogram_quantile(0.95, sum by (le) (rate(lepton_serve_request_duration_seconds_bucket'
-                   '{lepton_model="digits",lepton_namespace="ml"}[1m])))'),
+                   '{lepton_model="digits",lepton_namespace="ml",namespace="ml"}[1m])))'),
 ])
 def test_metric_queries(metric, query):
     a = spec(autoscaling={"metric": metric, "target": 1}).autoscaling
@@ -159,11 +160,42 @@ def test_compression_and_serving_pods_take_their_own_security_overrides():
     assert dep["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
     for p in (pod, dep):
         assert {"name": "tmp", "mountPath": "/tmp"} in p["containers"][0]["volumeMounts"]
-        assert {"name": "tmp", "emptyDir": {}} in p["volumes"]
-        env = {e["name"]: e["value"] for e in p["containers"][0]["env"]}
+        assert {"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}} in p["volumes"]
+        env = {e["name"]: e.get("value") for e in p["containers"][0]["env"]}
         assert env["HOME"] == env["TMPDIR"] == "/tmp"
     # Overrides change what is served, so they make a new revision; none set leaves it as it was.
     assert s.revision() != spec().revision()
+
+
+def test_serving_pods_have_a_memory_limit_and_admission_settings():
+    """The server sheds load from its memory limit: a pod always has one (2Gi when the spec
+    sets none), passed to it through the downward API with the admission settings."""
+    unset = spec(serving={"batching": {"maxBatchSize": 8}})
+    set_ = spec(serving={"resources": {"memory": "3Gi"}, "admission": {
+        "maxConcurrentRequests": 10, "maxQueuedRequests": 4, "queueTimeoutMs": 250}})
+    want = {"LEPTON_MAX_CONCURRENT_REQUESTS": "10", "LEPTON_MAX_QUEUED_REQUESTS": "4", "LEPTON_QUEUE_TIMEOUT_MS": "250"}
+    for s, memory, env_want in ((unset, "2Gi", {"LEPTON_MAX_CONCURRENT_REQUESTS": "64"}), (set_, "3Gi", want)):
+        pod = objects.deployment(OWNER, s, s.revision(), PvcPath("models", "x"), 1)["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        assert c["resources"]["limits"]["memory"] == c["resources"]["requests"]["memory"] == memory
+        env = {e["name"]: e for e in c["env"]}
+        assert {k: env[k]["value"] for k in env_want} == env_want
+        assert env["LEPTON_MEMORY_LIMIT_BYTES"]["valueFrom"] == {
+            "resourceFieldRef": {"containerName": c["name"], "resource": "limits.memory"}}
+        assert all(v["emptyDir"].get("sizeLimit") for v in pod["volumes"] if "emptyDir" in v)
+    # the admission defaults keep the revision a spec without them had; a setting makes a new one
+    assert spec(serving={**SPEC["serving"], "admission": {"queueTimeoutMs": 5000}}).revision() == spec().revision()
+    assert set_.revision() != spec(serving={"resources": {"memory": "3Gi"}}).revision()
+
+
+@pytest.mark.parametrize("admission,message", [
+    ({"maxConcurrentRequests": 0}, "serving.admission.maxConcurrentRequests must be between 1 and 10000"),
+    ({"maxQueuedRequests": "8"}, "serving.admission.maxQueuedRequests must be an integer"),
+    ({"queueTimeoutMs": 600001}, "serving.admission.queueTimeoutMs must be between 1 and 600000"),
+])
+def test_bad_admission_settings_are_invalid(admission, message):
+    with pytest.raises(InvalidSpec, match=message):
+        spec(serving={"admission": admission})
 
 
 def test_format_evaluation_and_auto_reach_the_compression_job():

@@ -45,7 +45,7 @@ def test_full_spec():
 
 @pytest.mark.parametrize("extra,message", [
     ({"compression": {"method": "int4"}},
-     "compression.method must be one of int8, fp16, bf16, prune, prune-structured, distill, none, auto; got 'int4'"),
+     "compression.method must be one of int8, int8-static, fp16, bf16, prune, prune-structured, distill, none, auto; got 'int4'"),
     ({"rollout": {"steps": [{"weight": 50}, {"weight": 50}]}},
      "rollout.steps weights must strictly increase, got [50, 50]"),
     ({"rollout": {"steps": [{"weight": 0}]}}, "rollout.steps[0].weight must be between 1 and 100"),
@@ -135,9 +135,28 @@ def test_examples_parse():
         assert s.rollout.analysis and s.autoscaling
 
 
-@pytest.mark.parametrize("fmt", ["torch.export", "torchscript", "onnx"])
-def test_an_exported_model_with_a_compression_method_is_refused_naming_both_fields(fmt):
-    with pytest.raises(InvalidSpec) as err:
-        parse_model("m", {"source": {"uri": "pvc://c/p", "format": fmt}, "compression": {"method": "int8"}}, "img")
-    assert f"compression.method: a model whose source.format is {fmt} cannot be compressed" in str(err.value)
-    assert parse_model("m", {"source": {"uri": "pvc://c/p", "format": fmt}, "compression": {"method": "none"}}, "img")
+IMPLEMENTED = {"torch.export": {"int8", "int8-static", "fp16", "bf16", "none", "auto"},
+               "onnx": {"int8", "int8-static", "fp16", "none", "auto"},
+               "torchscript": {"fp16", "bf16", "none", "auto"}}
+
+
+@pytest.mark.parametrize("fmt", ["torch.export", "torchscript", "onnx", "builtin", "huggingface"])
+def test_a_format_and_method_pair_without_implementation_is_refused_naming_both_fields(fmt):
+    methods = ("int8", "int8-static", "fp16", "bf16", "prune", "prune-structured", "distill", "none", "auto")
+    for method in methods:
+        spec = {"source": {"uri": "pvc://c/p", "format": fmt}, "compression": {"method": method}}
+        implemented = method in IMPLEMENTED[fmt] if fmt in IMPLEMENTED else method != "int8-static"
+        if implemented:
+            assert parse_model("m", spec, "img").compression.method == method
+        else:
+            with pytest.raises(InvalidSpec) as err:
+                parse_model("m", spec, "img")
+            assert f"compression.method {method} has no implementation for source.format {fmt}" in str(err.value)
+
+
+def test_int8_static_without_a_format_is_left_to_the_program_and_the_latency_budget_is_bounded():
+    spec = parse_model("m", {"source": {"uri": "pvc://c/p"}, "compression": {"method": "int8-static",
+                                                                            "latencyBudgetSeconds": 30}}, "img")
+    assert spec.compression.latency_budget_seconds == 30
+    with pytest.raises(InvalidSpec, match="latencyBudgetSeconds"):
+        parse_model("m", {"source": {"uri": "pvc://c/p"}, "compression": {"latencyBudgetSeconds": 0}}, "img")

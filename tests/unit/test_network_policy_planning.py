@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
+from lepton_operator import config
 from lepton_operator.constants import ANNOTATION_SPEC_HASH
 from lepton_operator.core import kube
 from lepton_operator.core.objects import NETWORK_POLICY_VERBS, POLICY_APPLY_TTL, policy_changes
+from lepton_operator.job import fit
 from lepton_operator.job import handlers as jh
 from lepton_operator.job import objects as job_objects
 from lepton_operator.job import state as js
@@ -94,12 +96,12 @@ def api(monkeypatch) -> RecordingAPI:
 
 
 def job_indices(policies: dict[str, str]) -> dict[str, Any]:
-    node = js.NodeView("n1", 8, {"nvidia.com/gpu.present": "true"},
-                       ({"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"},))
+    node = fit.NodeView("n1", fit.Requests(cpu=64000, memory=2 ** 39, gpus=8), {"nvidia.com/gpu.present": "true"},
+                        ({"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"},))
     workers = [js.PodView(name=f"j-worker-{i}", uid=f"uid-{i}", index=i, phase="Running", node="n1", ready=True)
                for i in range(2)]
-    return {"lepton_gpu_nodes": {"n1": [node]}, "lepton_job_workers": {("ns", "j"): workers},
-            "lepton_gpu_usage": {"n1": [1, 1]},
+    return {"lepton_nodes": {"n1": [node]}, "lepton_job_workers": {("ns", "j"): workers},
+            "lepton_pod_requests": {"n1": [fit.Requests(gpus=1)] * 2},
             "lepton_job_services": {("ns", "j"): ["j-rdzv", "j-workers"]},
             "lepton_job_rdzv_pods": {("ns", "j"): [("j-rdzv", js.StoreView("2026-01-01T00:00:00Z", True, False))]},
             "lepton_job_network_policies": {("ns", "j"): list(policies.items())}}
@@ -138,9 +140,30 @@ def test_a_job_loop_applies_its_policies_leaves_them_alone_once_seen_and_deletes
     assert api.policy_calls() == [("delete", "j-rdzv"), ("delete", "j-workers")]
 
 
-def test_a_job_without_policies_makes_no_policy_call(api):
+def test_a_job_made_before_policies_were_on_by_default_gets_them_on_its_next_reconcile(api):
+    """A job whose stored spec has no ``networkPolicy`` (made before the CRD defaulted
+    ``enabled`` to true, or by a server that did not apply the default): its next
+    reconcile applies both policies; an explicit ``enabled: false`` makes no policy call."""
     reconcile_job({}, {})
+    assert api.policy_calls() == [("apply", "j-rdzv"), ("apply", "j-workers")]
+    api.calls.clear()
+    reconcile_job({"enabled": False}, {})
     assert api.policy_calls() == []
+
+
+def test_a_job_loop_opens_the_report_port_to_the_operators_pods_only(api):
+    """The operator's namespace and pod labels come from its settings (the chart's)."""
+    before = config.get()
+    config.configure(config.from_env({"POD_NAMESPACE": "lepton-system",
+                                      "LEPTON_OPERATOR_POD_LABELS": "app.kubernetes.io/name=lepton-operator"}))
+    try:
+        reconcile_job({}, {})
+    finally:
+        config.configure(before)
+    rdzv = next(args[0] for name, args in api.calls if name == "apply" and args[0]["metadata"]["name"] == "j-rdzv")
+    assert rdzv["spec"]["ingress"][1]["from"] == [{
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "lepton-system"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "lepton-operator"}}}]
 
 
 def test_a_model_loop_applies_and_deletes_its_policies(api):

@@ -59,6 +59,11 @@ else repository:tag (the chart's appVersion when the tag is empty).
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
   verbs: ["get"]
+# Each job's rendezvous token (<job>-rdzv): created once, read back by name after a
+# restart; never listed or watched, so no other Secret is ever read.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "create"]
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]

@@ -298,15 +298,17 @@ class NetworkPolicySpec:
 PEER_KEYS = ("podSelector", "namespaceSelector", "ipBlock")
 
 
-def network_policy(raw: Any, problems: list[str], where: str = "networkPolicy") -> NetworkPolicySpec:
-    """``{enabled, ingressFrom}`` -> NetworkPolicySpec. Each peer sets podSelector and/or
-    namespaceSelector, or ipBlock alone (with a cidr), as the NetworkPolicy API requires."""
+def network_policy(raw: Any, problems: list[str], where: str = "networkPolicy",
+                   cls: type[NetworkPolicySpec] = NetworkPolicySpec) -> NetworkPolicySpec:
+    """``{enabled, ingressFrom}`` -> ``cls`` (NetworkPolicySpec or a subclass that declares
+    another default for ``enabled``). Each peer sets podSelector and/or namespaceSelector,
+    or ipBlock alone (with a cidr), as the NetworkPolicy API requires."""
     if raw is None:
-        return NetworkPolicySpec()
+        return cls()
     if not isinstance(raw, Mapping):
         problems.append(f"{where} must be an object, got {raw!r}")
-        return NetworkPolicySpec()
-    off = default(NetworkPolicySpec, "enabled")
+        return cls()
+    off = default(cls, "enabled")
     enabled = raw.get("enabled", off)
     if not isinstance(enabled, bool):
         problems.append(f"{where}.enabled must be true or false, got {enabled!r}")
@@ -333,7 +335,7 @@ def network_policy(raw: Any, problems: list[str], where: str = "networkPolicy") 
                 problems.append(f"{at}.ipBlock.cidr is required (e.g. 10.0.0.0/8)")
             else:
                 _ip_block(block, problems, f"{at}.ipBlock")
-    return NetworkPolicySpec(enabled, tuple(dict(p) for p in peers if isinstance(p, Mapping)))
+    return cls(enabled, tuple(dict(p) for p in peers if isinstance(p, Mapping)))
 
 
 def _ip_block(block: Mapping[str, Any], problems: list[str], at: str) -> None:

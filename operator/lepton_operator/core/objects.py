@@ -37,6 +37,7 @@ DEFAULT_POD_SECURITY = {"runAsNonRoot": True, "runAsUser": contract.IMAGE_UID, "
 CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "privileged": False, "readOnlyRootFilesystem": True,
                       "capabilities": {"drop": ["ALL"]}}
 SCRATCH_VOLUME = "tmp"
+SCRATCH_SIZE_LIMIT = "4Gi"     # the scratch emptyDir (HOME, TMPDIR) of every pod
 
 # Per owner kind: the app name label and the label that carries the owner's name.
 _APP = {JOB_KIND: ("lepton-job", LABEL_JOB), MODEL_KIND: ("lepton-model", LABEL_MODEL)}
@@ -130,8 +131,9 @@ def container_security(override: Mapping[str, Any] | None = None) -> Obj:
 
 
 def scratch_volume() -> Obj:
-    """The emptyDir behind HOME and TMPDIR."""
-    return {"name": SCRATCH_VOLUME, "emptyDir": {}}
+    """The emptyDir behind HOME and TMPDIR, at most SCRATCH_SIZE_LIMIT (a pod that writes
+    more is evicted, never the node's disk filled)."""
+    return {"name": SCRATCH_VOLUME, "emptyDir": {"sizeLimit": SCRATCH_SIZE_LIMIT}}
 
 
 def scratch_mount() -> Obj:

@@ -1,7 +1,8 @@
 """LeptonJob handlers: kopf indices feed one reconcile loop per job.
 
-Each LeptonJob gets a kopf daemon that reconciles whenever the job, one of its pods or
-the GPU capacity changes (watch events wake it), and at the latest after the resync
+Each LeptonJob gets a loop (``core.loop``: started by the job's first watch event, stopped
+by its deletion; no finalizer) that reconciles whenever the job, one of its pods or the
+capacity it waits for changes (watch events wake it), and at the latest after the resync
 period, the next deadline or TTL, or the next autoscaler tick. A reconcile is three
 stages: ``observe`` reads (kopf's indices, the loop's memory of its own writes, the
 capacity every job shares, Prometheus when the autoscaler's tick is due) into one frozen
@@ -28,8 +29,7 @@ from ..core import status as st
 from ..core.execute import execute
 from ..core.fields import InvalidSpec
 from ..core.loop import ReconcileLoops
-from ..core.objects import gpus_requested
-from . import gpu_usage, observe, state
+from . import fit, gpu_usage, observe, state
 from .capacity import Capacity
 from .observe import JobMemory
 from .report import LostWorkerReports
@@ -54,8 +54,8 @@ def new_runtime() -> JobRuntime:
 
 @kopf.on.startup()
 async def _start(memo: kopf.Memo, **_: Any) -> None:
-    """Make the jobs' runtime; watching named namespaces, count the GPUs of every
-    namespace's pods (see gpu_usage)."""
+    """Make the jobs' runtime; watching named namespaces and asked to
+    (``cluster_gpu_usage``), count the requests of every namespace's pods (see gpu_usage)."""
     memo.jobs = runtime = new_runtime()
     settings = config.get()
     if settings.all_namespaces or not settings.cluster_gpu_usage:
@@ -65,10 +65,10 @@ async def _start(memo: kopf.Memo, **_: Any) -> None:
     runtime.capacity.cluster = usage
     usage.start()
     # Handlers start after the startup activities: give the first list its chance, so the
-    # first placements already see every namespace's GPUs.
+    # first placements already see every namespace's pods.
     if not await loop.run_in_executor(None, usage.synced.wait, gpu_usage.SYNC_WAIT_SECONDS):
         logging.getLogger("lepton_operator").warning(
-            "cluster-wide GPU usage not listed within %ss (is list/watch of pods cluster-wide granted?); "
+            "cluster-wide pod requests not listed within %ss (is list/watch of pods cluster-wide granted?); "
             "counting the watched namespaces' pods until it is", gpu_usage.SYNC_WAIT_SECONDS)
 
 
@@ -108,66 +108,74 @@ def lepton_job_capacity_requests(namespace: str, labels: dict, body: kopf.Body, 
 
 
 @kopf.index("pods")
-def lepton_gpu_usage(spec: dict, status: dict, **_: Any):
-    """node name (None: not bound yet) -> GPUs requested by each non-terminal pod."""
-    gpus = gpus_requested(spec)
-    if not gpus or (status or {}).get("phase") in ("Succeeded", "Failed"):
-        return None
-    return {spec.get("nodeName"): gpus}
+def lepton_pod_requests(body: kopf.Body, **_: Any):
+    """node name (None: not bound yet) -> requests (cpu, memory, GPUs) of each pod that
+    holds capacity or is about to (``fit.pod_usage``)."""
+    usage = fit.pod_usage(body)
+    return None if usage is None else {usage[0]: usage[1]}
 
 
 @kopf.index("nodes")
-def lepton_gpu_nodes(body: kopf.Body, name: str, **_: Any):
-    """node name -> NodeView (GPU nodes only)."""
-    view = state.node_view(body)
-    return {name: view} if view.gpus else None
+def lepton_nodes(body: kopf.Body, name: str, **_: Any):
+    """node name -> NodeView."""
+    return {name: fit.node_view(body)}
 
 
 # --- wake-ups ------------------------------------------------------------------------
 
 @kopf.on.event("pods", labels={LABEL_JOB: kopf.PRESENT})
-def _pod_changed(namespace: str, labels: dict, name: str, type: str, status: dict, memo: kopf.Memo,
+async def _pod_changed(namespace: str, labels: dict, name: str, type: str, status: dict, memo: kopf.Memo,
                  **_: Any) -> None:
     memo.jobs.capacity.release(namespace, name)
     memo.jobs.wake(namespace, labels.get(LABEL_JOB))
     if type == "DELETED" or (status or {}).get("phase") in ("Succeeded", "Failed"):
-        memo.jobs.capacity.wake_waiting()          # its GPUs are free (or about to be)
+        memo.jobs.capacity.wake_waiting()          # its capacity is free (or about to be)
+
+
+@kopf.on.event("pods", labels={LABEL_JOB: kopf.ABSENT})
+async def _other_pod_changed(type: str, spec: dict, status: dict, memo: kopf.Memo, **_: Any) -> None:
+    """Any other pod (a model's server, a user's pod) that leaves its node frees its
+    requests for the jobs waiting for capacity."""
+    capacity = memo.jobs.capacity
+    if capacity.waiting and (spec or {}).get("nodeName") and (
+            type == "DELETED" or (status or {}).get("phase") in ("Succeeded", "Failed")):
+        capacity.wake_waiting()
 
 
 @kopf.on.event("networking.k8s.io", "v1", "networkpolicies",
                labels={LABEL_JOB: kopf.PRESENT, LABEL_MANAGED_BY: MANAGED_BY})
-def _network_policy_changed(namespace: str, labels: dict, memo: kopf.Memo, **_: Any) -> None:
+async def _network_policy_changed(namespace: str, labels: dict, memo: kopf.Memo, **_: Any) -> None:
     memo.jobs.wake(namespace, labels.get(LABEL_JOB))     # a policy changed or deleted by hand is restored
 
 
 @kopf.on.event("nodes")
-def _node_changed(body: kopf.Body, name: str, type: str, memo: kopf.Memo, **_: Any) -> None:
-    memo.jobs.capacity.node_changed(name, None if type == "DELETED" else state.node_view(body))
+async def _node_changed(body: kopf.Body, name: str, type: str, memo: kopf.Memo, **_: Any) -> None:
+    memo.jobs.capacity.node_changed(name, None if type == "DELETED" else fit.node_view(body))
 
 
 @kopf.on.event(GROUP, VERSION, JOB_PLURAL)
-def _job_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    memo.jobs.wake(namespace, name)
+async def lepton_job(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
+                     **kwargs: Any) -> None:
+    """Follow one LeptonJob: its first event starts its loop, every event feeds the loop the
+    newest body and wakes it, its deletion stops it (``ReconcileLoops.follow``)."""
+    runtime: JobRuntime = memo.jobs
+    key = (body["metadata"]["namespace"], body["metadata"]["name"])
+    runtime.loops.follow(type, body, logger,
+                         lambda live, memory: reconcile(live, memory, kwargs, runtime, logger),
+                         on_stop=lambda: runtime.capacity.set_waiting(key, False))
 
 
 @kopf.on.event("autoscaling.x-k8s.io", "v1", "provisioningrequests", labels={LABEL_JOB: kopf.PRESENT})
-def _capacity_request_changed(namespace: str, labels: dict, memo: kopf.Memo, **_: Any) -> None:
+async def _capacity_request_changed(namespace: str, labels: dict, memo: kopf.Memo, **_: Any) -> None:
     memo.jobs.wake(namespace, labels.get(LABEL_JOB))
 
 
 # --- the per-job loop -----------------------------------------------------------------
 
-@kopf.daemon(GROUP, VERSION, JOB_PLURAL, cancellation_timeout=5.0)
-async def lepton_job(body: kopf.Body, uid: str, stopped: kopf.DaemonStopped, memo: kopf.Memo,
-                     logger: logging.Logger, **kwargs: Any) -> None:
-    """Reconcile one LeptonJob until it is deleted."""
-    runtime: JobRuntime = memo.jobs
-    try:
-        await runtime.loops.run(body, uid, stopped, logger,
-                                lambda memory: reconcile(body, memory, kwargs, runtime, logger))
-    finally:
-        if stopped:
-            runtime.capacity.set_waiting((body["metadata"]["namespace"], body["metadata"]["name"]), False)
+@kopf.on.cleanup()
+async def _stop(memo: kopf.Memo, **_: Any) -> None:
+    """Stop every job's loop when the operator stops."""
+    await memo.jobs.loops.stop()
 
 
 async def reconcile(body: Mapping[str, Any], memory: JobMemory, indices: Mapping[str, Any], runtime: JobRuntime,
@@ -175,7 +183,7 @@ async def reconcile(body: Mapping[str, Any], memory: JobMemory, indices: Mapping
     """One reconcile: parse, observe, plan, execute; the seconds until the next one (None:
     when something changes)."""
     try:
-        spec = await observe.parse(body, memory, observe.gpu_nodes(indices))
+        spec = await observe.parse(body, memory, observe.node_views(indices))
     except InvalidSpec as exc:
         await st.report_invalid(body, memory, exc.problems, PHASE_PENDING, logger)
         return None
@@ -184,7 +192,8 @@ async def reconcile(body: Mapping[str, Any], memory: JobMemory, indices: Mapping
     plan = state.plan(spec, observed)
     if plan.report_lost:
         meta = body["metadata"]
-        runtime.reports.report(meta["namespace"], meta["name"], meta["uid"], plan.report_lost, spec.workers.min)
+        runtime.reports.report(meta["namespace"], meta["name"], meta["uid"], plan.report_lost, spec.workers.min,
+                               plan.report_token)
     if plan.tick is not None and plan.tick.decision is not None:
         meta = body["metadata"]
         metrics.record_scaling(JOB_KIND, meta["namespace"], meta["name"], spec.workers.replicas, plan.tick.decision)

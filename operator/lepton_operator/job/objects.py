@@ -8,13 +8,17 @@ A job owns:
   Lighthouse on that port instead (``python -m lepton_trainer.lighthouse``), and each
   worker pod is one replica group: ``torchrun --standalone`` for its own processes, which
   join the Lighthouse's quorum every step;
+- ``<job>-rdzv`` Secret (``rendezvous_secret``): the store's control-port token, a random
+  value the operator makes once, mounted read-only into the c10d store's pod only (a file,
+  never env or args) and sent by the operator with each report of lost workers;
 - ``<job>-workers``: a headless Service that gives every worker a stable DNS name and
   declares the metrics port;
 - ``<job>-worker-<i>`` pods: one torchrun node agent each, joining the store with
   ``--rdzv-id=<job uid>`` and the rendezvous timeouts from the spec.
 
-- with ``spec.networkPolicy.enabled``, two NetworkPolicies (``network_policies``):
-  ``<job>-rdzv`` lets only the job's workers reach the store's port, and ``<job>-workers``
+- unless ``spec.networkPolicy.enabled`` is false, two NetworkPolicies (``network_policies``):
+  ``<job>-rdzv`` lets only the job's workers reach the store's (or Lighthouse's) port and
+  only the operator's pods its report port, and ``<job>-workers``
   lets the workers reach each other on any port (gloo and NCCL pick theirs) and
   ``networkPolicy.ingressFrom`` (else anyone) reach the metrics port. Egress stays open.
 
@@ -36,11 +40,13 @@ operator upgrade that builds pods differently never looks like a spec change.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
 import dataclasses
 import hashlib
 import json
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from lepton_trainer import contract
 from lepton_trainer.rendezvous import WORKER_ENV, torchrun_args
@@ -65,6 +71,11 @@ RDZV_STARTUP_PROBE = {"tcpSocket": {"port": "rdzv"}, "periodSeconds": 2, "failur
 RDZV_READINESS_PROBE = {"tcpSocket": {"port": "rdzv"}, "periodSeconds": 2}
 RDZV_LIVENESS_PROBE = {"tcpSocket": {"port": "rdzv"}, "periodSeconds": 10, "timeoutSeconds": 5,
                        "failureThreshold": 6}
+# The store's token: a Secret volume, its one key as a file readable by the pod's fsGroup
+# (the image's user by default) and nobody else.
+RDZV_TOKEN_VOLUME = "rdzv-token"
+RDZV_TOKEN_MODE = 0o440
+SHM_SIZE_LIMIT = "1Gi"         # /dev/shm of a worker that sets no memory
 # faultTolerance perStep. The Lighthouse drops a replica group whose manager (heartbeat every
 # 100 ms, on its own thread) has been silent this long; until then a quorum without it waits,
 # so this is most of what a lost pod costs the survivors. A false drop costs a step: the
@@ -166,9 +177,34 @@ def lighthouse_url(job: str) -> str:
     return f"http://{rdzv_name(job)}:{contract.RDZV_PORT}"
 
 
-def _coordinator_command(spec: JobSpec) -> tuple[list[str], list[Obj]]:
-    """(command, ports) of the rendezvous pod: the c10d store and its report port, or for
-    perStep the Lighthouse alone (lost groups leave its quorum by their heartbeat)."""
+def rendezvous_secret(owner: Mapping[str, Any], token: str) -> Obj:
+    """The Secret ``<job>-rdzv`` holding the store's control-port ``token``; owned by the job,
+    so it is deleted with it (never with the checkpoints), and immutable."""
+    job = owner["metadata"]["name"]
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": meta(owner, rdzv_name(job), labels(job, ROLE_RDZV)),
+            "type": "Opaque", "immutable": True, "stringData": {contract.RDZV_TOKEN_KEY: token}}
+
+
+def secret_token(secret: Mapping[str, Any]) -> str:
+    """The token in a ``rendezvous_secret`` as the API server returns it ("" when it holds none)."""
+    try:
+        return base64.b64decode((secret.get("data") or {}).get(contract.RDZV_TOKEN_KEY) or "").decode().strip()
+    except (binascii.Error, UnicodeDecodeError):
+        return ""
+
+
+def _token_volume(job: str) -> tuple[Obj, Obj]:
+    """(volume, mount) of the store's token: the Secret's one key, read-only, at contract.RDZV_TOKEN_FILE."""
+    volume = {"name": RDZV_TOKEN_VOLUME, "secret": {
+        "secretName": rdzv_name(job), "defaultMode": RDZV_TOKEN_MODE,
+        "items": [{"key": contract.RDZV_TOKEN_KEY, "path": contract.RDZV_TOKEN_KEY}]}}
+    return volume, {"name": RDZV_TOKEN_VOLUME, "mountPath": contract.RDZV_TOKEN_DIR, "readOnly": True}
+
+
+def _coordinator_command(owner: Mapping[str, Any], spec: JobSpec) -> tuple[list[str], list[Obj]]:
+    """(command, ports) of the rendezvous pod: the c10d store and its report port (which
+    changes the job's own run only), or for perStep the Lighthouse alone (lost groups leave
+    its quorum by their heartbeat)."""
     port = {"name": "rdzv", "containerPort": contract.RDZV_PORT, "protocol": "TCP"}
     if spec.per_step:
         return (["python", "-m", "lepton_trainer.lighthouse", "--port", str(contract.RDZV_PORT),
@@ -177,15 +213,22 @@ def _coordinator_command(spec: JobSpec) -> tuple[list[str], list[Obj]]:
                  "--heartbeat-timeout-ms", str(LIGHTHOUSE_HEARTBEAT_TIMEOUT_MS)], [port])
     control = {"name": "control", "containerPort": contract.RDZV_CONTROL_PORT, "protocol": "TCP"}
     return (["python", "-m", "lepton_trainer.rendezvous",
-             "--port", str(contract.RDZV_PORT), "--control-port", str(contract.RDZV_CONTROL_PORT)],
+             "--port", str(contract.RDZV_PORT), "--control-port", str(contract.RDZV_CONTROL_PORT),
+             "--run-id", owner["metadata"]["uid"]],
             [port, control])
 
 
 def rendezvous_objects(owner: Mapping[str, Any], spec: JobSpec, trainer_image: str) -> list[Obj]:
-    """The rendezvous pod (the c10d store, or for perStep the Lighthouse) and its Service."""
+    """The rendezvous pod (the c10d store, or for perStep the Lighthouse) and its Service.
+    The store's pod mounts the ``rendezvous_secret`` (which must exist before it)."""
     job = owner["metadata"]["name"]
     lbls = labels(job, ROLE_RDZV)
-    command, ports = _coordinator_command(spec)
+    command, ports = _coordinator_command(owner, spec)
+    volumes, mounts = [scratch_volume()], [scratch_mount()]
+    if not spec.per_step:
+        volume, mount = _token_volume(job)
+        volumes.append(volume)
+        mounts.append(mount)
     pod = {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": meta(owner, rdzv_name(job), lbls),
@@ -204,9 +247,9 @@ def rendezvous_objects(owner: Mapping[str, Any], spec: JobSpec, trainer_image: s
                 "livenessProbe": copy.deepcopy(RDZV_LIVENESS_PROBE),
                 "resources": copy.deepcopy(RDZV_RESOURCES),
                 "securityContext": container_security(spec.security_context),
-                "volumeMounts": [scratch_mount()],
+                "volumeMounts": mounts,
             }],
-            "volumes": [scratch_volume()],
+            "volumes": volumes,
         },
     }
     service = {
@@ -232,14 +275,28 @@ def workers_service(owner: Mapping[str, Any]) -> Obj:
     }
 
 
-def network_policies(owner: Mapping[str, Any], spec: JobSpec, operator_namespace: str = "") -> list[Obj]:
-    """The job's NetworkPolicies, or none unless ``spec.networkPolicy.enabled``.
+def operator_peer(operator_namespace: str, operator_labels: Iterable[tuple[str, str]] = ()) -> Obj:
+    """The NetworkPolicyPeer of the operator's pods: its namespace, and within it the pods
+    with ``operator_labels`` (every pod of the namespace when there are none)."""
+    peer: Obj = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": operator_namespace}}}
+    if labels := dict(operator_labels):
+        peer["podSelector"] = {"matchLabels": labels}
+    return peer
 
-    ``<job>-rdzv`` (the store pod): ingress only from the job's own workers, only on the
-    store's port, and from the pods of ``operator_namespace`` (when known) only on its
-    report port. ``<job>-workers`` (the workers): from each other on every port (the
-    torchrun agents and gloo/NCCL choose ports at run time), and on the metrics port from
+
+def network_policies(owner: Mapping[str, Any], spec: JobSpec, operator_namespace: str = "",
+                     operator_labels: Iterable[tuple[str, str]] = ()) -> list[Obj]:
+    """The job's NetworkPolicies (on by default), or none with ``networkPolicy.enabled: false``.
+
+    ``<job>-rdzv`` (the rendezvous pod): ingress only from the job's own workers, only on
+    the store's port (the c10d store, or in perStep mode the Lighthouse, whose kill
+    endpoint has no credential), and from the operator's pods (``operator_peer``, when its
+    namespace is known) only on the store's report port, which a Lighthouse does not
+    open. ``<job>-workers`` (the workers): from each other on every port (the torchrun
+    agents and gloo/NCCL choose ports at run time), and on the metrics port from
     ``networkPolicy.ingressFrom`` (Prometheus), or from anyone when that is empty.
+    Traffic from the node itself (probes, a host's scraper) is the network plugin's to
+    allow, as NetworkPolicy engines do.
     """
     if not spec.network_policy.enabled:
         return []
@@ -249,8 +306,7 @@ def network_policies(owner: Mapping[str, Any], spec: JobSpec, operator_namespace
     metrics = [{"port": contract.METRICS_PORT, "protocol": "TCP"}]
     store_ingress = [{"from": from_workers, "ports": [{"port": contract.RDZV_PORT, "protocol": "TCP"}]}]
     if operator_namespace and not spec.per_step:   # the store's report port (no Lighthouse has one)
-        store_ingress.append({"from": [{"namespaceSelector": {"matchLabels": {
-                                 "kubernetes.io/metadata.name": operator_namespace}}}],
+        store_ingress.append({"from": [operator_peer(operator_namespace, operator_labels)],
                               "ports": [{"port": contract.RDZV_CONTROL_PORT, "protocol": "TCP"}]})
     return [
         network_policy(owner, rdzv_name(job), labels(job, ROLE_RDZV), {LABEL_JOB: job, LABEL_ROLE: ROLE_RDZV},
@@ -286,7 +342,10 @@ def worker_command(owner: Mapping[str, Any], spec: JobSpec) -> list[str]:
 
 
 def _volumes(spec: JobSpec) -> tuple[list[Obj], list[Obj]]:
-    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}, scratch_volume()]
+    # /dev/shm is memory: it counts against the pod's memory, and holds at most SHM_SIZE_LIMIT
+    # (or the worker's memory, when set)
+    shm = {"medium": "Memory", "sizeLimit": spec.resources.memory or SHM_SIZE_LIMIT}
+    volumes = [{"name": "dshm", "emptyDir": shm}, scratch_volume()]
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, scratch_mount()]
     claim_volume = {claim: f"pvc-{i}" for i, claim in enumerate(spec.claim_names)}
     volumes += [{"name": vol, "persistentVolumeClaim": {"claimName": claim}}

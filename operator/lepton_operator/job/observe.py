@@ -4,7 +4,9 @@ Reads come from kopf's indices (fed by the watch streams kopf already holds), fr
 ``capacity.Capacity`` and from the loop's own memory of its recent writes, so a
 reconcile that changes nothing makes no API request. The few reads an index cannot
 serve are here too: a PersistentVolumeClaim the spec names (once per generation and
-claim) and the autoscaler's Prometheus sample (only when a tick is due).
+claim), the autoscaler's Prometheus sample (only when a tick is due) and the store's
+Secret (no index watches Secrets: its token is kept in the memory once the loop created or
+read it, and read when a plan needs it and the memory has none, as after a restart).
 
 The index lags the operator's own writes by a moment. ``JobMemory`` keeps what the loop
 wrote until the watch shows it (pods created or deleted, shared children created,
@@ -15,8 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import secrets
 import time
 from typing import Any, Iterable, Mapping
+
+from lepton_trainer import contract
 
 from .. import config, metrics
 from ..constants import PHASE_RUNNING, PHASE_SUSPENDED, TERMINAL_PHASES
@@ -25,7 +30,7 @@ from ..core.execute import Result
 from ..core.fields import InvalidSpec
 from ..core.loop import Memory
 from ..scaling import prometheus
-from . import autoscale, objects, progress, state
+from . import autoscale, fit, objects, progress, state
 from .capacity import PENDING_CREATE_TTL, Capacity
 from .spec import JobSpec, parse_job
 
@@ -44,6 +49,7 @@ class JobMemory(Memory):
     addrs: dict[str, str] = dataclasses.field(default_factory=dict)     # uid -> IP of active workers
     autoscaler: autoscale.AutoscalerMemory = dataclasses.field(default_factory=autoscale.AutoscalerMemory)
     progress: progress.Progress = progress.Progress()
+    rdzv_token: str | None = dataclasses.field(default=None, repr=False)   # the store's, once known
 
     @property
     def known_active(self) -> frozenset[str]:
@@ -62,12 +68,13 @@ def new_memory(status: Mapping[str, Any]) -> JobMemory:
 
 # --- parse and the problems only the cluster can reveal ----------------------------------------
 
-async def parse(body: Mapping[str, Any], memory: JobMemory, nodes: Iterable[state.NodeView]) -> JobSpec:
+async def parse(body: Mapping[str, Any], memory: JobMemory, nodes: Iterable[fit.NodeView]) -> JobSpec:
     """The job's spec, or ``InvalidSpec`` naming every problem: the spec's own, and (while
     the job is not finished) those only the cluster reveals."""
     settings = config.get()
     meta = body["metadata"]
-    spec = parse_job(meta["name"], body.get("spec"), settings.trainer_image, settings.image_pull_policy)
+    spec = parse_job(meta["name"], body.get("spec"), settings.trainer_image, settings.image_pull_policy,
+                     namespace=meta["namespace"])
     if memory.status.get("phase") not in TERMINAL_PHASES:
         problems = prometheus.unavailable(["spec.autoscaling"] if spec.autoscaling else [])
         problems += await _cluster_problems(spec, meta["namespace"], meta.get("generation"), memory, nodes)
@@ -77,7 +84,7 @@ async def parse(body: Mapping[str, Any], memory: JobMemory, nodes: Iterable[stat
 
 
 async def _cluster_problems(spec: JobSpec, namespace: str, generation: int | None, memory: JobMemory,
-                            nodes: Iterable[state.NodeView]) -> list[str]:
+                            nodes: Iterable[fit.NodeView]) -> list[str]:
     """Missing PVCs (each looked up once per generation), GPUs no node can ever give."""
     problems = []
     for claim in spec.claim_names:
@@ -88,8 +95,7 @@ async def _cluster_problems(spec: JobSpec, namespace: str, generation: int | Non
         else:
             memory.claims_seen.add((generation, claim))
     if spec.resources.gpus and spec.capacity.mode == "observed":
-        _, largest = state.worker_slots(nodes, {}, spec.resources.gpus, spec.node_selector,
-                                        objects.tolerations(spec))
+        largest = fit.worker_fit(spec, nodes).largest_gpus
         if largest < spec.resources.gpus:
             problems.append(f"resources.gpus={spec.resources.gpus} per worker, but the largest node "
                             f"that matches nodeSelector/tolerations has {largest} GPUs: no node can "
@@ -99,8 +105,8 @@ async def _cluster_problems(spec: JobSpec, namespace: str, generation: int | Non
 
 # --- the observation ---------------------------------------------------------------------------
 
-def gpu_nodes(indices: Indices) -> list[state.NodeView]:
-    return [v for store in indices["lepton_gpu_nodes"].values() for v in store]
+def node_views(indices: Indices) -> list[fit.NodeView]:
+    return [v for store in indices["lepton_nodes"].values() for v in store]
 
 
 def workers(spec: JobSpec, memory: JobMemory, pods: Iterable[state.PodView], now: float) -> state.Workers:
@@ -149,6 +155,24 @@ def _children(indices: Indices, key: tuple[str, str], memory: JobMemory, now: fl
     return frozenset(seen | set(memory.children))
 
 
+async def _store_secret(spec: JobSpec, meta: Mapping[str, Any], memory: JobMemory, children: frozenset,
+                        lost: bool) -> state.StoreSecret | None:
+    """The store's token when a plan may need it: a c10d store pod to create (its Secret
+    comes first), or lost workers to report. From the memory, else read once from the
+    Secret; a new random one when the Secret does not exist (the plan creates it)."""
+    name = objects.rdzv_name(meta["name"])
+    if spec.per_step or spec.suspend or memory.status.get("phase") in TERMINAL_PHASES \
+            or (("Pod", name) in children and not lost):
+        return None
+    if memory.rdzv_token:
+        return state.StoreSecret(memory.rdzv_token, exists=True)
+    secret = await kube.aio(kube.get, "v1", "Secret", name, meta["namespace"])
+    if secret is None:
+        return state.StoreSecret(secrets.token_urlsafe(32), exists=False)
+    memory.rdzv_token = objects.secret_token(secret) or None
+    return state.StoreSecret(memory.rdzv_token or "", exists=True)
+
+
 async def _sample(spec: JobSpec, meta: Mapping[str, Any], memory: JobMemory, now: float
                   ) -> prometheus.QueryResult | None:
     """The autoscaler's sample, when a tick is due and the job may scale."""
@@ -176,15 +200,19 @@ async def observe(body: Mapping[str, Any], spec: JobSpec, memory: JobMemory, ind
     mono = time.monotonic()
     seen = workers(spec, memory, indices["lepton_job_workers"].get(key, []), mono)
     store = next((v for _, v in indices["lepton_job_rdzv_pods"].get(key, [])), state.MISSING_STORE)
-    slots, no_node_fits = capacity.free_slots(spec, indices["lepton_gpu_usage"], gpu_nodes(indices))
+    fits = capacity.free_slots(spec, indices["lepton_pod_requests"], node_views(indices))
+    children = _children(indices, key, memory, mono)
     return state.JobObserved(
         meta=dict(meta), status=memory.status, workers=seen, now=_dt.datetime.now(_dt.timezone.utc),
-        free_slots=slots, no_node_fits=no_node_fits, store=store,
+        free_slots=fits.slots, no_node_fits=fits.no_node_fits, free_capacity=fits.free, store=store,
+        store_secret=await _store_secret(spec, meta, memory, children,
+                                         bool(seen.lost) and settings.reports_lost_workers),
         request=next(iter(indices.get("lepton_job_capacity_requests", {}).get(key, [])), None),
-        children=_children(indices, key, memory, mono),
+        children=children,
         policies=dict(indices.get("lepton_job_network_policies", {}).get(key, [])),
         policies_applied=dict(memory.policies), monotonic=mono, template=objects.template_hash(spec),
         trainer_image=settings.trainer_image, operator_namespace=settings.operator_namespace,
+        operator_pod_labels=settings.operator_pod_labels,
         reports_lost_workers=settings.reports_lost_workers,
         sample=await _sample(spec, meta, memory, mono), autoscaler=memory.autoscaler,
         progress=memory.progress, step=await _step(meta, memory, mono),
@@ -212,10 +240,13 @@ def remember(memory: JobMemory, observed: state.JobObserved, plan: "state.Plan",
         ok = result is not None and not isinstance(result, BaseException)
         if action.verb != "create" or action.name in plan.delete:
             continue
+        if action.kind == "Secret":      # created now: its token is this one (found: read when needed)
+            memory.rdzv_token = action.body["stringData"][contract.RDZV_TOKEN_KEY] if ok else memory.rdzv_token
+            continue
         if action.kind == "Pod" and action.name in plan.worker_names:
             if ok:
                 memory.created[action.name] = (plan.worker_names[action.name], observed.monotonic)
-                capacity.reserve(namespace, action.name, plan.gpus_per_worker)
+                capacity.reserve(namespace, action.name, fit.pod_requests(action.body["spec"]))
             else:
                 capacity.release(namespace, action.name)
         elif not isinstance(result, BaseException):

@@ -5,6 +5,8 @@ so that the others re-form without waiting out its keep-alive (see
 ``lepton_trainer.rendezvous``). Reports wait on the network (DNS, the store's pod),
 never on the API client's threads nor on the reconcile: they run on a small pool of
 their own, and a report that does not arrive leaves the keep-alive to drop the workers.
+Each report carries the store's token (the job's ``<job>-rdzv`` Secret) as a bearer token;
+a store of an older job, without the Secret, gets none and needs none.
 """
 from __future__ import annotations
 
@@ -31,15 +33,18 @@ class LostWorkerReports:
         default_factory=lambda: concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="rdzv-report"))
     tasks: set[asyncio.Task] = dataclasses.field(default_factory=set)
 
-    def report(self, namespace: str, job: str, uid: str, addrs: tuple[str, ...], min_nodes: int) -> None:
-        """Tell the job's store (on its Service) that the agents at ``addrs`` are gone."""
-        task = asyncio.create_task(self._send(namespace, job, uid, list(addrs), min_nodes))
+    def report(self, namespace: str, job: str, uid: str, addrs: tuple[str, ...], min_nodes: int,
+               token: str | None = None) -> None:
+        """Tell the job's store (on its Service) that the agents at ``addrs`` are gone;
+        ``token``: the store's (None: send none)."""
+        task = asyncio.create_task(self._send(namespace, job, uid, list(addrs), min_nodes, token))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _send(self, namespace: str, job: str, uid: str, addrs: list[str], min_nodes: int) -> None:
+    async def _send(self, namespace: str, job: str, uid: str, addrs: list[str], min_nodes: int,
+                    token: str | None) -> None:
         url = f"http://{objects.rdzv_name(job)}.{namespace}.svc:{contract.RDZV_CONTROL_PORT}"
-        call = functools.partial(rendezvous.forget, url, uid, addrs, min_nodes, timeout=REPORT_TIMEOUT)
+        call = functools.partial(rendezvous.forget, url, uid, addrs, min_nodes, timeout=REPORT_TIMEOUT, token=token)
         try:
             answer = await asyncio.get_running_loop().run_in_executor(self.executor, call)
         except Exception as exc:  # noqa: BLE001 (any failure of a best-effort report)

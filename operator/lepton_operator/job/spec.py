@@ -20,6 +20,7 @@ from ..core.fields import (InvalidSpec, NetworkPolicySpec, Placement, Resources,
                            items, mapping, network_policy, node_selector, number, parser, placement,
                            pod_security_context, quantity, security_context, string_map, text, tolerations,
                            valid_claim_name, validate_name)
+from ..scaling import prometheus, promql
 
 DEFAULT_MODULE = "lepton_trainer.train"
 CHECKPOINT_PATH = "/checkpoints"   # where ``checkpoint`` is mounted unless it sets ``path``
@@ -30,7 +31,7 @@ RESERVED_ENV = frozenset({contract.ENV_JOB_NAME, contract.ENV_JOB_NAMESPACE, con
                           contract.ENV_METRICS_PORT, contract.ENV_FAULT_TOLERANCE, contract.ENV_REPLICA_ID,
                           contract.ENV_MIN_REPLICAS, contract.ENV_LIGHTHOUSE, "POD_IP", "HOME", "TMPDIR"})
 
-__all__ = ["InvalidSpec", "JobSpec", "parse_job", "DEFAULT_MODULE"]
+__all__ = ["InvalidSpec", "JobSpec", "parse_job", "scoped_query", "DEFAULT_MODULE"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +107,14 @@ class Capacity:
 
 
 @dataclasses.dataclass(frozen=True)
+class JobNetworkPolicy(NetworkPolicySpec):
+    """``spec.networkPolicy`` of a job: on unless ``enabled: false``, so that the rendezvous
+    pod's ports (the c10d store or the Lighthouse, and the report port) are closed to
+    every pod but the job's own workers and the operator."""
+    enabled: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
 class JobSpec:
     image: str
     image_pull_policy: str
@@ -132,7 +141,7 @@ class JobSpec:
     security_context: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     autoscaling: Autoscaling | None = None
     capacity: Capacity = Capacity()
-    network_policy: NetworkPolicySpec = NetworkPolicySpec()
+    network_policy: JobNetworkPolicy = JobNetworkPolicy()
     default_image: bool = False        # ``image`` is the operator's trainer image
     fault_tolerance: str = "restart"   # one of contract.FAULT_TOLERANCE_MODES
     rendezvous: Placement = Placement()   # where the rendezvous pod runs
@@ -189,7 +198,13 @@ def _capacity(raw: Mapping[str, Any], problems: list[str]) -> Capacity:
     return Capacity(mode, timeout, on_timeout, klass, tuple(sorted(parameters.items())))
 
 
-def _autoscaling(raw: Any, problems: list[str]) -> Autoscaling | None:
+def scoped_query(query: str, namespace: str, job: str) -> str:
+    """``spec.autoscaling.query`` with ``${namespace}`` and ``${job}`` filled in, confined to
+    ``namespace`` (``promql.scope``; raises ``promql.ScopeError``)."""
+    return promql.scope(prometheus.render(query, namespace=namespace, job=job), namespace)
+
+
+def _autoscaling(raw: Any, problems: list[str], namespace: str, job: str) -> Autoscaling | None:
     if raw is None:
         return None
     if not isinstance(raw, Mapping):
@@ -199,6 +214,11 @@ def _autoscaling(raw: Any, problems: list[str]) -> Autoscaling | None:
     query = raw.get("query")
     if query is not None and (not isinstance(query, str) or not query.strip()):
         problems.append("autoscaling.query must be a non-empty PromQL query (or left out for the default)")
+    elif query is not None:
+        try:
+            scoped_query(query, namespace, job)
+        except promql.ScopeError as exc:
+            problems.append(f"autoscaling.query: {exc}")
     return Autoscaling(
         query=str(query) if query is not None else default(Autoscaling, "query"),
         efficiency=number(raw, "efficiency", default(Autoscaling, "efficiency"), 0, 1, problems, where, lo_open=True),
@@ -277,9 +297,10 @@ def _mounts(spec: Mapping[str, Any], problems: list[str]) -> tuple[Mount | None,
 
 @parser
 def parse_job(name: str, spec: Mapping[str, Any] | None, default_image: str,
-              default_pull_policy: str = "IfNotPresent") -> JobSpec:
+              default_pull_policy: str = "IfNotPresent", namespace: str = "default") -> JobSpec:
     """Parse and validate a LeptonJob spec; raises ``InvalidSpec`` listing every problem.
-    ``default_image`` and ``default_pull_policy`` apply where the spec names none."""
+    ``default_image`` and ``default_pull_policy`` apply where the spec names none; the
+    autoscaling query must select nothing outside ``namespace``, the job's own."""
     spec = spec or {}
     problems = validate_name(name, JOB_NAME_MAX, CHILD_SUFFIX_MAX)
     command, module = _program(spec, problems)
@@ -310,9 +331,9 @@ def parse_job(name: str, spec: Mapping[str, Any] | None, default_image: str,
         checkpoint=checkpoint, output=output,
         pod_security_context=pod_security_context(spec, "podSecurityContext", problems, ""),
         security_context=security_context(spec, "securityContext", problems, ""),
-        autoscaling=_autoscaling(spec.get("autoscaling"), problems),
+        autoscaling=_autoscaling(spec.get("autoscaling"), problems, namespace, name),
         capacity=_capacity(mapping(spec, "capacity", problems, ""), problems),
-        network_policy=network_policy(spec.get("networkPolicy"), problems),
+        network_policy=network_policy(spec.get("networkPolicy"), problems, cls=JobNetworkPolicy),
         fault_tolerance=choice(spec.get("faultTolerance", default(JobSpec, "fault_tolerance")),
                                contract.FAULT_TOLERANCE_MODES, problems, "faultTolerance"),
     )

@@ -29,7 +29,7 @@ import re
 from typing import Any, Callable, Iterable, Mapping
 
 from ..constants import (ANNOTATION_GENERATION, API_VERSION, JOB_KIND, ANNOTATION_SPEC_HASH, COND_READY, EVENT_NORMAL,
-                         EVENT_WARNING, GPU_RESOURCE, LABEL_WORKER_INDEX, PHASE_FAILED, PHASE_PENDING,
+                         EVENT_WARNING, LABEL_WORKER_INDEX, PHASE_FAILED, PHASE_PENDING,
                          PHASE_RESTARTING, PHASE_RUNNING, PHASE_SCALING, PHASE_SUCCEEDED,
                          PHASE_SUSPENDED, REASON_BACKOFF_LIMIT, REASON_CAPACITY_TIMEOUT, REASON_CREATING,
                          REASON_DEADLINE,
@@ -42,7 +42,7 @@ from ..core.execute import Action, Effects
 from ..core.objects import gpus_requested, policy_changes
 from ..core.status import Outcome
 from ..scaling import prometheus
-from . import autoscale, objects, progress
+from . import autoscale, fit, objects, progress
 from .spec import JobSpec
 
 # Pod-level reasons that mean the pod was taken away, not that the workload failed.
@@ -159,6 +159,14 @@ STORE_UNREACHABLE = re.compile(
 
 # The rendezvous pod when there is none.
 MISSING_STORE = StoreView(created="", ready=False, deleting=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreSecret:
+    """The store's control-port token (the job's ``<job>-rdzv`` Secret): the one it holds when
+    ``exists``, else a new random one to create it with."""
+    token: str = dataclasses.field(repr=False)
+    exists: bool
 # A worker that fails this close to the loss of its rendezvous store failed because of it.
 STORE_LOSS_WINDOW_SECONDS = 60.0
 
@@ -190,69 +198,6 @@ def lost_store(p: PodView, store: StoreView | None, now: _dt.datetime) -> bool:
     created, started = _ts(store.created), _ts(p.started_at)
     return bool(created and started and created > started
                 and abs((finished - created).total_seconds()) <= STORE_LOSS_WINDOW_SECONDS)
-
-
-# --- capacity ------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class NodeView:
-    name: str
-    gpus: int
-    labels: Mapping[str, str]
-    taints: tuple[Mapping[str, Any], ...] = ()
-    unschedulable: bool = False
-
-
-def node_view(node: Mapping[str, Any]) -> NodeView:
-    meta, spec, status = node.get("metadata", {}), node.get("spec", {}) or {}, node.get("status", {}) or {}
-    return NodeView(name=meta.get("name", ""),
-                    gpus=int((status.get("allocatable") or {}).get(GPU_RESOURCE, 0) or 0),
-                    labels=dict(meta.get("labels") or {}), taints=tuple(spec.get("taints") or ()),
-                    unschedulable=bool(spec.get("unschedulable")))
-
-
-def _tolerates(tolerations: Iterable[Mapping[str, Any]], taint: Mapping[str, Any]) -> bool:
-    for t in tolerations:
-        if t.get("effect") and t.get("effect") != taint.get("effect"):
-            continue
-        if t.get("operator") == "Exists" and (not t.get("key") or t.get("key") == taint.get("key")):
-            return True
-        if t.get("key") == taint.get("key") and t.get("value", "") == taint.get("value", ""):
-            return True
-    return False
-
-
-def node_fits(node: NodeView, node_selector: Mapping[str, str],
-              tolerations: Iterable[Mapping[str, Any]]) -> bool:
-    """Node selector and NoSchedule/NoExecute taints allow a worker on this node."""
-    tolerations = list(tolerations)
-    return (not node.unschedulable
-            and all(node.labels.get(k) == v for k, v in node_selector.items())
-            and all(_tolerates(tolerations, t) for t in node.taints
-                    if t.get("effect") in ("NoSchedule", "NoExecute")))
-
-
-def worker_slots(nodes: Iterable[NodeView], used: Mapping[str, int], gpus_per_worker: int,
-                 node_selector: Mapping[str, str], tolerations: Iterable[Mapping[str, Any]],
-                 unscheduled_gpus: int = 0) -> tuple[int, int]:
-    """(workers that fit now, largest GPU count on any fitting node).
-
-    Free GPUs per node are allocatable minus the requests of pods bound to it; GPUs
-    requested by pods not yet bound (``unscheduled_gpus``) are taken off the total,
-    so two jobs do not both count the same free GPUs.
-    """
-    tolerations = list(tolerations)
-    fitting = [n for n in nodes if node_fits(n, node_selector, tolerations)]
-    largest = max((n.gpus for n in fitting), default=0)
-    if gpus_per_worker <= 0:
-        return 10 ** 6, largest
-    slots, pending = 0, unscheduled_gpus
-    for n in sorted(fitting, key=lambda n: n.name):
-        free = max(n.gpus - used.get(n.name, 0), 0)
-        take = min(free, pending)        # pods not yet bound will land somewhere: reserve
-        free, pending = free - take, pending - take
-        slots += free // gpus_per_worker
-    return slots, largest
 
 
 # --- capacity requests (capacity.mode provisioningRequest) --------------------------
@@ -306,16 +251,16 @@ class Plan:
     request_capacity: int = 0           # ask for this many workers (a ProvisioningRequest)
     delete_capacity_request: bool = False
     consume: str | None = None          # new workers consume this Provisioned request
-    capacity_short: bool = False        # more workers are wanted than the free GPUs allow
+    capacity_short: bool = False        # more workers are wanted than fit on the nodes now
     # What goes out (``core.execute``), and what the loop keeps of it:
     actions: list[Action] = dataclasses.field(default_factory=list)
     persist_first: bool = False         # the status must be durable before the actions
     worker_names: dict[str, int] = dataclasses.field(default_factory=dict)   # created pod -> index
-    gpus_per_worker: int = 0
     policies_applied: dict[str, tuple[str, float]] = dataclasses.field(default_factory=dict)
     autoscaler: autoscale.AutoscalerMemory = dataclasses.field(default_factory=autoscale.AutoscalerMemory)
     tick: autoscale.Tick | None = None
     report_lost: tuple[str, ...] = ()   # IPs to report to the rendezvous store as gone
+    report_token: str | None = dataclasses.field(default=None, repr=False)   # the store's token, for them
     progress: progress.Progress = progress.Progress()
 
     @property
@@ -338,6 +283,7 @@ class _Job:
     generation: int | None
     prev_phase: str | None
     no_node_fits: bool = False         # no current node can hold a worker (a pool at zero)
+    free_capacity: tuple[tuple[str, fit.Requests], ...] = ()   # the workers' Ready nodes, free now
     store: StoreView | None = None     # the rendezvous pod (MISSING_STORE: none; None: not known)
     failed_now: list[PodView] = dataclasses.field(default_factory=list)
     stale: list[PodView] = dataclasses.field(default_factory=list)
@@ -467,7 +413,7 @@ def check_deadline(job: _Job) -> Outcome | None:
 
 
 def check_capacity_timeout(job: _Job) -> Outcome | None:
-    """A wait for GPU capacity ends after ``capacity.timeoutSeconds``: the job fails, or its
+    """A wait for capacity ends after ``capacity.timeoutSeconds``: the job fails, or its
     workers are released (Suspended) until its spec changes."""
     c, status = job.spec.capacity, job.status
     held = status.get("capacitySuspendedGeneration")
@@ -481,14 +427,14 @@ def check_capacity_timeout(job: _Job) -> Outcome | None:
             if left is not None:
                 job.plan.requeue_after = min(left, job.plan.requeue_after or left)
             return None
-        message = f"no GPU capacity for {job.spec.workers.min} worker(s) within capacity.timeoutSeconds={c.timeout_seconds}"
+        message = f"no capacity for {job.spec.workers.min} worker(s) within capacity.timeoutSeconds={c.timeout_seconds}"
         if c.on_timeout == "Fail":
             return _terminal(job, PHASE_FAILED, REASON_CAPACITY_TIMEOUT, message)
         status["capacitySuspendedGeneration"] = job.generation
         job.plan.events.append((EVENT_WARNING, REASON_CAPACITY_TIMEOUT, message + "; workers released"))
     job.plan.delete = [p.name for p in job.pods if not p.deleting]
     return Outcome(PHASE_SUSPENDED, REASON_CAPACITY_TIMEOUT,
-                   f"no GPU capacity within capacity.timeoutSeconds={c.timeout_seconds}; workers released. "
+                   f"no capacity within capacity.timeoutSeconds={c.timeout_seconds}; workers released. "
                    "Any change of the job's spec tries again", settled=True)
 
 
@@ -608,8 +554,14 @@ def _request_message(job: _Job, gang: int) -> str:
     state = "asking" if r is None or r.deleting else r.state + (f" ({r.message})" if r.message else "")
     name = f" {r.name}" if r is not None else ""
     return (f"ProvisioningRequest{name} (class {c.provisioning_class}) asks the cluster autoscaler for "
-            f"{gang} worker(s) ({job.spec.resources.gpus} GPU each): {state}; the workers are created "
+            f"{gang} worker(s) ({_need(job.spec)} each): {state}; the workers are created "
             f"once it is Provisioned, for at most {c.timeout_seconds}s")
+
+
+def _need(spec: JobSpec) -> str:
+    """What one worker asks for, in words ("4 CPU, 16Gi memory, 1 GPU")."""
+    need = fit.worker_requests(spec)
+    return fit.describe(need) if need else "no cpu, memory or GPU"
 
 
 def summarise(job: _Job) -> Outcome:
@@ -633,16 +585,17 @@ def summarise(job: _Job) -> Outcome:
                            _request_message(job, max(w.min - len(job.active), 0)))
         if job.provisioning and job.capacity_short:
             return Outcome(PHASE_PENDING, REASON_WAITING_FOR_CAPACITY,
-                           f"no current node can run a worker ({job.spec.resources.gpus} GPU each); {w.min} "
+                           f"no current node can run a worker ({_need(job.spec)} each); {w.min} "
                            f"Pending worker(s) ask the cluster autoscaler for nodes, for at most "
                            f"{job.spec.capacity.timeout_seconds}s")
         if job.capacity_short and not job.active:
+            note = fit.shortfall_note(job.free_capacity, fit.worker_requests(job.spec))
             return Outcome(PHASE_PENDING, REASON_WAITING_FOR_CAPACITY,
-                           f"waiting for GPU capacity for {w.min} workers "
-                           f"({job.spec.resources.gpus} GPU each); {job.free_slots} fit now, for at most "
+                           f"waiting for capacity: {w.min} workers need {_need(job.spec)} each; {job.free_slots} "
+                           f"fit now ({note}), for at most "
                            f"{job.spec.capacity.timeout_seconds}s")
         return Outcome(PHASE_PENDING, REASON_CREATING, f"{len(running)}/{w.min} workers running (min {w.min})")
-    short = f"; {w.replicas - total} more wait for GPU capacity" if job.capacity_short else ""
+    short = f"; {w.replicas - total} more wait for capacity" if job.capacity_short else ""
     if len(running) < total or plan.delete:
         return Outcome(PHASE_SCALING, REASON_SCALING,
                        f"{len(running)} of {total} workers running, desired {w.replicas}{short}")
@@ -752,11 +705,16 @@ class JobObserved:
     in the index until their deletion is observed), in addition to those recorded in
     ``status[COUNTED_POD_UIDS]``. ``workers.vanished``: active workers that disappeared
     without the operator deleting them (drained, evicted through the API); they are
-    replaced and counted as uncounted restarts. ``no_node_fits``: no current node matching
-    the workers' selector and tolerations has their GPUs (``capacity.mode`` decides what
-    that means). ``store``: the rendezvous pod (``MISSING_STORE`` when there is none);
+    replaced and counted as uncounted restarts. ``free_slots``: how many more workers fit
+    on the nodes now (their cpu, memory and GPU requests, ``job.fit``); ``free_capacity``:
+    the Ready nodes the workers may use and what each has free (a shortfall names them).
+    ``no_node_fits``: no current node matching the workers' placement could hold one even
+    empty (``capacity.mode`` decides what that means). ``store``: the rendezvous pod
+    (``MISSING_STORE`` when there is none);
     workers that failed because it went away are uncounted restarts (:func:`lost_store`).
     ``request``: the job's ProvisioningRequest (capacity.mode provisioningRequest).
+    ``store_secret``: the store's token, when the plan may need it (the store pod is to be
+    created, or lost workers reported): the Secret's, or a new one when it does not exist.
     ``children``: the shared children (kind, name) the indices show or that were just
     created; ``policies``: the job's NetworkPolicies the index shows (name -> spec hash)
     and ``policies_applied`` those applied recently (``core.objects.policy_changes``).
@@ -771,7 +729,9 @@ class JobObserved:
     now: _dt.datetime
     free_slots: int = 0
     no_node_fits: bool = False
+    free_capacity: tuple[tuple[str, fit.Requests], ...] = ()
     store: StoreView | None = None
+    store_secret: StoreSecret | None = None     # None: not needed or not known, no Secret is created
     request: CapacityRequestView | None = None
     handled_uids: frozenset[str] = frozenset()
     children: frozenset[tuple[str, str]] | None = None   # None: not known, nothing is created
@@ -781,6 +741,7 @@ class JobObserved:
     template: str = ""                  # the hash of the worker template the spec builds ("": not compared)
     trainer_image: str = ""
     operator_namespace: str = ""
+    operator_pod_labels: tuple[tuple[str, str], ...] = ()
     reports_lost_workers: bool = False
     sample: prometheus.QueryResult | None = None
     autoscaler: autoscale.AutoscalerMemory = dataclasses.field(default_factory=autoscale.AutoscalerMemory)
@@ -838,7 +799,8 @@ def _decide(spec: JobSpec, observed: JobObserved) -> Plan:
                handled=set(observed.handled_uids) | set(status.get(COUNTED_POD_UIDS) or ()),
                vanished=observed.workers.vanished, template=observed.template,
                generation=meta.get("generation"), prev_phase=status.get("phase"),
-               no_node_fits=observed.no_node_fits, store=observed.store, request=observed.request)
+               no_node_fits=observed.no_node_fits, free_capacity=observed.free_capacity, store=observed.store,
+               request=observed.request)
     selector = objects.worker_selector(meta.get("name", ""))
     for step in SETTLING_STEPS:
         outcome = step(job)
@@ -896,10 +858,9 @@ def _writes(spec: JobSpec, observed: JobObserved, p: Plan) -> None:
     p.delete = [n for n in p.delete if n in pods or n in observed.workers.created]
     p.actions += [Action.delete("v1", "Pod", n, namespace) for n in p.delete]
     if p.status.get("phase") not in TERMINAL_PHASES and not p.delete_rendezvous:
-        p.actions += [Action.create(o) for o in _missing_children(owner, spec, observed)]
+        p.actions += _create_children(owner, spec, observed)
     elif p.delete_rendezvous and observed.store not in (None, MISSING_STORE) and not observed.store.deleting:
         p.actions.append(Action.delete("v1", "Pod", objects.rdzv_name(name), namespace))
-    p.gpus_per_worker = spec.resources.gpus
     for index in p.create:
         pod = objects.worker_pod(owner, spec, index)
         if p.consume:
@@ -912,6 +873,20 @@ def _writes(spec: JobSpec, observed: JobObserved, p: Plan) -> None:
     if observed.workers.lost and observed.reports_lost_workers and not spec.per_step and store is not None \
             and store.ready and not store.deleting and (observed.status or {}).get("phase") not in TERMINAL_PHASES:
         p.report_lost = observed.workers.lost
+        secret = observed.store_secret
+        p.report_token = secret.token if secret is not None and secret.exists else None
+
+
+def _create_children(owner: Mapping[str, Any], spec: JobSpec, observed: JobObserved) -> list[Action]:
+    """Create the missing children; the store's Secret, when it does not exist, first and
+    the store's pod (which mounts it) once it does."""
+    actions = [Action.create(o) for o in _missing_children(owner, spec, observed)]
+    secret = observed.store_secret
+    if spec.per_step or secret is None or secret.exists or observed.children is None:
+        return actions
+    pod = next((a for a in actions if a.kind == "Pod"), None)
+    created = Action.create(objects.rendezvous_secret(owner, secret.token), then=(pod,) if pod else ())
+    return [created, *(a for a in actions if a is not pod)]
 
 
 def _missing_children(owner: Mapping[str, Any], spec: JobSpec, observed: JobObserved) -> list[dict[str, Any]]:
@@ -929,8 +904,8 @@ def _policy_writes(owner: Mapping[str, Any], spec: JobSpec, observed: JobObserve
     p.policies_applied = dict(observed.policies_applied)
     if observed.policies is None:
         return []
-    to_apply, to_delete = policy_changes(objects.network_policies(owner, spec, observed.operator_namespace),
-                                         observed.policies, p.policies_applied, observed.monotonic)
+    desired = objects.network_policies(owner, spec, observed.operator_namespace, observed.operator_pod_labels)
+    to_apply, to_delete = policy_changes(desired, observed.policies, p.policies_applied, observed.monotonic)
     return [Action.apply(o) for o in to_apply] + [
         Action.delete("networking.k8s.io/v1", "NetworkPolicy", n, owner["metadata"]["namespace"]) for n in to_delete]
 

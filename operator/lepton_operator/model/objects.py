@@ -25,6 +25,7 @@ an HPA), so applying them never fights the autoscaler.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from typing import Any, Mapping
@@ -36,16 +37,21 @@ from ..core.fields import Placement, Resources
 from ..core.objects import (container_security, env, exposed_ingress, meta, network_policy, placement,
                             pod_security, resources, scratch_env, scratch_mount, scratch_volume)
 from ..core.objects import labels as child_labels
-from .spec import Autoscaling, ModelSpec, PvcPath, render_query
+from ..scaling import promql
+from .spec import Autoscaling, ModelSpec, PvcPath, scoped_query
 
 Obj = dict[str, Any]
 COMPRESSION_MOUNT = "/models"
 COMPRESSION_RESOURCES = Resources(cpu="1", memory="2Gi")   # when the spec sets none
+# The serving container's memory (request and limit) when the spec sets none: the server
+# reads its limit and refuses what would not fit in it, so it needs one.
+SERVING_MEMORY = "2Gi"
 MOUNT = "/model"
 PRESTOP_SECONDS = 5            # a terminating server keeps serving while endpoints drop it
 DRAIN_SECONDS = 30             # then lets requests in flight finish (the server's --drain-timeout)
 TERMINATION_GRACE_SECONDS = PRESTOP_SECONDS + DRAIN_SECONDS + 5   # longer than both: never killed mid-drain
 PORT_NAME = "http"
+SERVING_CONTAINER = "server"
 GRPC_PORT_NAME = "grpc"
 KEDA_API_VERSION = "keda.sh/v1alpha1"
 # External metric names an HPA reads (served by a Prometheus adapter rule of the same name).
@@ -116,6 +122,7 @@ def compression_job(owner: Mapping[str, Any], spec: ModelSpec, revision: str, so
         env(contract.ENV_MODEL_NAME, model),
         env(contract.ENV_COMPRESSION_METHOD, c.method),
         env(contract.ENV_COMPRESSION_PARAMS, json.dumps(_params_in_container(c.params), sort_keys=True)),
+        env(contract.ENV_COMPRESSION_LATENCY_BUDGET, c.latency_budget_seconds),
         *scratch_env(),
     ]
     if c.max_accuracy_drop is not None:
@@ -208,11 +215,21 @@ def _serving_env(spec: ModelSpec, model: str, namespace: str, revision: str) -> 
         env(contract.ENV_MODEL_REVISION, revision),
         env(contract.ENV_MAX_BATCH_SIZE, s.max_batch_size),
         env(contract.ENV_MAX_BATCH_DELAY_MS, s.max_batch_delay_ms),
+        env(contract.ENV_MAX_CONCURRENT_REQUESTS, s.admission.max_concurrent_requests),
+        env(contract.ENV_MAX_QUEUED_REQUESTS, s.admission.max_queued_requests),
+        env(contract.ENV_QUEUE_TIMEOUT_MS, s.admission.queue_timeout_ms),
+        {"name": contract.ENV_MEMORY_LIMIT_BYTES,           # the container's own limit (downward API)
+         "valueFrom": {"resourceFieldRef": {"containerName": SERVING_CONTAINER, "resource": "limits.memory"}}},
         *([env(contract.ENV_MODEL_FORMAT, spec.source.format)] if spec.source.format and not spec.compression.runs_job
           else []),
         *scratch_env(),
         *(copy.deepcopy(dict(v)) for v in s.env),
     ]
+
+
+def serving_resources(r: Resources) -> Resources:
+    """The serving container's resources: the spec's, with SERVING_MEMORY where it sets no memory."""
+    return r if r.memory else dataclasses.replace(r, memory=SERVING_MEMORY)
 
 
 def _serving_container(spec: ModelSpec, variables: list[Obj], model_dir: PvcPath) -> Obj:
@@ -224,7 +241,7 @@ def _serving_container(spec: ModelSpec, variables: list[Obj], model_dir: PvcPath
         mount["subPath"] = model_dir.path
     http = {"port": PORT_NAME}
     container = {
-        "name": "server",
+        "name": SERVING_CONTAINER,
         "image": s.image,
         "imagePullPolicy": s.image_pull_policy,
         "command": ["python", "-m", "lepton_trainer.serve", "--drain-timeout", str(DRAIN_SECONDS)],
@@ -243,9 +260,7 @@ def _serving_container(spec: ModelSpec, variables: list[Obj], model_dir: PvcPath
         # serving that long before the server drains (see TERMINATION_GRACE_SECONDS).
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
     }
-    res = resources(s.resources)
-    if res:
-        container["resources"] = res
+    container["resources"] = resources(serving_resources(s.resources))
     return container
 
 
@@ -344,13 +359,15 @@ def http_route(owner: Mapping[str, Any], backends: list[tuple[str, int]]) -> Obj
 # --- autoscaling --------------------------------------------------------------------------
 
 def metric_selector(namespace: str, model: str) -> str:
+    """The model's series: its own labels, in its namespace (the scrape's ``namespace``
+    label, which a pod in another namespace cannot claim)."""
     return (f'{contract.METRICS_MODEL_LABEL}="{model}",'
-            f'{contract.METRICS_MODEL_NAMESPACE_LABEL}="{namespace}"')
+            f'{contract.METRICS_MODEL_NAMESPACE_LABEL}="{namespace}",{promql.NAMESPACE_LABEL}="{namespace}"')
 
 
 def metric_query(a: Autoscaling, namespace: str, model: str) -> str:
     """The PromQL the builtin autoscaler and KEDA evaluate (a total over all replicas,
-    except p95 latency)."""
+    except p95 latency); a spec's own query confined to the model's namespace."""
     sel = metric_selector(namespace, model)
     if a.metric == "rps":
         return f"sum(irate({contract.METRIC_SERVE_REQUESTS}{{{sel}}}[1m]))"
@@ -359,7 +376,7 @@ def metric_query(a: Autoscaling, namespace: str, model: str) -> str:
     if a.metric == "p95latency":
         return (f"histogram_quantile(0.95, sum by (le) "
                 f"(rate({contract.METRIC_SERVE_LATENCY}_bucket{{{sel}}}[1m])))")
-    return render_query(a.query or "", namespace, model)
+    return scoped_query(a.query or "", namespace, model)
 
 
 def _target(a: Autoscaling) -> tuple[str, str]:

@@ -21,9 +21,10 @@ from lepton_trainer import contract
 from ..core.fields import (InvalidSpec, NetworkPolicySpec, Placement, Resources, choice, default, integer, items,
                            mapping, network_policy, number, parser, placement, pod_security_context, resources,
                            security_context, string_map, text, validate_name)
-from ..scaling import prometheus
+from ..scaling import prometheus, promql
 
-__all__ = ["InvalidSpec", "ModelSpec", "PvcPath", "parse_model", "parse_uri", "artifact_path", "render_query"]
+__all__ = ["InvalidSpec", "ModelSpec", "PvcPath", "parse_model", "parse_uri", "artifact_path", "render_query",
+           "scoped_query"]
 
 METHODS = contract.COMPRESSION_METHODS
 STRATEGIES = ("canary", "replace")
@@ -33,6 +34,7 @@ URI_SCHEMES = ("pvc",)            # s3:// and others plug in here
 REVISION_LEN = 10
 CHILD_SUFFIX_LEN = len("-compress-") + REVISION_LEN
 MODEL_NAME_MAX = 63 - CHILD_SUFFIX_LEN   # "<name>-compress-<revision>" must fit 63
+PLACEHOLDER_REVISION = "revision"   # ${revision} in an analysis query, checked before a canary exists
 ARTIFACT_ROOT = "lepton-models"   # artifacts: <claim>/lepton-models/<model>/<revision>
 # compression.evaluation is passed to the compression program as written (its own defaults
 # fill the rest); the parser checks the metric against this type when the gate names none.
@@ -56,8 +58,9 @@ class PvcPath:
         return f"pvc://{self.claim}/{self.path}".rstrip("/")
 
 
-# Formats whose models no compression method can rewrite (the CRD refuses the pair too).
-EXPORTED_FORMATS = frozenset({"torch.export", "torchscript", "onnx"})
+# Exported programs take only the methods implemented for their format (the CRD's CEL rule
+# refuses the other pairs too); int8-static takes exported programs only.
+EXPORTED_FORMATS = frozenset(contract.EXPORTED_FORMAT_METHODS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +76,20 @@ class Compression:
     evaluation: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # the gate (contract.EVALUATION_*)
     placement: Placement = Placement()
     active_deadline_seconds: int = 7200      # the compression Job ends (fails) after this long
+    latency_budget_seconds: int = contract.COMPRESSION_LATENCY_BUDGET_SECONDS   # per model measured
 
     @property
     def runs_job(self) -> bool:
         return self.method != "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class Admission:
+    """``spec.serving.admission``: what a serving pod admits before it refuses (503,
+    RESOURCE_EXHAUSTED); the server derives the rest from its memory limit."""
+    max_concurrent_requests: int = 64
+    max_queued_requests: int = 32
+    queue_timeout_ms: int = 5000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,13 +98,14 @@ class Serving:
     image_pull_policy: str = "IfNotPresent"
     replicas: int = 1
     resources: Resources = Resources()
-    max_batch_size: int = 32
+    max_batch_size: int = 32              # also the most rows one request may carry
     max_batch_delay_ms: int = 0
     env: tuple[Mapping[str, Any], ...] = ()
     pod_annotations: Mapping[str, str] = dataclasses.field(default_factory=dict)
     pod_security_context: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     security_context: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     placement: Placement = Placement()
+    admission: Admission = Admission()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +219,9 @@ class ModelSpec:
         serving, compression = dataclasses.asdict(self.serving), dataclasses.asdict(self.compression)
         for key in ("replicas", "pod_annotations", "placement"):     # where pods run is no new revision
             serving.pop(key)
-        for key in ("pod_annotations", "placement", "active_deadline_seconds"):
+        if self.serving.admission == Admission():                      # the defaults leave the hash
+            serving.pop("admission")                                    # as it was before them
+        for key in ("pod_annotations", "placement", "active_deadline_seconds", "latency_budget_seconds"):
             compression.pop(key)
         source = dataclasses.asdict(self.source)
         for part, keys in ((serving, ("pod_security_context", "security_context")),   # unset fields
@@ -249,6 +265,28 @@ def render_query(query: str, namespace: str, model: str, revision: str = "") -> 
     return prometheus.render(query, namespace=namespace, model=model, revision=revision)
 
 
+def scoped_query(query: str, namespace: str, model: str, revision: str = "") -> str:
+    """The query as the operator evaluates it: rendered, then confined to ``namespace``
+    (``promql.scope``; raises ``promql.ScopeError``)."""
+    return promql.scope(render_query(query, namespace, model, revision), namespace)
+
+
+def _scope_problems(namespace: str, model: str, rollout: Rollout, autoscaling: Autoscaling | None) -> list[str]:
+    """The queries that cannot be confined to ``namespace``, rendered as they will be: the
+    autoscaling query with no revision, the analysis queries with ``PLACEHOLDER_REVISION``."""
+    queries = [(f"rollout.analysis[{i}].query", c.query, PLACEHOLDER_REVISION)
+               for i, c in enumerate(rollout.analysis) if c.query]
+    if autoscaling is not None and autoscaling.metric == "query" and (autoscaling.query or "").strip():
+        queries.append(("autoscaling.query", autoscaling.query, ""))
+    problems = []
+    for field, query, revision in queries:
+        try:
+            scoped_query(query, namespace, model, revision)
+        except promql.ScopeError as exc:
+            problems.append(f"{field}: {exc}")
+    return problems
+
+
 def _claim_path(path: Any, field: str, problems: list[str]) -> None:
     """A path on the source claim: relative to its root, without '..'."""
     if path is None:
@@ -274,6 +312,18 @@ def _params(raw_c: Mapping[str, Any], problems: list[str]) -> Mapping[str, Any]:
             _claim_path(student["path"], "compression.params.student.path", problems)
     _claim_path(params.get("data"), "compression.params.data", problems)
     return params
+
+
+def _format_method_problems(fmt: str | None, method: str) -> list[str]:
+    """A pair of source.format and compression.method with no implementation (the CRD's rule)."""
+    if not fmt or method not in METHODS:
+        return []
+    allowed = contract.EXPORTED_FORMAT_METHODS.get(fmt)
+    if (allowed is not None and method in allowed) or (allowed is None and method != "int8-static"):
+        return []
+    table = "; ".join(f"{f} takes {', '.join(m)}" for f, m in contract.EXPORTED_FORMAT_METHODS.items())
+    return [f"compression.method {method} has no implementation for source.format {fmt}: {table}; "
+            f"int8-static needs torch.export or onnx"]
 
 
 def _evaluation(raw: Any, problems: list[str]) -> dict[str, Any]:
@@ -403,11 +453,20 @@ def _autoscaling(raw: Any, problems: list[str]) -> Autoscaling | None:
         number(raw, "intervalSeconds", default(Autoscaling, "interval_seconds"), 0.5, 300, problems, where))
 
 
+def _admission(raw_s: Mapping[str, Any], problems: list[str]) -> Admission:
+    raw, where = mapping(raw_s, "admission", problems, "serving."), "serving.admission."
+    return Admission(
+        integer(raw, "maxConcurrentRequests", default(Admission, "max_concurrent_requests"), 1, 10000, problems,
+                where),
+        integer(raw, "maxQueuedRequests", default(Admission, "max_queued_requests"), 1, 10000, problems, where),
+        integer(raw, "queueTimeoutMs", default(Admission, "queue_timeout_ms"), 1, 600000, problems, where))
+
+
 @parser
 def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str,
-                default_pull_policy: str = "IfNotPresent") -> ModelSpec:
-    """Parse and validate a LeptonModel spec; raises ``InvalidSpec`` listing every problem.
-    ``default_image`` and ``default_pull_policy`` apply where the spec names none."""
+                default_pull_policy: str = "IfNotPresent", namespace: str = "default") -> ModelSpec:
+    """Parse and validate the spec of a LeptonModel in ``namespace``; raises ``InvalidSpec``
+    listing every problem. ``default_image`` and ``default_pull_policy`` apply where the spec names none."""
     spec = spec or {}
     problems = validate_name(name, MODEL_NAME_MAX, CHILD_SUFFIX_LEN)
     source = _source(mapping(spec, "source", problems, ""), problems)
@@ -425,6 +484,8 @@ def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str,
         _evaluation(raw_c.get("evaluation"), problems),
         placement(raw_c, problems, "compression."),
         integer(raw_c, "activeDeadlineSeconds", default(Compression, "active_deadline_seconds"), 60, 7 * 86400,
+                problems, "compression."),
+        integer(raw_c, "latencyBudgetSeconds", default(Compression, "latency_budget_seconds"), 1, 600,
                 problems, "compression."))
 
     raw_s = mapping(spec, "serving", problems, "")
@@ -432,7 +493,9 @@ def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str,
     env = items(raw_s, "env", problems, "serving.", Mapping, "an EnvVar object")
     reserved = {contract.ENV_MODEL_DIR, contract.ENV_MODEL_NAME, contract.ENV_MODEL_NAMESPACE,
                 contract.ENV_MODEL_REVISION, contract.ENV_MAX_BATCH_SIZE, contract.ENV_MAX_BATCH_DELAY_MS,
-                contract.ENV_MODEL_FORMAT, contract.ENV_GRPC_PORT, "HOME", "TMPDIR"}
+                contract.ENV_MODEL_FORMAT, contract.ENV_GRPC_PORT, contract.ENV_MAX_CONCURRENT_REQUESTS,
+                contract.ENV_MAX_QUEUED_REQUESTS, contract.ENV_QUEUE_TIMEOUT_MS, contract.ENV_MEMORY_LIMIT_BYTES,
+                "HOME", "TMPDIR"}
     for i, var in enumerate(env):
         if not isinstance(var.get("name"), str) or not var["name"]:
             problems.append(f"serving.env[{i}].name is required")
@@ -449,16 +512,14 @@ def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str,
         env, string_map(raw_s, "podAnnotations", problems, "serving."),
         pod_security_context(raw_s, "podSecurityContext", problems, "serving."),
         security_context(raw_s, "securityContext", problems, "serving."),
-        placement(raw_s, problems, "serving."))
+        placement(raw_s, problems, "serving."), _admission(raw_s, problems))
 
     rollout = _rollout(mapping(spec, "rollout", problems, ""), problems)
     autoscaling = _autoscaling(spec.get("autoscaling"), problems)
     policy = network_policy(spec.get("networkPolicy"), problems)
     compression_image = text(raw_c, "image", problems, "compression.", image)
-    if source.format in EXPORTED_FORMATS and compression.method != "none":
-        problems.append(f"compression.method: a model whose source.format is {source.format} cannot be compressed "
-                        "(its graph has no modules to rewrite): use method none, or compress the model before "
-                        "exporting it")
+    problems += _format_method_problems(source.format, compression.method) + _scope_problems(
+        namespace, name, rollout, autoscaling)
     if problems:
         raise InvalidSpec(problems)
     return ModelSpec(source, compression, serving, rollout, autoscaling, compression_image, policy)

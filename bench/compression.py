@@ -287,6 +287,17 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def _update_section(key: str, measure, started: float) -> None:
+    """Measure one section (``measure(scratch_dir)``) into compression.json, keeping the rest."""
+    path = RESULTS / "compression.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        result[key] = measure(Path(tmp))
+    result[key]["seconds"] = round(time.time() - started, 1)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path} ({key}) in {result[key]['seconds']} s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--iters", type=int, default=300, help="timed forward passes per latency figure")
@@ -300,23 +311,9 @@ def main() -> None:
     torch.set_num_threads(1)
     started = time.time()
     if args.exported_only:
-        path = RESULTS / "compression.json"
-        result = json.loads(path.read_text()) if path.exists() else {}
-        with tempfile.TemporaryDirectory() as tmp:
-            result["exported"] = exported_programs(Path(tmp), args.budget)
-        result["exported"]["seconds"] = round(time.time() - started, 1)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {path} (exported) in {result['exported']['seconds']} s")
-        return
+        return _update_section("exported", lambda tmp: exported_programs(tmp, args.budget), started)
     if args.real_only:
-        path = RESULTS / "compression.json"
-        result = json.loads(path.read_text()) if path.exists() else {}
-        with tempfile.TemporaryDirectory() as tmp:
-            result["real_model"] = real_model(Path(tmp), args.real_iters)
-        result["real_model"]["seconds"] = round(time.time() - started, 1)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {path} (real_model) in {result['real_model']['seconds']} s")
-        return
+        return _update_section("real_model", lambda tmp: real_model(tmp, args.real_iters), started)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = train(Path(tmp) / "teacher", hidden=args.hidden)
         print("methods:", flush=True)

@@ -21,11 +21,12 @@ Refusals are transient (REST 503 with ``Retry-After``, gRPC RESOURCE_EXHAUSTED),
 operator passes the container's ``limits.memory``), else the cgroup's ``memory.max``
 (v2) or ``memory.limit_in_bytes`` (v1), else the machine's physical memory. After the
 model is loaded and warmed up, one batch of ``MEASURE_ROWS`` rows runs while a thread
-samples the process's resident set (``/proc/self/statm``, every millisecond); the peak
-growth over the resident set before it, divided by the rows, is the memory of a row (at
-least twice the bytes of a row's input and output tensors). The budget is
-``HEADROOM`` of the limit less the resident set after the warm-up (the model, the
-runtime); ``max_rows``, the rows one request may carry, is the configured maximum or
+samples the process's anonymous resident memory (``/proc/self/statm``, resident less
+file-backed, every millisecond; file-backed pages such as the libraries and mapped
+weights are reclaimed before an OOM kill); the peak growth over it before the batch,
+divided by the rows, is the memory of a row (at least twice the bytes of a row's input
+and output tensors). The budget is ``HEADROOM`` of the limit less that memory after the
+warm-up (the model, the runtime); ``max_rows``, the rows one request may carry, is the configured maximum or
 what the budget holds, whichever is smaller.
 """
 from __future__ import annotations
@@ -65,10 +66,20 @@ def page_size() -> int:
     return os.sysconf("SC_PAGE_SIZE")
 
 
-def rss_bytes() -> int:
-    """The process's resident set now."""
+def _statm() -> tuple[int, int]:
+    """(resident, file-backed and shared) bytes of this process (``/proc/self/statm``)."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * page_size()
+        fields = f.read().split()
+    return int(fields[1]) * page_size(), int(fields[2]) * page_size()
+
+
+def rss_bytes() -> int:
+    """The process's resident memory that only an OOM kill gives back: its resident set
+    less the file-backed pages. The pages of the shared libraries and of memory-mapped
+    weights are reclaimed by the kernel before the container's limit kills anything, so
+    they are not held against the budget."""
+    resident, shared = _statm()
+    return resident - shared
 
 
 def memory_limit(explicit: int | None = None) -> tuple[int, str]:
@@ -86,9 +97,10 @@ def memory_limit(explicit: int | None = None) -> tuple[int, str]:
 
 
 class PeakGrowth:
-    """``with PeakGrowth() as g: ...``: afterwards ``g.bytes`` is the most the resident set
-    grew over its size at entry while the block ran (a thread samples it; the process's
-    own peak, ``ru_maxrss``, counts where the block raised it)."""
+    """``with PeakGrowth() as g: ...``: afterwards ``g.bytes`` is the most ``rss_bytes``
+    grew over its value at entry while the block ran (a thread samples it), or, where the
+    block raised the process's own peak (``ru_maxrss``, the whole resident set), that
+    peak's growth over the whole resident set at entry, whichever is larger."""
 
     def __init__(self) -> None:
         self.bytes = 0
@@ -102,6 +114,7 @@ class PeakGrowth:
 
     def __enter__(self) -> "PeakGrowth":
         self._before = self._peak = rss_bytes()
+        self._resident_before = _statm()[0]
         self._max_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self._thread.start()
         return self
@@ -109,11 +122,11 @@ class PeakGrowth:
     def __exit__(self, *exc) -> None:
         self._done.set()
         self._thread.join()
-        peak = max(self._peak, rss_bytes())
+        growth = max(self._peak, rss_bytes()) - self._before
         max_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if max_after > self._max_before:
-            peak = max(peak, max_after)
-        self.bytes = max(0, peak - self._before)
+            growth = max(growth, max_after - self._resident_before)
+        self.bytes = max(0, growth)
 
 
 @dataclasses.dataclass(frozen=True)

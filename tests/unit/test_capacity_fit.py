@@ -166,3 +166,16 @@ def test_a_gang_whose_min_does_not_fit_starts_none_and_says_why():
     plan = js.plan(s, js.JobObserved(meta=meta, status=plan.status, workers=js.Workers.of([]), now=now,
                                      free_slots=enough.slots, free_capacity=enough.free))
     assert plan.create == [0, 1]
+
+
+def test_a_finished_pod_drops_out_of_the_requests_index():
+    """kopf keeps an object's indexed values when the index function returns None, and
+    replaces them when it returns a mapping: a pod that finishes must map to ``{}``, or
+    the requests it held while running would count against every job forever."""
+    from lepton_operator.job.handlers import lepton_pod_requests
+
+    pod = {"metadata": {"name": "p", "namespace": "n"},
+           "spec": {"nodeName": "a", "containers": [{"resources": {"requests": {"cpu": "500m"}}}]},
+           "status": {"phase": "Running"}}
+    assert lepton_pod_requests(body=pod) == {"a": R(500, 0, 0)}
+    assert lepton_pod_requests(body={**pod, "status": {"phase": "Succeeded"}}) == {}

@@ -110,9 +110,11 @@ def lepton_job_capacity_requests(namespace: str, labels: dict, body: kopf.Body, 
 @kopf.index("pods")
 def lepton_pod_requests(body: kopf.Body, **_: Any):
     """node name (None: not bound yet) -> requests (cpu, memory, GPUs) of each pod that
-    holds capacity or is about to (``fit.pod_usage``)."""
+    holds capacity or is about to (``fit.pod_usage``). A pod that holds none (finished,
+    say) maps to nothing: ``{}`` makes kopf drop what the pod held before, where ``None``
+    would keep it."""
     usage = fit.pod_usage(body)
-    return None if usage is None else {usage[0]: usage[1]}
+    return {} if usage is None else {usage[0]: usage[1]}
 
 
 @kopf.index("nodes")

@@ -7,10 +7,11 @@ user with a read-only root. Prometheus scrapes the real servers. Nothing here is
 pod or a local process standing in for a container.
 
 The tests run in order and build on each other: train, lose a worker, lose the
-rendezvous store, finish, compress, serve, predict, autoscale, promote a new revision
-under steady traffic; then a user's own Hugging Face model from the volume, queried with
-tritonclient over REST and gRPC; then a ``faultTolerance: perStep`` job that loses a
-worker pod while its survivor keeps running, and then loses its Lighthouse.
+rendezvous store, finish, compress, serve, predict, autoscale, refuse load far past a
+server's capacity, promote a new revision under steady traffic; then a user's own
+Hugging Face model from the volume, queried with tritonclient over REST and gRPC; then a
+``faultTolerance: perStep`` job that loses a worker pod while its survivor keeps
+running, and then loses its Lighthouse.
 
 Every job here sets no ``networkPolicy``, so it runs behind its default NetworkPolicies,
 which the node enforces (kube-router, firewall only: hack/realnode.py). While the
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from datetime import datetime
@@ -432,6 +434,72 @@ def test_builtin_autoscaler_scales_serving_from_the_servers_scraped_metrics(work
 
 
 
+OVERLOAD_CLIENTS = 200      # closed-loop clients: far past the server's 64 in flight + 32 queued
+
+
+def _serving_pod(c) -> dict:
+    pods = _json(c, "get", "pods", "-n", NS, "-l", f"lepton.ai/model={MODEL},lepton.ai/role=serving")["items"]
+    return next(p for p in pods if p["status"].get("podIP") and not p["metadata"].get("deletionTimestamp"))
+
+
+def test_a_serving_pod_far_past_its_capacity_refuses_instead_of_dying(workspace):
+    """One serving pod (250m CPU, 1Gi) gets 200 clients that send back to back, straight to
+    its IP: the server admits what its bounds allow and answers the rest 503 at once,
+    its readiness probe stays green, its memory stays under the limit, and it never
+    restarts. No client waits out its timeout."""
+    c, _ = workspace
+    pod = _serving_pod(c)
+    name, ip = pod["metadata"]["name"], pod["status"]["podIP"]
+    restarts = pod["status"]["containerStatuses"][0]["restartCount"]
+    url = f"http://{ip}:8080/v2/models/{MODEL}/infer"
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                                   "data": [0.0] * 64}]}).encode()
+    stop, outcomes, probes = threading.Event(), [], []
+
+    def client():
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(urllib.request.Request(
+                        url, body, {"Content-Type": "application/json"}), timeout=30) as r:
+                    outcomes.append(r.status)
+            except urllib.error.HTTPError as e:
+                outcomes.append(e.code)
+            except OSError as e:
+                outcomes.append(type(e).__name__)
+
+    def probe():
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(f"http://{ip}:8080/v2/health/ready", timeout=2) as r:
+                    probes.append(r.status)
+            except OSError as e:
+                probes.append(type(e).__name__)
+            time.sleep(0.5)
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(OVERLOAD_CLIENTS)]
+    threads.append(threading.Thread(target=probe, daemon=True))
+    for t in threads:
+        t.start()
+    time.sleep(20)
+    stop.set()
+    for t in threads:
+        t.join(timeout=40)
+    peak = c.kubectl("exec", "-n", NS, name, "--", "sh", "-c",
+                     "cat /sys/fs/cgroup/memory.peak 2>/dev/null || "     # cgroup v2, else v1
+                     "cat /sys/fs/cgroup/memory/memory.max_usage_in_bytes")
+    after = _json(c, "get", "pod", name, "-n", NS)["status"]
+    admitted, refused = outcomes.count(200), outcomes.count(503)
+    other = [o for o in outcomes if o not in (200, 503)]
+    record("overload_clients", OVERLOAD_CLIENTS)
+    record("overload_admitted", admitted)
+    record("overload_refused_503", refused)
+    record("overload_peak_memory_bytes", int(peak.strip()))
+    assert admitted and refused and not other, (admitted, refused, other[:10])
+    assert probes and all(p == 200 for p in probes), probes
+    assert int(peak.strip()) < 1024 ** 3, peak                       # the pod's limit: 1Gi
+    assert after["containerStatuses"][0]["restartCount"] == restarts, after
+    assert any(cond["type"] == "Ready" and cond["status"] == "True" for cond in after["conditions"]), after
+
+
 def test_a_promotion_under_steady_traffic_fails_no_request(workspace):
     """A new revision (compression ``int8`` -> ``none``) is promoted while a client on the
     node sends a steady stream of requests through the model's Service (kube-proxy): the
@@ -536,6 +604,8 @@ def _attack_the_lighthouse(c, attackers: Attacks, worker: str) -> None:
     with urllib.request.urlopen(f"http://{lighthouse}:29400/status", timeout=5) as r:
         ids = re.findall(rf"{re.escape(worker)}:[0-9a-f-]{{36}}", r.read().decode(errors="replace"))
     assert ids, f"the Lighthouse's status page names no replica group of {worker}"
+    # (the step lines trail the quorum line: wait for one taken by both replica groups)
+    wait_for("a step of both replica groups", lambda: steps(timestamped_logs(c, worker))[-1][3] == 2, timeout=120)
     t0, (_, step, _, world) = time.time(), steps(timestamped_logs(c, worker))[-1]
     for where in attackers.pods:
         for host in (f"{FT_JOB}-rdzv.{NS}.svc.cluster.local", lighthouse):

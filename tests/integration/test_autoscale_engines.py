@@ -24,7 +24,8 @@ def test_hpa_engine_owns_the_stable_replicas(k):
                                              "name": f"viahpa-{stable}"}
     metric = hpa["spec"]["metrics"][0]["external"]
     assert metric["metric"]["name"] == "lepton_serve_requests_per_second"
-    assert metric["metric"]["selector"]["matchLabels"] == {"lepton_model": "viahpa", "lepton_namespace": k.ns}
+    assert metric["metric"]["selector"]["matchLabels"] == {"lepton_model": "viahpa", "lepton_namespace": k.ns,
+                                                           "namespace": k.ns}
     assert metric["target"] == {"type": "AverageValue", "averageValue": "20"}
     # Another owner of replicas (the HPA) sets 3: the operator follows instead of resetting it.
     k.kubectl("scale", f"deployment/viahpa-{stable}", "--replicas=3")

@@ -74,3 +74,35 @@ def test_a_query_naming_another_namespace_is_an_invalid_spec(k, neighbour):
     k.wait_for("job InvalidSpec", lambda: k.condition("peekjob", "Ready").get("reason") == "InvalidSpec")
     assert ('autoscaling.query: selects namespace=~".+"; queries are evaluated in namespace '
             f'"{k.ns}" only') in k.condition("peekjob", "Ready")["message"]
+
+
+def test_a_canarys_analysis_without_a_namespace_is_judged_on_its_own_series(k, exporter, neighbour):
+    """The analysis query names no namespace, and the neighbour exports the same series
+    for the same revision with a failing value: the canary is judged on its own value
+    only, and promoted (read across namespaces, the 0.9 would roll it back)."""
+    _, other = neighbour
+    k.pvc("models")
+    analysis = [{"name": "errors", "query": 'max(tenant_error_ratio{rev="${revision}"})', "max": 0.1,
+                 "intervalSeconds": 2, "inconclusiveLimit": 1000}]
+    manifest = model(k, "judged", None, serving={"replicas": 2},
+                     rollout={"steps": [{"weight": 50, "pauseSeconds": 1}], "analysis": analysis})
+    del manifest["spec"]["autoscaling"]
+
+    def status():
+        return (k.get("leptonmodel", "judged") or {}).get("status") or {}
+    k.apply(manifest)
+    first = k.wait_for("first revision stable", lambda: status().get("phase") == "Ready"
+                       and status()["revisions"]["stable"], timeout=90)
+    manifest["spec"]["serving"]["env"] = [{"name": "REVISION", "value": "2"}]
+    k.apply(manifest)
+    second = k.wait_for("canary", lambda: (status().get("revisions") or {}).get("canary"))
+    assert second != first
+    other.set("tenant_error_ratio", 0.9, rev=second)
+    k.wait_for("the neighbour's value in Prometheus",
+               lambda: exporter.prometheus_value(f'max(tenant_error_ratio{{rev="{second}"}})') == 0.9, timeout=60)
+    exporter.set("tenant_error_ratio", 0.01, rev=second)
+
+    decided = k.wait_for("promotion or rollback", lambda: s if (s := status()).get("revisions", {}).get("stable")
+                         == second or s.get("phase") == "Degraded" else None, timeout=120)
+    assert decided["revisions"]["stable"] == second, decided
+    assert decided["analysis"][0]["value"] == 0.01 and decided["analysis"][0]["passed"], decided["analysis"]

@@ -5,18 +5,17 @@ The real node enforces NetworkPolicy with kube-router in firewall-only mode
 a job's labels; :class:`Attacks` runs one attempt at a time in it through ``kubectl exec``
 and keeps what happened, which :meth:`Attacks.save` writes to bench/results/security.json
 (the latest outcome of each attack: one kept from an earlier run where this run did not try
-it, each with the time it was tried).
+it, each with the time it was tried; the file's other sections stay, bench/security.py).
 """
 from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
 
-from realenv import ROOT, localcluster
+from realenv import localcluster, security
 
 OUTSIDE_NS = "outsider"
 REFUSED = ("refused", "timed out")     # what a policy's REJECT or DROP looks like to a client
-RESULTS = ROOT / "bench" / "results" / "security.json"
 
 # Run inside an attacker pod: one attempt, its outcome printed as a word or two.
 ATTEMPT = r"""
@@ -86,10 +85,11 @@ class Attacks:
         def key(a: dict) -> tuple:
             return a["attack"], a["target"], a["from"]
         tried = {key(a) for a in self.done}
-        earlier = json.loads(RESULTS.read_text()).get("attacks", []) if RESULTS.exists() else []
+        results = security.RESULT
+        earlier = json.loads(results.read_text()).get("attacks", []) if results.exists() else []
         version = localcluster.versions()["KUBE_ROUTER_VERSION"]
-        RESULTS.write_text(json.dumps({
+        security.update({
             "engine": f"kube-router {version}, firewall only (--run-firewall=true --run-router=false "
                       "--run-service-proxy=false), on the real node",
             "policies": "the jobs' defaults (spec.networkPolicy unset)",
-            "attacks": [a for a in earlier if key(a) not in tried] + self.done}, indent=2) + "\n")
+            "attacks": [a for a in earlier if key(a) not in tried] + self.done})

@@ -8,7 +8,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "hack"))
+sys.path.insert(0, str(ROOT / "bench"))
 import localcluster  # noqa: E402
+import security  # noqa: E402,F401  (bench/security.py: the sections of bench/results/security.json)
 
 RELEASE_NS = "lepton-system"
 TIMINGS = os.environ.get("LEPTON_REALNODE_TIMINGS")  # bench/realnode.py collects these

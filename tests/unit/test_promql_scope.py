@@ -109,6 +109,22 @@ def test_model_queries_are_sent_and_rendered_scoped():
     assert scoped_query('max(e{rev="${revision}"})', NS, "m", "r1") == 'max(e{namespace="team-a",rev="r1"})'
 
 
+def test_an_hpa_selects_only_its_own_namespaces_series():
+    """An HPA carries no PromQL: its External metric's selector names the model and its
+    namespace twice, the server's label and the scrape's, whatever the spec says."""
+    owner = {"apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonModel",
+             "metadata": {"name": "m", "namespace": NS, "uid": "u"}}
+    for metric in ("rps", "inflight", "p95latency"):
+        spec = parse_model("m", {**MODEL, "autoscaling": {"engine": "hpa", "metric": metric, "target": 1}}, "img",
+                           namespace=NS)
+        (entry,) = objects.hpa(owner, spec.autoscaling, "m-abc")["spec"]["metrics"]
+        assert entry["external"]["metric"]["selector"] == {
+            "matchLabels": {"lepton_model": "m", "lepton_namespace": NS, "namespace": NS}}
+    with pytest.raises(InvalidSpec, match="needs engine builtin or keda"):
+        parse_model("m", {**MODEL, "autoscaling": {"engine": "hpa", "metric": "query", "query": "sum(x)",
+                                                   "target": 1}}, "img", namespace=NS)
+
+
 def test_job_query_naming_another_namespace_is_an_invalid_spec():
     raw = {"autoscaling": {"query": 'sum(x{namespace=~".*"})'}}
     with pytest.raises(InvalidSpec, match='autoscaling.query: selects namespace=~".[*]"; queries are evaluated '

@@ -24,6 +24,9 @@ from .fit import Requests, pod_usage
 # Terminal pods hold no capacity; the watch reports a pod that turns terminal as DELETED.
 FIELD_SELECTOR = "status.phase!=Succeeded,status.phase!=Failed"
 WATCH_SECONDS = 300
+# A silent connection ends the watch (and it lists again): the server ends a healthy one
+# after WATCH_SECONDS, sending bookmarks meanwhile.
+WATCH_REQUEST_TIMEOUT = (kube.REQUEST_TIMEOUT[0], WATCH_SECONDS + kube.REQUEST_TIMEOUT[1])
 SYNC_WAIT_SECONDS = 30.0     # how long start-up waits for the first list
 
 _log = logging.getLogger("lepton_operator")
@@ -69,7 +72,8 @@ class ClusterGpuUsage:
         core = kubernetes.client.CoreV1Api(api)
         while True:
             try:
-                listed = api.sanitize_for_serialization(core.list_pod_for_all_namespaces(field_selector=FIELD_SELECTOR))
+                listed = api.sanitize_for_serialization(core.list_pod_for_all_namespaces(
+                    field_selector=FIELD_SELECTOR, _request_timeout=kube.REQUEST_TIMEOUT))
                 fresh = {pod["metadata"]["uid"]: entry for pod in listed.get("items") or ()
                          if (entry := pod_usage(pod)) is not None}
                 with self._lock:
@@ -81,7 +85,7 @@ class ClusterGpuUsage:
                     for event in kubernetes.watch.Watch().stream(
                             core.list_pod_for_all_namespaces, field_selector=FIELD_SELECTOR,
                             resource_version=version, timeout_seconds=WATCH_SECONDS,
-                            allow_watch_bookmarks=True):
+                            allow_watch_bookmarks=True, _request_timeout=WATCH_REQUEST_TIMEOUT):
                         obj = event["raw_object"]
                         version = obj.get("metadata", {}).get("resourceVersion", version)
                         if event["type"] in ("ADDED", "MODIFIED", "DELETED"):

@@ -1,9 +1,10 @@
 """Child objects of a LeptonModel, as plain dicts (pure).
 
 - per revision that needs it, a compression Job ``<model>-compress-<revision>`` that runs
-  ``python -m lepton_trainer.compress`` once. The source model's claim is mounted at
-  ``COMPRESSION_MOUNT``; the input is the source directory and the artifact goes to
-  ``lepton-models/<model>/<revision>`` on the same claim. The program writes its result
+  ``python -m lepton_trainer.compress`` once. The source model's claim is mounted
+  read-only at ``COMPRESSION_MOUNT``; the input is the source directory and the artifact
+  goes to ``lepton-models/<model>/<revision>`` on the same claim, through a read-write
+  mount of ``lepton-models/<model>`` alone (``compression_mounts``). The program writes its result
   JSON to the termination-message file, where the operator reads it (``model.state``);
 - one Deployment per revision, ``<model>-<revision>``, running
   ``python -m lepton_trainer.serve`` with readiness on ``/v2/health/ready``;
@@ -19,6 +20,12 @@
   clients and Prometheus) or from anyone when that is empty; and ``<model>-compression``
   over the compression pods, which take no traffic: no ingress. Egress stays open.
 
+A language model (``spec.task: text-generation``) is served over the OpenAI API by the
+runtime ``spec.serving.runtime`` names: the image's own server (``serve`` with
+``LEPTON_TASK`` and the generation limits), vLLM's OpenAI server on a GPU (its image an
+operator setting) or a custom container on its own port and health path. It has no gRPC
+port; its Service has ``http`` only, and its NetworkPolicy opens the runtime's port.
+
 Deployments leave ``replicas`` out when an autoscaler owns them (the operator's own or
 an HPA), so applying them never fights the autoscaler.
 """
@@ -28,6 +35,7 @@ import copy
 import dataclasses
 import json
 import math
+import posixpath
 from typing import Any, Mapping
 
 from lepton_trainer import contract
@@ -38,14 +46,18 @@ from ..core.objects import (container_security, env, exposed_ingress, meta, netw
                             pod_security, resources, scratch_env, scratch_mount, scratch_volume)
 from ..core.objects import labels as child_labels
 from ..scaling import promql
+from . import llm
 from .spec import Autoscaling, ModelSpec, PvcPath, scoped_query
 
 Obj = dict[str, Any]
 COMPRESSION_MOUNT = "/models"
+COMPRESSION_CONTAINER = "compress"
 COMPRESSION_RESOURCES = Resources(cpu="1", memory="2Gi")   # when the spec sets none
 # The serving container's memory (request and limit) when the spec sets none: the server
 # reads its limit and refuses what would not fit in it, so it needs one.
 SERVING_MEMORY = "2Gi"
+VLLM_MEMORY = "16Gi"           # vLLM's container when the spec sets no memory (one GPU when it sets none)
+SHM_MOUNT = "/dev/shm"         # vLLM's shared memory (its workers and the tokenizer pool use it)
 MOUNT = "/model"
 PRESTOP_SECONDS = 5            # a terminating server keeps serving while endpoints drop it
 DRAIN_SECONDS = 30             # then lets requests in flight finish (the server's --drain-timeout)
@@ -57,7 +69,9 @@ KEDA_API_VERSION = "keda.sh/v1alpha1"
 # External metric names an HPA reads (served by a Prometheus adapter rule of the same name).
 HPA_METRIC_NAMES = {"rps": "lepton_serve_requests_per_second",
                     "inflight": contract.METRIC_SERVE_INFLIGHT,
-                    "p95latency": "lepton_serve_p95_latency_seconds"}
+                    "p95latency": "lepton_serve_p95_latency_seconds",
+                    llm.METRIC_WAITING: "lepton_llm_requests_waiting",
+                    llm.METRIC_KV_CACHE: "lepton_llm_kv_cache_usage"}
 
 
 def owner(meta: Mapping[str, Any]) -> Obj:
@@ -99,7 +113,7 @@ def _params_in_container(params: Mapping[str, Any]) -> dict[str, Any]:
 # end the Job at once: running it again gives the same answer. A pod taken away (eviction,
 # preemption, a node lost or drained) is no failure and does not count against backoffLimit.
 COMPRESSION_FAILURE_POLICY: Obj = {"rules": [
-    {"action": "FailJob", "onExitCodes": {"containerName": "compress", "operator": "In",
+    {"action": "FailJob", "onExitCodes": {"containerName": COMPRESSION_CONTAINER, "operator": "In",
                                           "values": [contract.COMPRESS_EXIT_FAILED, contract.COMPRESS_EXIT_GATE_FAILED]}},
     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
 ]}
@@ -110,12 +124,19 @@ def artifact_in_container(artifact: PvcPath) -> str:
     return f"{COMPRESSION_MOUNT}/{artifact.path}"
 
 
-def compression_job(owner: Mapping[str, Any], spec: ModelSpec, revision: str, source: PvcPath,
-                    artifact: PvcPath) -> Obj:
-    """The batch/v1 Job that compresses ``source`` into ``artifact``."""
-    model = owner["metadata"]["name"]
+def compression_mounts(artifact: PvcPath) -> list[Obj]:
+    """The claim read-only at COMPRESSION_MOUNT (the source, evaluation data, a student),
+    and over it, read-write, only the model's artifact directory ``lepton-models/<model>``
+    (the parent of ``artifact``, where the program stages a revision before renaming it
+    into place), at the same path: the kubelet creates it on the claim when it is missing."""
+    parent = posixpath.dirname(artifact.path)
+    return [{"name": "models", "mountPath": COMPRESSION_MOUNT, "readOnly": True},
+            {"name": "models", "mountPath": f"{COMPRESSION_MOUNT}/{parent}", "subPath": parent}]
+
+
+def _compression_env(spec: ModelSpec, model: str, source: PvcPath, artifact: PvcPath) -> list[Obj]:
+    """The compression container's environment (paths as it sees them)."""
     c = spec.compression
-    lbls = labels(model, ROLE_COMPRESSION, revision)
     variables = [
         env(contract.ENV_MODEL_DIR, f"{COMPRESSION_MOUNT}/{source.path}".rstrip("/")),
         env(contract.ENV_ARTIFACT_DIR, artifact_in_container(artifact)),
@@ -127,21 +148,34 @@ def compression_job(owner: Mapping[str, Any], spec: ModelSpec, revision: str, so
     ]
     if c.max_accuracy_drop is not None:
         variables.append(env(contract.ENV_MAX_ACCURACY_DROP, c.max_accuracy_drop))
-    if c.evaluation:                 # its path is on the source claim, mounted at COMPRESSION_MOUNT
+    if c.evaluation:                 # its paths are on the source claim, mounted at COMPRESSION_MOUNT
         evaluation = dict(c.evaluation)
-        if evaluation.get("path"):
-            evaluation["path"] = f"{COMPRESSION_MOUNT}/{evaluation['path']}"
+        for key in ("path", "prompts"):
+            if evaluation.get(key):
+                evaluation[key] = f"{COMPRESSION_MOUNT}/{evaluation[key]}"
         variables.append(env(contract.ENV_COMPRESSION_EVALUATION, json.dumps(evaluation, sort_keys=True)))
     if spec.source.format:
         variables.append(env(contract.ENV_MODEL_FORMAT, spec.source.format))
+    if spec.language_model:
+        variables.append(env(contract.ENV_TASK, spec.task))
+    return variables
+
+
+def compression_job(owner: Mapping[str, Any], spec: ModelSpec, revision: str, source: PvcPath,
+                    artifact: PvcPath) -> Obj:
+    """The batch/v1 Job that compresses ``source`` into ``artifact``."""
+    model = owner["metadata"]["name"]
+    c = spec.compression
+    lbls = labels(model, ROLE_COMPRESSION, revision)
+    variables = _compression_env(spec, model, source, artifact)
     res = c.resources if c.resources != Resources() else COMPRESSION_RESOURCES
     container = {
-        "name": "compress",
+        "name": COMPRESSION_CONTAINER,
         "image": spec.compression_image,
         "imagePullPolicy": spec.serving.image_pull_policy,
         "command": ["python", "-m", "lepton_trainer.compress"],
         "env": variables,
-        "volumeMounts": [{"name": "models", "mountPath": COMPRESSION_MOUNT}, scratch_mount()],
+        "volumeMounts": [*compression_mounts(artifact), scratch_mount()],
         "resources": resources(res),
         "securityContext": container_security(c.security_context),
         "terminationMessagePath": contract.TERMINATION_MESSAGE_PATH,
@@ -205,9 +239,37 @@ def split(total: int, weight: int) -> tuple[int, int]:
     return max(total - canary, 1), canary
 
 
+def _llm_env(spec: ModelSpec, model: str, namespace: str, revision: str) -> list[Obj]:
+    """A language model's serving environment: the built-in runtime's variables (a custom
+    container gets them too), then the spec's; vLLM reads its arguments and the spec's."""
+    s, g = spec.serving, spec.serving.generation
+    if s.runtime == llm.RUNTIME_VLLM:
+        return [*scratch_env(), *(copy.deepcopy(dict(v)) for v in s.env)]
+    return [
+        env(contract.ENV_TASK, spec.task),
+        env(contract.ENV_MODEL_DIR, MOUNT),
+        env(contract.ENV_MODEL_NAME, model),
+        env(contract.ENV_MODEL_NAMESPACE, namespace),
+        env(contract.ENV_MODEL_REVISION, revision),
+        env(contract.ENV_MAX_PROMPT_TOKENS, g.max_prompt_tokens),
+        env(contract.ENV_MAX_OUTPUT_TOKENS, g.max_output_tokens),
+        env(contract.ENV_MAX_SEQUENCES, g.max_sequences),
+        env(contract.ENV_MAX_QUEUED_REQUESTS, s.admission.max_queued_requests),
+        env(contract.ENV_QUEUE_TIMEOUT_MS, s.admission.queue_timeout_ms),
+        {"name": contract.ENV_MEMORY_LIMIT_BYTES,
+         "valueFrom": {"resourceFieldRef": {"containerName": SERVING_CONTAINER, "resource": "limits.memory"}}},
+        *([env(contract.ENV_MODEL_FORMAT, spec.source.format)] if spec.source.format and not spec.compression.runs_job
+          else []),
+        *scratch_env(),
+        *(copy.deepcopy(dict(v)) for v in s.env),
+    ]
+
+
 def _serving_env(spec: ModelSpec, model: str, namespace: str, revision: str) -> list[Obj]:
     """The serving container's environment: the contract's variables, then the spec's."""
     s = spec.serving
+    if spec.language_model:
+        return _llm_env(spec, model, namespace, revision)
     return [
         env(contract.ENV_MODEL_DIR, MOUNT),
         env(contract.ENV_MODEL_NAME, model),
@@ -227,40 +289,65 @@ def _serving_env(spec: ModelSpec, model: str, namespace: str, revision: str) -> 
     ]
 
 
-def serving_resources(r: Resources) -> Resources:
-    """The serving container's resources: the spec's, with SERVING_MEMORY where it sets no memory."""
+def serving_resources(r: Resources, runtime: str = llm.RUNTIME_BUILTIN) -> Resources:
+    """The serving container's resources: the spec's, with SERVING_MEMORY where it sets no
+    memory (vLLM: VLLM_MEMORY and at least one GPU)."""
+    if runtime == llm.RUNTIME_VLLM:
+        return dataclasses.replace(r, gpus=r.gpus or 1, memory=r.memory or VLLM_MEMORY)
     return r if r.memory else dataclasses.replace(r, memory=SERVING_MEMORY)
 
 
-def _serving_container(spec: ModelSpec, variables: list[Obj], model_dir: PvcPath) -> Obj:
-    """The ``server`` container: ``model_dir`` mounted read-only at MOUNT, the REST and gRPC
-    ports, and readiness, liveness and startup probes on the health paths."""
+def _runtime_container(spec: ModelSpec, model: str) -> Obj:
+    """What differs between the runtimes: command (or arguments), ports and probes."""
+    s = spec.serving
+    http = {"port": PORT_NAME}
+    ports = [{"name": PORT_NAME, "containerPort": s.http_port, "protocol": "TCP"}]
+    if s.runtime == llm.RUNTIME_VLLM:
+        g = s.generation
+        run = {"command": list(llm.VLLM_COMMAND),
+               "args": ["--model", MOUNT, "--served-model-name", model, "--port", str(llm.VLLM_PORT),
+                        "--max-num-seqs", str(g.max_sequences),
+                        "--max-model-len", str(g.max_prompt_tokens + g.max_output_tokens)]}
+        ready = live = llm.VLLM_HEALTH_PATH
+    elif s.runtime == llm.RUNTIME_CUSTOM:
+        run, ready = {}, s.health_path or llm.CUSTOM_HEALTH_PATH      # the image's own entrypoint
+        live = ready
+    else:
+        run = {"command": ["python", "-m", "lepton_trainer.serve", "--drain-timeout", str(DRAIN_SECONDS)]}
+        ready, live = contract.HEALTH_READY_PATH, contract.HEALTH_LIVE_PATH
+        if not spec.language_model:
+            ports.append({"name": GRPC_PORT_NAME, "containerPort": contract.GRPC_PORT, "protocol": "TCP"})
+    # a language model may take minutes to load: its startup probe waits up to ten
+    startup = (2, 60) if not spec.language_model else (5, 120)
+    return {**run, "ports": ports,
+            "readinessProbe": {"httpGet": {**http, "path": ready}, "periodSeconds": 2, "failureThreshold": 2},
+            "livenessProbe": {"httpGet": {**http, "path": live}, "periodSeconds": 10, "failureThreshold": 3},
+            "startupProbe": {"httpGet": {**http, "path": live},
+                             "periodSeconds": startup[0], "failureThreshold": startup[1]}}
+
+
+def _serving_container(spec: ModelSpec, variables: list[Obj], model_dir: PvcPath, model: str) -> Obj:
+    """The ``server`` container: ``model_dir`` mounted read-only at MOUNT, the runtime's
+    ports (REST and gRPC for a predict model), and readiness, liveness and startup probes
+    on its health paths."""
     s = spec.serving
     mount = {"name": "model", "mountPath": MOUNT, "readOnly": True}
     if model_dir.path:
         mount["subPath"] = model_dir.path
-    http = {"port": PORT_NAME}
     container = {
         "name": SERVING_CONTAINER,
         "image": s.image,
         "imagePullPolicy": s.image_pull_policy,
-        "command": ["python", "-m", "lepton_trainer.serve", "--drain-timeout", str(DRAIN_SECONDS)],
+        **_runtime_container(spec, model),
         "env": variables,
-        "ports": [{"name": PORT_NAME, "containerPort": contract.SERVE_PORT, "protocol": "TCP"},
-                  {"name": GRPC_PORT_NAME, "containerPort": contract.GRPC_PORT, "protocol": "TCP"}],
-        "readinessProbe": {"httpGet": {**http, "path": contract.HEALTH_READY_PATH},
-                           "periodSeconds": 2, "failureThreshold": 2},
-        "livenessProbe": {"httpGet": {**http, "path": contract.HEALTH_LIVE_PATH},
-                          "periodSeconds": 10, "failureThreshold": 3},
-        "startupProbe": {"httpGet": {**http, "path": contract.HEALTH_LIVE_PATH},
-                         "periodSeconds": 2, "failureThreshold": 60},
-        "volumeMounts": [mount, scratch_mount()],
+        "volumeMounts": [mount, scratch_mount(),
+                         *([{"name": "shm", "mountPath": SHM_MOUNT}] if s.runtime == llm.RUNTIME_VLLM else [])],
         "securityContext": container_security(s.security_context),
         # Endpoints drop a terminating pod a moment after it is told to stop: it keeps
         # serving that long before the server drains (see TERMINATION_GRACE_SECONDS).
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
     }
-    container["resources"] = resources(serving_resources(s.resources))
+    container["resources"] = resources(serving_resources(s.resources, s.runtime))
     return container
 
 
@@ -270,8 +357,10 @@ def deployment(owner: Mapping[str, Any], spec: ModelSpec, revision: str, model_d
     m = owner["metadata"]
     model, s = m["name"], spec.serving
     lbls = labels(model, ROLE_SERVING, revision)
-    container = _serving_container(spec, _serving_env(spec, model, m["namespace"], revision), model_dir)
-    annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(contract.SERVE_PORT),
+    container = _serving_container(spec, _serving_env(spec, model, m["namespace"], revision), model_dir, model)
+    gpus = serving_resources(s.resources, s.runtime).gpus
+    shm = [{"name": "shm", "emptyDir": {"medium": "Memory"}}] if s.runtime == llm.RUNTIME_VLLM else []
+    annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(s.http_port),
                    "prometheus.io/path": contract.METRICS_PATH, **dict(s.pod_annotations)}
     dep_spec: Obj = {
         "selector": {"matchLabels": {LABEL_MODEL: model, LABEL_REVISION: revision}},
@@ -280,11 +369,11 @@ def deployment(owner: Mapping[str, Any], spec: ModelSpec, revision: str, model_d
         "template": {
             "metadata": {"labels": dict(lbls), "annotations": annotations},
             "spec": {
-                **_pod_common(s.pod_security_context, s.placement, s.resources.gpus),
+                **_pod_common(s.pod_security_context, s.placement, gpus),
                 "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
                 "containers": [container],
                 "volumes": [{"name": "model", "persistentVolumeClaim": {
-                    "claimName": model_dir.claim, "readOnly": True}}, scratch_volume()],
+                    "claimName": model_dir.claim, "readOnly": True}}, scratch_volume(), *shm],
             },
         },
     }
@@ -294,19 +383,23 @@ def deployment(owner: Mapping[str, Any], spec: ModelSpec, revision: str, model_d
             "metadata": meta(owner, deployment_name(model, revision), lbls), "spec": dep_spec}
 
 
-def _service_ports() -> list[Obj]:
-    """REST (Open Inference Protocol v2 over HTTP, and /metrics) and v2 gRPC."""
-    return [{"name": PORT_NAME, "port": contract.SERVE_PORT, "targetPort": PORT_NAME, "protocol": "TCP"},
-            {"name": GRPC_PORT_NAME, "port": contract.GRPC_PORT, "targetPort": GRPC_PORT_NAME, "protocol": "TCP"}]
+def _service_ports(spec: ModelSpec | None = None) -> list[Obj]:
+    """REST (Open Inference Protocol v2 over HTTP, and /metrics) and v2 gRPC; a language
+    model's HTTP only (the OpenAI API), on SERVE_PORT whatever port its runtime listens on."""
+    http = {"name": PORT_NAME, "port": contract.SERVE_PORT, "targetPort": PORT_NAME, "protocol": "TCP"}
+    if spec is not None and spec.language_model:
+        return [http]
+    return [http, {"name": GRPC_PORT_NAME, "port": contract.GRPC_PORT, "targetPort": GRPC_PORT_NAME,
+                   "protocol": "TCP"}]
 
 
-def service(owner: Mapping[str, Any]) -> Obj:
+def service(owner: Mapping[str, Any], spec: ModelSpec | None = None) -> Obj:
     """ClusterIP Service over the serving pods of every revision."""
     model = owner["metadata"]["name"]
     lbls = labels(model, ROLE_SERVING)
     return {"apiVersion": "v1", "kind": "Service", "metadata": meta(owner, service_name(model), lbls),
             "spec": {"selector": service_selector(model),
-                     "ports": _service_ports()}}
+                     "ports": _service_ports(spec)}}
 
 
 def policy_name(model: str, role: str) -> str:
@@ -324,6 +417,8 @@ def network_policies(owner: Mapping[str, Any], spec: ModelSpec) -> list[Obj]:
         return []
     model = owner["metadata"]["name"]
     ports = [{"port": contract.SERVE_PORT, "protocol": "TCP"}, {"port": contract.GRPC_PORT, "protocol": "TCP"}]
+    if spec.language_model:           # the runtime's port (and SERVE_PORT, where a revision before it listens)
+        ports = [{"port": p, "protocol": "TCP"} for p in sorted({contract.SERVE_PORT, spec.serving.http_port})]
     return [network_policy(owner, policy_name(model, ROLE_SERVING), labels(model, ROLE_SERVING),
                            service_selector(model), [exposed_ingress(spec.network_policy, ports)]),
             network_policy(owner, policy_name(model, ROLE_COMPRESSION), labels(model, ROLE_COMPRESSION),
@@ -335,13 +430,13 @@ def network_policies(owner: Mapping[str, Any], spec: ModelSpec) -> list[Obj]:
 GATEWAY_API_VERSION = "gateway.networking.k8s.io/v1"
 
 
-def revision_service(owner: Mapping[str, Any], revision: str) -> Obj:
+def revision_service(owner: Mapping[str, Any], revision: str, spec: ModelSpec | None = None) -> Obj:
     """A Service over one revision's pods: the backend an HTTPRoute weights."""
     model = owner["metadata"]["name"]
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": meta(owner, deployment_name(model, revision), labels(model, ROLE_SERVING, revision)),
             "spec": {"selector": {LABEL_MODEL: model, LABEL_REVISION: revision},
-                     "ports": _service_ports()}}
+                     "ports": _service_ports(spec)}}
 
 
 def http_route(owner: Mapping[str, Any], backends: list[tuple[str, int]]) -> Obj:
@@ -365,10 +460,13 @@ def metric_selector(namespace: str, model: str) -> str:
             f'{contract.METRICS_MODEL_NAMESPACE_LABEL}="{namespace}",{promql.NAMESPACE_LABEL}="{namespace}"')
 
 
-def metric_query(a: Autoscaling, namespace: str, model: str) -> str:
+def metric_query(a: Autoscaling, namespace: str, model: str, metrics: llm.RuntimeMetrics | None = None) -> str:
     """The PromQL the builtin autoscaler and KEDA evaluate (a total over all replicas,
-    except p95 latency); a spec's own query confined to the model's namespace."""
+    except p95 latency and KV cache use); a spec's own query confined to the model's
+    namespace. ``metrics``: a language model's runtime metric names."""
     sel = metric_selector(namespace, model)
+    if a.metric in llm.METRICS:
+        return llm.autoscaling_query(a.metric, metrics or llm.BUILTIN_METRICS, namespace, model)
     if a.metric == "rps":
         return f"sum(irate({contract.METRIC_SERVE_REQUESTS}{{{sel}}}[1m]))"
     if a.metric == "inflight":
@@ -390,14 +488,19 @@ def _behavior(a: Autoscaling) -> Obj:
             "scaleDown": {"stabilizationWindowSeconds": a.scale_down_delay_seconds}}
 
 
-def traffic_query(namespace: str, model: str, revision: str, seconds: int) -> str:
-    """Requests one revision served in the last ``seconds`` (the canary's traffic guard)."""
+def traffic_query(namespace: str, model: str, revision: str, seconds: int, spec: ModelSpec | None = None) -> str:
+    """Requests one revision served in the last ``seconds`` (the canary's traffic guard);
+    a language model's from its runtime's request counter."""
+    if spec is not None and spec.language_model:
+        return llm.traffic_query(spec.serving.runtime_metrics, namespace, model, revision, seconds)
     sel = f'{metric_selector(namespace, model)},{contract.METRICS_REVISION_LABEL}="{revision}"'
     return f"sum(increase({contract.METRIC_SERVE_REQUESTS}{{{sel}}}[{seconds}s]))"
 
 
 def hpa(owner: Mapping[str, Any], a: Autoscaling, target_deployment: str, floor: int | None = None) -> Obj:
-    """autoscaling/v2 HPA on an External metric selected by model and namespace labels."""
+    """autoscaling/v2 HPA on an External metric selected by model and namespace labels:
+    the server's own (``lepton_namespace``) and the scrape's ``namespace``, which a pod in
+    another namespace cannot claim (the metrics adapter turns them into label matchers)."""
     m = owner["metadata"]
     model, ns = m["name"], m["namespace"]
     kind, value = _target(a)
@@ -411,7 +514,8 @@ def hpa(owner: Mapping[str, Any], a: Autoscaling, target_deployment: str, floor:
             "minReplicas": max(a.min_replicas, floor or 0), "maxReplicas": a.max_replicas,
             "metrics": [{"type": "External", "external": {
                 "metric": {"name": HPA_METRIC_NAMES[a.metric], "selector": {"matchLabels": {
-                    contract.METRICS_MODEL_LABEL: model, contract.METRICS_MODEL_NAMESPACE_LABEL: ns}}},
+                    contract.METRICS_MODEL_LABEL: model, contract.METRICS_MODEL_NAMESPACE_LABEL: ns,
+                    promql.NAMESPACE_LABEL: ns}}},
                 "target": target}}],
             "behavior": _behavior(a),
         },
@@ -419,7 +523,7 @@ def hpa(owner: Mapping[str, Any], a: Autoscaling, target_deployment: str, floor:
 
 
 def scaled_object(owner: Mapping[str, Any], a: Autoscaling, target_deployment: str,
-                  prometheus_url: str, floor: int | None = None) -> Obj:
+                  prometheus_url: str, floor: int | None = None, metrics: llm.RuntimeMetrics | None = None) -> Obj:
     """KEDA ScaledObject with a prometheus trigger. ``ignoreNullValues: false`` makes an
     empty answer an error, which KEDA's HPA treats as "hold", never as zero."""
     m = owner["metadata"]
@@ -436,7 +540,7 @@ def scaled_object(owner: Mapping[str, Any], a: Autoscaling, target_deployment: s
             "advanced": {"horizontalPodAutoscalerConfig": {"behavior": _behavior(a)}},
             "triggers": [{"type": "prometheus", "metricType": kind, "metadata": {
                 "serverAddress": prometheus_url,
-                "query": metric_query(a, ns, model),
+                "query": metric_query(a, ns, model, metrics),
                 "threshold": f"{a.target:g}",
                 "ignoreNullValues": "false",
             }}],

@@ -312,3 +312,20 @@ def test_a_per_step_job_whose_lighthouse_is_replaced_restarts_its_groups_at_once
     status = k.wait_phase("ftlh", "Running")
     assert status["restarts"]["counted"] == 0 and status["restarts"]["uncounted"] >= 2
     assert any("Lighthouse was replaced" in e["message"] for e in k.events("ftlh"))
+
+
+def test_a_failed_workers_cause_reaches_the_condition_and_the_event(k):
+    """The trainer writes its exception to /dev/termination-log (tests/trainer) and a worker
+    without one gives the tail of its log (FallbackToLogsOnError): what the container said
+    is in the failure's event and in the Ready condition of the job it failed, not only
+    "exited with code 1"."""
+    k.apply(k.manifest("cause", backoffLimit=0, workers={"min": 1, "max": 1, "replicas": 1}))
+    name = k.wait_workers("cause", 1)[0]["metadata"]["name"]
+    k.kubectl("annotate", "--overwrite", "pod", name,            # one patch: the message is there when it exits
+              "kwok.lepton.ai/termination-message=ModuleNotFoundError: No module named 'mytrainer'",
+              "kwok.lepton.ai/exit-code=1")
+    k.wait_phase("cause", "Failed")
+    ready = k.condition("cause", "Ready")
+    assert ready["reason"] == "BackoffLimitExceeded" and "No module named 'mytrainer'" in ready["message"], ready
+    assert any(e["type"] == "Warning" and e["reason"] == "WorkerFailed" and "No module named 'mytrainer'"
+               in e["message"] for e in k.events("cause"))

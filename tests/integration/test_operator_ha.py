@@ -8,6 +8,8 @@ fixture) cannot reconcile beside them.
   counts none of them twice.
 - A restarted operator reads the workers that were active back from the job's status: one
   deleted while no operator ran is counted once, as an uncounted restart.
+- A status nobody reconciles says so: ``reconciledAt`` (the RECONCILED column) is refreshed
+  every heartbeat while an operator runs, and stops, growing old, once none does.
 - Two replicas with ``--leader-elect``: one reconciles, the other waits; SIGKILL the
   leader and the standby takes over and reconciles a new job. The takeover time is
   printed (``takeover_seconds``).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -111,12 +114,12 @@ def operators(own_cluster, tmp_path):
     """Starts operator processes against ``own_cluster``; stops what is left at the end."""
     started: list[Operator] = []
 
-    def start(name: str, leader_elect: bool = True) -> Operator:
+    def start(name: str, leader_elect: bool = True, **settings: str) -> Operator:
         metrics_port, health_port = free_port(), free_port()
         log_path = tmp_path / f"operator-{name}.log"
         env = {**own_cluster.env, "LEPTON_TRAINER_IMAGE": "lepton-trainer:test", "LEPTON_RESYNC_SECONDS": "30",
                "PYTHONUNBUFFERED": "1", "LEPTON_LEADER_ELECTION_NAMESPACE": LEASE_NAMESPACE,
-               "LEPTON_LEADER_ELECTION_IDENTITY": f"operator-{name}"}
+               "LEPTON_LEADER_ELECTION_IDENTITY": f"operator-{name}", **settings}
         args = [sys.executable, "-m", "lepton_operator", "--all-namespaces",
                 "--metrics-port", str(metrics_port), "--health-port", str(health_port)]
         if leader_elect:
@@ -264,3 +267,52 @@ def test_two_replicas_one_leads_and_the_standby_takes_over_after_a_sigkill(own_c
     assert "holderIdentity" not in lease(c), lease(c)
     assert "released Lease" in standby.log()
     assert "Traceback" not in standby.log(), standby.log()[-3000:]
+
+
+HEARTBEAT = 2          # LEPTON_STATUS_HEARTBEAT_SECONDS of the operators below
+
+
+def reconciled(cluster, namespace: str, name: str) -> tuple[str | None, dict]:
+    """``kubectl get lj`` as a user reads it (the RECONCILED cell), read after the status
+    behind it (so the cell is never older than that status)."""
+    status = get(cluster, namespace, "leptonjob", name).get("status") or {}
+    header, row = cluster.kubectl("-n", namespace, "get", "leptonjob", name).splitlines()[:2]
+    return dict(zip(header.split(), row.split())).get("RECONCILED"), status
+
+
+def age_seconds(cell: str) -> int:
+    """kubectl's age (``7s``, ``2m5s``, ``3m``) in seconds."""
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", cell or "")
+    assert parts and any(parts.groups()), f"not an age: {cell!r}"
+    h, m, s = (int(g or 0) for g in parts.groups())
+    return 3600 * h + 60 * m + s
+
+
+def test_a_status_nobody_reconciles_says_its_age(own_cluster, operators):
+    """What a user sees when the operator stops (its pod evicted by a drain, deleted,
+    crashed): the status stays as it was left (Running, Ready), but RECONCILED, the age of
+    ``status.reconciledAt``, grows past the heartbeat instead of staying under it; the next
+    operator refreshes it on its first reconcile."""
+    c, ns = own_cluster, own_cluster.create_namespace("heartbeat")
+    first = operators("first", leader_elect=False, LEPTON_STATUS_HEARTBEAT_SECONDS=str(HEARTBEAT))
+    c.kubectl("apply", "-f", "-", input=yaml.safe_dump(job("hb", ns, workers=1)))
+    wait_job_running(c, ns, "hb", 1)
+    _, before = reconciled(c, ns, "hb")
+    # Nothing changes, yet the stamp moves with each heartbeat: someone is reconciling.
+    _, status = wait_for("a heartbeat", lambda: (r := reconciled(c, ns, "hb"))[1].get("reconciledAt")
+                         not in (None, before.get("reconciledAt")) and r, timeout=30)
+    assert status["phase"] == "Running" and status["observedGeneration"] == before["observedGeneration"]
+
+    assert first.stop() == 0
+    _, left = reconciled(c, ns, "hb")
+    cell, status = wait_for("RECONCILED to grow past three heartbeats",
+                            lambda: (r := reconciled(c, ns, "hb")) and age_seconds(r[0]) > 3 * HEARTBEAT and r,
+                            timeout=60)
+    assert status == left, "a status changed with no operator running"
+    assert status["phase"] == "Running" and status["workersReady"] == "1/1"
+    assert next(x for x in status["conditions"] if x["type"] == "Ready")["status"] == "True"
+
+    operators("second", leader_elect=False, LEPTON_STATUS_HEARTBEAT_SECONDS=str(HEARTBEAT))
+    cell, status = wait_for("the next operator's stamp", lambda: (r := reconciled(c, ns, "hb"))[1]
+                            .get("reconciledAt") != left["reconciledAt"] and r, timeout=60)
+    assert age_seconds(cell) <= 3 * HEARTBEAT and status["phase"] == "Running"

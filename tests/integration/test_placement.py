@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_model_rollout import model, mstatus
+from test_model_rollout import GOOD, model, mstatus, result_annotations
 
 pytestmark = pytest.mark.integration
 CPU_NODE = "kwok-cpu-0"
@@ -32,6 +32,7 @@ def test_cpu_only_pods_wait_for_the_cpu_node_rather_than_take_a_gpu_node(k):
     try:
         k.apply(k.manifest("placed"))
         k.apply(model(k, "placed", compression={"method": "none"}))
+        k.apply(model(k, "placedc", compression={"method": "int8", "podAnnotations": result_annotations(GOOD)}))
         why = k.wait_for("the store waits", lambda: unschedulable(k, "placed-rdzv"))
         assert node_of(k, "placed-rdzv") is None and "untolerated taint" in why, why
         pods = k.wait_for("serving pods", lambda: k.list("pods", "lepton.ai/model=placed,lepton.ai/role=serving"))
@@ -40,12 +41,17 @@ def test_cpu_only_pods_wait_for_the_cpu_node_rather_than_take_a_gpu_node(k):
         assert all(p["spec"].get("nodeName") is None for p in
                    k.list("pods", "lepton.ai/model=placed,lepton.ai/role=serving"))
         assert mstatus(k, "placed").get("phase") != "Ready"
+        compressing = k.wait_for("the compression pod", lambda: k.list("pods", "lepton.ai/model=placedc"))
+        why = k.wait_for("the compression pod waits", lambda: unschedulable(k, compressing[0]["metadata"]["name"]))
+        assert "untolerated taint" in why, why
     finally:
         k.cluster.kubectl("uncordon", CPU_NODE)
     assert k.wait_for("the store on the CPU node", lambda: node_of(k, "placed-rdzv")) == CPU_NODE
     k.wait_for("model Ready", lambda: mstatus(k, "placed").get("phase") == "Ready", timeout=120)
     assert {p["spec"]["nodeName"] for p in k.list("pods", "lepton.ai/model=placed,lepton.ai/role=serving")} == {CPU_NODE}
     assert all(node_of(k, p["metadata"]["name"]).startswith("kwok-gpu-") for p in k.workers("placed"))
+    k.wait_for("the compressed model Ready", lambda: mstatus(k, "placedc").get("phase") == "Ready", timeout=120)
+    assert {p["spec"]["nodeName"] for p in k.list("pods", "lepton.ai/model=placedc")} == {CPU_NODE}
 
 
 def test_each_role_is_placed_by_its_spec(k):

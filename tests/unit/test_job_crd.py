@@ -34,7 +34,9 @@ def test_crd_names_subresources_and_columns():
                                                 "statusReplicasPath": ".status.replicas",
                                                 "labelSelectorPath": ".status.selector"}
     cols = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
-    assert list(cols) == ["Phase", "Ready", "Restarts", "Failures", "Age"]
+    assert list(cols) == ["Phase", "Ready", "Restarts", "Failures", "Reconciled", "Age"]
+    # RECONCILED: the age of the status an operator last wrote or confirmed (status.write).
+    assert cols["Reconciled"] == ".status.reconciledAt"
     # RESTARTS are restarts that happened; failures counted against backoffLimit are their own column.
     assert cols["Restarts"] == ".status.restartCount" and cols["Failures"] == ".status.restarts.counted"
 

@@ -1,4 +1,6 @@
 """Condition helpers: transitions, kstatus consistency, observedGeneration."""
+import datetime
+
 import pytest
 
 from lepton_operator.core import status as st
@@ -68,3 +70,21 @@ def test_progress_is_a_normal_event_and_what_needs_a_person_a_warning():
     events = st.transition_events([], [cond("Compressed", "False", "CompressionPodPending"),
                                        cond("SourceAvailable", "False", "SourceNotFound")])
     assert [e[0] for e in events] == ["Warning", "Warning"]
+
+
+def test_every_write_is_stamped_and_a_steady_status_only_once_per_heartbeat():
+    """``reconciledAt`` rides along with each write; a status that did not change costs no
+    write until its stamp is a heartbeat old, so its age tells whether anyone reconciles."""
+    t0 = st.parse_time(T0)
+    at = lambda seconds: t0 + datetime.timedelta(seconds=seconds)   # noqa: E731
+    first = {"phase": "Running"}
+    assert st.stamped({}, first, 60, now=t0) == {"phase": "Running", "reconciledAt": T0}
+    old = dict(first)
+    steady = {"phase": "Running"}                       # a planner that did not copy the stamp
+    assert st.stamped(old, steady, 60, now=at(59)) == {} and steady["reconciledAt"] == T0
+    assert st.heartbeat_due_in(old, 60, now=at(59)) == 1
+    changed = {**old, "phase": "Scaling"}
+    assert st.stamped(old, changed, 60, now=at(30)) == {"phase": "Scaling", "reconciledAt": "2026-01-01T00:00:30Z"}
+    due = dict(old)
+    assert st.stamped(old, due, 60, now=at(60)) == {"reconciledAt": "2026-01-01T00:01:00Z"}
+    assert st.heartbeat_due_in({}, 60) == 0 and st.heartbeat_due_in({"reconciledAt": "garbage"}, 60) == 0

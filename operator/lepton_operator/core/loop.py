@@ -16,7 +16,7 @@ watch and no loop, and a leader that loses its Lease exits at once.
 
 A loop reconciles, then sleeps until a watch event wakes it (its own object, a child pod
 or Deployment, a node's capacity) or until the delay the reconcile asked for, capped by the
-resync period. A burst of watch events is coalesced into one reconcile. What a loop
+resync period and by the time the status's ``reconciledAt`` is due (``status.write``). A burst of watch events is coalesced into one reconcile. What a loop
 remembers between reconciles (a ``Memory``) lives as long as its task; what must survive an
 operator restart lives in the object's status.
 
@@ -143,6 +143,9 @@ class ReconcileLoops(Generic[M]):
                     tracked.stopped.set()
                     break
                 timeout = settings.resync_seconds if delay is None else max(min(delay, settings.resync_seconds), 0.05)
+                beat = st.heartbeat_due_in(memory.status, settings.status_heartbeat_seconds)
+                if beat > 0:         # wake when the status's stamp is due (not again while it is overdue)
+                    timeout = min(timeout, beat + 0.05)
                 try:
                     await asyncio.wait_for(wake.wait(), timeout=timeout)
                     await asyncio.sleep(self.coalesce_seconds)

@@ -11,6 +11,12 @@ Both planners return an ``Outcome`` (phase, ready, stalled, reason, message);
 only way a reconcile patches ``.status``: a JSON merge patch of what changed since
 the status it last wrote, and nothing when nothing changed. ``report_invalid`` is the
 one path for a spec that no retry will fix. Everything above ``write`` is pure.
+
+Every write also sets ``status.reconciledAt`` (``RECONCILED_AT``, the RECONCILED printer
+column), and a reconcile that finds it older than ``LEPTON_STATUS_HEARTBEAT_SECONDS``
+refreshes it even when nothing else changed: the one write a steady object costs per
+heartbeat, none in between. A status whose ``reconciledAt`` is older than that was left
+behind by an operator that no longer reconciles it (stopped, evicted and not yet back).
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import datetime as _dt
 import logging
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
+from .. import config
 from ..constants import (API_VERSION, COND_READY, COND_RECONCILING, COND_STALLED, EVENT_WARNING, FALSE,
                          PROGRESS_REASONS, REASON_INVALID_SPEC, TRUE)
 from . import kube
@@ -28,6 +35,7 @@ if TYPE_CHECKING:
     from .loop import Memory
 
 Condition = dict[str, Any]
+RECONCILED_AT = "reconciledAt"     # when an operator last wrote or confirmed the status
 
 
 def now_iso(now: _dt.datetime | None = None) -> str:
@@ -164,12 +172,40 @@ def transition_events(old: Iterable[Condition] | None, new: Iterable[Condition])
 Event = tuple[str, str, str]     # (type, reason, message)
 
 
+def heartbeat_due_in(status: Mapping[str, Any], heartbeat: float, now: _dt.datetime | None = None) -> float:
+    """Seconds until ``status.reconciledAt`` is ``heartbeat`` seconds old (0 or less: due;
+    a status without it, or with one that does not parse, is due now)."""
+    try:
+        stamp = parse_time(status.get(RECONCILED_AT))
+    except (TypeError, ValueError):
+        stamp = None
+    if stamp is None:
+        return 0.0
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    return heartbeat - (now - stamp).total_seconds()
+
+
+def stamped(old: Mapping[str, Any], new: dict[str, Any], heartbeat: float,
+            now: _dt.datetime | None = None) -> dict[str, Any]:
+    """The merge patch from ``old`` to ``new``, with ``reconciledAt`` set in ``new`` to
+    ``now`` when anything else changed or the old stamp is due; else ``new`` keeps the old
+    stamp and the patch is empty."""
+    if RECONCILED_AT in old:
+        new.setdefault(RECONCILED_AT, old[RECONCILED_AT])
+    patch = merge_patch(old, new)
+    if patch or heartbeat_due_in(old, heartbeat, now) <= 0:
+        new[RECONCILED_AT] = now_iso(now)
+        patch = merge_patch(old, new)
+    return patch
+
+
 async def write(body: Mapping[str, Any], memory: "Memory", new: dict[str, Any]) -> None:
-    """Patch ``.status`` to ``new`` (only what changed since ``memory.status``). The memory
-    keeps a copy: the caller may go on changing ``new`` (a reconcile that writes early,
-    before its deletes, then lets the autoscaler add to the same status) and write again."""
+    """Patch ``.status`` to ``new`` (only what changed since ``memory.status``, stamped, see
+    the module doc). The memory keeps a copy: the caller may go on changing ``new`` (a
+    reconcile that writes early, before its deletes, then lets the autoscaler add to the
+    same status) and write again."""
     meta = body["metadata"]
-    patch = merge_patch(memory.status, new)
+    patch = stamped(memory.status, new, config.get().status_heartbeat_seconds)
     if patch:
         await kube.aio(kube.patch_status, API_VERSION, body["kind"], meta["name"], meta["namespace"], patch)
         memory.status = copy.deepcopy(new)

@@ -1,0 +1,44 @@
+"""bench/results/operations.json: day-2 operations on the real node, one section each.
+
+The real-node suite (tests/real/test_real_node.py) writes each section when the test that
+measures it passes its checks; a section keeps the shape it was measured on and the time
+(``at``), and a run that did not reach a test leaves that test's section as it was.
+
+* ``lighthouse_lost``: the Lighthouse (``<job>-rdzv``) of a running ``perStep`` job
+  deleted; seconds until the replaced replica groups take their first step with the new
+  one, and the failures counted for it (none may be).
+* ``store_unreachable``: a job whose rendezvous store sits on a node its workers cannot
+  reach (a kwok node, where nothing runs); seconds from the workers running to the job's
+  Ready condition saying so, and the failures counted (none may be).
+* ``promotion_under_load``: a new revision promoted while a client sends a steady stream
+  through the model's Service; requests sent and failed, and the fewest ready serving pods
+  seen across the promotion against the number before it.
+* ``drain``: ``kubectl drain`` of the operator's node (one replica, so no
+  PodDisruptionBudget: the operator is evicted and its replacement waits, Pending);
+  seconds until a status the evicted operator left shows its age past the heartbeat
+  (``status.reconciledAt``, the RECONCILED column), and from the uncordon until an
+  operator reconciles it again.
+
+The file is written through ``security.update`` (bench/security.py): one section replaced,
+the others kept, the file replaced whole.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import security
+
+RESULT = Path(__file__).resolve().parent / "results" / "operations.json"
+SECTIONS = ("lighthouse_lost", "store_unreachable", "promotion_under_load", "drain")
+
+
+def record(section: str, path: Path = RESULT, **values: Any) -> dict[str, Any]:
+    """Replace ``section`` of the results file with ``values`` and the time; the section
+    as written."""
+    if section not in SECTIONS:
+        raise ValueError(f"unknown section {section!r}: one of {', '.join(SECTIONS)}")
+    entry = {**values, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    security.update({section: entry}, path)
+    return entry

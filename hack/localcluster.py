@@ -163,17 +163,22 @@ def gpu_node(name: str, gpus: int, cpu: str = "64", memory: str = "512Gi") -> di
     }
 
 
-def cpu_node(name: str, cpu: str = "1000", memory: str = "4Ti") -> dict:
+def cpu_node(name: str, cpu: str = "1000", memory: str = "4Ti", kubelet_port: int | None = None) -> dict:
     """A kwok node without GPUs, where pods that ask for none (rendezvous stores, servers,
     compression) run when there is no real node; large, so that capacity is the GPU nodes'
-    question."""
+    question. With ``kubelet_port`` its kubelet is kwok's server on loopback: the API server
+    reaches it for pod logs (a test names the file kwok serves with a Logs object)."""
     capacity = {"cpu": cpu, "memory": memory, "pods": "10000"}
+    status: dict = {"capacity": capacity, "allocatable": capacity}
+    if kubelet_port is not None:
+        status.update(addresses=[{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": name}],
+                      daemonEndpoints={"kubeletEndpoint": {"Port": kubelet_port}})
     return {
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": name, "annotations": {KWOK_NODE_ANNOTATION: "fake"},
                      "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
                                 "kubernetes.io/arch": "amd64", "type": "kwok"}},
-        "status": {"capacity": capacity, "allocatable": capacity},
+        "status": status,
     }
 
 
@@ -407,7 +412,7 @@ class Cluster:
     def _create_nodes(self) -> None:
         nodes = {"apiVersion": "v1", "kind": "List",
                  "items": [gpu_node(n, self.gpus_per_node) for n in self.gpu_nodes]
-                 + [cpu_node(n) for n in self.cpu_nodes]}
+                 + [cpu_node(n, kubelet_port=self.ports["kwok"]) for n in self.cpu_nodes]}
         self.kubectl("apply", "-f", "-", input=json.dumps(nodes))
 
     def _register_cluster_apis(self) -> None:
@@ -417,10 +422,17 @@ class Cluster:
             self.kubectl("apply", "--server-side", "-f", str(crd))
 
     def _start_kwok(self) -> None:
+        """kwok, its kubelet server on loopback with the API server's certificate (valid for
+        127.0.0.1, signed by the cluster's CA, which the API server checks kubelets against),
+        serving the container logs that Logs objects name."""
+        self.kubectl("apply", "--server-side", "-f", str(HACK / "kwok-logs-crd.yaml"))
+        self.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/logs.kwok.x-k8s.io")
         self._spawn("kwok", [
             str(tool_path("kwok")), "--kubeconfig", str(self.state_dir / "kwok.kubeconfig"),
             "--config", str(HACK / "kwok.yaml"),
             "--server-address", f"127.0.0.1:{self.ports['kwok']}",
+            "--tls-cert-file", str(self.pki / "apiserver.crt"), "--tls-private-key-file", str(self.pki / "apiserver.key"),
+            "--enable-crds", "Logs",
         ])
 
     def start_prometheus(self) -> None:

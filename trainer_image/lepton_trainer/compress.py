@@ -1,5 +1,8 @@
 """``python -m lepton_trainer.compress``: compress a model behind a gate, or let ``auto`` choose.
 
+A language model (``--task`` / ``LEPTON_TASK`` ``text-generation``) is handed over to
+:mod:`lepton_trainer.llm.compress` (weight-only int8/int4, casts, the perplexity gate).
+
 Methods (any format with a torch module: builtin and Hugging Face; exported programs,
 torch.export, TorchScript and ONNX, take the methods of ``contract.EXPORTED_FORMAT_METHODS``,
 implemented in :mod:`exported`: PT2E and onnxruntime quantization, casts):
@@ -33,7 +36,9 @@ The gate is :mod:`gates`: labelled data with a metric, or fidelity to the origin
 (``LEPTON_COMPRESSION_EVALUATION``). If the gate fails, the command exits with status 3,
 prints why, and writes no artifact; if nothing could be compressed, or ``auto`` rejected
 every candidate without a failed gate, it exits 1 with the reason. Each phase (loading,
-the gate's reference, each candidate's apply, gate and latency) is one flushed log line. Otherwise the artifact directory receives a model
+the gate's reference, each candidate's apply, gate and latency) is one flushed log line, followed
+by its machine-readable twin on stdout (``contract.PROGRESS_PREFIX`` and a JSON object: candidate
+k of n, method, activity, since) that the operator shows in the model's status. Otherwise the artifact directory receives a model
 of the same format and ``result.json``; the same compact JSON goes to the
 termination-message path, where the operator reads it. A failed gate writes its JSON
 (``passed: false``) to the termination-message path only. ``passed`` and ``reason`` are
@@ -50,6 +55,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import datetime as _dt
 import io
 import json
 import logging
@@ -527,11 +533,32 @@ def latency(loaded: modelio.LoadedModel, batch: int, iters: int, warmup: int = 5
     return 1000.0 * times[len(times) // 2]
 
 
-def progress(message: str, *args: Any) -> None:
-    """One line per phase of the compression Job, flushed at once (the pod's log)."""
-    log.info(message, *args)
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """Which model a progress line is about: candidate ``candidate`` of ``of`` applying
+    ``method``; candidate 0 is the original model (``of``: the candidates to come, 0 while
+    they are not known)."""
+    candidate: int = 0
+    of: int = 0
+    method: str = ""
+
+    def __str__(self) -> str:
+        return f"candidate {self.candidate} of {self.of} ({self.method})" if self.candidate else "original"
+
+
+def progress(activity: str, step: Step | None = None) -> None:
+    """One line per phase of the compression Job, flushed at once (the pod's log): the
+    human one (``step: activity``), then the machine-readable one the operator shows in
+    status (``contract.PROGRESS_PREFIX`` and a JSON object of ``contract.PROGRESS_FIELDS``)."""
+    log.info("%s", activity if step is None else f"{step}: {activity}")
     for handler in logging.getLogger().handlers:
         handler.flush()
+    step = step or Step()
+    since = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    record = {"candidate": step.candidate, "of": step.of, "method": step.method, "activity": activity,
+              "since": since}
+    sys.stdout.write(contract.PROGRESS_PREFIX + json.dumps(record, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
 
 
 # --- the command -------------------------------------------------------------------------
@@ -548,12 +575,12 @@ class Run:
     budget_s: float
     work: Path
 
-    def latencies(self, model: modelio.LoadedModel, label: str) -> dict[Any, Any]:
+    def latencies(self, model: modelio.LoadedModel, step: Step) -> dict[Any, Any]:
         """p50 ms at batch 1 and 32, and under "passes" the timed passes each took."""
         out: dict[Any, Any] = {"passes": {}}
         for b in (1, 32):
-            progress("%s: measuring latency at batch %d (%d passes at most, %.3g s)",
-                     label, b, self.iters, self.budget_s / 2)
+            progress(f"measuring latency at batch {b} ({self.iters} passes at most, {self.budget_s / 2:.3g} s)",
+                     step)
             stats: dict[str, int] = {}
             out[b] = latency(model, b, self.iters, budget_s=self.budget_s / 2, stats=stats)
             out["passes"][f"batch{b}"] = stats["passes"]
@@ -585,25 +612,26 @@ def _cannot_win(row: dict[str, Any], rivals: list[dict[str, Any]], params: dict)
     return None
 
 
-def _measure(method: str, run: Run, label: str = "", rivals: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def _measure(method: str, run: Run, step: Step | None = None,
+             rivals: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Apply, size, time and gate one method. With ``rivals`` (auto), what cannot beat the
     best of them is not measured further, and the row says why (``skipped``)."""
-    label = label or method
-    progress("%s: applying %s", label, method)
+    step = step or Step(1, 1, method)
+    progress(f"applying {method}", step)
     cand, extra, how = _apply_any(method, run)
     row: dict[str, Any] = {"method": method, "bytes": model_bytes(how, run.source), **extra}
     for phase in ("size", "latency", "gate"):
         skip = _cannot_win(row, rivals, run.params) if rivals else None
         if skip:
-            progress("%s: %s", label, skip)
+            progress(skip, step)
             return {"row": {**row, "skipped": skip}, "how": how}
         if phase == "latency":
-            lat = run.latencies(cand, label)
+            lat = run.latencies(cand, step)
             row.update(latency_p50_ms_batch1=round(lat[1], 4), latency_p50_ms_batch32=round(lat[32], 4),
                        latency_passes=lat["passes"])
         elif phase == "gate":
-            progress("%s: gating (%s %s on %d rows)", label, run.evaluator.gate.type, run.evaluator.gate.metric,
-                     len(next(iter(run.evaluator.inputs.values()))))
+            progress(f"gating ({run.evaluator.gate.type} {run.evaluator.gate.metric} on "
+                     f"{len(next(iter(run.evaluator.inputs.values())))} rows)", step)
             row["gate"] = run.evaluator.score(cand)
     if method == "prune":
         row["effective"] = False
@@ -664,7 +692,7 @@ def compress(model_dir: Path, artifact_dir: Path, method: str, max_drop: float |
     with tempfile.TemporaryDirectory(prefix="lepton-compress-") as work:
         result = _compress(Path(model_dir), Path(artifact_dir), method, max_drop, params, dataset,
                            latency_iters, evaluation, model_format, latency_budget_s, Path(work), started)
-    progress("done in %.1f s: %s", time.perf_counter() - started, result["reason"])
+    progress(f"done in {time.perf_counter() - started:.1f} s: {result['reason']}")
     return result
 
 
@@ -676,20 +704,20 @@ def _auto(run: Run, candidates: list[str]) -> dict[str, dict[str, Any]]:
         raise ValueError(f"unknown auto candidates {bad}; known: {[m for m in METHODS if m != 'auto']}")
     measured = {}
     for k, c in enumerate(candidates, 1):
-        label = f"candidate {k} of {len(candidates)} ({c})"
+        step = Step(k, len(candidates), c)
         rivals = None if run.params.get("measureAll") else [m["row"] for m in measured.values()]
         try:
-            measured[c] = _measure(c, run, label, rivals)
+            measured[c] = _measure(c, run, step, rivals)
         except MethodUnavailable as e:
             measured[c] = {"row": {"method": c, "error": f"unavailable: {e}", "unavailable": True}, "how": None}
-        except (RuntimeError, ValueError, TypeError, AssertionError) as e:   # the library's own refusals
+        except (RuntimeError, ValueError, TypeError, AssertionError, OSError) as e:   # the library's own refusals
             measured[c] = {"row": {"method": c, "error": f"failed: {type(e).__name__}: {str(e)[:300]}"},
                            "how": None}
         row = measured[c]["row"]
         if "gate" in row or "error" in row:
-            progress("%s: %s", label, row["error"] if "error" in row else
+            progress(row["error"] if "error" in row else
                      f"{row['bytes']} bytes, gate {'passed' if row['gate']['passed'] else 'failed'} "
-                     f"({row['gate']['after']}), p50 {row['latency_p50_ms_batch1']} ms at batch 1")
+                     f"({row['gate']['after']}), p50 {row['latency_p50_ms_batch1']} ms at batch 1", step)
         log.info("auto: %s", json.dumps(row, sort_keys=True))
     if all(m["how"] is None for m in measured.values()):
         # nothing was measured, so no gate ran: that is no failed gate
@@ -701,7 +729,7 @@ def _auto(run: Run, candidates: list[str]) -> dict[str, dict[str, Any]]:
 def _compress(model_dir: Path, artifact_dir: Path, method: str, max_drop: float | None,
               params: dict, dataset: str | None, latency_iters: int, evaluation: Any,
               model_format: str | None, budget_s: float, work: Path, started: float) -> dict:
-    progress("loading %s", model_dir)
+    progress(f"loading {model_dir}")
     loaded = modelio.load(model_dir, model_format)
     builtin = loaded.format == "builtin"
     gate = gates.parse(evaluation, max_drop, builtin=builtin)
@@ -710,11 +738,13 @@ def _compress(model_dir: Path, artifact_dir: Path, method: str, max_drop: float 
         split = data.load(dataset or loaded.meta.get("dataset", "digits"))
         if gate.type == "data" and gate.path is None:
             gate_data = ({"input": split.x_test.numpy()}, {"labels": split.y_test.numpy()})
-    progress("computing the %s gate's reference (%s) on the original %s model", gate.type, gate.metric, loaded.format)
+    progress(f"computing the {gate.type} gate's reference ({gate.metric}) on the original {loaded.format} model")
     evaluator = gates.Evaluator(gate, loaded, gate_data)
     run = Run(loaded, params, split, evaluator, model_dir, latency_iters, budget_s, work)
     bytes_before = modelio.size_bytes(model_dir)
-    before = run.latencies(loaded, "original")
+    candidates = list(params.get("candidates") or (
+        AUTO_CANDIDATES_EXPORTED if loaded.format in exported.FORMATS else AUTO_CANDIDATES))
+    before = run.latencies(loaded, Step(0, len(candidates) if method == "auto" else 1, "none"))
 
     objective = params.get("objective", "size")
     target = params.get("latencyTargetMs")
@@ -724,8 +754,7 @@ def _compress(model_dir: Path, artifact_dir: Path, method: str, max_drop: float 
     if latency_batch not in (1, 32):
         raise ValueError(f"latencyBatch must be 1 or 32, got {latency_batch}")
     if method == "auto":
-        default = AUTO_CANDIDATES_EXPORTED if loaded.format in exported.FORMATS else AUTO_CANDIDATES
-        measured = _auto(run, list(params.get("candidates") or default))
+        measured = _auto(run, candidates)
         rows = [m["row"] for m in measured.values()]
         best, why = choose(rows, objective, float(target) if target is not None else None, latency_batch)
         for r in rows:
@@ -814,6 +843,8 @@ def _env_float(name: str) -> float | None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     p = argparse.ArgumentParser(prog="python -m lepton_trainer.compress", description=__doc__.split("\n")[0])
+    p.add_argument("--task", default=env(contract.ENV_TASK) or contract.TASK_PREDICT, choices=contract.TASKS,
+                   help="text-generation hands over to lepton_trainer.llm.compress (a language model)")
     p.add_argument("--model-dir", default=env(contract.ENV_MODEL_DIR), help="input model directory")
     p.add_argument("--model-format", default=env(contract.ENV_MODEL_FORMAT) or None, choices=modelio.FORMATS,
                    help="default: detected from the directory")
@@ -868,7 +899,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def task_of(argv: list[str] | None) -> str:
+    """``--task`` of the command line, else ``LEPTON_TASK``, else predict."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--task", default=os.environ.get(contract.ENV_TASK) or contract.TASK_PREDICT)
+    task = p.parse_known_args(argv)[0].task
+    if task not in contract.TASKS:
+        raise SystemExit(f"--task / {contract.ENV_TASK} must be one of {list(contract.TASKS)}, got {task!r}")
+    return task
+
+
 def main(argv: list[str] | None = None) -> int:
+    if task_of(argv) == contract.TASK_TEXT_GENERATION:   # a language model: lepton_trainer.llm
+        from .llm import compress as llm_compress
+        return llm_compress.main(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:

@@ -202,8 +202,11 @@ def _onnx(method: str, loaded: modelio.LoadedModel, source: Path, target: Path,
         from onnxruntime.transformers.float16 import convert_float_to_float16
         onnx.save(convert_float_to_float16(onnx.load(str(source)), keep_io_types=True), str(target))
         return {"converter": "onnxruntime.transformers.float16"}
+    # The graph goes to onnxruntime in memory: given a path, it writes its shape-inferred copy
+    # next to the source, whose directory the compression pod may not write.
+    graph = onnx.load(str(source))
     if method == "int8":
-        q.quantize_dynamic(str(source), str(target), weight_type=q.QuantType.QInt8)
+        q.quantize_dynamic(graph, str(target), weight_type=q.QuantType.QInt8)
         return {"quantizer": "onnxruntime.quantization.quantize_dynamic", "activations": "dynamic"}
 
     class Reader(q.CalibrationDataReader):
@@ -213,7 +216,7 @@ def _onnx(method: str, loaded: modelio.LoadedModel, source: Path, target: Path,
 
         def get_next(self):
             return next(self.batches, None)
-    q.quantize_static(str(source), str(target), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
+    q.quantize_static(graph, str(target), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
                       weight_type=q.QuantType.QInt8, activation_type=q.QuantType.QUInt8)
     return {"quantizer": "onnxruntime.quantization.quantize_static", "activations": "static",
             "calibration_rows": _rows(calibration)}

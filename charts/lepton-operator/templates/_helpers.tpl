@@ -53,6 +53,10 @@ else repository:tag (the chart's appVersion when the tag is empty).
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "delete"]
+# The tail of a Running compression pod's log: its progress (lepton_operator.model.progress).
+- apiGroups: [""]
+  resources: ["pods/log"]
+  verbs: ["get"]
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]

@@ -10,7 +10,8 @@ autoscaling, the lepton.ai CRDs, KEDA, Gateway API) goes through the same few ve
 - ``remove_finalizers``: drop named finalizers, never another controller's;
 - ``replace``: a full update (PUT) that carries the object's resourceVersion, so a
   concurrent writer's change fails it with 409 instead of being overwritten;
-- ``emit_event``: a core/v1 Event on an object.
+- ``emit_event``: a core/v1 Event on an object;
+- ``pod_log``: the tail of a container's log (``pods/log`` ``get``).
 
 All calls are synchronous; from asyncio code use ``await kube.aio(fn, *args)``,
 which runs them in a worker thread. Objects are plain dicts in and out.
@@ -37,7 +38,7 @@ Obj = dict[str, Any]
 T = TypeVar("T")
 
 __all__ = ["ApiException", "load", "apply", "create", "get", "list_objects", "delete", "patch",
-           "patch_status", "remove_finalizers", "replace", "emit_event", "is_not_found", "is_conflict", "aio",
+           "patch_status", "remove_finalizers", "replace", "emit_event", "pod_log", "is_not_found", "is_conflict", "aio",
            "RETRYABLE", "describe", "Refused"]
 
 # Errors after which a reconcile is retried: an error answer, or no answer at all (the
@@ -210,6 +211,24 @@ def delete(api_version: str, kind: str, name: str, namespace: str | None = None,
         if is_not_found(exc):
             return False
         raise
+
+
+def pod_log(name: str, namespace: str, container: str, tail_lines: int, limit_bytes: int,
+            timeout: float | None = None) -> str:
+    """The last ``tail_lines`` lines of a container's log, ``limit_bytes`` bytes at most."""
+    api = _api()
+    query = [("container", container), ("tailLines", tail_lines), ("limitBytes", limit_bytes)]
+    method, url, headers, body, _ = api.param_serialize(
+        method="GET", resource_path=path("v1", "Pod", namespace, name, "log"), query_params=query,
+        header_params={"Accept": "application/json, */*"}, auth_settings=["BearerToken"])
+    resp = api.call_api(method, url, header_params=headers,
+                        _request_timeout=timeout if timeout is not None else REQUEST_TIMEOUT)
+    data = resp.read()
+    metrics.API_REQUESTS.labels(method, str(resp.status)).inc()
+    if not 200 <= resp.status <= 299:
+        raise ApiException(status=resp.status, reason=resp.reason,
+                           body=data.decode("utf-8", "replace") if data else None)
+    return data.decode("utf-8", "replace")
 
 
 def patch(api_version: str, kind: str, name: str, namespace: str | None, body: Any,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from typing import Any, Callable, Mapping
 
@@ -28,8 +29,10 @@ from ..core.execute import Result
 from ..core.fields import InvalidSpec
 from ..core.loop import Memory
 from ..scaling import prometheus, promql
-from . import autoscale, objects, state
+from . import autoscale, objects, progress, state
 from .spec import PLACEHOLDER_REVISION, Check, ModelSpec, parse_model, parse_uri, render_query, scoped_query
+
+log = logging.getLogger(__name__)
 
 CREATE_TTL = 30.0             # seconds a created compression Job may take to show up in the index
 GATEWAY_RECHECK_SECONDS = 30.0
@@ -43,6 +46,8 @@ class ModelMemory(Memory):
     claims_seen: set[str] = dataclasses.field(default_factory=set)   # source PVCs known to exist
     query_problems: tuple | None = None  # (generation, problems Prometheus found in its PromQL)
     compression_created: dict[str, float] = dataclasses.field(default_factory=dict)  # Job name -> monotonic
+    # (compression pod, monotonic time its log was last read, the progress record read)
+    compression_progress: tuple[str, float, dict | None] | None = None
 
 
 def new_memory(status: Mapping[str, Any]) -> ModelMemory:
@@ -81,7 +86,7 @@ async def parse(body: Mapping[str, Any], memory: ModelMemory) -> ModelSpec:
     settings = config.get()
     meta = body["metadata"]
     spec = parse_model(meta["name"], body.get("spec"), settings.trainer_image, settings.image_pull_policy,
-                       namespace=meta["namespace"])
+                       namespace=meta["namespace"], vllm_image=settings.vllm_image)
     problems = await _query_problems(spec, meta["namespace"], meta["name"], memory, meta.get("generation"))
     if problems:
         raise InvalidSpec(problems)
@@ -152,6 +157,38 @@ def _compression(spec: ModelSpec, meta: Mapping[str, Any], status: Mapping[str, 
     return state.compression_state(job, pods), False
 
 
+async def _progress(comp: state.CompressionState | None, namespace: str, name: str, revision: str | None,
+                    indices: Mapping[str, Any], memory: ModelMemory, now: float) -> state.CompressionState | None:
+    """``comp`` with the program's last progress record while its pod is Running: the tail of
+    the pod's log, read at most every ``compression_progress_seconds`` (between reads, the
+    record last read); no read at all when nothing compresses."""
+    if comp is None or comp.state != "Running" or comp.pending:
+        memory.compression_progress = None
+        return comp
+    pod = max((p for p in indices.get("lepton_model_compression_pods", {}).get((namespace, name), [])
+               if p["metadata"]["labels"].get(LABEL_REVISION) == revision
+               and (p.get("status") or {}).get("phase") == "Running"),
+              key=lambda p: p["metadata"].get("creationTimestamp", ""), default=None)
+    if pod is None:
+        return comp
+    pod_name, known = pod["metadata"]["name"], memory.compression_progress
+    before = known[2] if known is not None and known[0] == pod_name else None
+    if known is None or known[0] != pod_name or progress.due(known[1], now, config.get().compression_progress_seconds):
+        record = before
+        try:
+            text = await kube.aio(kube.pod_log, pod_name, namespace, objects.COMPRESSION_CONTAINER,
+                                  progress.TAIL_LINES, progress.LIMIT_BYTES)
+            record = progress.last(text) or before
+        except kube.RETRYABLE as exc:      # no log yet, or none served: keep what was read
+            log.debug("LeptonModel %s/%s: no log of compression pod %s: %s", namespace, name, pod_name,
+                      kube.describe(exc))
+        if record is not None and record != before:
+            log.info("LeptonModel %s/%s: compressing: %s", namespace, name, progress.describe(record))
+        memory.compression_progress = (pod_name, now, record)
+    record = memory.compression_progress[2]
+    return dataclasses.replace(comp, progress=record) if record is not None else comp
+
+
 async def _analysis(spec: ModelSpec, status: Mapping[str, Any], namespace: str, name: str,
                     revision: str | None, now: float) -> tuple[list | None, float | None]:
     """(the canary's due measurements, the requests it served in its step): each due check
@@ -185,7 +222,7 @@ async def _traffic(spec: ModelSpec, status: Mapping[str, Any], namespace: str, n
     if not spec.rollout.min_requests or not revs.get("canary") or ready is None:
         return None
     seconds = max(int(now - ready.timestamp()), 1)
-    return (await prometheus.client().query(objects.traffic_query(namespace, name, revs["canary"], seconds))).value
+    return (await prometheus.client().query(objects.traffic_query(namespace, name, revs["canary"], seconds, spec))).value
 
 
 def decision(meta: Mapping[str, Any], status: Mapping[str, Any]) -> str | None:
@@ -205,7 +242,8 @@ async def _sample(spec: ModelSpec, meta: Mapping[str, Any], memory: ModelMemory,
     a = spec.autoscaling
     if a is None or a.engine != "builtin" or not autoscale.due(a, memory.autoscaler, now):
         return None
-    return await prometheus.client().query(objects.metric_query(a, meta["namespace"], meta["name"]))
+    return await prometheus.client().query(objects.metric_query(a, meta["namespace"], meta["name"],
+                                                                  spec.serving.runtime_metrics))
 
 
 async def observe(body: Mapping[str, Any], spec: ModelSpec, memory: ModelMemory, indices: Mapping[str, Any],
@@ -220,6 +258,7 @@ async def observe(body: Mapping[str, Any], spec: ModelSpec, memory: ModelMemory,
     revision = spec.revision(source.uri, source.identity) if source.uri else None
     mono, now = time.monotonic(), time.time()
     comp, create_job = _compression(spec, meta, status, revision, indices, memory, mono)
+    comp = await _progress(comp, namespace, name, revision, indices, memory, mono)
     analysis, traffic = await _analysis(spec, status, namespace, name, revision, now)
     return state.ModelObserved(
         meta=dict(meta), status=status, deployments=deployments, source=source, revision=revision, comp=comp,

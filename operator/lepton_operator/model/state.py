@@ -47,7 +47,7 @@ from ..core.execute import Action, Effects
 from ..core.objects import policy_changes
 from ..core.status import Outcome
 from ..scaling import prometheus
-from . import autoscale, objects
+from . import autoscale, objects, progress
 from .objects import split
 from .spec import ERROR, FAILED, INCONCLUSIVE, SUCCESSFUL, ModelSpec, PvcPath, artifact_path, parse_uri
 
@@ -119,6 +119,7 @@ class CompressionState:
     result: Mapping[str, Any] | None
     gate_failed: bool = False       # Failed because the gate said no (not a crash)
     pending: str = ""               # Running, but its pod waits for the scheduler: why
+    progress: Mapping[str, Any] | None = None   # Running: the program's last progress record (model.progress)
 
 
 def unschedulable(pod: Mapping[str, Any]) -> str:
@@ -181,6 +182,17 @@ def verdict(comp: CompressionState, artifact: str | None = None) -> tuple[str, s
     if artifact is not None and named is not None and named != artifact:
         return REASON_COMPRESSION_FAILED, f"the compression result names artifact {named!r}, not {artifact!r}"
     return None
+
+
+def _perplexity_summary(result: Mapping[str, Any]) -> str:
+    """A language model's gate in a line: the method chosen, perplexity before and after and
+    the token agreement (the whole table is in status.compression)."""
+    gate = result.get(contract.RESULT_GATE)
+    if not isinstance(gate, Mapping) or gate.get("type") != contract.EVALUATION_PERPLEXITY:
+        return ""
+    before, after = gate.get("before") or {}, gate.get("after") or {}
+    return (f"; {result.get(contract.RESULT_METHOD)}: perplexity {before.get('perplexity')} -> "
+            f"{after.get('perplexity')}, token agreement {gate.get('agreement')}")
 
 
 def _text(result: Mapping[str, Any]) -> str:
@@ -373,6 +385,21 @@ def _is_new(m: _Model) -> bool:
     return m.revision is not None and m.revision != m.stable and m.revision != m.revs.get("failed")
 
 
+def _compressing(m: _Model, comp: CompressionState | None) -> None:
+    """The revision's compression Job runs (or waits for its pod): say so, with the
+    program's last progress record in the message and in ``status.compression.progress``."""
+    p, revision = m.plan, m.revision
+    m.busy = True
+    reason = REASON_COMPRESSION_POD_PENDING if comp is not None and comp.pending else REASON_COMPRESSING
+    detail = (f": {comp.pending}" if comp is not None and comp.pending
+              else f": {progress.describe(comp.progress)}" if comp is not None and comp.progress else "")
+    p.settle(MPHASE_COMPRESSING, reason, f"compressing revision {revision} ({m.spec.compression.method}){detail}")
+    p.conditions.append((COND_COMPRESSED, FALSE, reason, p.message))
+    if comp is not None and comp.progress:
+        p.status["compression"] = {"revision": revision, "state": "Running", "progress": dict(comp.progress)}
+    p.requeue(2)
+
+
 def compress(m: _Model) -> PvcPath | None:
     """The new revision's model directory once compression passed its gate (the source
     itself when there is nothing to compress); None while it runs or after it failed."""
@@ -385,12 +412,7 @@ def compress(m: _Model) -> PvcPath | None:
     target = artifact_path(target, m.name, revision)
     comp = m.comp
     if comp is None or comp.state == "Running":
-        m.busy = True
-        reason = REASON_COMPRESSION_POD_PENDING if comp is not None and comp.pending else REASON_COMPRESSING
-        p.settle(MPHASE_COMPRESSING, reason, f"compressing revision {revision} ({spec.compression.method})"
-                 + (f": {comp.pending}" if comp is not None and comp.pending else ""))
-        p.conditions.append((COND_COMPRESSED, FALSE, reason, p.message))
-        p.requeue(2)
+        _compressing(m, comp)
         return None
     result = dict(comp.result or {})
     rejected = verdict(comp, objects.artifact_in_container(target))
@@ -402,9 +424,11 @@ def compress(m: _Model) -> PvcPath | None:
         p.conditions.append((COND_COMPRESSED, FALSE, reason, message))
         _fail_revision(m, reason, message)
         return None
-    if (p.status.get("compression") or {}).get("revision") != revision:
+    known = p.status.get("compression") or {}
+    if (known.get("revision"), known.get("state")) != (revision, "Succeeded"):
         p.events.append((EVENT_NORMAL, REASON_COMPRESSED, f"revision {revision} compressed: "
-                         + ", ".join(f"{k}={v}" for k, v in sorted(result.items()) if isinstance(v, (int, float)))))
+                         + ", ".join(f"{k}={v}" for k, v in sorted(result.items()) if isinstance(v, (int, float)))
+                         + _perplexity_summary(result)))
     p.status["compression"] = {**result, "revision": revision, "state": "Succeeded"}
     p.conditions.append((COND_COMPRESSED, TRUE, REASON_COMPRESSED, f"revision {revision} compressed"))
     return target
@@ -896,7 +920,7 @@ def _serving_writes(spec: ModelSpec, observed: ModelObserved, owner: Mapping[str
     meta, applied = observed.meta, observed.applied
     namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
     if applied.service != generation:
-        p.actions.append(Action.apply(objects.service(owner)))
+        p.actions.append(Action.apply(objects.service(owner, spec)))
         applied = dataclasses.replace(applied, service=generation)
     applied = _deployment_writes(spec, observed, owner, p, applied)
     for rev in p.delete:
@@ -911,7 +935,8 @@ def _serving_writes(spec: ModelSpec, observed: ModelObserved, owner: Mapping[str
     if _hpa_owned(spec) and revs.get("stable"):
         target = objects.deployment_name(name, revs["stable"])
         obj = (objects.hpa(owner, a, target, spec.floor) if a.engine == "hpa"
-               else objects.scaled_object(owner, a, target, observed.prometheus_url, spec.floor))
+               else objects.scaled_object(owner, a, target, observed.prometheus_url, spec.floor,
+                                           spec.serving.runtime_metrics))
         p.actions.append(Action.apply(obj, missing_api=obj["apiVersion"]))
     p.policies_applied = dict(observed.policies_applied)
     if observed.policies is not None:
@@ -958,7 +983,7 @@ def _route(observed: ModelObserved, owner: Mapping[str, Any], p: Plan, applied: 
         backends = [(stable, 100 - weight), (revs["canary"], weight)]
     for rev, _ in backends:
         if rev not in applied.revision_services:
-            p.actions.append(Action.apply(objects.revision_service(owner, rev)))
+            p.actions.append(Action.apply(objects.revision_service(owner, rev, spec)))
             applied = dataclasses.replace(applied, revision_services=applied.revision_services | {rev})
     generation = observed.meta.get("generation")
     if applied.route != (generation, backends):

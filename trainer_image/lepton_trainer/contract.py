@@ -95,6 +95,12 @@ RESULT_CANDIDATES = "candidates"  # auto only: one row per candidate (the table)
 RESULT_ARTIFACT = "artifact"      # the artifact directory written (as the program saw it), once it holds the model
 COMPRESS_EXIT_FAILED = 1          # exit status when compression could not be done (the reason is in the result)
 COMPRESS_EXIT_GATE_FAILED = 3     # exit status when the gate fails (no artifact written)
+# One progress line per step of a compression Job, in its log: PROGRESS_PREFIX and a JSON
+# object {"candidate": k, "of": n, "method": m, "activity": text, "since": RFC 3339 UTC}
+# (candidate 0: the original model; of 0: before the candidates are known). The operator
+# reads the last one while the pod runs and shows it in status.compression.progress.
+PROGRESS_PREFIX = "lepton-progress "
+PROGRESS_FIELDS = ("candidate", "of", "method", "activity", "since")
 # Batching settings of `python -m lepton_trainer.serve`
 ENV_MAX_BATCH_SIZE = "LEPTON_MAX_BATCH_SIZE"
 ENV_MAX_BATCH_DELAY_MS = "LEPTON_MAX_BATCH_DELAY_MS"
@@ -120,6 +126,47 @@ METRIC_SERVE_ROW_BYTES = "lepton_serve_row_bytes"             # gauge: measured 
 METRIC_SERVE_MAX_REQUEST_ROWS = "lepton_serve_max_request_rows"  # gauge: rows one request may carry
 # Why a request was refused (label "reason" of METRIC_SERVE_REFUSED)
 REFUSAL_REASONS = ("concurrency", "queue_full", "memory", "too_large", "deadline")
+
+# --- Language models (task text-generation) --------------------------------------------
+# A LeptonModel of task TASK_TEXT_GENERATION is a causal language model: a Hugging Face
+# directory (config.json, tokenizer, safetensors) or a GGUF file. `compress` and `serve`
+# read ENV_TASK and hand over to lepton_trainer.llm; the server speaks the OpenAI API
+# (/v1/chat/completions, /v1/completions, /v1/models, server-sent-event streaming) on
+# SERVE_PORT, with the same health paths and /metrics as the OIP server.
+ENV_TASK = "LEPTON_TASK"                    # one of TASKS; unset = TASK_PREDICT
+TASK_PREDICT = "predict"                    # one forward pass per request (OIP v2)
+TASK_TEXT_GENERATION = "text-generation"    # a causal language model (OpenAI API)
+TASKS = (TASK_PREDICT, TASK_TEXT_GENERATION)
+MODEL_FORMAT_GGUF = "gguf"                  # a .gguf file (or a directory holding one), language models only
+LLM_MODEL_FORMATS = ("huggingface", MODEL_FORMAT_GGUF)
+# Compression of language models: weight-only int8 / int4 (torchao), casts, or auto over them.
+LLM_COMPRESSION_METHODS = ("int8-weight", "int4-weight", "bf16", "fp16", "none", "auto")
+# The language-model gate (ENV_COMPRESSION_EVALUATION, type EVALUATION_PERPLEXITY): perplexity on
+# a text sample ("path": a UTF-8 text file; unset = the sample the image ships) may rise by at most
+# "maxPerplexityIncrease" (relative, 0.1 = +10 %), and greedy decoding of the sample prompts
+# ("prompts": a file, one prompt per line; unset = the image's) must agree with the original's
+# tokens on at least "minTokenAgreement" (0..1) of "maxNewTokens" tokens per prompt.
+EVALUATION_PERPLEXITY = "perplexity"
+LLM_EVALUATION_FIELDS = ("type", "path", "prompts", "maxPerplexityIncrease", "minTokenAgreement",
+                         "maxNewTokens", "samples")
+# Generation limits of the built-in language-model runtime (serving.generation)
+ENV_MAX_PROMPT_TOKENS = "LEPTON_MAX_PROMPT_TOKENS"      # longest prompt accepted (tokens)
+ENV_MAX_OUTPUT_TOKENS = "LEPTON_MAX_OUTPUT_TOKENS"      # largest max_tokens accepted
+ENV_MAX_SEQUENCES = "LEPTON_MAX_SEQUENCES"              # sequences decoded at once (the batch)
+# (ENV_MAX_QUEUED_REQUESTS and ENV_QUEUE_TIMEOUT_MS bound the waiting queue: past it, 429.)
+# Language-model metrics: vLLM's names, so that dashboards and alerts written for vLLM read
+# the built-in runtime unchanged (label "model_name" = the served model name).
+LLM_METRIC_MODEL_LABEL = "model_name"
+LLM_METRIC_TTFT = "vllm:time_to_first_token_seconds"       # histogram
+LLM_METRIC_ITL = "vllm:inter_token_latency_seconds"        # histogram
+LLM_METRIC_E2E = "vllm:e2e_request_latency_seconds"        # histogram
+LLM_METRIC_PROMPT_TOKENS = "vllm:prompt_tokens_total"      # counter
+LLM_METRIC_GENERATION_TOKENS = "vllm:generation_tokens_total"  # counter
+LLM_METRIC_RUNNING = "vllm:num_requests_running"           # gauge
+LLM_METRIC_WAITING = "vllm:num_requests_waiting"           # gauge
+LLM_METRIC_KV_CACHE = "vllm:kv_cache_usage_perc"           # gauge, 0..1
+LLM_METRIC_SUCCESS = "vllm:request_success_total"          # counter, label "finished_reason"
+# (the runtime also counts METRIC_SERVE_REQUESTS by "code", which error-rate checks read)
 
 # --- Inference server HTTP paths (Open Inference Protocol v2) -------------------------
 HEALTH_LIVE_PATH = "/v2/health/live"

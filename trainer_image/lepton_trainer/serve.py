@@ -4,7 +4,9 @@ It loads any model :mod:`modelio` loads and answers the v2 API of KServe and Tri
 REST (aiohttp, JSON and Triton's binary tensor extension, on ``--port``) and over gRPC
 (``inference.GRPCInferenceService``, on ``--grpc-port``; see :mod:`grpc_server`). Both
 share one model, one dynamic batcher and one set of metrics; tritonclient's ``http`` and
-``grpc`` clients work unchanged.
+``grpc`` clients work unchanged. With ``--task text-generation`` (or ``LEPTON_TASK``) it
+hands over to :mod:`lepton_trainer.llm.server`, the OpenAI-compatible runtime for
+language models.
 
 REST routes (``{v}`` paths answer for version ``1``, the only one):
 
@@ -819,7 +821,22 @@ async def serve(args: argparse.Namespace) -> int:
     return server.exit_code
 
 
+def task_of(argv: list[str]) -> tuple[str, list[str]]:
+    """The task (``--task`` or ``contract.ENV_TASK``; default predict) and ``argv`` without ``--task``."""
+    task_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    task_parser.add_argument("--task", choices=contract.TASKS,
+                             default=os.environ.get(contract.ENV_TASK) or contract.TASK_PREDICT)
+    known, rest = task_parser.parse_known_args(argv)
+    return known.task, rest
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Serve a model: the OIP v2 server, or for ``--task text-generation`` (or
+    ``LEPTON_TASK=text-generation``) the OpenAI-compatible runtime of :mod:`llm.server`."""
+    task, argv = task_of(sys.argv[1:] if argv is None else argv)
+    if task == contract.TASK_TEXT_GENERATION:
+        from .llm import server as llm_server
+        return llm_server.main(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     if args.threads:

@@ -98,16 +98,21 @@ MODEL_BASE = {"source": {"uri": "pvc://models/digits"}}
 STEP = {"rollout": {"steps": [{"weight": 50}]}}
 CHECK = {"rollout": {"analysis": [{"query": "sum(errors)", "max": 1}]}}
 AUTOSCALING = {"autoscaling": {"target": 5}}
+LLM = {"task": "text-generation"}
 # compression.evaluation is passed on as written, so its type default shows in which
-# metrics the parser accepts without a type (see evaluation_type below).
+# metrics the parser accepts without a type (see evaluation_type below). It depends on
+# spec.task, so the CRD gives none (test_the_gate_type_defaults_by_task).
 EVALUATION = "evaluation type"
 MODEL = {
     "spec.compression.method": ({}, "compression.method"),
-    "spec.compression.evaluation.type": ({}, EVALUATION),
     "spec.compression.backoffLimit": ({}, "compression.backoff_limit"),
     "spec.compression.activeDeadlineSeconds": ({}, "compression.active_deadline_seconds"),
     "spec.compression.latencyBudgetSeconds": ({}, "compression.latency_budget_seconds"),
     "spec.serving.replicas": ({}, "serving.replicas"),
+    "spec.serving.runtime": ({}, "serving.runtime"),
+    "spec.serving.generation.maxPromptTokens": (LLM, "serving.generation.max_prompt_tokens"),
+    "spec.serving.generation.maxOutputTokens": (LLM, "serving.generation.max_output_tokens"),
+    "spec.serving.generation.maxSequences": (LLM, "serving.generation.max_sequences"),
     "spec.serving.batching.maxBatchSize": ({}, "serving.max_batch_size"),
     "spec.serving.batching.maxBatchDelayMs": ({}, "serving.max_batch_delay_ms"),
     "spec.serving.admission.maxConcurrentRequests": ({}, "serving.admission.max_concurrent_requests"),
@@ -232,3 +237,15 @@ def test_default_reads_a_field_default_and_refuses_a_field_without_one():
         default(job_spec.Mount, "claim_name")
     with pytest.raises(LookupError, match="no field"):
         default(job_spec.Mount, "claim")
+
+
+def test_the_gate_type_defaults_by_task():
+    """The CRD cannot default compression.evaluation.type (it depends on spec.task): a
+    predict model is gated by fidelity, a language model by perplexity with its bounds."""
+    assert "spec.compression.evaluation.type" not in crd_defaults("leptonmodel.yaml")
+    assert evaluation_type() == "fidelity"
+    assert parse_model_spec({"compression": {"evaluation": {"threshold": 0.9}}}).compression.evaluation == \
+        {"type": "fidelity", "threshold": 0.9}
+    gate = parse_model_spec({**LLM, "compression": {"method": "int8-weight"}}).compression.evaluation
+    assert gate == {"type": contract.EVALUATION_PERPLEXITY, "maxPerplexityIncrease": 0.10,
+                    "minTokenAgreement": 0.80, "maxNewTokens": 16}

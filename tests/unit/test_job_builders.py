@@ -1,9 +1,9 @@
 """Training builders: golden YAML for a full job, table-driven checks for the rules."""
-import os
 import pathlib
 
 import pytest
 import yaml
+from golden_files import check_golden
 
 from lepton_operator.job import objects as training
 from lepton_operator.constants import GPU_RESOURCE, LABEL_KUEUE_QUEUE
@@ -12,7 +12,6 @@ from lepton_operator.job.spec import InvalidSpec, parse_job
 from lepton_trainer import contract
 
 pytestmark = pytest.mark.unit
-GOLDEN = pathlib.Path(__file__).parent / "golden"
 OWNER = {"apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonJob",
          "metadata": {"name": "mnist", "namespace": "team-a", "uid": "0b5e-uid"}}
 FULL_SPEC = {
@@ -34,11 +33,7 @@ def built(spec=FULL_SPEC):
 
 
 def test_golden_full_job():
-    text = yaml.safe_dump_all(built(), sort_keys=True)
-    path = GOLDEN / "job_full.yaml"
-    if os.environ.get("UPDATE_GOLDEN"):
-        path.write_text(text)
-    assert text == path.read_text(), "run with UPDATE_GOLDEN=1 and review the diff"
+    check_golden("job_full.yaml", built())
 
 
 def test_worker_command_is_elastic_torchrun_against_dedicated_store():
@@ -330,11 +325,7 @@ def test_golden_job_network_policies():
     docs = [p for mode in ("restart", "perStep")
             for p in training.network_policies(OWNER, parse_job("mnist", {**FULL_SPEC, "faultTolerance": mode}, "t"),
                                                "lepton-system", OPERATOR_LABELS)]
-    text = yaml.safe_dump_all(docs, sort_keys=True)
-    path = GOLDEN / "job_network_policies.yaml"
-    if os.environ.get("UPDATE_GOLDEN"):
-        path.write_text(text)
-    assert text == path.read_text(), "run with UPDATE_GOLDEN=1 and review the diff"
+    check_golden("job_network_policies.yaml", docs)
 
 
 def test_the_store_accepts_only_the_jobs_workers_on_its_port():

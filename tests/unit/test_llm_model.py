@@ -3,11 +3,10 @@ defaults, golden YAML of its children for the built-in, vLLM and custom runtimes
 PromQL of its canary checks and autoscaling metrics."""
 
 import json
-import os
-import pathlib
 
 import pytest
 import yaml
+from golden_files import check_golden
 
 from lepton_trainer import contract
 from lepton_operator.model import objects
@@ -18,7 +17,6 @@ from planning import plan_model
 
 pytestmark = pytest.mark.unit
 
-GOLDEN = pathlib.Path(__file__).parent / "golden" / "model"
 OWNER = {"apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonModel",
          "metadata": {"name": "smol", "namespace": "ml", "uid": "u-456"}}
 SOURCE = PvcPath("models", "smollm2")
@@ -53,12 +51,6 @@ def problems(raw) -> str:
     return str(exc.value)
 
 
-def check_golden(name, objs):
-    text = yaml.safe_dump_all(objs, sort_keys=True)
-    path = GOLDEN / name
-    if os.environ.get("UPDATE_GOLDEN"):
-        path.write_text(text)
-    assert text == path.read_text(), "run with UPDATE_GOLDEN=1 and review the diff"
 
 
 def children(raw):
@@ -77,7 +69,7 @@ def env_of(container):
 
 def test_golden_builtin_language_model():
     s, rev, job, dep, svc = children({**BUILTIN, "networkPolicy": {"enabled": True}})
-    check_golden("llm_builtin.yaml", [job, dep, svc, *objects.network_policies(OWNER, s)])
+    check_golden("model/llm_builtin.yaml", [job, dep, svc, *objects.network_policies(OWNER, s)])
     job_env = env_of(job["spec"]["template"]["spec"]["containers"][0])
     assert job_env[contract.ENV_TASK] == "text-generation"
     assert job_env[contract.ENV_COMPRESSION_METHOD] == "int8-weight"
@@ -99,7 +91,7 @@ def test_golden_vllm_language_model():
     s, rev, job, dep, svc = children({**VLLM, "networkPolicy": {"enabled": True}})
     keda = objects.scaled_object(OWNER, s.autoscaling, f"smol-{rev}", "http://prom:9090", 1,
                                  s.serving.runtime_metrics)
-    check_golden("llm_vllm.yaml", [dep, svc, keda, *objects.network_policies(OWNER, s)])
+    check_golden("model/llm_vllm.yaml", [dep, svc, keda, *objects.network_policies(OWNER, s)])
     pod = dep["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert c["image"] == "vllm/vllm-openai:v0.11.0"
@@ -124,7 +116,7 @@ def test_golden_vllm_language_model():
 def test_golden_custom_runtime_language_model():
     s, rev, job, dep, svc = children(CUSTOM)
     hpa = objects.hpa(OWNER, s.autoscaling, f"smol-{rev}")
-    check_golden("llm_custom.yaml", [dep, svc, hpa])
+    check_golden("model/llm_custom.yaml", [dep, svc, hpa])
     assert job is None
     c = dep["spec"]["template"]["spec"]["containers"][0]
     assert c["image"] == "ghcr.io/example/llama-server:1" and "command" not in c and "args" not in c

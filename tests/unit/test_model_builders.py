@@ -2,11 +2,11 @@
 KEDA ScaledObject; table-driven checks for the rules (replica split, replicas ownership)."""
 
 import json
-import os
 import pathlib
 
 import pytest
 import yaml
+from golden_files import check_golden
 
 from lepton_operator.model import objects, state
 from lepton_operator.model.spec import InvalidSpec, PvcPath, artifact_path, parse_model, parse_uri
@@ -32,12 +32,6 @@ def spec(**over):
     return parse_model("digits", {**SPEC, **over}, "trainer:1")
 
 
-def check_golden(name, objects):
-    text = yaml.safe_dump_all(objects, sort_keys=True)
-    path = GOLDEN / name
-    if os.environ.get("UPDATE_GOLDEN"):
-        path.write_text(text)
-    assert text == path.read_text(), "run with UPDATE_GOLDEN=1 and review the diff"
 
 
 def test_golden_compression_job():
@@ -45,7 +39,7 @@ def test_golden_compression_job():
     rev = s.revision()
     src = PvcPath("models", "runs/digits")
     job = objects.compression_job(OWNER, s, rev, src, artifact_path(src, "digits", rev))
-    check_golden("compression_job.yaml", [job])
+    check_golden("model/compression_job.yaml", [job])
     c = job["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in c["env"]}
     assert env["LEPTON_MODEL_DIR"] == "/models/runs/digits"
@@ -80,7 +74,7 @@ def test_golden_serving_objects():
     rev = s.revision()
     objs = [objects.deployment(OWNER, s, rev, PvcPath("models", f"lepton-models/digits/{rev}"), 3),
             objects.service(OWNER)]
-    check_golden("serving.yaml", objs)
+    check_golden("model/serving.yaml", objs)
     dep, svc = objs
     c = dep["spec"]["template"]["spec"]["containers"][0]
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
@@ -93,16 +87,16 @@ def test_golden_serving_objects():
 def test_golden_hpa_and_keda():
     s = spec()
     a = s.autoscaling
-    check_golden("hpa_rps.yaml", [objects.hpa(OWNER, a, "digits-abc")])
-    check_golden("keda_rps.yaml", [objects.scaled_object(OWNER, a, "digits-abc", "http://prom:9090")])
+    check_golden("model/hpa_rps.yaml", [objects.hpa(OWNER, a, "digits-abc")])
+    check_golden("model/keda_rps.yaml", [objects.scaled_object(OWNER, a, "digits-abc", "http://prom:9090")])
     lat = spec(autoscaling={"engine": "hpa", "metric": "p95latency", "target": 0.25, "maxReplicas": 5})
     h = objects.hpa(OWNER, lat.autoscaling, "digits-abc")
-    check_golden("hpa_p95.yaml", [h])
+    check_golden("model/hpa_p95.yaml", [h])
     assert h["spec"]["metrics"][0]["external"]["target"] == {"type": "Value", "value": "250m"}
     q = spec(autoscaling={"engine": "keda", "metric": "query", "target": 3,
                           "query": 'sum(my_queue{ns="${namespace}",app="${model}"})'})
     k = objects.scaled_object(OWNER, q.autoscaling, "digits-abc", "http://prom:9090")
-    check_golden("keda_query.yaml", [k])
+    check_golden("model/keda_query.yaml", [k])
     # KEDA carries the query confined to the model's namespace
     assert k["spec"]["triggers"][0]["metadata"]["query"] == 'sum(my_queue{app="digits",namespace="ml",ns="ml"})'
     assert k["spec"]["triggers"][0]["metadata"]["ignoreNullValues"] == "false"
@@ -157,7 +151,7 @@ def test_read_result(pod, expected):
 
 def test_golden_gateway_route():
     objs = [objects.revision_service(OWNER, "r2"), objects.http_route(OWNER, [("r1", 75), ("r2", 25)])]
-    check_golden("httproute.yaml", objs)
+    check_golden("model/httproute.yaml", objs)
     route = objs[1]
     assert route["spec"]["parentRefs"] == [{"group": "", "kind": "Service", "name": "digits", "port": 8080}]
     assert [(b["name"], b["weight"]) for b in route["spec"]["rules"][0]["backendRefs"]] == \

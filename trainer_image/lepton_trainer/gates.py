@@ -67,19 +67,25 @@ class Gate:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
+def json_object(obj: Any, error: type[ValueError] = GateError) -> dict:
+    """The evaluation object as a dict, from a dict or its JSON (``error`` otherwise)."""
+    if isinstance(obj, str):
+        try:
+            obj = json.loads(obj)
+        except ValueError as e:
+            raise error(f"evaluation must be a JSON object: {e}") from None
+    if not isinstance(obj, dict):
+        raise error("evaluation must be a JSON object")
+    return obj
+
+
 def parse(obj: Any, max_drop: float | None = None, builtin: bool = False) -> Gate:
     """The gate from the evaluation object (None: the default for the model's format)."""
     if obj in (None, "", {}):
         if builtin:
             return Gate("data", "accuracy", max_drop=max_drop)
         return Gate("fidelity", "cosine", threshold=DEFAULT_THRESHOLD)
-    if isinstance(obj, str):
-        try:
-            obj = json.loads(obj)
-        except ValueError as e:
-            raise GateError(f"evaluation must be a JSON object: {e}") from None
-    if not isinstance(obj, dict):
-        raise GateError("evaluation must be a JSON object")
+    obj = json_object(obj)
     known = set(contract.EVALUATION_FIELDS)
     unknown = sorted(set(obj) - known)
     if unknown:

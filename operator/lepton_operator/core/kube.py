@@ -101,10 +101,18 @@ def request(method: str, url_path: str, body: Any = None, query: list[tuple[str,
             content_type: str = "application/json", timeout: float | None = None) -> Obj | None:
     """One HTTP request; raises ``ApiException`` on a non-2xx answer. ``timeout``: seconds
     for the whole request (None: ``REQUEST_TIMEOUT``)."""
+    data = _send(method, url_path, query or [], {"Content-Type": content_type, "Accept": "application/json"},
+                 body, timeout)
+    return json.loads(data) if data else None
+
+
+def _send(method: str, url_path: str, query: list[tuple[str, Any]], headers: dict[str, str], body: Any,
+          timeout: float | None) -> bytes:
+    """One HTTP request with the client's credentials, counted; the answer's body, or
+    ``ApiException`` on a non-2xx answer."""
     api = _api()
     method, url, headers, body, _ = api.param_serialize(
-        method=method, resource_path=url_path, query_params=query or [],
-        header_params={"Content-Type": content_type, "Accept": "application/json"},
+        method=method, resource_path=url_path, query_params=query, header_params=headers,
         body=body, auth_settings=["BearerToken"])
     resp = api.call_api(method, url, header_params=headers, body=body,
                         _request_timeout=timeout if timeout is not None else REQUEST_TIMEOUT)
@@ -113,7 +121,7 @@ def request(method: str, url_path: str, body: Any = None, query: list[tuple[str,
     if not 200 <= resp.status <= 299:
         raise ApiException(status=resp.status, reason=resp.reason,
                            body=data.decode("utf-8", "replace") if data else None)
-    return json.loads(data) if data else None
+    return data
 
 
 def describe(exc: BaseException) -> str:
@@ -216,18 +224,9 @@ def delete(api_version: str, kind: str, name: str, namespace: str | None = None,
 def pod_log(name: str, namespace: str, container: str, tail_lines: int, limit_bytes: int,
             timeout: float | None = None) -> str:
     """The last ``tail_lines`` lines of a container's log, ``limit_bytes`` bytes at most."""
-    api = _api()
     query = [("container", container), ("tailLines", tail_lines), ("limitBytes", limit_bytes)]
-    method, url, headers, body, _ = api.param_serialize(
-        method="GET", resource_path=path("v1", "Pod", namespace, name, "log"), query_params=query,
-        header_params={"Accept": "application/json, */*"}, auth_settings=["BearerToken"])
-    resp = api.call_api(method, url, header_params=headers,
-                        _request_timeout=timeout if timeout is not None else REQUEST_TIMEOUT)
-    data = resp.read()
-    metrics.API_REQUESTS.labels(method, str(resp.status)).inc()
-    if not 200 <= resp.status <= 299:
-        raise ApiException(status=resp.status, reason=resp.reason,
-                           body=data.decode("utf-8", "replace") if data else None)
+    data = _send("GET", path("v1", "Pod", namespace, name, "log"), query, {"Accept": "application/json, */*"},
+                 None, timeout)
     return data.decode("utf-8", "replace")
 
 

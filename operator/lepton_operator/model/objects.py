@@ -247,10 +247,7 @@ def _llm_env(spec: ModelSpec, model: str, namespace: str, revision: str) -> list
         return [*scratch_env(), *(copy.deepcopy(dict(v)) for v in s.env)]
     return [
         env(contract.ENV_TASK, spec.task),
-        env(contract.ENV_MODEL_DIR, MOUNT),
-        env(contract.ENV_MODEL_NAME, model),
-        env(contract.ENV_MODEL_NAMESPACE, namespace),
-        env(contract.ENV_MODEL_REVISION, revision),
+        *_served_model_env(model, namespace, revision),
         env(contract.ENV_MAX_PROMPT_TOKENS, g.max_prompt_tokens),
         env(contract.ENV_MAX_OUTPUT_TOKENS, g.max_output_tokens),
         env(contract.ENV_MAX_SEQUENCES, g.max_sequences),
@@ -265,16 +262,19 @@ def _llm_env(spec: ModelSpec, model: str, namespace: str, revision: str) -> list
     ]
 
 
+def _served_model_env(model: str, namespace: str, revision: str) -> list[Obj]:
+    """Where the server finds its model and the names its metrics carry (every runtime of the image)."""
+    return [env(contract.ENV_MODEL_DIR, MOUNT), env(contract.ENV_MODEL_NAME, model),
+            env(contract.ENV_MODEL_NAMESPACE, namespace), env(contract.ENV_MODEL_REVISION, revision)]
+
+
 def _serving_env(spec: ModelSpec, model: str, namespace: str, revision: str) -> list[Obj]:
     """The serving container's environment: the contract's variables, then the spec's."""
     s = spec.serving
     if spec.language_model:
         return _llm_env(spec, model, namespace, revision)
     return [
-        env(contract.ENV_MODEL_DIR, MOUNT),
-        env(contract.ENV_MODEL_NAME, model),
-        env(contract.ENV_MODEL_NAMESPACE, namespace),
-        env(contract.ENV_MODEL_REVISION, revision),
+        *_served_model_env(model, namespace, revision),
         env(contract.ENV_MAX_BATCH_SIZE, s.max_batch_size),
         env(contract.ENV_MAX_BATCH_DELAY_MS, s.max_batch_delay_ms),
         env(contract.ENV_MAX_CONCURRENT_REQUESTS, s.admission.max_concurrent_requests),

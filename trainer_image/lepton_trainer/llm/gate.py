@@ -33,7 +33,6 @@ are recorded too, with the fraction of prompts whose continuation equals the ori
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from importlib import resources
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any
 
 import torch
 
-from .. import contract
+from .. import contract, gates
 
 DEFAULT_MAX_PERPLEXITY_INCREASE = 0.10
 DEFAULT_MIN_TOKEN_AGREEMENT = 0.80
@@ -95,13 +94,7 @@ def parse(obj: Any) -> Gate:
     """The gate from the evaluation object (a dict or its JSON; None or empty: the defaults)."""
     if obj in (None, "", {}):
         return Gate()
-    if isinstance(obj, str):
-        try:
-            obj = json.loads(obj)
-        except ValueError as e:
-            raise GateError(f"evaluation must be a JSON object: {e}") from None
-    if not isinstance(obj, dict):
-        raise GateError("evaluation must be a JSON object")
+    obj = gates.json_object(obj, GateError)
     unknown = sorted(set(obj) - set(contract.LLM_EVALUATION_FIELDS))
     if unknown:
         raise GateError(f"unknown evaluation fields {unknown} for a language model; known: "

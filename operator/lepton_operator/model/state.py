@@ -930,7 +930,7 @@ def _serving_writes(spec: ModelSpec, observed: ModelObserved, owner: Mapping[str
                                            then=(Action.delete("v1", "Service", objects.deployment_name(name, rev),
                                                                namespace),)))
         applied = dataclasses.replace(applied, revision_services=applied.revision_services - {rev})
-    p.applied = _route(observed, owner, p, applied)
+    p.applied = _route(spec, observed, owner, p, applied)
     revs, a = p.status["revisions"], spec.autoscaling
     if _hpa_owned(spec) and revs.get("stable"):
         target = objects.deployment_name(name, revs["stable"])
@@ -971,7 +971,8 @@ def _deployment_writes(spec: ModelSpec, observed: ModelObserved, owner: Mapping[
     return applied
 
 
-def _route(observed: ModelObserved, owner: Mapping[str, Any], p: Plan, applied: Applied) -> Applied:
+def _route(spec: ModelSpec, observed: ModelObserved, owner: Mapping[str, Any], p: Plan,
+           applied: Applied) -> Applied:
     """Weight stable and canary exactly with an HTTPRoute where the Gateway API exists."""
     revs = p.status["revisions"]
     stable = revs.get("stable")

@@ -7,7 +7,7 @@ export LEPTON_CLUSTER_DIR := $(CLUSTER_DIR)
 
 .PHONY: sync-crds setup tools python system-deps images images-if-possible push cluster-up cluster-down cluster-status run test \
         test-unit test-integration test-trainer test-e2e test-chart test-real bench bench-realnode \
-        kserve-venv bench-serving kind-up kind-down help
+        kserve-venv bench-serving llama-cpp-venv bench-llm kind-up kind-down help
 
 help:
 	@echo "make run          set up, start the local control plane and run the operator on the quickstart example"
@@ -92,6 +92,13 @@ kserve-venv: python
 
 bench-serving: kserve-venv
 	$(PY) bench/serving.py --protocols
+
+# llama-cpp-python's OpenAI server in a virtualenv of its own (bench/llm.py compares against it).
+llama-cpp-venv: python
+	@bash hack/llama-cpp-venv.sh >/dev/null
+
+bench-llm: setup llama-cpp-venv
+	$(PY) bench/llm.py
 
 kind-up:
 	@command -v kind >/dev/null || go install sigs.k8s.io/kind@v0.29.0

@@ -29,7 +29,8 @@ def pytest_configure(config):
 # are handed out first (``--no-loadscope-reorder`` keeps this order), so that none of them
 # starts last and runs alone.
 LONGEST_FIRST: tuple[str, ...] = (
-    "tests/real/test_real_node.py", "tests/integration/test_chaos.py", "tests/trainer/test_elastic.py",
+    "tests/real/test_real_llm.py", "tests/real/test_real_node.py", "tests/integration/test_chaos.py",
+    "tests/trainer/test_elastic.py",
     "tests/e2e/test_contract.py", "tests/trainer/test_compress.py", "tests/trainer/test_train.py",
     "tests/integration/test_job_failures.py", "tests/integration/test_model_rollout_ends.py",
     "tests/trainer/test_real_model.py", "tests/integration/test_operator_ha.py",
@@ -41,6 +42,24 @@ LONGEST_FIRST: tuple[str, ...] = (
 def pytest_collection_modifyitems(config, items):
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
+
+REAL_NODE_TESTS = "tests/real/"     # one real node per machine: its modules share it, in one worker
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under ``--dist loadfile``, the real-node modules are one unit of work (they share the
+    session's real node, and a second worker could not start another on this machine)."""
+    if config.getoption("dist", None) != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return REAL_NODE_TESTS if scope.startswith(REAL_NODE_TESTS) else scope
+    return Scheduling(config, log)
 
 
 @pytest.fixture(scope="session")

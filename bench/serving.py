@@ -133,11 +133,15 @@ def free_port() -> int:
 
 
 class Served:
-    def __init__(self, label: str, cmd: list[str], port: int, log: Path):
-        self.label, self.cmd, self.port, self.log = label, cmd, port, log
-        self.url = f"http://127.0.0.1:{port}/v2/models/{NAME}/infer"
-        self.proc = subprocess.Popen(cmd, env=ENV, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+    """One server process in a session of its own, its output in ``log``; ready when
+    ``ready_path`` answers 200, and requests go to ``url``."""
+
+    def __init__(self, label: str, cmd: list[str], port: int, log: Path, env: dict | None = None,
+                 ready_path: str = f"/v2/models/{NAME}/ready", url_path: str = f"/v2/models/{NAME}/infer"):
+        self.label, self.cmd, self.port, self.log, self.ready_path = label, cmd, port, log, ready_path
+        self.url = f"http://127.0.0.1:{port}{url_path}"
+        self.proc = subprocess.Popen(cmd, env=ENV if env is None else env, stdout=open(log, "wb"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
 
     async def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -145,15 +149,15 @@ class Served:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"{self.label} exited with {self.proc.returncode}: "
-                                       f"{self.log.read_text()[-1500:]}")
+                                       f"{self.log.read_text(errors='replace')[-1500:]}")
                 try:
-                    async with s.get(f"http://127.0.0.1:{self.port}/v2/models/{NAME}/ready") as r:
+                    async with s.get(f"http://127.0.0.1:{self.port}{self.ready_path}") as r:
                         if r.status == 200:
                             return
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(0.2)
-        raise RuntimeError(f"{self.label} not ready after {timeout} s: {self.log.read_text()[-1500:]}")
+        raise RuntimeError(f"{self.label} not ready after {timeout} s: {self.log.read_text(errors='replace')[-1500:]}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -44,6 +44,18 @@ def test_first_deploy_then_ready_only_when_pods_are_ready():
     assert not p.ready and p.status["phase"] == "Degraded"
 
 
+def test_a_ready_model_scaled_down_stays_ready_while_its_deployment_shrinks():
+    """An autoscaler lowering the replicas: the Deployment still runs more ready pods than
+    wanted until it is patched, and the model stays Ready (never Degraded, never "2/1 ready")."""
+    s = spec()
+    rev = s.revision(SRC.uri)
+    p = plan(s, plan(s, {}, {}, total=2).status, {rev: ready(2)}, total=2)
+    assert p.ready and p.status["phase"] == "Ready"
+    p = plan(s, p.status, {rev: ready(2)}, total=1)
+    assert p.replicas[rev] == 1
+    assert p.ready and p.status["phase"] == "Ready", (p.reason, p.message)
+
+
 def test_the_compression_programs_verdict_stands():
     old = spec()
     prev = plan(old, {}, {}).status

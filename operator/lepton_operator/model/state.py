@@ -216,9 +216,11 @@ def deployment_view(d: Mapping[str, Any]) -> DeploymentView:
 
 
 def is_ready(view: DeploymentView | None, want: int) -> bool:
-    """All ``want`` pods of a Deployment are updated and ready (never while they crash)."""
-    return (view is not None and view.current and view.replicas == want
-            and view.ready >= want and view.updated >= want)
+    """All pods of a Deployment of at least ``want`` are updated and ready (never while they
+    crash): one still larger than ``want`` (an autoscaler scaling it down) is ready when all
+    its pods are."""
+    return (view is not None and view.current and view.replicas >= want
+            and view.ready >= view.replicas and view.updated >= view.replicas)
 
 
 @dataclasses.dataclass

@@ -7,9 +7,6 @@ measures it passes its checks; a section keeps the shape it was measured on and 
 * ``lighthouse_lost``: the Lighthouse (``<job>-rdzv``) of a running ``perStep`` job
   deleted; seconds until the replaced replica groups take their first step with the new
   one, and the failures counted for it (none may be).
-* ``store_unreachable``: a job whose rendezvous store sits on a node its workers cannot
-  reach (a kwok node, where nothing runs); seconds from the workers running to the job's
-  Ready condition saying so, and the failures counted (none may be).
 * ``promotion_under_load``: a new revision promoted while a client sends a steady stream
   through the model's Service; requests sent and failed, and the fewest ready serving pods
   seen across the promotion against the number before it.
@@ -31,7 +28,7 @@ from typing import Any
 import security
 
 RESULT = Path(__file__).resolve().parent / "results" / "operations.json"
-SECTIONS = ("lighthouse_lost", "store_unreachable", "promotion_under_load", "drain")
+SECTIONS = ("lighthouse_lost", "promotion_under_load", "drain")
 
 
 def record(section: str, path: Path = RESULT, **values: Any) -> dict[str, Any]:

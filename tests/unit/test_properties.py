@@ -646,11 +646,13 @@ def check_model_plan(spec, prev, plan: ms.Plan, status, revision, total, deploym
         assert not any(k in revs for k in ("canaryStep", "canaryWeight", "stepStartTime", "stepReadyTime"))
     # Replicas: whole numbers within the autoscaling bounds. A canary step's split runs at
     # most one more than asked (two at a total of 0: one each); a rollout without steps
-    # (replace) brings the new revision up next to the whole stable one, and so does a
-    # canary next to a stable revision an HPA holds.
+    # (replace) brings the new revision up next to the whole stable one, and so do a
+    # canary next to a stable revision an HPA holds and a promotion's retiring revision
+    # next to the new stable one.
     assert all(isinstance(n, int) and 0 <= n <= max(total, 1) for n in plan.replicas.values()), plan.replicas
     running = sum(plan.replicas.values())
-    surge = total + max(total, 1) if hold_stable or not steps else max(total, 1) + 1
+    surge = (total + max(total, 1) if hold_stable or not steps or revs.get("retiring")
+             else max(total, 1) + 1)
     assert running <= surge, (plan.replicas, total)
     if stable and canary is None and stable in plan.replicas:
         assert plan.replicas[stable] == total

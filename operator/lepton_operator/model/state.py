@@ -476,7 +476,8 @@ def _retire(m: _Model) -> None:
         p.events.append((EVENT_NORMAL, REASON_PROMOTED, f"revision {retiring} retired: every pod of "
                                                         f"revision {stable} is ready"))
         return
-    p.replicas.setdefault(retiring, m.deployments[retiring].replicas)
+    # (never more pods than the stable revision is asked for: an autoscaler may lower it meanwhile)
+    p.replicas.setdefault(retiring, min(m.deployments[retiring].replicas, max(m.total, 1)))
     p.requeue(1)
 
 
@@ -604,7 +605,8 @@ def _promote(m: _Model, target: PvcPath) -> bool:
     _drop_canary(m.revs)
     m.revs.update(stable=m.revision, stableURI=target.uri, stableMethod=_method(m), retiring=stable)
     old = m.deployments.get(stable)
-    m.plan.replicas[stable] = old.replicas if old is not None else m.plan.replicas.get(stable, 0)
+    kept = old.replicas if old is not None else m.plan.replicas.get(stable, 0)
+    m.plan.replicas[stable] = min(kept, max(m.total, 1))     # (an autoscaler may have lowered the total)
     m.plan.replicas[m.revision] = m.total
     m.plan.events.append((EVENT_NORMAL, REASON_PROMOTED, f"revision {m.revision} promoted to stable "
                                                          f"(replaces {stable})"))

@@ -835,13 +835,14 @@ def main(argv: list[str] | None = None) -> int:
     ``LEPTON_TASK=text-generation``) the OpenAI-compatible runtime of :mod:`llm.server`."""
     task, argv = task_of(sys.argv[1:] if argv is None else argv)
     if task == contract.TASK_TEXT_GENERATION:
-        from .llm import server as llm_server
-        return llm_server.main(argv)
+        from .llm import server as runtime
+    else:
+        runtime = sys.modules[__name__]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
+    args = runtime.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    return asyncio.run(serve(args))
+    return asyncio.run(runtime.serve(args))
 
 
 if __name__ == "__main__":

@@ -47,13 +47,11 @@ import logging
 import os
 import random
 import signal
-import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-import torch
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -696,15 +694,3 @@ async def serve(args: argparse.Namespace) -> int:
     await loop.run_in_executor(None, server.close)
     log.info("stopped")
     return server.exit_code
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return asyncio.run(serve(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -74,7 +74,7 @@ from pathlib import Path
 
 import aiohttp
 
-from serving import ROOT, Served, free_port
+from serving import ROOT, Served, free_port, venv_python
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path.home() / ".cache" / "lepton-operator" / "bench-llm"
@@ -223,12 +223,7 @@ def llama_cpp(python: str, gguf: Path, work: Path, args) -> Server:
 
 
 def llama_python(given: str | None) -> str:
-    if given:
-        return given
-    done = subprocess.run(["bash", str(ROOT / "hack" / "llama-cpp-venv.sh")], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"hack/llama-cpp-venv.sh failed: {done.stderr[-1500:]}")
-    return done.stdout.strip().splitlines()[-1]
+    return given or venv_python("llama-cpp-venv.sh")
 
 
 # --- load generation -----------------------------------------------------------------------------

@@ -189,11 +189,15 @@ def kserve(python: str | None, model_dir: Path, work: Path, label: str = "kserve
 def kserve_python(given: str | None) -> str:
     """``--kserve-python`` (or $KSERVE_PYTHON) when given, else the virtualenv that
     hack/kserve-venv.sh makes (idempotent: it only checks when the venv is there)."""
-    if given:
-        return given
-    done = subprocess.run(["bash", str(ROOT / "hack" / "kserve-venv.sh")], capture_output=True, text=True)
+    return given or venv_python("kserve-venv.sh")
+
+
+def venv_python(script: str) -> str:
+    """The python of the virtualenv ``hack/<script>`` makes (idempotent; it prints that
+    python last)."""
+    done = subprocess.run(["bash", str(ROOT / "hack" / script)], capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"hack/kserve-venv.sh failed: {done.stderr[-1500:]}")
+        raise RuntimeError(f"hack/{script} failed: {done.stderr[-1500:]}")
     return done.stdout.strip().splitlines()[-1]
 
 

@@ -81,6 +81,7 @@ REASON_DEADLINE = "DeadlineExceeded"
 REASON_WORKER_FAILED = "WorkerFailed"
 REASON_WORKER_DISRUPTED = "WorkerDisrupted"
 REASON_TRAINING_STALLED = "TrainingStalled"       # Running, but no training step within its window
+REASON_STORE_UNREACHABLE = "StoreUnreachable"     # workers cannot reach a store whose pod is Ready
 REASON_RESUMED = "Resumed"
 REASON_TEMPLATE_CHANGED = "TemplateChanged"
 REASON_TTL_EXPIRED = "TTLExpired"

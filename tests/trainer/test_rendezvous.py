@@ -32,7 +32,7 @@ def test_arguments_are_what_the_operator_runs():
         "--nnodes=2:4", "--nproc-per-node=8", "--rdzv-backend=c10d",
         "--rdzv-endpoint=job-rdzv:29400", "--rdzv-id=uid-1",
         "--rdzv-conf=is_host=false,join_timeout=600,last_call_timeout=2,close_timeout=10,"
-        "keep_alive_interval=3,keep_alive_max_attempt=3",
+        "keep_alive_interval=3,keep_alive_max_attempt=3,read_timeout=20",
         "--max-restarts=5", "--local-addr=10.0.0.7"]
     default = torchrun_args(endpoint="h:1", run_id="x", min_nodes=1, max_nodes=2, tuned=False)
     assert "last_call_timeout=30" in default[5] and "is_host=false" in default[5]

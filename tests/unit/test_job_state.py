@@ -353,3 +353,34 @@ def test_replica_groups_keep_running_through_a_replaced_lighthouse():
         plan = plan_job(META, s, {"phase": "Running"}, old, 4, NOW, store=fresh)
         assert plan.delete == [] and plan.create == [], plan
         assert plan.status.get("restarts", {}).get("uncounted", 0) == 0
+
+
+def test_workers_that_cannot_reach_a_ready_store_make_the_job_not_ready_until_one_reaches_it():
+    """The store's pod is Ready (its node says so) but the workers' connections go nowhere:
+    each fails at the store's connect timeout (20 s, not torch's 60). The job is not Ready
+    (StoreUnreachable, one Warning event) through the replacements, nothing is counted, and
+    leaves that state once a worker has run past twice the connect timeout."""
+    cause = "container worker exited with code 1 (Error): RendezvousConnectionError: The connection to the C10d store has failed."
+    ready_store = js.StoreView("2026-01-01T11:00:00Z", True, False)
+    failed = pod(1, "Failed", message=cause)
+    plan = plan_job(META, spec(backoffLimit=0), {"phase": "Running"}, [pod(0), failed], 4, NOW, store=ready_store)
+    assert plan.status["restarts"] == {"counted": 0, "uncounted": 1}
+    ready = cond(plan, COND_READY)
+    assert (ready["status"], ready["reason"]) == ("False", "StoreUnreachable") and "pod is Ready" in ready["message"]
+    assert [e[0] for e in plan.events if e[1] == "StoreUnreachable"].count("Warning") == 1
+    # next reconcile: the replacement runs, but not yet long enough to have reached the store
+    young = [pod(0, started_at="2026-01-01T11:59:50Z"), pod(1, uid="uid-1b", started_at="2026-01-01T11:59:50Z")]
+    again = plan_job(META, spec(backoffLimit=0), plan.status, young, 4, NOW, store=ready_store)
+    assert cond(again, COND_READY)["reason"] == "StoreUnreachable" and not any(e[0] == "Warning" for e in again.events)
+    # a second failure of the same kind: still one Warning in all
+    third = plan_job(META, spec(backoffLimit=0), again.status, [young[0], pod(1, "Failed", uid="uid-1c", message=cause)],
+                     4, NOW, store=ready_store)
+    assert cond(third, COND_READY)["reason"] == "StoreUnreachable" and not any(e[0] == "Warning" for e in third.events)
+    # a worker that has run for a minute reached it: the job is back to what its workers say
+    proven = [pod(0, started_at="2026-01-01T11:59:00Z"), pod(1, uid="uid-1d", started_at="2026-01-01T11:59:00Z")]
+    healthy = plan_job(META, spec(backoffLimit=0), again.status, proven, 4, NOW, store=ready_store)
+    assert cond(healthy, COND_READY)["reason"] == "Scaling" and healthy.status["phase"] == "Scaling"
+    # a store that is not Ready explains itself (lost or starting): no StoreUnreachable
+    starting = plan_job(META, spec(backoffLimit=0), {"phase": "Running"}, [pod(0), failed], 4, NOW,
+                        store=js.StoreView("2026-01-01T11:00:00Z", False, False))
+    assert cond(starting, COND_READY)["reason"] != "StoreUnreachable"

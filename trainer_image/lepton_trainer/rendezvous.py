@@ -66,10 +66,14 @@ DEFAULT_RDZV_CONF: Mapping[str, object] = {
 # stragglers; once max_nodes have joined the round completes at once whatever it is.
 # A lost node that the operator sees go is removed from the rendezvous at once (the
 # store's /v1/forget); the keep-alive covers the losses nobody reports (a partitioned or
-# frozen node): 3 s x 3 drops one after about 9 s.
+# frozen node): 3 s x 3 drops one after about 9 s. read_timeout bounds each store
+# operation, the agent's connection to the store included: an agent whose store does not
+# answer (its pod reported Ready on a node whose network does not carry it) fails after
+# STORE_CONNECT_TIMEOUT seconds, not torch's 60, and says so.
+STORE_CONNECT_TIMEOUT = 20
 TUNED_RDZV_CONF: Mapping[str, object] = {
     "is_host": "false", "join_timeout": 600, "last_call_timeout": 2, "close_timeout": 10,
-    "keep_alive_interval": 3, "keep_alive_max_attempt": 3,
+    "keep_alive_interval": 3, "keep_alive_max_attempt": 3, "read_timeout": STORE_CONNECT_TIMEOUT,
 }
 
 # Environment for every worker container. With torch's default (the agent of group rank

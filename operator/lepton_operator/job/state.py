@@ -33,7 +33,7 @@ from ..constants import (ANNOTATION_GENERATION, API_VERSION, JOB_KIND, ANNOTATIO
                          PHASE_RESTARTING, PHASE_RUNNING, PHASE_SCALING, PHASE_SUCCEEDED,
                          PHASE_SUSPENDED, REASON_BACKOFF_LIMIT, REASON_CAPACITY_TIMEOUT, REASON_CREATING,
                          REASON_DEADLINE,
-                         REASON_RESTARTING, REASON_RESUMED, REASON_RUNNING, REASON_SCALING,
+                         REASON_RESTARTING, REASON_RESUMED, REASON_RUNNING, REASON_SCALING, REASON_STORE_UNREACHABLE,
                          REASON_SUCCEEDED, REASON_SUSPENDED, REASON_TEMPLATE_CHANGED,
                          REASON_TRAINING_STALLED, REASON_TTL_EXPIRED, REASON_WAITING_FOR_CAPACITY,
                          REASON_WORKER_DISRUPTED, REASON_WORKER_FAILED, TERMINAL_PHASES)
@@ -44,6 +44,7 @@ from ..core.status import Outcome
 from ..scaling import prometheus
 from . import autoscale, fit, objects, progress
 from .spec import JobSpec
+from lepton_trainer.rendezvous import STORE_CONNECT_TIMEOUT
 
 # Pod-level reasons that mean the pod was taken away, not that the workload failed.
 DISRUPTION_REASONS = frozenset({"Evicted", "Preempting", "Preempted", "NodeLost", "Shutdown",
@@ -289,6 +290,7 @@ class _Job:
     stale: list[PodView] = dataclasses.field(default_factory=list)
     capacity_short: bool = False
     request: CapacityRequestView | None = None   # the ProvisioningRequest, if any
+    unreachable: str = ""               # why workers failed to reach a store whose pod is Ready
 
     @property
     def status(self) -> dict[str, Any]:
@@ -382,6 +384,7 @@ def count_failures(job: _Job) -> Outcome | None:
             retryable, message = True, f"the rendezvous store was lost ({message})"
         elif not retryable and STORE_UNREACHABLE.search(message):
             retryable, message = True, f"the rendezvous store or Lighthouse was unreachable ({message})"
+            _store_unreachable_now(job, message)
         restarts["uncounted" if retryable else "counted"] += 1
         plan.counted_uids.add(p.uid)
         plan.events.append((EVENT_NORMAL if retryable else EVENT_WARNING,
@@ -399,6 +402,39 @@ def count_failures(job: _Job) -> Outcome | None:
     # Workers replaced after a failure or a disruption: restarts that really happen.
     job.status["restartCount"] = job.status.get("restartCount", 0) + len(job.failed_now) + job.vanished
     return None
+
+
+# A worker Running this long has reached its store: it would have failed at the connect timeout.
+STORE_PROVEN_SECONDS = 2 * STORE_CONNECT_TIMEOUT
+
+
+def _store_unreachable_now(job: _Job, message: str) -> None:
+    """A worker failed to reach the store while the store's pod is Ready: its node does not
+    run it, or its network does not carry it. A person has to look (Warning, once)."""
+    store = job.store
+    if store is None or not store.ready or store.deleting:
+        return
+    job.unreachable = ("the workers cannot reach the rendezvous store although its pod is Ready (its node may not "
+                       f"run it, or that node's network may not carry it); replacing them, uncounted: {message}")
+    if _ready_condition(job).get("reason") != REASON_STORE_UNREACHABLE:
+        job.plan.events.append((EVENT_WARNING, REASON_STORE_UNREACHABLE, job.unreachable))
+
+
+def _ready_condition(job: _Job) -> Mapping[str, Any]:
+    return next((c for c in job.status.get("conditions") or () if c.get("type") == COND_READY), {})
+
+
+def store_unreachable(job: _Job) -> str:
+    """Why the job is not Ready for its store: a failure of that kind now, or one before (the
+    Ready condition says so) while no worker has run past the store's connect timeout yet."""
+    if job.unreachable:
+        return job.unreachable
+    ready = _ready_condition(job)
+    if ready.get("reason") != REASON_STORE_UNREACHABLE:
+        return ""
+    proven = any(p.phase == "Running" and (t := _ts(p.started_at)) and (job.now - t).total_seconds() > STORE_PROVEN_SECONDS
+                 for p in job.active)
+    return "" if proven else ready.get("message", "")
 
 
 def check_deadline(job: _Job) -> Outcome | None:
@@ -543,6 +579,8 @@ def summarise(job: _Job) -> Outcome:
     running = [p for p in job.active if p.phase == "Running" and p.name not in plan.delete]
     have = min(len(job.active), w.replicas)
     total = have + len(plan.create)
+    if unreachable := store_unreachable(job):
+        return Outcome(PHASE_RESTARTING, REASON_STORE_UNREACHABLE, unreachable)
     if job.stale:
         return Outcome(PHASE_RESTARTING, REASON_TEMPLATE_CHANGED,
                        f"replacing {len(job.stale)} worker(s) built from an older template")

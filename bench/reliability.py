@@ -11,8 +11,8 @@ Runs, each on its own local control plane (hack/localcluster.py):
 - scale from zero (``--zero-runs`` times, median): a job whose pool has no node, from
   apply to its gang's Pending pods, and from the node appearing to the job Running; then
   a worker of it fails (exit 1), and the time to its replacement Running;
-- load (bench/jobs.py --jobs 1000 --workers 1): operator RSS, reconcile p50/p99 and API
-  requests per job.
+- load (bench/jobs.py --jobs 1000 --workers 1 --operators lepton): operator RSS, reconcile
+  p50/p99 and API requests per job.
 
     .venv/bin/python bench/reliability.py [--jobs 1000] [--zero-runs 5] [--parts suites,zero,load]
 
@@ -153,8 +153,9 @@ def main() -> None:
         result["scale_from_zero"] = scale_from_zero(args.zero_runs)
     if "load" in parts:
         subprocess.run([PY, str(ROOT / "bench" / "jobs.py"), "--jobs", str(args.jobs), "--workers", "1",
-                        "--out", "reliability-load.json"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-        load = json.loads((RESULTS / "reliability-load.json").read_text())
+                        "--operators", "lepton", "--out", "reliability-load.json"],
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        [load] = json.loads((RESULTS / "reliability-load.json").read_text())["rows"]
         result["load"] = {"jobs": load["jobs"], "operator_rss_mib": load["operator_rss_mib"],
                           "reconcile_seconds": load["reconcile_seconds"],
                           "api_requests_per_job": load["api_requests"]["per_job"],

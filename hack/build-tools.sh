@@ -9,6 +9,8 @@
 #   kube-router (the real node's NetworkPolicy engine, firewall only) <- github.com/cloudnativelabs/kube-router/v2
 #   pause (the real node's sandbox process)                           <- hack/pause
 #   kstatus (Flux's health verdict, for tests/chart/test_kstatus.py)  <- hack/kstatus
+#   training-operator (Kubeflow's, the peer in bench/jobs.py; only     <- github.com/kubeflow/training-operator
+#     built when asked: `hack/build-tools.sh training-operator`)
 # Results land in $LEPTON_CACHE/bin/<tool>-<version>; a second run builds nothing.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -117,6 +119,17 @@ build_kstatus() {
   mv "$BIN/kstatus-$v.tmp.$$" "$BIN/kstatus-$v"
 }
 
+# Kubeflow's training-operator v1 (PyTorchJob), the peer bench/jobs.py measures beside ours.
+# Not part of `all`: nothing but that benchmark needs it.
+build_training_operator() {
+  local v=$TRAINING_OPERATOR_VERSION
+  have training-operator "$v" && return 0
+  log "go install github.com/kubeflow/training-operator/cmd/training-operator.v1@$v"
+  local gobin=$CACHE/build/gobin-training-operator-$v
+  GOBIN=$gobin go install -ldflags "-s -w" "github.com/kubeflow/training-operator/cmd/training-operator.v1@$v"
+  mv "$gobin/training-operator.v1" "$BIN/training-operator-$v"
+}
+
 main() {
   local only=${1:-all}
   case $only in
@@ -132,7 +145,8 @@ main() {
     kube-router) build_kube_router ;;
     pause) build_pause ;;
     kstatus) build_kstatus ;;
-    *) echo "usage: $0 [all|kubernetes|etcd|kwok|helm|coredns|kube-router|pause|kstatus]" >&2; exit 2 ;;
+    training-operator) build_training_operator ;;
+    *) echo "usage: $0 [all|kubernetes|etcd|kwok|helm|coredns|kube-router|pause|kstatus|training-operator]" >&2; exit 2 ;;
   esac
   log "tools ready in $BIN"
 }

@@ -57,7 +57,7 @@ from common import CACHE, HACK, ROOT, issue_cert, kubeconfig, openssl, versions 
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = "nvidia.com/gpu.present"
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
-SERVICE_CIDR = "10.0.0.0/20"     # 4,094 ClusterIPs: a rendezvous Service per job, for bench/jobs.py at 1,000 jobs
+SERVICE_CIDR = "10.0.0.0/18"     # 16,382 ClusterIPs: a rendezvous Service per job, for bench/jobs.py at 5,000 jobs
 PROCESS_ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "prometheus")
 LOOPBACK = "127.0.0.1"
 

@@ -87,3 +87,28 @@ def test_the_loop_remembers_the_token_of_the_secret_it_created(answer, remembere
     assert memory.rdzv_token == remembered
     assert "t0ken" not in repr(memory)
 
+
+
+@pytest.mark.parametrize("status, children, reads", [
+    ({}, {}, 0),                                             # a new job: nothing of it exists yet
+    ({"phase": "Pending"}, {}, 1),                           # reconciled before: the Secret may exist
+    ({}, {("ns", "train"): ["train-rdzv"]}, 1),              # a child exists: so may the Secret
+])
+def test_a_new_jobs_token_is_made_without_reading_the_secret(monkeypatch, status, children, reads):
+    import asyncio
+
+    from lepton_operator.core import kube
+    calls = []
+
+    async def answer(fn, *args, **kwargs):
+        calls.append((fn.__name__, args))
+        return None                                          # the Secret does not exist
+    monkeypatch.setattr(kube, "aio", answer)
+    indices = {"lepton_job_workers": {}, "lepton_job_rdzv_pods": {}, "lepton_pod_requests": {}, "lepton_nodes": {},
+               "lepton_job_services": children, "lepton_job_network_policies": {}}
+    body = {"metadata": {**META, "namespace": "ns"}, "spec": {}, "status": status}
+    observed = asyncio.run(observe.observe(body, spec(), observe.new_memory(status), indices,
+                                           Capacity(wake=lambda *_: None)))
+    assert observed.store_secret is not None and observed.store_secret.exists is False
+    assert len(observed.store_secret.token) >= 32
+    assert [args for name, args in calls if name == "get"] == [("v1", "Secret", "train-rdzv", "ns")] * reads

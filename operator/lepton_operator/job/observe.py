@@ -159,13 +159,18 @@ async def _store_secret(spec: JobSpec, meta: Mapping[str, Any], memory: JobMemor
                         lost: bool) -> state.StoreSecret | None:
     """The store's token when a plan may need it: a c10d store pod to create (its Secret
     comes first), or lost workers to report. From the memory, else read once from the
-    Secret; a new random one when the Secret does not exist (the plan creates it)."""
+    Secret; a new random one when the Secret does not exist (the plan creates it), or when
+    nothing of the job exists yet (no status, no child), without reading: should an earlier
+    operator have created the Secret before it wrote any status, the create finds it (409)
+    and the token is read from it when next needed."""
     name = objects.rdzv_name(meta["name"])
     if spec.per_step or spec.suspend or memory.status.get("phase") in TERMINAL_PHASES \
             or (("Pod", name) in children and not lost):
         return None
     if memory.rdzv_token:
         return state.StoreSecret(memory.rdzv_token, exists=True)
+    if not memory.status and not children:
+        return state.StoreSecret(secrets.token_urlsafe(32), exists=False)
     secret = await kube.aio(kube.get, "v1", "Secret", name, meta["namespace"])
     if secret is None:
         return state.StoreSecret(secrets.token_urlsafe(32), exists=False)

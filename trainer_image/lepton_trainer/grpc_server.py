@@ -203,7 +203,7 @@ class InferenceServicer:
                 raise v2.ProtocolError(f"unknown outputs {unknown}; known: {known}")
             arrays, rows = await self.s.offload(size, self._inputs, request)
             self.s.admission.add_rows(ticket, rows)
-            out = await self.s.infer_arrays(arrays, timeout=self._timeout(request, context))
+            out = await self.s.infer_arrays(arrays, timeout=self._timeout(request, context), size=size)
         except v2.TooManyRows as e:
             raise refused(self.s.too_many_rows(e)) from None
         except v2.ProtocolError as e:
@@ -220,8 +220,11 @@ class InferenceServicer:
 
     async def ModelInfer(self, request, context):
         # the metrics are recorded before the status goes out, so a client that reads
-        # them right after its answer sees its own request counted
-        t0 = self.s.begin()
+        # them right after its answer sees its own request counted. grpc.aio hands the
+        # servicer one RPC at a time, so one that finds the server empty may still have
+        # many behind it: its batch runs in the worker thread, and the event loop takes
+        # in the next RPCs meanwhile, which then batch.
+        t0 = self.s.begin(may_run_alone=False)
         try:
             response, rows = await self._infer(request, context)
         except Abort as e:

@@ -29,7 +29,11 @@ forward pass in a worker thread while the event loop keeps accepting requests. T
 requests to a Hugging Face model run together whatever their token lengths: they are
 padded to the longest (masked) and each answer is cut back to its own length. A request
 with more rows than ``--max-batch-size`` runs as a batch of its own. If a batched forward
-pass fails, its requests are retried one by one so that one bad request fails alone.
+pass fails, its requests are retried one by one so that one bad request fails alone. A
+lone request (it finds the server empty) to a model whose forward passes take under a
+millisecond runs on the event loop itself: the hand-off to the worker thread and back
+would cost more than the forward pass. The event loop is uvloop's when it is installed
+(the image installs it), and JSON is read and written with orjson.
 
 Load is shed before it can exhaust the process (:mod:`admission`): at most
 ``--max-concurrent-requests`` inference requests at once, ``--max-queued-requests``
@@ -82,6 +86,15 @@ from . import admission, contract, grpc_server, modelio, v2
 from .admission import Refused
 from .v2 import EXTENSIONS, VERSION, ModelFailed
 
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as time_limit
+else:                                     # aiohttp's dependency before Python 3.11
+    from async_timeout import timeout as time_limit
+try:
+    import uvloop                         # the faster event loop, when installed (the image has it)
+except ImportError:                       # pragma: no cover - the image and .venv install it
+    uvloop = None
+
 log = logging.getLogger("lepton_trainer.serve")
 
 
@@ -95,6 +108,7 @@ class QuietAccessLogger(web_log.AccessLogger):
             super().log(request, response, time)
 
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+INLINE_NS = 1_000_000               # a lone request runs on the loop if forward passes are shorter
 OFFLOAD_BYTES = 64 * 1024           # bodies (and answers) larger than this leave the event loop
 CLIENT_CLOSED = 499                 # metric code of a request whose client went away
 CONTENT_TYPES = ("application/json", "application/octet-stream")
@@ -134,15 +148,19 @@ class Batcher:
     def __init__(self, forward: Callable[[Any], dict[str, torch.Tensor]],
                  max_rows: int, max_delay_s: float, on_batch: Callable[[int], None],
                  model: Callable[[], Any] | None = None, max_queued: int = 0,
-                 on_refuse: Callable[[str], None] = lambda reason: None):
+                 on_refuse: Callable[[str], None] = lambda reason: None,
+                 in_server: Callable[[], int] = lambda: 0):
         self.forward, self.max_rows, self.max_delay_s, self.on_batch = forward, max_rows, max_delay_s, on_batch
         self.model = model     # returns the LoadedModel whose batch_key/collate/uncollate apply
         self.on_refuse = on_refuse
+        self.in_server = in_server   # requests in the server now, batched or not
+        self.lone = False            # set when a request finds the server empty; each batch clears it
         self.queue: asyncio.Queue = asyncio.Queue(max_queued)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self._task: asyncio.Task | None = None
         self.draining = False     # set on shutdown: open batches run without waiting
         self.executions = 0
+        self.rows_run = 0
         self.compute_ns = 0
 
     def start(self) -> None:
@@ -166,6 +184,19 @@ class Batcher:
             raise Refused("queue_full", f"server busy: {self.queue.maxsize} requests are waiting "
                                         f"for a batch, the limit") from None
         return await fut
+
+    def _on_loop(self, rows: int, items: int) -> bool:
+        """A lone request (it found the server empty, and no other came in since) runs
+        on the event loop itself, without the hand-off to the worker thread and back,
+        when the forward passes so far took under ``INLINE_NS`` on average, scaled by
+        its rows over their average rows: then the hand-off costs more than the forward
+        pass, and the loop is blocked for under a millisecond. Under load, batches run
+        in the worker thread while the loop takes in the requests of the next one."""
+        lone, self.lone = self.lone, False
+        if not self.executions or not lone or self.in_server() > items:
+            return False
+        scale = max(1.0, rows * self.executions / max(1, self.rows_run))
+        return self.compute_ns * scale < INLINE_NS * self.executions
 
     def _expired(self, items: list) -> list:
         """``items`` less those whose client went away or whose deadline passed (answered
@@ -202,12 +233,13 @@ class Batcher:
             rows += item[3]
         return items, carry
 
-    def _call(self, x):
+    def _call(self, x, rows: int):
         t0 = time.perf_counter_ns()
         try:
             return self.forward(x)
         finally:
             self.executions += 1
+            self.rows_run += rows
             self.compute_ns += time.perf_counter_ns() - t0
 
     async def _forward(self, items: list) -> None:
@@ -219,9 +251,11 @@ class Batcher:
             x = model.collate([it[0] for it in items])
         else:
             x = {k: torch.cat([it[0][k] for it in items]) for k in items[0][0]}
+        rows = sum(it[3] for it in items)
         try:
-            self.on_batch(sum(it[3] for it in items))
-            out = await loop.run_in_executor(self.executor, self._call, x)
+            self.on_batch(rows)
+            out = (self._call(x, rows) if self._on_loop(rows, len(items))
+                   else await loop.run_in_executor(self.executor, self._call, x, rows))
         except Exception as e:  # noqa: BLE001 - the error goes to the callers
             if len(items) > 1:      # retry alone, so that one bad request fails alone
                 log.warning("a batch of %d requests failed (%s); running them one by one", len(items), e)
@@ -304,6 +338,7 @@ class ModelServer:
         self.registry = CollectorRegistry()
         names = list(labels)
         self.labels = labels
+        self._by_code: dict[int, Any] = {}     # the request counter's child per status code
         self.requests = Counter(contract.METRIC_SERVE_REQUESTS.removesuffix("_total"),
                                 "Inference requests by HTTP status code", names + ["code"],
                                 registry=self.registry)
@@ -321,7 +356,8 @@ class ModelServer:
             self.refused.labels(**labels, reason=reason)
         self.batcher = Batcher(self._forward, max_batch_size, max_batch_delay_ms / 1000.0,
                                self.batch_size.observe, model=lambda: self.model,
-                               max_queued=self.shedding.max_queued, on_refuse=self._count_refusal)
+                               max_queued=self.shedding.max_queued, on_refuse=self._count_refusal,
+                               in_server=lambda: self.admission.requests)
         self.admission = admission.Admission(self.shedding.max_concurrent, self._count_refusal)
         self._limit_gauges(names)
         self.decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")
@@ -416,12 +452,13 @@ class ModelServer:
             return False
 
     async def infer_arrays(self, tensors: dict[str, np.ndarray], warm_up: bool = False,
-                           timeout: float | None = None) -> dict[str, np.ndarray]:
-        """The shared core of REST and gRPC: prepare, batch, run, convert. A request that
+                           timeout: float | None = None, size: int = 0) -> dict[str, np.ndarray]:
+        """The shared core of REST and gRPC: prepare (in the decoder thread when the
+        request's ``size`` in bytes is large), batch, run, convert. A request that
         waits for a batch longer than the queue timeout (or ``timeout`` seconds, if
         shorter) is refused uncomputed."""
         loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(self.decoder, self.model.prepare, tensors)
+        prepared = await self.offload(size, self.model.prepare, tensors)
         wait = self.shedding.queue_timeout_ms / 1000.0
         if timeout is not None:
             wait = min(wait, timeout)
@@ -435,15 +472,21 @@ class ModelServer:
         return {s.name: modelio.to_numpy(out[s.name], s.datatype) for s in self.model.outputs}
 
     # shared request accounting (REST and gRPC) ------------------------------------------
-    def begin(self) -> float:
+    def begin(self, may_run_alone: bool = True) -> float:
+        """Count a request in; one that finds the server empty may run on the event loop
+        (``Batcher``) unless ``may_run_alone`` is false."""
         self.inflight.inc()
+        self.batcher.lone = may_run_alone and self.admission.requests == 0
         return time.perf_counter()
 
     def end(self, t0: float, code: int, rows: int = 0) -> None:
         elapsed = time.perf_counter() - t0
         self.inflight.dec()
         self.latency.observe(elapsed)
-        self.requests.labels(**self.labels, code=str(code)).inc()
+        counter = self._by_code.get(code)
+        if counter is None:
+            counter = self._by_code[code] = self.requests.labels(**self.labels, code=str(code))
+        counter.inc()
         if code != CLIENT_CLOSED and code not in (404, 413, 415):
             self.stats.record(code == 200, int(elapsed * 1e9), rows)
 
@@ -573,7 +616,10 @@ class ModelServer:
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             raise self._too_large()
         try:
-            return await asyncio.wait_for(request.read(), self.body_timeout)
+            if request.content.is_eof():      # the whole body came with the headers
+                return await request.read()
+            async with time_limit(self.body_timeout):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise self._too_large() from None
         except asyncio.TimeoutError:
@@ -631,7 +677,8 @@ class ModelServer:
             req = await self.offload(len(body), v2.parse_rest, body, header_len, m.inputs,
                                      m.outputs, self.max_request_rows)
             self.admission.add_rows(ticket, req.rows)
-            out = await self.infer_arrays(req.inputs, timeout=req.timeout_us and req.timeout_us / 1e6)
+            out = await self.infer_arrays(req.inputs, timeout=req.timeout_us and req.timeout_us / 1e6,
+                                          size=len(body))
             size = sum(a.nbytes for a in out.values() if a.dtype != object)
             tensors = [(n, m_spec.datatype, out[n]) for n in req.outputs
                        for m_spec in m.outputs if m_spec.name == n]
@@ -842,6 +889,8 @@ def main(argv: list[str] | None = None) -> int:
     args = runtime.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if uvloop is not None:
+        return uvloop.run(runtime.serve(args))
     return asyncio.run(runtime.serve(args))
 
 

@@ -1,6 +1,6 @@
 """Open Inference Protocol v2 tensors: datatypes, the JSON and binary encodings, and
 request validation against a model's signature, and what the server answers alike on
-both APIs (its metadata, the model version, the errors). Pure (numpy only): the REST and
+both APIs (its metadata, the model version, the errors). Pure (numpy, orjson): the REST and
 gRPC front ends both use it, so both reject the same bad input with the same reason.
 
 A tensor travels as a numpy array in the datatype's natural dtype, except ``BF16``,
@@ -22,6 +22,7 @@ import struct
 from typing import Any, Iterable
 
 import numpy as np
+import orjson
 
 NUMPY = {
     "BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
@@ -194,6 +195,10 @@ def loads(raw: bytes | str) -> Any:
     """Strict JSON: no NaN/Infinity literals, nesting at most MAX_JSON_DEPTH."""
     if not _depth_ok(raw):
         raise ProtocolError(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
+    try:                # orjson: the fast path; what it refuses, json reads or explains
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
     try:
         return json.loads(raw, parse_constant=_reject_constant)
     except ProtocolError:
@@ -445,7 +450,7 @@ def rest_response(model_name: str, model_version: str | None, req_id: str | None
         payload["model_version"] = model_version
     if req_id is not None:
         payload["id"] = req_id
-    head = json.dumps(payload, allow_nan=False, separators=(",", ":")).encode()
+    head = orjson.dumps(payload)         # the JSON outputs are finite (finite_or_raise)
     if not blobs:
         return head, None
     return b"".join([head, *blobs]), len(head)

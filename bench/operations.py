@@ -5,8 +5,8 @@ measures it passes its checks; a section keeps the shape it was measured on and 
 (``at``), and a run that did not reach a test leaves that test's section as it was.
 
 * ``lighthouse_lost``: the Lighthouse (``<job>-rdzv``) of a running ``perStep`` job
-  deleted; seconds until the new one is ready and until the same replica groups (no
-  restart) take their first step with it, and the failures and restarts it cost (none may).
+  deleted; seconds until the replaced replica groups take their first step with the new
+  one, and the failures counted for it (none may be).
 * ``promotion_under_load``: a new revision promoted while a client sends a steady stream
   through the model's Service; requests sent and failed, and the fewest ready serving pods
   seen across the promotion against the number before it.

@@ -717,42 +717,34 @@ def test_a_per_step_job_keeps_its_survivor_running_through_a_lost_worker_pod(wor
 
 
 def _lose_the_lighthouse(c) -> None:
-    """The rendezvous pod (the Lighthouse) of the running perStep job is deleted. The
-    operator recreates it; the replica groups keep running: each group's manager asks the
-    new Lighthouse itself (torchft's quorum retries, which the operator sets), so training
-    goes on in the same processes with their state, nothing restarts and nothing counts."""
-    selector = f"lepton.ai/job={FT_JOB},lepton.ai/role=worker"
-    before = {p["metadata"]["name"]: p["metadata"]["uid"] for p in _json(c, "get", "pods", "-n", NS, "-l", selector)["items"]}
-    old = _json(c, "get", "pod", f"{FT_JOB}-rdzv", "-n", NS)["metadata"]["uid"]
-    restarts = _job_status(c, FT_JOB)["restarts"]
+    """The rendezvous pod (the Lighthouse) of the running perStep job is deleted. Its
+    replica groups would wait in a quorum the new Lighthouse never answers, for the
+    quorum timeout (joinTimeoutSeconds, 600 s); the operator replaces them as soon as the
+    new Lighthouse is ready, uncounted, and training resumes from the checkpoint."""
+    before = {p["metadata"]["name"]: p["metadata"]["uid"] for p in _json(
+        c, "get", "pods", "-n", NS, "-l", f"lepton.ai/job={FT_JOB},lepton.ai/role=worker")["items"]}
     t_delete = time.time()
     c.kubectl("delete", "pod", f"{FT_JOB}-rdzv", "-n", NS, "--wait=false")
 
-    def new_lighthouse_ready():
-        out = c.kubectl("get", "pod", f"{FT_JOB}-rdzv", "-n", NS, "-o", "json", check=False)
-        pod = json.loads(out) if out.lstrip().startswith("{") else {}
-        ready = any(x["type"] == "Ready" and x["status"] == "True" for x in pod.get("status", {}).get("conditions", []))
-        return time.time() if pod.get("metadata", {}).get("uid", old) != old and ready else None
-
-    def stepped(after: float):
-        found = [s for name in before for s in steps(timestamped_logs(c, name)) if s[0] > after]
-        return min(found) if len(before) == 2 and found else None
+    def resumed():
+        pods = _json(c, "get", "pods", "-n", NS, "-l", f"lepton.ai/job={FT_JOB},lepton.ai/role=worker")["items"]
+        fresh = [p["metadata"]["name"] for p in pods if p["metadata"]["uid"] not in before.values()
+                 and not p["metadata"].get("deletionTimestamp")]
+        after = [s for name in fresh for s in steps(timestamped_logs(c, name)) if s[0] > t_delete]
+        return min(after) if len(fresh) == 2 and after else None
     try:
-        t_ready = wait_for("a new, ready Lighthouse", new_lighthouse_ready, timeout=120)
-        first = wait_for("the replica groups to step with the new Lighthouse", lambda: stepped(t_ready), timeout=120)
+        first = wait_for("replaced replica groups to step with the new Lighthouse", resumed, timeout=240)
     except AssertionError:
         raise AssertionError(dump(c, NS)) from None
-    pods = _json(c, "get", "pods", "-n", NS, "-l", selector)["items"]
-    assert {p["metadata"]["name"]: p["metadata"]["uid"] for p in pods} == before
-    assert all(p["status"]["containerStatuses"][0]["restartCount"] == 0 for p in pods)
-    status = _job_status(c, FT_JOB)
-    assert status["restarts"] == restarts, status       # a replaced Lighthouse is nobody's failure
+    status = _json(c, "get", "lj", FT_JOB, "-n", NS)["status"]
+    assert status["restarts"]["counted"] == 0, status      # a replaced Lighthouse is nobody's failure
+    events = c.kubectl("get", "events", "-n", NS, "--field-selector", f"involvedObject.name={FT_JOB}")
+    assert "the Lighthouse was replaced" in events, events
     record("per_step_lighthouse_deleted_to_step_seconds", round(first[0] - t_delete, 1))
     operations.record("lighthouse_lost", shape="perStep, 2 replica groups (workers min 1, max 2) of 500m CPU, "
                       "gloo on CPU", deleted_to_first_step_seconds=round(first[0] - t_delete, 1),
-                      deleted_to_new_lighthouse_ready_seconds=round(t_ready - t_delete, 1),
-                      counted_failures=status["restarts"]["counted"] - restarts["counted"],
-                      restarts=status["restarts"]["uncounted"] - restarts["uncounted"])
+                      counted_failures=status["restarts"]["counted"],
+                      uncounted_restarts=status["restarts"]["uncounted"])
 
 
 def _job_status(c, name: str) -> dict:

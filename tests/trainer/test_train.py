@@ -143,35 +143,6 @@ def test_per_step_replica_groups_train_exactly_as_one_process(tmp_path, procs):
         torch.testing.assert_close(four["model"][name], tensor, rtol=1e-4, atol=1e-5)
 
 
-def test_a_per_step_group_finds_a_replaced_lighthouse_without_restarting(tmp_path, procs):
-    """The Lighthouse stops while a replica group trains and a new one starts on the same
-    address (a recreated rendezvous pod behind its Service). With the quorum retries the
-    operator sets, the group's manager asks again, reconnecting, and steps on with its own
-    state: the same worker process, no resume from a checkpoint. Without them its first
-    failed quorum ends the process."""
-    port = free_port()
-    lighthouse = [sys.executable, "-m", "lepton_trainer.lighthouse", "--host", "127.0.0.1", "--port", str(port),
-                  "--min-replicas", "1"]
-    procs.append(first := Proc(lighthouse, tmp_path / "lighthouse-1.log"))
-    first.wait_for("lighthouse ready")
-    env = {**WORKER_ENV, "TORCHFT_LIGHTHOUSE": f"http://127.0.0.1:{port}", "POD_IP": "127.0.0.1",
-           "LEPTON_REPLICA_ID": "group-0", "LEPTON_MIN_REPLICAS": "1", "LEPTON_FAULT_TOLERANCE": "perStep",
-           "TORCHFT_QUORUM_TIMEOUT_SEC": "600", "TORCHFT_QUORUM_RETRIES": "600"}
-    procs.append(group := Proc([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-                                "--nproc-per-node=1", "-m", "lepton_trainer.train", "--steps", "1000000",
-                                "--log-every", "10", "--metrics-port", "0",
-                                "--checkpoint-dir", str(tmp_path / "ckpt")], tmp_path / "group.log", env))
-    group.wait_for(r"event=step step=20 ")
-    first.stop()
-    offset = len(group.text())
-    procs.append(second := Proc(lighthouse, tmp_path / "lighthouse-2.log"))
-    second.wait_for("lighthouse ready")
-    resumed = int(group.wait_for(r"event=step step=(\d+) ", after=offset).group(1))
-    assert resumed > 20 and group.popen.poll() is None
-    assert len(re.findall(r"event=start ", group.text())) == 1, group.text()[-3000:]
-    assert "event=resume" not in group.text()
-
-
 def test_checkpoint_from_another_configuration_is_refused(tmp_path, procs):
     train = [sys.executable, "-m", "lepton_trainer.train", "--checkpoint-dir",
              str(tmp_path / "ckpt"), "--steps", "10", "--metrics-port", "0"]

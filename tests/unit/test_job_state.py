@@ -343,16 +343,22 @@ def test_a_worker_that_could_not_reach_its_store_is_not_counted(cause):
     assert plan_job(META, spec(backoffLimit=0), {"phase": "Running"}, [pod(0), plain], 4, NOW).status["phase"] == "Failed"
 
 
-def test_replica_groups_keep_running_through_a_replaced_lighthouse():
-    """perStep: the survivors of a Lighthouse loss find the new one themselves (torchft asks
-    again, reconnecting, once a second: TORCHFT_QUORUM_RETRIES), keeping their state; the
-    operator replaces nothing, whether the new Lighthouse is ready or not."""
+def test_replica_groups_that_joined_a_replaced_lighthouse_restart_at_once():
+    """perStep: the survivors of a Lighthouse loss would wait out the quorum timeout (600 s);
+    once the new Lighthouse is ready they are replaced, uncounted."""
     s = spec(faultTolerance="perStep", workers={"min": 2, "max": 2, "replicas": 2})
     old = [pod(i, started_at="2026-01-01T11:00:00Z") for i in range(2)]
-    for fresh in (js.StoreView("2026-01-01T11:59:00Z", True, False), js.StoreView("2026-01-01T11:59:00Z", False, False)):
-        plan = plan_job(META, s, {"phase": "Running"}, old, 4, NOW, store=fresh)
-        assert plan.delete == [] and plan.create == [], plan
-        assert plan.status.get("restarts", {}).get("uncounted", 0) == 0
+    fresh = js.StoreView("2026-01-01T11:59:00Z", True, False)
+    plan = plan_job(META, s, {"phase": "Running"}, old, 4, NOW, store=fresh)
+    assert sorted(plan.delete) == ["j-worker-0", "j-worker-1"] and plan.create == []
+    assert plan.status["restarts"] == {"counted": 0, "uncounted": 2}
+    assert any("Lighthouse was replaced" in e[2] for e in plan.events)
+    # the same store, or one not ready yet, or a restart-mode job: nothing is replaced
+    same = js.StoreView("2026-01-01T11:00:01Z", True, False)
+    assert plan_job(META, s, {"phase": "Running"}, old, 4, NOW, store=same).delete == []
+    assert plan_job(META, s, {"phase": "Running"}, old, 4, NOW, store=js.StoreView(fresh.created, False, False)).delete == []
+    restart_mode = spec(workers={"min": 2, "max": 2, "replicas": 2})
+    assert plan_job(META, restart_mode, {"phase": "Running"}, old, 4, NOW, store=fresh).delete == []
 
 
 def test_workers_that_cannot_reach_a_ready_store_make_the_job_not_ready_until_one_reaches_it():

@@ -36,11 +36,6 @@ ENV_MIN_REPLICAS = "LEPTON_MIN_REPLICAS"        # fewest replica groups that may
 ENV_LIGHTHOUSE = "TORCHFT_LIGHTHOUSE"           # torchft's own: http://<rdzv Service>:RDZV_PORT
 ENV_FT_TIMEOUT = "TORCHFT_TIMEOUT_SEC"          # torchft's own: collectives, commit, healing
 ENV_FT_QUORUM_TIMEOUT = "TORCHFT_QUORUM_TIMEOUT_SEC"  # torchft's own: waiting for a quorum
-# torchft's own: how often a replica group's manager asks the Lighthouse again after a failed
-# quorum request, reconnecting each time (a replaced Lighthouse is found again without a
-# restart). It waits quorum-timeout / (retries + 1) between tries: the operator sets one
-# retry per second of the quorum timeout, so a try follows a failure after about a second.
-ENV_FT_QUORUM_RETRIES = "TORCHFT_QUORUM_RETRIES"
 FAULT_TOLERANCE_MODES = ("restart", "perStep")
 
 # --- Trainer metrics (prometheus-client, served on METRICS_PORT by local rank 0) -------

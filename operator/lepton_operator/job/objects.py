@@ -382,8 +382,7 @@ def _worker_env(owner: Mapping[str, Any], spec: JobSpec, index: int) -> list[Obj
                       env(contract.ENV_MIN_REPLICAS, spec.workers.min),
                       env(contract.ENV_LIGHTHOUSE, lighthouse_url(job)),
                       env(contract.ENV_FT_TIMEOUT, FT_TIMEOUT_SECONDS),
-                      env(contract.ENV_FT_QUORUM_TIMEOUT, spec.elastic.join_timeout),
-                      env(contract.ENV_FT_QUORUM_RETRIES, max(int(spec.elastic.join_timeout), 1))]
+                      env(contract.ENV_FT_QUORUM_TIMEOUT, spec.elastic.join_timeout)]
     variables += [copy.deepcopy(dict(v)) for v in spec.env]
     return variables
 

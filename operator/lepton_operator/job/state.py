@@ -288,6 +288,7 @@ class _Job:
     store: StoreView | None = None     # the rendezvous pod (MISSING_STORE: none; None: not known)
     failed_now: list[PodView] = dataclasses.field(default_factory=list)
     stale: list[PodView] = dataclasses.field(default_factory=list)
+    leaving: list[PodView] = dataclasses.field(default_factory=list)   # replaced for another reason
     capacity_short: bool = False
     request: CapacityRequestView | None = None   # the ProvisioningRequest, if any
     unreachable: str = ""               # why workers failed to reach a store whose pod is Ready
@@ -499,6 +500,34 @@ def replace_stale(job: _Job) -> None:
     job.active = [p for p in job.active if p not in job.stale]
 
 
+# A store created this long after a worker started is not the store that worker joined.
+STORE_REPLACED_SECONDS = 10.0
+
+
+def rejoin_lighthouse(job: _Job) -> None:
+    """perStep: replica groups that started before their Lighthouse was replaced wait in a
+    quorum the new one never answers (until the quorum timeout, ``joinTimeoutSeconds``).
+    Once the new Lighthouse is ready they are replaced at once, resuming from the
+    checkpoint: an uncounted restart. (A c10d store's agents exit when it goes, which
+    ``count_failures`` does not count.)"""
+    store = job.store
+    if not job.spec.per_step or store is None or not store.ready or store.deleting:
+        return
+    created = _ts(store.created)
+    orphans = [p for p in job.active if p.phase == "Running" and created and (started := _ts(p.started_at))
+               and (created - started).total_seconds() > STORE_REPLACED_SECONDS]
+    if not orphans:
+        return
+    job.plan.delete += [p.name for p in orphans]
+    job.restarts["uncounted"] += len(orphans)
+    job.status["restartCount"] = job.status.get("restartCount", 0) + len(orphans)
+    job.plan.events.append((EVENT_NORMAL, REASON_WORKER_DISRUPTED,
+                            f"the Lighthouse was replaced at {store.created}: {len(orphans)} replica group(s) "
+                            "that joined the old one restart to join it, from the last checkpoint"))
+    job.active = [p for p in job.active if p not in orphans]
+    job.leaving += orphans
+
+
 def size_group(job: _Job) -> None:
     """Gang-create up to ``min`` all at once, then add what capacity allows, up to
     ``replicas``; remove the highest indices above ``replicas``."""
@@ -524,7 +553,7 @@ def size_group(job: _Job) -> None:
             want = min(want, job.free_slots)
     # A name is free once its old pod is gone; a pod that is going keeps its index.
     used = {p.index for p in job.active if p.name not in plan.delete}
-    used |= {p.index for p in job.pods if p.deleting or p in job.stale}
+    used |= {p.index for p in job.pods if p.deleting or p in job.stale or p in job.leaving}
     plan.create = [i for i in range(w.max) if i not in used][:want]
     r = job.request
     if r is not None and r.state == REQUEST_PROVISIONED and not r.deleting:
@@ -614,7 +643,7 @@ def summarise(job: _Job) -> Outcome:
 
 SETTLING_STEPS: tuple[Callable[[_Job], Outcome | None], ...] = (
     stay_terminal, suspend, resume, count_failures, check_deadline, check_capacity_timeout, check_completion)
-SHAPING_STEPS: tuple[Callable[[_Job], None], ...] = (replace_stale, size_group)
+SHAPING_STEPS: tuple[Callable[[_Job], None], ...] = (replace_stale, rejoin_lighthouse, size_group)
 
 
 def _remember_counted(job: _Job) -> None:

@@ -278,3 +278,67 @@ def test_the_builtin_autoscaler_adds_a_replica_when_requests_fill_the_queue(llm_
     assert "Scal" in events, events
     # back to one replica once the queue is empty, before the next revisions
     _wait(c, "the autoscaler to scale back to one replica", lambda: _deployed_replicas(c) == 1, 300)
+
+
+SLOW_CPU = "200m"            # half of SERVING_CPU: the first token takes about twice as long
+TTFT_FACTOR = 1.5            # the canary's limit: this many times the stable revision's TTFT p95
+
+
+def _ttft_p95(c, revision: str) -> float | None:
+    """The time-to-first-token p95 of ``revision``'s pods over the last minute, as the
+    ready-made check computes it from the scraped histograms."""
+    value = _prom(c, f'histogram_quantile(0.95, sum by (le) (rate(vllm:time_to_first_token_seconds_bucket'
+                     f'{{namespace="{NS}",pod=~"{MODEL}-{revision}-.+"}}[1m])))')
+    return value if value is not None and value == value else None      # NaN: no requests yet
+
+
+def _revisions(c) -> dict:
+    return _status(c).get("revisions") or {}
+
+
+@pytest.mark.timeout(1800)
+def test_a_canary_judged_on_time_to_first_token_promotes_a_revision_and_rolls_back_a_slow_one(llm_space):
+    """Two more revisions roll out as canaries (one step of 50 %) while a client sends
+    steady chat requests through the Service; each is judged by the ready-made
+    ``timeToFirstTokenP95`` check on its own pods' histograms in Prometheus. The limit is
+    set from the stable revision's p95 under the same traffic (times ``TTFT_FACTOR``), so
+    the machine's load moves both sides alike. A revision of the same CPU (compression
+    ``none``) passes and is promoted; a revision given half the CPU is rolled back,
+    the stable revision keeps serving, and the reason names the check and its value."""
+    c, _ = llm_space
+    first = _revisions(c)["stable"]
+    with Traffic(_cluster_url(c), 1, max_tokens=8, pause=0.3) as traffic:
+        # The window must hold only this steady traffic: the previous test's queue waits
+        # (tens of seconds) leave the 1-minute rate window after a minute and a scrape.
+        time.sleep(75)
+        base = _ttft_p95(c, first)
+        assert base, "no time-to-first-token p95 for the stable revision after 75 s of traffic"
+        limit = round(base * TTFT_FACTOR, 3)
+        spec = _spec()
+        spec["compression"] = {"method": "none"}
+        spec["rollout"]["analysis"] = [{"check": "timeToFirstTokenP95", "max": limit}]
+        c.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+            "apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonModel",
+            "metadata": {"name": MODEL, "namespace": NS}, "spec": spec}))
+        _wait(c, "the second revision promoted", lambda: (r := _revisions(c)).get("stable") not in (None, first)
+              and not r.get("canary") and _status(c).get("phase") == "Ready", 900, 3)
+        second, analysis = _revisions(c)["stable"], _status(c).get("analysis") or []
+        assert analysis and all(a["passed"] for a in analysis), analysis
+        slow = {**spec, "serving": {**spec["serving"], "resources": {"cpu": SLOW_CPU, "memory": "2Gi"}}}
+        c.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+            "apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonModel",
+            "metadata": {"name": MODEL, "namespace": NS}, "spec": slow}))
+        _wait(c, "the slow revision rolled back", lambda: (r := _revisions(c)).get("failed")
+              and r.get("failed") != second, 900, 3)
+    st = _status(c)
+    assert st["revisions"]["stable"] == second and st["revisions"]["failedReason"] == "AnalysisFailed", st
+    ready = next(x for x in st["conditions"] if x["type"] == "Ready")
+    assert "timeToFirstTokenP95" in ready["message"], ready
+    events = c.kubectl("get", "events", "-n", NS, "--field-selector", f"involvedObject.name={MODEL}")
+    assert "RolledBack" in events and f"revision {second} promoted" in events, events
+    served = [o for o in traffic.outcomes if o == 200]
+    assert len(served) > 20 and all(o == 200 for o in traffic.outcomes), traffic.outcomes[-20:]
+    record("llm_canary_ttft_p95_stable_seconds", round(base, 3))
+    record("llm_canary_ttft_limit_seconds", limit)
+    record("llm_canary_promoted_analysis", analysis)
+    record("llm_canary_requests", len(traffic.outcomes))

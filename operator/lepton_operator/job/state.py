@@ -422,7 +422,7 @@ def _store_unreachable_now(job: _Job, message: str) -> None:
 
 
 def _ready_condition(job: _Job) -> Mapping[str, Any]:
-    return next((c for c in job.status.get("conditions") or () if c.get("type") == COND_READY), {})
+    return st.get_condition(job.status.get("conditions"), COND_READY) or {}
 
 
 def store_unreachable(job: _Job) -> str:

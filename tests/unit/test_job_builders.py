@@ -448,6 +448,19 @@ def test_pods_that_ask_for_no_gpu_stay_off_gpu_nodes_unless_placed():
             rdzv["spec"]["priorityClassName"]) == ({"pool": "system"}, placed["tolerations"], {"podAffinity": {}}, "store")
 
 
+@pytest.mark.parametrize("rendezvous", [
+    {"nodeSelector": {"nvidia.com/gpu.present": "true"}},
+    {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+    {"tolerations": [{"operator": "Exists"}]},
+], ids=["selects-gpu-nodes", "tolerates-the-gpu-taint", "tolerates-every-taint"])
+def test_a_placement_that_chooses_gpu_nodes_is_not_contradicted_by_the_default(rendezvous):
+    """Asking for the GPU nodes by their label, or tolerating their taint, is the user's
+    choice: the default that keeps GPU-less pods off them would make a selector on their
+    label unschedulable."""
+    rdzv = built({"resources": {"gpus": 0}, "rendezvous": rendezvous})[1]
+    assert "affinity" not in rdzv["spec"], rdzv["spec"]
+
+
 def test_the_rendezvous_placement_is_no_change_of_the_worker_template():
     base = parse_job("mnist", {"resources": {"gpus": 1}}, "img")
     placed = parse_job("mnist", {"resources": {"gpus": 1}, "rendezvous": {"nodeSelector": {"pool": "system"}}}, "img")

@@ -88,17 +88,24 @@ def gpus_requested(pod_spec: Mapping[str, Any]) -> int:
     return total
 
 
+def chooses_gpu_nodes(p: Placement) -> bool:
+    """Whether a placement names the GPU nodes itself: a nodeSelector on their label, or a
+    toleration of their taint (the key, or every taint)."""
+    return GPU_NODE_LABEL in (p.node_selector or {}) or any(
+        t.get("key") == GPU_TAINT_KEY or (not t.get("key") and t.get("operator") == "Exists") for t in p.tolerations)
+
+
 def placement(p: Placement, gpus: int) -> Obj:
     """The pod spec fields that place a role's pods: its nodeSelector, tolerations (plus the
     GPU taint's when it asks for GPUs), priorityClassName, and its affinity, or, asking for
-    no GPU and giving none, ``AVOID_GPU_NODES``."""
+    no GPU, giving no affinity and not choosing GPU nodes itself, ``AVOID_GPU_NODES``."""
     out: Obj = {}
     if p.node_selector:
         out["nodeSelector"] = dict(p.node_selector)
     tols = with_gpu_toleration(p.tolerations) if gpus else [dict(t) for t in p.tolerations]
     if tols:
         out["tolerations"] = tols
-    affinity = p.affinity or (None if gpus else AVOID_GPU_NODES)
+    affinity = p.affinity or (None if gpus or chooses_gpu_nodes(p) else AVOID_GPU_NODES)
     if affinity:
         out["affinity"] = copy.deepcopy(dict(affinity))
     if p.priority_class_name:

@@ -46,6 +46,9 @@ REFUSED = [
      "spec.compression.method int4-weight cannot be served by spec.serving.runtime vllm"),
     (model("gguf-predict", task="predict", source={"uri": "pvc://models/llm", "format": "gguf"}),
      "spec.task predict cannot take spec.source.format gguf"),
+    (model("relative-errors", task="text-generation",
+           rollout={"analysis": [{"check": "errorRate", "max": 2, "relativeToStable": True}]}),
+     "relativeToStable compares a latency check"),
 ]
 
 

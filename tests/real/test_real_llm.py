@@ -21,6 +21,8 @@ scrapes from the pods.
 """
 from __future__ import annotations
 
+import datetime
+import http.client
 import importlib.metadata
 import json
 import shutil
@@ -39,6 +41,8 @@ from waiting import wait_for
 
 from lepton_trainer.llm import loader
 from realenv import dump, pod_logs, record
+
+import operations  # noqa: E402  (bench/, on sys.path through realenv)
 
 pytestmark = pytest.mark.real
 
@@ -143,6 +147,12 @@ def _spec(cpu: str = SERVING_CPU, max_output: int = 128) -> dict:
                             "maxReplicas": 2, "stableWindowSeconds": 10, "scaleDownDelaySeconds": 5}}
 
 
+def _apply_spec(c, spec: dict) -> None:
+    c.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonModel",
+        "metadata": {"name": MODEL, "namespace": NS}, "spec": spec}))
+
+
 def _wait(c, what: str, predicate, timeout: float, interval: float = 2) -> None:
     try:
         wait_for(what, predicate, timeout=timeout, interval=interval)
@@ -181,9 +191,7 @@ def _client_pod(image: str) -> dict:
 def test_smollm2_is_compressed_gated_and_served_and_openai_streams_what_the_artifact_decodes(llm_space):
     c, volume = llm_space
     t0 = time.time()
-    c.kubectl("apply", "-f", "-", input=yaml.safe_dump({
-        "apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonModel", "metadata": {"name": MODEL, "namespace": NS},
-        "spec": _spec()}))
+    _apply_spec(c, _spec())
     _wait(c, "the language model Ready", lambda: _status(c).get("phase") in ("Ready", "Failed"), COMPRESSION_SECONDS)
     st = _status(c)
     assert st["phase"] == "Ready", dump(c, NS)
@@ -222,26 +230,32 @@ def _cluster_url(c) -> str:
 
 class Traffic:
     """``clients`` threads sending greedy chat requests back to back to ``url``; the
-    outcome of each (status or error name)."""
+    outcome of each (status or error name), and when each that was not 200 ended."""
 
-    def __init__(self, url: str, clients: int, max_tokens: int, pause: float = 0.0):
-        self.body = json.dumps({"model": MODEL, "messages": MESSAGES, "temperature": 0,
+    def __init__(self, url: str, clients: int, max_tokens: int, pause: float = 0.0, messages=MESSAGES,
+                 timeout: float = 180):
+        self.body = json.dumps({"model": MODEL, "messages": messages, "temperature": 0,
                                 "max_tokens": max_tokens}).encode()
-        self.url, self.pause, self.stop, self.outcomes = url, pause, threading.Event(), []
+        self.url, self.pause, self.timeout, self.stop = url, pause, timeout, threading.Event()
+        self.outcomes: list = []
+        self.errors: list[tuple[float, object]] = []
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
 
     def _run(self) -> None:
         while not self.stop.is_set():
             try:
                 req = urllib.request.Request(self.url, self.body, {"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=180) as r:
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
                     r.read()
-                    self.outcomes.append(r.status)
+                    outcome = r.status
             except urllib.error.HTTPError as e:
-                self.outcomes.append(e.code)
-            except OSError as e:
-                self.outcomes.append(type(e).__name__)
+                outcome = e.code
+            except (OSError, http.client.HTTPException) as e:
+                outcome = type(e).__name__
                 time.sleep(0.5)
+            self.outcomes.append(outcome)
+            if outcome != 200:
+                self.errors.append((time.time(), outcome))
             time.sleep(self.pause)
 
     def __enter__(self) -> "Traffic":
@@ -252,7 +266,7 @@ class Traffic:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         for t in self.threads:
-            t.join(timeout=200)
+            t.join(timeout=self.timeout + 20)
 
 
 def _deployed_replicas(c) -> int:
@@ -279,3 +293,107 @@ def test_the_builtin_autoscaler_adds_a_replica_when_requests_fill_the_queue(llm_
     # back to one replica once the queue is empty, before the next revisions
     _wait(c, "the autoscaler to scale back to one replica", lambda: _deployed_replicas(c) == 1, 300)
 
+
+CANARY_CLIENTS = 2                # steady traffic: at most one request of each client in flight
+# The slow canary's phase. Its revision decodes one sequence at a time (maxSequences 1)
+# while the stable one decodes up to STABLE_SEQUENCES together. Each client sends its next
+# request as its last is answered, and the Service sends each to either revision, so the
+# requests gather on the slower one: with three clients the canary nearly always has one
+# waiting behind another's whole answer, and the stable revision never has one waiting.
+# (With two clients the canary's queue was a matter of chance: a run promoted it, its p95
+# 0.97 times the stable one's.)
+SLOW_CLIENTS = 3
+STABLE_SEQUENCES = 4
+# Long answers (a question whose greedy answer runs past max_tokens; "the capital of
+# France" ends after about 8): a request waiting behind another waits for all of its
+# tokens (tens of seconds at 400m), far past the stable revision's first token, whatever
+# the histogram's buckets (vLLM's: .., 1, 2.5, 5, 7.5, 10, 20, 40, ..) do to the p95.
+LONG_ANSWER = [{"role": "user", "content": "Count from 1 to 300, one number after another, separated by commas."}]
+CANARY_TOKENS = 64
+# The slow canary answers minRequests of them one at a time before its measurement (each
+# took about 50 s at 400m with 96 tokens, more under the suite's load): fewer of them than
+# the first canary's, and a longer progress deadline than the default 600 s.
+SLOW_MIN_REQUESTS = 4
+SLOW_DEADLINE = 900
+# A client waits for its answer behind the others' on the slow canary; urllib's default
+# of the other phases (180 s) is not enough under load.
+SLOW_CLIENT_TIMEOUT = 600
+# When the slow canary is retired its server drains for 30 s (the operator's
+# --drain-timeout); answers that have not finished by then, a request waiting behind
+# another included, are cut: at most one per client, none before the rollback.
+CUT = ("RemoteDisconnected", "ConnectionResetError", "IncompleteRead")
+# The canary's p95 over the stable revision's, same window. Each revision answers four or
+# five requests a minute, so a p95 is the largest of a handful and moves by a bucket
+# (x2.5) with whether one of them shared its pod: two alike read 0.4x to 2.5x (2.46 seen),
+# the slow one 18x and more (39.5 seen).
+TTFT_RATIO = 5.0
+
+
+def _revisions(c) -> dict:
+    return _status(c).get("revisions") or {}
+
+
+@pytest.mark.timeout(2400)
+def test_a_canary_judged_on_time_to_first_token_against_stable_promotes_a_revision_and_rolls_back_a_slow_one(
+        llm_space):
+    """Two more revisions roll out as canaries (one step of 50 %) while clients send
+    steady chat requests through the Service. Each is judged by the ready-made
+    ``timeToFirstTokenP95`` check with ``relativeToStable``: the canary's p95 over the
+    stable revision's, both from the pods' scraped histograms over the same minute of the
+    same traffic, so load elsewhere on the node moves both sides alike (an absolute limit
+    set beforehand let a slow revision through under the suite's load).
+
+    The second revision (compression ``none``, decoding up to four sequences together)
+    answers short questions at least as fast as the int8-weight stable one and is promoted.
+    The third is the second with ``maxSequences: 1``, a batch of one, under three clients
+    asking for long answers: a request that arrives while another is decoding waits for all
+    of its tokens before its first, so its p95 is many times the stable one's (with answers
+    of about 8 tokens it read 4.9 s against 2.4 s: promoted). It is rolled back with reason
+    AnalysisFailed and the stable revision keeps serving. Every request is answered 200,
+    but for those in flight on the slow canary when it is retired that its 30 s drain
+    cannot finish (at most one per client, after the rollback)."""
+    c, _ = llm_space
+    first = _revisions(c)["stable"]
+    spec = _spec()
+    spec["compression"] = {"method": "none"}
+    spec["serving"]["generation"]["maxSequences"] = STABLE_SEQUENCES
+    spec["rollout"]["analysis"] = [{"check": "timeToFirstTokenP95", "relativeToStable": True, "max": TTFT_RATIO}]
+    # Short answers while the int8-weight revision is stable: its decoding is several times
+    # slower on CPU, and 96-token answers from it took minutes under the suite's load, so the
+    # canary beside it saw no request before its deadline.
+    with Traffic(_cluster_url(c), CANARY_CLIENTS, max_tokens=16, pause=0.2) as short:
+        _apply_spec(c, spec)
+        _wait(c, "the second revision promoted", lambda: (r := _revisions(c)).get("stable") not in (None, first)
+              and not r.get("canary") and _status(c).get("phase") == "Ready", 900, 3)
+    second, promoted = _revisions(c)["stable"], _status(c).get("analysis") or []
+    assert promoted and all(a["passed"] for a in promoted), promoted
+    slow = {**spec, "serving": {**spec["serving"], "generation": {**spec["serving"]["generation"], "maxSequences": 1}},
+            "rollout": {**spec["rollout"], "progressDeadlineSeconds": SLOW_DEADLINE, "minRequests": SLOW_MIN_REQUESTS}}
+    with Traffic(_cluster_url(c), SLOW_CLIENTS, max_tokens=CANARY_TOKENS, pause=0.2,
+                 messages=LONG_ANSWER, timeout=SLOW_CLIENT_TIMEOUT) as long:
+        _apply_spec(c, slow)
+        _wait(c, "the slow revision rolled back", lambda: (r := _revisions(c)).get("failed")
+              and r.get("failed") != second, SLOW_DEADLINE + 200, 3)
+    outcomes = short.outcomes + long.outcomes
+    st = _status(c)
+    assert st["revisions"]["stable"] == second and st["revisions"]["failedReason"] == "AnalysisFailed", st
+    ready = next(x for x in st["conditions"] if x["type"] == "Ready")
+    assert "timeToFirstTokenP95" in ready["message"], ready
+    events = c.kubectl("get", "events", "-n", NS, "--field-selector", f"involvedObject.name={MODEL}")
+    assert "RolledBack" in events and f"revision {second} promoted" in events, events
+    rolled = _json(c, "get", "events", "-n", NS, "--field-selector",
+                   f"involvedObject.name={MODEL},reason=RolledBack")["items"][0]
+    t_rollback = datetime.datetime.fromisoformat(
+        (rolled.get("eventTime") or rolled.get("firstTimestamp")).replace("Z", "+00:00")).timestamp()
+    assert len(outcomes) > 20 and not short.errors, short.errors         # the promotion lost nothing
+    cut = [(round(t - t_rollback, 1), o) for t, o in long.errors]
+    assert all(o in CUT and t >= -1 for t, o in cut) and len(cut) <= SLOW_CLIENTS, cut
+    rolled_back = st.get("analysis") or []
+    print(f"promoted: {promoted}; rolled back: {rolled_back}; requests: {len(outcomes)}")
+    operations.record("llm_canary", shape=f"SmolLM2 int8-weight -> none (maxSequences {STABLE_SEQUENCES}) -> "
+                      f"the same with maxSequences 1, {SERVING_CPU} CPU per pod, through the Service, one 50 % step: "
+                      f"{CANARY_CLIENTS} clients with 16-token answers, then {SLOW_CLIENTS} with {CANARY_TOKENS}", check="timeToFirstTokenP95 relativeToStable",
+                      max_ratio=TTFT_RATIO, promoted_ratio=round(promoted[0]["value"], 2),
+                      rolled_back_ratio=round(next(a["value"] for a in rolled_back if not a["passed"]), 2),
+                      requests=len(outcomes), failed_requests=sum(o != 200 for o in outcomes),
+                      cut_when_the_slow_canary_retired=len(cut))

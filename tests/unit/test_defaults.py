@@ -126,6 +126,7 @@ MODEL = {
     "spec.rollout.analysis[].failureLimit": (CHECK, "rollout.analysis.0.failure_limit"),
     "spec.rollout.analysis[].inconclusiveLimit": (CHECK, "rollout.analysis.0.inconclusive_limit"),
     "spec.rollout.analysis[].consecutiveErrorLimit": (CHECK, "rollout.analysis.0.consecutive_error_limit"),
+    "spec.rollout.analysis[].relativeToStable": (CHECK, "rollout.analysis.0.relative_to_stable"),
     "spec.rollout.progressDeadlineSeconds": ({}, "rollout.progress_deadline_seconds"),
     "spec.rollout.onInconclusive": ({}, "rollout.on_inconclusive"),
     "spec.rollout.minRequests": ({}, "rollout.min_requests"),

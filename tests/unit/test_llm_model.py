@@ -207,6 +207,32 @@ def test_ready_made_checks_render_over_the_runtimes_metrics_in_the_namespace(raw
         scoped_query(check.query.replace("pod=~", 'namespace="other",pod=~'), "ml", "smol", "0123456789")
 
 
+def test_a_relative_latency_check_divides_the_canarys_p95_by_the_stable_revisions_in_the_same_window():
+    raw = {**BUILTIN, "rollout": {"analysis": [{"check": "timeToFirstTokenP95", "max": 1.5, "relativeToStable": True}]}}
+    check = parse(raw).rollout.analysis[0]
+    quantile = ('histogram_quantile(0.95, sum by (le) (rate(vllm:time_to_first_token_seconds_bucket'
+                '{{namespace="ml",pod=~"smol-{}-.+"}}[1m])))')
+    assert scoped_query(check.query, "ml", "smol", "0123456789", "abcdefabcd") == \
+        f'{quantile.format("0123456789")} / {quantile.format("abcdefabcd")}'
+    assert check.relative_to_stable and check.failed(1.6) and not check.failed(1.4)      # max is a ratio
+
+
+@pytest.mark.parametrize("analysis, message", [
+    ({"check": "errorRate", "max": 2, "relativeToStable": True}, "errorRate has no relative form"),
+    ({"query": "sum(up)", "max": 2, "relativeToStable": True}, "a query compares with ${stable} itself"),
+    ({"check": "timeToFirstTokenP95", "max": 2, "relativeToStable": "yes"}, "must be true or false"),
+])
+def test_relative_to_stable_is_refused_where_it_has_no_meaning(analysis, message):
+    assert message in problems({**BUILTIN, "rollout": {"analysis": [analysis]}})
+
+
+def test_a_query_names_the_stable_revision_with_its_placeholder():
+    raw = {**BUILTIN, "rollout": {"analysis": [{"query": 'sum(up{pod=~"${model}-${stable}-.+"})', "max": 1}]}}
+    query = parse(raw).rollout.analysis[0].query
+    assert scoped_query(query, "ml", "smol", "0123456789", "abcdefabcd") == \
+        'sum(up{namespace="ml",pod=~"smol-abcdefabcd-.+"})'
+
+
 def test_autoscaling_and_the_traffic_guard_read_the_runtimes_metrics():
     s = parse(BUILTIN)
     assert s.autoscaling.additive                                   # waiting: a total over replicas

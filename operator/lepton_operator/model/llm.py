@@ -35,6 +35,7 @@ WINDOW = "1m"                    # the rate window of the ready-made checks
 # Ready-made analysis checks (rollout.analysis[].check): seconds (p95) or a fraction (errors).
 CHECK_TTFT, CHECK_ITL, CHECK_ERRORS = "timeToFirstTokenP95", "interTokenLatencyP95", "errorRate"
 CHECKS = (CHECK_TTFT, CHECK_ITL, CHECK_ERRORS)
+LATENCY_CHECKS = (CHECK_TTFT, CHECK_ITL)         # those with a form relative to the stable revision
 # Autoscaling metrics of language models: requests waiting per replica (a total over the
 # replicas, divided by the target) and the mean KV cache use (0..1, proportional).
 METRIC_WAITING, METRIC_KV_CACHE = "waiting", "kvCache"
@@ -77,16 +78,19 @@ def _quantile(histogram: str, sel: str) -> str:
     return f"histogram_quantile(0.95, sum by (le) (rate({histogram}_bucket{{{sel}}}[{WINDOW}])))"
 
 
-def check_query(check: str, metrics: RuntimeMetrics) -> str:
-    """The PromQL of a ready-made check on the canary (``${model}`` and ``${revision}`` are
-    filled and the namespace added when it is measured, as for a spec's own query).
-    ``errorRate`` is 5xx answers over all answers (0 without errors, no number without
-    traffic)."""
+def check_query(check: str, metrics: RuntimeMetrics, relative: bool = False) -> str:
+    """The PromQL of a ready-made check on the canary (``${model}``, ``${revision}`` and
+    ``${stable}`` are filled and the namespace added when it is measured, as for a spec's
+    own query). ``errorRate`` is 5xx answers over all answers (0 without errors, no number
+    without traffic). A ``relative`` latency check is the canary's p95 divided by the stable
+    revision's over the same window (no number when the stable one served nothing)."""
+    if check in LATENCY_CHECKS:
+        histogram = metrics.time_to_first_token if check == CHECK_TTFT else metrics.inter_token_latency
+        canary = _quantile(histogram, pod_selector("${model}", "${revision}"))
+        return f"{canary} / {_quantile(histogram, pod_selector('${model}', '${stable}'))}" if relative else canary
+    if relative:
+        raise ValueError(f"check {check!r} has no relative form; those that do: {', '.join(LATENCY_CHECKS)}")
     sel = pod_selector("${model}", "${revision}")
-    if check == CHECK_TTFT:
-        return _quantile(metrics.time_to_first_token, sel)
-    if check == CHECK_ITL:
-        return _quantile(metrics.inter_token_latency, sel)
     if check == CHECK_ERRORS:
         req = metrics.requests
         return (f'(sum(rate({req}{{{sel},{metrics.status_label}=~"5.."}}[{WINDOW}])) or vector(0)) '

@@ -297,6 +297,9 @@ def serving_resources(r: Resources, runtime: str = llm.RUNTIME_BUILTIN) -> Resou
     return r if r.memory else dataclasses.replace(r, memory=SERVING_MEMORY)
 
 
+LLM_LIVENESS_TIMEOUT = 5           # seconds (the kubelet's default is 1)
+
+
 def _runtime_container(spec: ModelSpec, model: str) -> Obj:
     """What differs between the runtimes: command (or arguments), ports and probes."""
     s = spec.serving
@@ -317,11 +320,16 @@ def _runtime_container(spec: ModelSpec, model: str) -> Obj:
         ready, live = contract.HEALTH_READY_PATH, contract.HEALTH_LIVE_PATH
         if not spec.language_model:
             ports.append({"name": GRPC_PORT_NAME, "containerPort": contract.GRPC_PORT, "protocol": "TCP"})
-    # a language model may take minutes to load: its startup probe waits up to ten
+    # A language model may take minutes to load: its startup probe waits up to ten. On a
+    # small CPU share a decode step holds the interpreter for over a second: its liveness
+    # probe waits LLM_LIVENESS_TIMEOUT, so a busy server is not restarted as a dead one.
     startup = (2, 60) if not spec.language_model else (5, 120)
+    liveness = {"httpGet": {**http, "path": live}, "periodSeconds": 10, "failureThreshold": 3}
+    if spec.language_model:
+        liveness["timeoutSeconds"] = LLM_LIVENESS_TIMEOUT
     return {**run, "ports": ports,
             "readinessProbe": {"httpGet": {**http, "path": ready}, "periodSeconds": 2, "failureThreshold": 2},
-            "livenessProbe": {"httpGet": {**http, "path": live}, "periodSeconds": 10, "failureThreshold": 3},
+            "livenessProbe": liveness,
             "startupProbe": {"httpGet": {**http, "path": live},
                              "periodSeconds": startup[0], "failureThreshold": startup[1]}}
 

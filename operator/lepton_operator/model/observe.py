@@ -199,19 +199,21 @@ async def _analysis(spec: ModelSpec, status: Mapping[str, Any], namespace: str, 
         due = []                       # not judged on too little traffic
     if not due:
         return None, traffic
-    results = [(check, await _measure(check, namespace, name, revision)) for check in due]
+    stable = (status.get("revisions") or {}).get("stable") or ""
+    results = [(check, await _measure(check, namespace, name, revision, stable)) for check in due]
     for check, result in results:
         metrics.ANALYSIS.labels(namespace, name, check.name, check.judge(result)[0]).inc()
     return results, traffic
 
 
-async def _measure(check: Check, namespace: str, name: str, revision: str) -> prometheus.QueryResult:
-    """One measurement of ``check`` on the canary ``revision``, its query confined to the
-    model's namespace (a query the revision makes unscopable is an Error measurement)."""
+async def _measure(check: Check, namespace: str, name: str, revision: str, stable: str) -> prometheus.QueryResult:
+    """One measurement of ``check`` on the canary ``revision`` (beside the ``stable`` one),
+    its query confined to the model's namespace (a query the revisions make unscopable is
+    an Error measurement)."""
     try:
-        query = scoped_query(check.query, namespace, name, revision)
+        query = scoped_query(check.query, namespace, name, revision, stable)
     except promql.ScopeError as exc:
-        return prometheus.query_error(render_query(check.query, namespace, name, revision), str(exc))
+        return prometheus.query_error(render_query(check.query, namespace, name, revision, stable), str(exc))
     return await prometheus.client().query(query)
 
 

@@ -176,6 +176,7 @@ class Check:
     failure_limit: int = 0
     inconclusive_limit: int = 5
     consecutive_error_limit: int = 4
+    relative_to_stable: bool = False     # a ready-made latency check as a ratio to the stable revision's
 
     def failed(self, value: float) -> bool:
         return (self.max is not None and value > self.max) or (self.min is not None and value < self.min)
@@ -308,15 +309,16 @@ def artifact_path(source: PvcPath, model: str, revision: str) -> PvcPath:
     return PvcPath(source.claim, f"{ARTIFACT_ROOT}/{model}/{revision}")
 
 
-def render_query(query: str, namespace: str, model: str, revision: str = "") -> str:
-    """Fill ``${namespace}``, ``${model}`` and ``${revision}`` in a PromQL query."""
-    return prometheus.render(query, namespace=namespace, model=model, revision=revision)
+def render_query(query: str, namespace: str, model: str, revision: str = "", stable: str = "") -> str:
+    """Fill ``${namespace}``, ``${model}``, ``${revision}`` (the canary) and ``${stable}``
+    in a PromQL query (``${stable}`` is ``revision`` when no stable revision is named)."""
+    return prometheus.render(query, namespace=namespace, model=model, revision=revision, stable=stable or revision)
 
 
-def scoped_query(query: str, namespace: str, model: str, revision: str = "") -> str:
+def scoped_query(query: str, namespace: str, model: str, revision: str = "", stable: str = "") -> str:
     """The query as the operator evaluates it: rendered, then confined to ``namespace``
     (``promql.scope``; raises ``promql.ScopeError``)."""
-    return promql.scope(render_query(query, namespace, model, revision), namespace)
+    return promql.scope(render_query(query, namespace, model, revision, stable), namespace)
 
 
 def _scope_problems(namespace: str, model: str, rollout: Rollout, autoscaling: Autoscaling | None) -> list[str]:
@@ -448,24 +450,35 @@ def _source(raw: Mapping[str, Any], problems: list[str]) -> Source:
 
 
 def _check_query(c: Mapping[str, Any], where: str, metrics: llm.RuntimeMetrics | None,
-                 problems: list[str]) -> tuple[str, str]:
-    """(query, default name) of one analysis entry: its own PromQL, or a ready-made
-    ``check`` of a language model rendered over its runtime's metric names."""
+                 problems: list[str]) -> tuple[str, str, bool]:
+    """(query, default name, relative to stable) of one analysis entry: its own PromQL, or a
+    ready-made ``check`` of a language model rendered over its runtime's metric names."""
     query = (text(c, "query", problems, f"{where}.") or "").strip()
     ready = text(c, "check", problems, f"{where}.")
     if ready is None:
         if not query:
             problems.append(f"{where}.query must be a non-empty PromQL query (or set check)")
-        return query, ""
+        if c.get("relativeToStable"):
+            problems.append(f"{where}.relativeToStable is for a ready-made check; a query compares with "
+                            "${stable} itself")
+        return query, "", False
     if query:
         problems.append(f"{where} sets both query and check; set one")
     if ready not in llm.CHECKS:
         problems.append(f"{where}.check must be one of {', '.join(llm.CHECKS)}; got {ready!r}")
-        return query, ""
+        return query, "", False
     if metrics is None:
         problems.append(f"{where}.check {ready} needs spec.task text-generation (a language model's metrics)")
-        return query, ""
-    return llm.check_query(ready, metrics), ready
+        return query, "", False
+    relative = c.get("relativeToStable", False)
+    if not isinstance(relative, bool):
+        problems.append(f"{where}.relativeToStable must be true or false, got {relative!r}")
+        relative = False
+    if relative and ready not in llm.LATENCY_CHECKS:
+        problems.append(f"{where}.relativeToStable compares a latency check ({', '.join(llm.LATENCY_CHECKS)}) "
+                        f"with the stable revision's; {ready} has no relative form")
+        relative = False
+    return llm.check_query(ready, metrics, relative), ready, relative
 
 
 def _rollout(raw: Mapping[str, Any], problems: list[str], metrics: llm.RuntimeMetrics | None = None) -> Rollout:
@@ -484,7 +497,7 @@ def _rollout(raw: Mapping[str, Any], problems: list[str], metrics: llm.RuntimeMe
     checks = []
     for i, c in enumerate(items(raw, "analysis", problems, "rollout.", Mapping, "a check object")):
         where = f"rollout.analysis[{i}]"
-        query, ready = _check_query(c, where, metrics, problems)
+        query, ready, relative = _check_query(c, where, metrics, problems)
         lo = number(c, "min", None, None, None, problems, f"{where}.")
         hi = number(c, "max", None, None, None, problems, f"{where}.")
         if lo is None and hi is None:
@@ -496,7 +509,7 @@ def _rollout(raw: Mapping[str, Any], problems: list[str], metrics: llm.RuntimeMe
                             integer(c, "failureLimit", default(Check, "failure_limit"), 0, 1000, problems, w),
                             integer(c, "inconclusiveLimit", default(Check, "inconclusive_limit"), 0, 1000, problems, w),
                             integer(c, "consecutiveErrorLimit", default(Check, "consecutive_error_limit"), 0, 1000,
-                                    problems, w)))
+                                    problems, w), relative))
     names = [c.name for c in checks]
     if len(set(names)) != len(names):
         problems.append(f"rollout.analysis names must be unique, got {names}")

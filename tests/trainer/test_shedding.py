@@ -156,7 +156,7 @@ async def test_ten_times_the_load_is_shed_and_the_server_lives(overloaded):
     assert sum(refused.values()) + len(by_grpc) == len([s for s in seen if s[1] not in (200, "OK")])
     # a request dropped at its deadline was never computed: the rows computed after the
     # warm-up are the rows answered
-    ok = len(seen) - sum(refused.values())
+    ok = len([s for s in seen if s[1] in (200, "OK")])     # grpc's own refusals count nowhere in ours
     assert m["lepton_serve_batch_size_sum"] - 1 == ok == m["lepton_serve_requests_total[200]"]
     assert m["lepton_serve_queue_depth"] == 0 and m["lepton_serve_admitted_bytes"] == 0
     assert m["lepton_serve_inflight_requests"] == 0

@@ -13,15 +13,18 @@ from lepton_operator.model import state as ms
 def plan_job(meta: Mapping[str, Any], spec, prev: Mapping[str, Any] | None, pods: Iterable[js.PodView],
              free_slots: int, now: dt.datetime, handled_uids: Iterable[str] = (), vanished: int = 0,
              selector: str = "", template: str = "", no_node_fits: bool = False,
-             store: js.StoreView | None = None, request: js.CapacityRequestView | None = None) -> js.Plan:
+             store: js.StoreView | None = None, request: js.CapacityRequestView | None = None,
+             stalled: str = "") -> js.Plan:
     """``job.state.plan`` of the job ``meta`` whose workers are ``pods`` exactly as given.
     ``selector`` is what the planner derives from the job's name (checked here);
-    ``template`` the hash of the spec's worker template as the observation gives it."""
+    ``template`` the hash of the spec's worker template as the observation gives it;
+    ``stalled`` the stall verdict of the last reading of the job's step (``job.progress``)."""
     meta = {"namespace": "ns", "uid": "uid", **meta}
     assert not selector or selector == f"lepton.ai/job={meta['name']},lepton.ai/role=worker", selector
     observed = js.JobObserved(meta=meta, status=prev, workers=js.Workers.of(pods, vanished), now=now, template=template,
                               free_slots=free_slots, no_node_fits=no_node_fits, store=store, request=request,
-                              handled_uids=frozenset(handled_uids))
+                              handled_uids=frozenset(handled_uids),
+                              progress=js.progress.Progress(stalled=stalled))
     return js.plan(spec, observed)
 
 

@@ -199,9 +199,10 @@ def test_operator_built_pods_form_an_elastic_job_that_survives_a_lost_worker(tmp
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "lepton"])
-def test_per_step_survivors_keep_their_processes_and_the_replacement_heals_from_a_peer(tmp_path, launcher):
+def test_per_step_survivors_keep_their_processes_through_a_lost_worker_and_a_replaced_lighthouse(tmp_path, launcher):
     """The keep-alive is 10 minutes, far beyond the waits here: the group re-forms on the
-    Lighthouse's heartbeat timeout, and no report is sent (perStep has no report port)."""
+    Lighthouse's heartbeat timeout, and no report is sent (perStep has no report port).
+    Then the Lighthouse is replaced, and both groups rejoin the new one in place."""
     elastic = {**SPEC["elastic"], "launcher": launcher, **REPORTED_KEEP_ALIVE}
     spec = parse_job("contract", {**SPEC, "elastic": elastic, "faultTolerance": "perStep"}, "lepton-trainer:test")
     lighthouse_pod, _service = training.rendezvous_objects(OWNER, spec, "lepton-trainer:test")
@@ -255,5 +256,19 @@ def test_per_step_survivors_keep_their_processes_and_the_replacement_heals_from_
         assert common and all(step_losses(w0.text())[s] == step_losses(w1b.text())[s] for s in common)
         assert re.findall(r"event=start pid=(\d+)", w0.text()) == [str(pid)]
         assert lighthouse.popen.poll() is None
+
+        # The Lighthouse is replaced (the operator's new rendezvous pod, on the same port): the
+        # groups ask again (TORCHFT_QUORUM_RETRIES, from the pods' env) and both step on with
+        # it in the same processes, from no checkpoint. Its first quorum has the number and
+        # members of the old one's first. (A Lighthouse stopped between answering one group's
+        # quorum and the other's costs that step: torchft's collective timeout, 30 s.)
+        marks = {w: len(w.text()) for w in (w0, w1b)}
+        lighthouse.stop()
+        start(lighthouse_pod, "coordinator-2").wait_for(r"lighthouse ready on port")
+        for w in (w0, w1b):
+            w.wait_for(r"event=step step=\d+ loss=\S+ world=2", after=marks[w], timeout=RESUME_WAIT)
+            assert "event=resume" not in w.text()[marks[w]:], w.text()[-3000:]
+        assert re.findall(r"event=start pid=(\d+)", w0.text()) == [str(pid)]
+        assert len(re.findall(r"event=start pid=", w1b.text())) == 1
     finally:
         harness.stop()

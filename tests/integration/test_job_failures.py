@@ -2,7 +2,6 @@
 suspend/resume, success + TTL, deletion, and every kind of bad input."""
 import datetime
 import json
-import time
 
 import pytest
 
@@ -293,25 +292,6 @@ def test_provisioning_request_mode_asks_for_the_gang_and_creates_pods_only_once_
     finally:
         k.kubectl("delete", "lj", "dws", "--wait=true")
         cluster.kubectl("delete", "node", f"kwok-{pool}", "--wait=false")
-
-
-def test_a_per_step_job_whose_lighthouse_is_replaced_restarts_its_groups_at_once(k):
-    """The survivors of a lost Lighthouse would wait in a quorum the new one never answers
-    (the quorum timeout, 600 s): once the new Lighthouse is ready, the operator replaces
-    them (uncounted), and they resume from the checkpoint. kwok's pods run nothing: that
-    the replaced groups train again is the trainer's contract (tests/e2e)."""
-    k.apply(k.manifest("ftlh", faultTolerance="perStep", workers={"min": 2, "max": 2, "replicas": 2}))
-    k.wait_phase("ftlh", "Running")
-    before = {p["metadata"]["uid"] for p in k.wait_workers("ftlh", 2)}
-    old_store = k.get("pod", "ftlh-rdzv")["metadata"]["uid"]
-    time.sleep(11)                                     # the new store is created well after they started
-    k.kubectl("delete", "pod", "ftlh-rdzv", "--wait=false")
-    k.wait_for("a new Lighthouse", lambda: (p := k.get("pod", "ftlh-rdzv")) and p["metadata"]["uid"] != old_store)
-    k.wait_for("groups replaced", lambda: (w := k.workers("ftlh")) and len(w) == 2
-               and not before & {p["metadata"]["uid"] for p in w})
-    status = k.wait_phase("ftlh", "Running")
-    assert status["restarts"]["counted"] == 0 and status["restarts"]["uncounted"] >= 2
-    assert any("Lighthouse was replaced" in e["message"] for e in k.events("ftlh"))
 
 
 def test_a_failed_workers_cause_reaches_the_condition_and_the_event(k):

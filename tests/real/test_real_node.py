@@ -639,6 +639,7 @@ def test_a_users_hugging_face_model_on_a_volume_is_served_to_tritonclient_over_h
     np.testing.assert_allclose(got_grpc, want, atol=1e-5)
 
 FT_JOB = "mnist-ft"
+START_LINE = re.compile(r"^(\S+) .*event=start pid=", re.M)
 QUORUM_LINE = re.compile(r"^(\S+) .*event=quorum replicas=(\d+) world=\d+ rank=\d+ step=(\d+)", re.M)
 
 
@@ -717,38 +718,130 @@ def test_a_per_step_job_keeps_its_survivor_running_through_a_lost_worker_pod(wor
 
 
 def _lose_the_lighthouse(c) -> None:
-    """The rendezvous pod (the Lighthouse) of the running perStep job is deleted. Its
-    replica groups would wait in a quorum the new Lighthouse never answers, for the
-    quorum timeout (joinTimeoutSeconds, 600 s); the operator replaces them as soon as the
-    new Lighthouse is ready, uncounted, and training resumes from the checkpoint."""
-    before = {p["metadata"]["name"]: p["metadata"]["uid"] for p in _json(
-        c, "get", "pods", "-n", NS, "-l", f"lepton.ai/job={FT_JOB},lepton.ai/role=worker")["items"]}
+    """The rendezvous pod (the Lighthouse) of the running perStep job is deleted. The
+    replica groups' quorum requests fail; their managers ask again about once a second
+    (TORCHFT_QUORUM_RETRIES) and both groups step on with the new Lighthouse in the same
+    pods and processes, without a checkpoint, nothing counted and nothing replaced."""
+    pods = {p["metadata"]["name"]: p for p in _json(
+        c, "get", "pods", "-n", NS, "-l", f"lepton.ai/job={FT_JOB},lepton.ai/role=worker")["items"]
+        if not p["metadata"].get("deletionTimestamp")}
+    before = {name: (p["metadata"]["uid"], START_LINE.findall(timestamped_logs(c, name))) for name, p in pods.items()}
+    restarts = _json(c, "get", "lj", FT_JOB, "-n", NS)["status"]["restarts"]
+    old_lighthouse = _json(c, "get", "pod", f"{FT_JOB}-rdzv", "-n", NS)["metadata"]["uid"]
     t_delete = time.time()
     c.kubectl("delete", "pod", f"{FT_JOB}-rdzv", "-n", NS, "--wait=false")
 
+    def new_lighthouse_ready() -> float | None:
+        found = c.kubectl("get", "pod", f"{FT_JOB}-rdzv", "-n", NS, "-o", "json", check=False)  # "": none yet
+        pod = json.loads(found) if found else {}
+        if pod.get("metadata", {}).get("uid") in (None, old_lighthouse):
+            return None
+        ready = re.search(r"^(\S+) .*lighthouse ready on port", timestamped_logs(c, f"{FT_JOB}-rdzv"), re.M)
+        return _ts(ready.group(1)) if ready else None
+
     def resumed():
-        pods = _json(c, "get", "pods", "-n", NS, "-l", f"lepton.ai/job={FT_JOB},lepton.ai/role=worker")["items"]
-        fresh = [p["metadata"]["name"] for p in pods if p["metadata"]["uid"] not in before.values()
-                 and not p["metadata"].get("deletionTimestamp")]
-        after = [s for name in fresh for s in steps(timestamped_logs(c, name)) if s[0] > t_delete]
-        return min(after) if len(fresh) == 2 and after else None
+        # the first step of each group that only the new Lighthouse can have let it take
+        t_ready = new_lighthouse_ready()
+        if t_ready is None:
+            return None
+        firsts = [next((s for s in steps(timestamped_logs(c, name)) if s[0] > t_ready and s[3] == 2), None)
+                  for name in before]
+        return (t_ready, max(f[0] for f in firsts)) if all(firsts) else None
     try:
-        first = wait_for("replaced replica groups to step with the new Lighthouse", resumed, timeout=240)
+        t_ready, first = wait_for("both replica groups to step with the new Lighthouse", resumed, timeout=240)
     except AssertionError:
         raise AssertionError(dump(c, NS)) from None
+    for name, (uid, started) in before.items():
+        pod, text = _json(c, "get", "pod", name, "-n", NS), timestamped_logs(c, name)
+        assert pod["metadata"]["uid"] == uid and pod["status"]["containerStatuses"][0]["restartCount"] == 0, pod
+        assert START_LINE.findall(text) == started and len(started) == 1, text[-3000:]      # the same process
+        assert not [t for t in re.findall(r"^(\S+) .*event=resume", text, re.M) if _ts(t) > t_delete], text[-3000:]
     status = _json(c, "get", "lj", FT_JOB, "-n", NS)["status"]
-    assert status["restarts"]["counted"] == 0, status      # a replaced Lighthouse is nobody's failure
-    events = c.kubectl("get", "events", "-n", NS, "--field-selector", f"involvedObject.name={FT_JOB}")
-    assert "the Lighthouse was replaced" in events, events
-    record("per_step_lighthouse_deleted_to_step_seconds", round(first[0] - t_delete, 1))
+    assert status["restarts"] == restarts, status           # a replaced Lighthouse is nobody's failure
+    record("per_step_lighthouse_deleted_to_step_seconds", round(first - t_delete, 1))
     operations.record("lighthouse_lost", shape="perStep, 2 replica groups (workers min 1, max 2) of 500m CPU, "
-                      "gloo on CPU", deleted_to_first_step_seconds=round(first[0] - t_delete, 1),
-                      counted_failures=status["restarts"]["counted"],
-                      uncounted_restarts=status["restarts"]["uncounted"])
+                      "gloo on CPU", deleted_to_both_stepping_seconds=round(first - t_delete, 1),
+                      groups_restarted=0, counted_failures=status["restarts"]["counted"] - restarts["counted"],
+                      uncounted_restarts=status["restarts"]["uncounted"] - restarts["uncounted"],
+                      timeline_seconds_after_delete=_lighthouse_timeline(c, t_delete, t_ready, first))
+
+
+def _lighthouse_timeline(c, t_delete: float, t_serving: float, t_step: float) -> dict:
+    """Where the recovery's time went, in seconds after the delete (the API's timestamps
+    have whole seconds): the new Lighthouse created, its container started, serving (its
+    log line) and Ready; the step by which both groups had stepped with it."""
+    def at(stamp: str | None) -> float | None:
+        return round(_ts(stamp) - t_delete, 1) if stamp else None
+
+    rdzv = _json(c, "get", "pod", f"{FT_JOB}-rdzv", "-n", NS)
+    ready = next((x.get("lastTransitionTime") for x in rdzv["status"].get("conditions") or ()
+                  if x["type"] == "Ready" and x["status"] == "True"), None)
+    started = next((s["state"].get("running", {}).get("startedAt") for s in rdzv["status"].get(
+        "containerStatuses") or ()), None)
+    return {"lighthouse_created": at(rdzv["metadata"]["creationTimestamp"]), "lighthouse_started": at(started),
+            "lighthouse_serving": round(t_serving - t_delete, 1), "lighthouse_ready": at(ready),
+            "both_groups_stepped": round(t_step - t_delete, 1)}
+
+
+FAR_JOB = "mnist-far"
+GPU_NODE_PLACEMENT = {"nodeSelector": {"nvidia.com/gpu.present": "true"},
+                      "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
 
 
 def _job_status(c, name: str) -> dict:
     return _json(c, "get", "lj", name, "-n", NS).get("status", {})
+
+
+def _ready(status: dict) -> dict:
+    return next((x for x in status.get("conditions", []) if x["type"] == "Ready"), {})
+
+
+def test_a_store_its_workers_cannot_reach_is_reported_and_never_counted(workspace):
+    """The rendezvous store placed (``spec.rendezvous``) on the kwok GPU node, where nothing
+    runs: kwok reports it Running and Ready, and the workers on the real node cannot reach
+    it. Each worker fails on the connection; the job says Ready=False with reason
+    StoreUnreachable, an event names the unreachable store, and nothing is counted
+    (``backoffLimit: 0`` would fail the job at the first counted failure)."""
+    c, _ = workspace
+    c.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "lepton.ai/v1alpha1", "kind": "LeptonJob", "metadata": {"name": FAR_JOB, "namespace": NS},
+        "spec": {"module": "lepton_trainer.train", "args": ["--model", "mlp", "--steps", "1000000"],
+                 "workers": {"min": 2, "max": 2, "replicas": 2},
+                 "resources": {"gpus": 0, "cpu": "250m", "memory": "1Gi"},
+                 "rendezvous": GPU_NODE_PLACEMENT, "backoffLimit": 0,
+                 "checkpoint": {"claimName": "ckpt", "subPath": FAR_JOB}}}))
+    try:
+        store = wait_for("the store Running on the kwok node", lambda: (p := _json(
+            c, "get", "pod", f"{FAR_JOB}-rdzv", "-n", NS)) and p["status"].get("phase") == "Running" and p, timeout=120)
+        assert store["spec"]["nodeName"].startswith("kwok-"), store["spec"]
+        pods = wait_for("2 running workers", lambda: (w := [p for p in _json(
+            c, "get", "pods", "-n", NS, "-l", f"lepton.ai/job={FAR_JOB},lepton.ai/role=worker")["items"]
+            if p["status"].get("phase") == "Running"]) and len(w) == 2 and w, timeout=300)
+        assert all(p["spec"]["nodeName"] == "lepton-node" for p in pods)
+        t_running, not_ready = time.time(), []      # (when, status) of the first look at StoreUnreachable
+
+        def reported():
+            status = _job_status(c, FAR_JOB)
+            if not not_ready and _ready(status).get("reason") == "StoreUnreachable":
+                assert _ready(status)["status"] == "False", status
+                not_ready.append((time.time(), status))
+            events = c.kubectl("get", "events", "-n", NS, "--field-selector", f"involvedObject.name={FAR_JOB}")
+            return not_ready and "unreachable" in events and _job_status(c, FAR_JOB)
+        try:
+            status = wait_for("the job to say its store is unreachable", reported, timeout=300)
+        except AssertionError:
+            raise AssertionError(dump(c, NS)) from None
+        t_not_ready, first = not_ready[0]
+        assert status["phase"] != "Failed" and status["restarts"]["counted"] == 0, status
+        operations.record("store_unreachable", shape="2 workers of 250m CPU on the real node, the c10d store "
+                          "on a kwok node", workers_running_to_condition_seconds=round(t_not_ready - t_running, 1),
+                          condition=f"Ready=False {_ready(first).get('reason')}: {_ready(first).get('message')}",
+                          counted_failures=status["restarts"]["counted"],
+                          uncounted_restarts=status["restarts"]["uncounted"])
+    finally:
+        c.kubectl("delete", "lj", FAR_JOB, "-n", NS, "--wait=true", check=False)
+        wait_for("the job's pods to go", lambda: not _json(c, "get", "pods", "-n", NS, "-l",
+                                                          f"lepton.ai/job={FAR_JOB}")["items"], timeout=120)
 
 
 OPERATOR_PODS = "app.kubernetes.io/name=lepton-operator"

@@ -11,7 +11,7 @@ from lepton_trainer import modelio, models, data
 from lepton_trainer.checkpoint import CheckpointManager
 from lepton_trainer.rendezvous import WORKER_ENV
 from lepton_trainer.train import global_batch_indices, rank_slice
-from torchrun_procs import Proc, free_port, procs, rdzv_endpoint, start_agent  # noqa: F401 (fixtures)
+from torchrun_procs import Proc, free_port, kill_tree, procs, rdzv_endpoint, start_agent  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.trainer
 
@@ -115,6 +115,20 @@ def test_training_is_the_same_for_any_world_size(tmp_path, procs, rdzv_endpoint)
         torch.testing.assert_close(many["model"][name], tensor, rtol=1e-4, atol=1e-5)
 
 
+def start_lighthouse(procs: list, tmp_path, port: int, name: str = "lighthouse") -> Proc:
+    """A Lighthouse for two replica groups on ``port``, once it serves."""
+    procs.append(p := Proc([sys.executable, "-m", "lepton_trainer.lighthouse", "--host", "127.0.0.1",
+                            "--port", str(port), "--min-replicas", "2"], tmp_path / f"{name}.log"))
+    p.wait_for("lighthouse ready")
+    return p
+
+
+def group_env(port: int, i: int, **extra: str) -> dict:
+    """The environment of perStep replica group ``i`` of two, on the Lighthouse at ``port``."""
+    return {**WORKER_ENV, "TORCHFT_LIGHTHOUSE": f"http://127.0.0.1:{port}", "POD_IP": "127.0.0.1",
+            "LEPTON_REPLICA_ID": f"group-{i}", "LEPTON_MIN_REPLICAS": "2", "LEPTON_FAULT_TOLERANCE": "perStep", **extra}
+
+
 def test_per_step_replica_groups_train_exactly_as_one_process(tmp_path, procs):
     """Two perStep replica groups of 2 ranks each (the gradient is averaged inside each
     group, then across the groups through torchft) take the same steps as one process."""
@@ -123,16 +137,13 @@ def test_per_step_replica_groups_train_exactly_as_one_process(tmp_path, procs):
                   "--checkpoint-dir", str(tmp_path / "alone")], tmp_path / "alone.log")
     procs.append(alone)
     port = free_port()
-    procs.append(lighthouse := Proc([sys.executable, "-m", "lepton_trainer.lighthouse", "--host", "127.0.0.1",
-                                     "--port", str(port), "--min-replicas", "2"], tmp_path / "lighthouse.log"))
-    lighthouse.wait_for("lighthouse ready")
+    start_lighthouse(procs, tmp_path, port)
     groups = []
     for i in range(2):
-        env = {**WORKER_ENV, "TORCHFT_LIGHTHOUSE": f"http://127.0.0.1:{port}", "POD_IP": "127.0.0.1",
-               "LEPTON_REPLICA_ID": f"group-{i}", "LEPTON_MIN_REPLICAS": "2", "LEPTON_FAULT_TOLERANCE": "perStep"}
         groups.append(Proc([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
                             "--nproc-per-node=2", "-m", "lepton_trainer.train", *common,
-                            "--checkpoint-dir", str(tmp_path / "groups")], tmp_path / f"group-{i}.log", env))
+                            "--checkpoint-dir", str(tmp_path / "groups")], tmp_path / f"group-{i}.log",
+                           group_env(port, i)))
         procs.append(groups[-1])
     for proc in (alone, *groups):
         assert proc.wait() == 0, proc.text()[-3000:]
@@ -141,6 +152,87 @@ def test_per_step_replica_groups_train_exactly_as_one_process(tmp_path, procs):
     assert (one["world_size"], four["world_size"], four["torchft"]["step"]) == (1, 4, 20)
     for name, tensor in one["model"].items():
         torch.testing.assert_close(four["model"][name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_per_step_replica_groups_rejoin_a_replaced_lighthouse_in_place(tmp_path, procs):
+    """Two perStep replica groups; one is killed and started again (a second quorum), then
+    the Lighthouse is stopped and a new one starts on its port, as the operator's rendezvous
+    pod is replaced. The groups' managers ask again (TORCHFT_QUORUM_RETRIES, as the
+    operator sets it) and both groups step on with the new Lighthouse in the same
+    processes, without a checkpoint. Its first quorum has the number of the old one's
+    first, with the same two members: the process group is configured under a store
+    prefix of its own (``train._fresh_prefixes``), not the stale one of that quorum.
+    (Without it, a group read a peer's stale address in about one run in three: "Gloo
+    connectFullMesh failed ... Connection refused", and failed steps until the new
+    Lighthouse's quorum numbers passed the old one's. A Lighthouse stopped between answering
+    one group's quorum and the other's costs that step: torchft's collective timeout, set
+    to 10 s here.)"""
+    port = free_port()
+
+    def lighthouse(name: str) -> Proc:
+        return start_lighthouse(procs, tmp_path, port, name)
+
+    def group(i: int, name: str) -> Proc:
+        env = group_env(port, i, TORCHFT_QUORUM_TIMEOUT_SEC="60", TORCHFT_QUORUM_RETRIES="60", TORCHFT_TIMEOUT_SEC="10")
+        procs.append(p := Proc([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                                "--nproc-per-node=1", "-m", "lepton_trainer.train", "--steps", "100000",
+                                "--checkpoint-every", "0", "--log-every", "10", "--metrics-port", "0",
+                                "--checkpoint-dir", str(tmp_path / f"ckpt-{name}")], tmp_path / f"{name}.log", env))
+        return p
+
+    old = lighthouse("lighthouse-1")
+    first, second = group(0, "group-0"), group(1, "group-1")
+    first.wait_for(r"event=quorum replicas=2 world=2 ")
+    first.wait_for(r"event=step step=50 ")
+    kill_tree(second.popen.pid)                  # a second quorum: the same two groups, a new member
+    again = group(1, "group-1b")
+    again.wait_for(r"event=heal step=")
+    mark = len(first.text())
+    first.wait_for(r"event=step step=\d+ loss=\S+ world=2", after=mark)
+    old.stop()
+    marks = {g: len(g.text()) for g in (first, again)}
+    lighthouse("lighthouse-2")
+    for g in (first, again):                      # both step on, together
+        g.wait_for(r"event=step step=\d+ loss=\S+ world=2", after=marks[g], timeout=60)
+        g.wait_for(r"event=step step=\d+ loss=\S+ world=2", after=len(g.text()), timeout=60)
+    for g in (first, again):
+        assert g.popen.poll() is None, g.text()[-3000:]
+        assert len(re.findall(r"event=start pid=", g.text())) == 1, g.text()[-3000:]
+        assert "event=resume" not in g.text(), g.text()[-3000:]
+        assert len(re.findall(r"event=step_failed", g.text()[marks[g]:])) <= 1, g.text()[-3000:]
+
+
+def test_each_quorum_configures_its_process_group_under_a_prefix_of_its_step():
+    """The mechanism of the test above, on its own: the manager's quorum client notes the
+    quorum's step, and the process group's configuration adds it to torchft's prefix."""
+    from lepton_trainer.train import _QuorumStep, _fresh_prefixes
+
+    class PG:
+        def __init__(self, timeout=None):
+            self.configured = []
+
+        def configure(self, store_addr, replica_id, rank, world_size, *rest):
+            self.configured.append((store_addr, rank, world_size))
+
+    class Quorum:
+        max_step = 1234
+
+    class Client:
+        def _quorum(self, **kwargs):
+            return Quorum()
+
+        def should_commit(self, *args):
+            return True
+
+    class Manager:
+        _client = Client()
+
+    pg, manager = _fresh_prefixes(PG)(), Manager()
+    pg.configure("10.0.0.1:29500/torchft/1/0", "r", 0, 2)      # before any quorum: torchft's own
+    _QuorumStep.watch(manager, pg)
+    assert manager._client._quorum(step=1234).max_step == 1234 and manager._client.should_commit() is True
+    pg.configure("10.0.0.1:29500/torchft/1/0", "r", 0, 2)
+    assert pg.configured == [("10.0.0.1:29500/torchft/1/0", 0, 2), ("10.0.0.1:29500/torchft/1/0/step1234", 0, 2)]
 
 
 def test_checkpoint_from_another_configuration_is_refused(tmp_path, procs):

@@ -98,7 +98,11 @@ def test_per_step_runs_a_lighthouse_and_one_standalone_replica_group_per_pod():
     assert env[contract.ENV_MIN_REPLICAS] == "2"
     assert env[contract.ENV_LIGHTHOUSE] == f"http://mnist-rdzv:{contract.RDZV_PORT}"
     assert env[contract.ENV_FT_QUORUM_TIMEOUT] == "300"       # elastic.joinTimeoutSeconds: waiting for workers.min
+    # a failed quorum request (a Lighthouse gone or replaced) is asked again every 300/301 s
+    assert env[contract.ENV_FT_QUORUM_RETRIES] == "300"
     assert env[contract.ENV_FT_TIMEOUT] == str(training.FT_TIMEOUT_SECONDS)
+    # one reconnection to a replaced Lighthouse waits 10 s at most, not torchft's 60 s
+    assert env[contract.ENV_FT_CONNECT_TIMEOUT] == "10" == str(training.FT_CONNECT_TIMEOUT_SECONDS)
     assert "POD_IP" in env                                     # the address the manager advertises
     # The rendezvous pod runs the Lighthouse on the store's port, in the operator's image.
     sc = store["spec"]["containers"][0]

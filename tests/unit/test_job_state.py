@@ -343,22 +343,42 @@ def test_a_worker_that_could_not_reach_its_store_is_not_counted(cause):
     assert plan_job(META, spec(backoffLimit=0), {"phase": "Running"}, [pod(0), plain], 4, NOW).status["phase"] == "Failed"
 
 
-def test_replica_groups_that_joined_a_replaced_lighthouse_restart_at_once():
-    """perStep: the survivors of a Lighthouse loss would wait out the quorum timeout (600 s);
-    once the new Lighthouse is ready they are replaced, uncounted."""
+@pytest.mark.parametrize("store", [js.StoreView("2026-01-01T11:00:00Z", True, True), js.MISSING_STORE,
+                                   js.StoreView("2026-01-01T11:59:00Z", False, False),
+                                   js.StoreView("2026-01-01T11:59:00Z", True, False)],
+                         ids=["going", "gone", "replaced, not ready", "replaced, ready"])
+def test_replica_groups_stay_through_a_lost_lighthouse_and_rejoin_its_replacement_in_place(store):
+    """perStep: groups whose Lighthouse goes keep running; their managers ask again about
+    once a second (TORCHFT_QUORUM_RETRIES, see test_job_builders) and join the new one in
+    place (tests/trainer, tests/real). Nothing is deleted or counted while the job steps."""
     s = spec(faultTolerance="perStep", workers={"min": 2, "max": 2, "replicas": 2})
     old = [pod(i, started_at="2026-01-01T11:00:00Z") for i in range(2)]
-    fresh = js.StoreView("2026-01-01T11:59:00Z", True, False)
-    plan = plan_job(META, s, {"phase": "Running"}, old, 4, NOW, store=fresh)
+    plan = plan_job(META, s, {"phase": "Running"}, old, 4, NOW, store=store)
+    assert plan.delete == [] and plan.create == []
+    assert plan.status["restarts"] == {"counted": 0, "uncounted": 0}
+
+
+def test_replica_groups_that_joined_a_replaced_lighthouse_restart_when_the_job_stalls_beside_the_new_one():
+    """A group whose request to the old Lighthouse hangs (its node went silent) would wait for
+    the quorum timeout (600 s). When the job is stalled and the new Lighthouse has been up
+    for LIGHTHOUSE_REJOIN_SECONDS, the groups that joined the old one are replaced, uncounted;
+    groups that started beside the new one are left alone."""
+    s = spec(faultTolerance="perStep", workers={"min": 2, "max": 3, "replicas": 3})
+    young = (NOW - dt.timedelta(seconds=20)).isoformat()
+    pods = [pod(0, started_at="2026-01-01T11:00:00Z"), pod(1, started_at="2026-01-01T11:00:00Z"),
+            pod(2, started_at=young)]
+    fresh = js.StoreView((NOW - dt.timedelta(seconds=js.LIGHTHOUSE_REJOIN_SECONDS + 1)).isoformat(), True, False)
+    why = "training stalled: no step for 40s"
+    plan = plan_job(META, s, {"phase": "Running"}, pods, 4, NOW, store=fresh, stalled=why)
     assert sorted(plan.delete) == ["j-worker-0", "j-worker-1"] and plan.create == []
     assert plan.status["restarts"] == {"counted": 0, "uncounted": 2}
-    assert any("Lighthouse was replaced" in e[2] for e in plan.events)
-    # the same store, or one not ready yet, or a restart-mode job: nothing is replaced
-    same = js.StoreView("2026-01-01T11:00:01Z", True, False)
-    assert plan_job(META, s, {"phase": "Running"}, old, 4, NOW, store=same).delete == []
-    assert plan_job(META, s, {"phase": "Running"}, old, 4, NOW, store=js.StoreView(fresh.created, False, False)).delete == []
-    restart_mode = spec(workers={"min": 2, "max": 2, "replicas": 2})
-    assert plan_job(META, restart_mode, {"phase": "Running"}, old, 4, NOW, store=fresh).delete == []
+    assert any("stalled" in e[2] and "started before the Lighthouse was replaced" in e[2] for e in plan.events)
+    # not stalled, or a Lighthouse too new to have been joined, or a restart-mode job: nothing
+    assert plan_job(META, s, {"phase": "Running"}, pods, 4, NOW, store=fresh).delete == []
+    new = js.StoreView((NOW - dt.timedelta(seconds=js.LIGHTHOUSE_REJOIN_SECONDS - 5)).isoformat(), True, False)
+    assert plan_job(META, s, {"phase": "Running"}, pods, 4, NOW, store=new, stalled=why).delete == []
+    restart_mode = spec(workers={"min": 2, "max": 3, "replicas": 3})
+    assert plan_job(META, restart_mode, {"phase": "Running"}, pods, 4, NOW, store=fresh, stalled=why).delete == []
 
 
 def test_workers_that_cannot_reach_a_ready_store_make_the_job_not_ready_until_one_reaches_it():

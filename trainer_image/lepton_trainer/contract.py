@@ -36,6 +36,8 @@ ENV_MIN_REPLICAS = "LEPTON_MIN_REPLICAS"        # fewest replica groups that may
 ENV_LIGHTHOUSE = "TORCHFT_LIGHTHOUSE"           # torchft's own: http://<rdzv Service>:RDZV_PORT
 ENV_FT_TIMEOUT = "TORCHFT_TIMEOUT_SEC"          # torchft's own: collectives, commit, healing
 ENV_FT_QUORUM_TIMEOUT = "TORCHFT_QUORUM_TIMEOUT_SEC"  # torchft's own: waiting for a quorum
+ENV_FT_QUORUM_RETRIES = "TORCHFT_QUORUM_RETRIES"      # torchft's own: asking the Lighthouse again
+ENV_FT_CONNECT_TIMEOUT = "TORCHFT_CONNECT_TIMEOUT_SEC"  # torchft's own: one (re)connection to the Lighthouse
 FAULT_TOLERANCE_MODES = ("restart", "perStep")
 
 # --- Trainer metrics (prometheus-client, served on METRICS_PORT by local rank 0) -------

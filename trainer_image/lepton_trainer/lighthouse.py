@@ -11,13 +11,34 @@ chooses what is printed.
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
+import importlib.util
 import logging
 import os
+import pathlib
 import signal
 
 from . import contract
 
 log = logging.getLogger("lepton_trainer.lighthouse")
+
+
+def native_lighthouse() -> type:
+    """torchft's ``LighthouseServer`` from its native extension (``torchft._torchft``)
+    alone. Importing it through the ``torchft`` package first imports torch, seconds of
+    CPU the Lighthouse does not use, on the path of every replaced Lighthouse; the
+    extension links no torch. Falls back to the package import where the extension is not
+    a file beside the package."""
+    spec = importlib.util.find_spec("torchft")           # locates the package, runs nothing
+    for where in (spec.submodule_search_locations or []) if spec else []:
+        for path in sorted(pathlib.Path(where).glob("_torchft.*")):
+            if any(path.name.endswith(suffix) for suffix in importlib.machinery.EXTENSION_SUFFIXES):
+                ext = importlib.util.spec_from_file_location("torchft._torchft", path)
+                module = importlib.util.module_from_spec(ext)
+                ext.loader.exec_module(module)
+                return module.LighthouseServer
+    from torchft.coordination import LighthouseServer
+    return LighthouseServer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
                 "--join-timeout-ms >= 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("RUST_LOG", "warn")
-    from torchft.coordination import LighthouseServer
+    LighthouseServer = native_lighthouse()
 
     stop = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop)

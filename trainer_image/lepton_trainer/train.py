@@ -334,7 +334,13 @@ def _ft_manager(args, env: DistEnv, model, optimizer):
             return super().address().replace(f"//{socket.gethostname()}:", f"//{url_host}:", 1)
 
     timeout = timedelta(seconds=float(os.environ.get(contract.ENV_FT_TIMEOUT, "30")))
-    pg = ProcessGroupBabyNCCL(timeout=timeout) if env.device.type == "cuda" else ProcessGroupGloo(timeout=timeout)
+    # torchft hands its Manager's connect_timeout argument, not the environment's value, to
+    # the server that talks to the Lighthouse: it is passed here. A reconnection after the
+    # Lighthouse was replaced may first reach its old address (a SYN nobody answers until
+    # the Service's rules catch up); each try waits at most this long, where torchft's 60 s
+    # default kept a group's heartbeats, and so the group, out of the new quorums a minute.
+    connect_timeout = timedelta(seconds=float(os.environ.get(contract.ENV_FT_CONNECT_TIMEOUT, "60")))
+    pg = _fresh_prefixes(ProcessGroupBabyNCCL if env.device.type == "cuda" else ProcessGroupGloo)(timeout=timeout)
 
     def load(state: dict) -> None:
         model.load_state_dict(state["model"])
@@ -345,11 +351,60 @@ def _ft_manager(args, env: DistEnv, model, optimizer):
 
     host = os.environ.get("POD_IP") or os.environ["MASTER_ADDR"]
     url_host = f"[{host}]" if ":" in host else host
-    return Manager(pg=pg, load_state_dict=load, state_dict=save, min_replica_size=args.min_replicas,
-                   use_async_quorum=False, timeout=timeout, replica_id=args.replica_id or None,
-                   rank=env.rank, world_size=env.world_size, store_addr=host,
-                   store_port=int(os.environ["MASTER_PORT"]), hostname=host,
-                   checkpoint_transport=PodTransport(timeout=timeout, num_chunks=0))
+    manager = Manager(pg=pg, load_state_dict=load, state_dict=save, min_replica_size=args.min_replicas,
+                      use_async_quorum=False, timeout=timeout, connect_timeout=connect_timeout, replica_id=args.replica_id or None,
+                      rank=env.rank, world_size=env.world_size, store_addr=host,
+                      store_port=int(os.environ["MASTER_PORT"]), hostname=host,
+                      checkpoint_transport=PodTransport(timeout=timeout, num_chunks=0))
+    _QuorumStep.watch(manager, pg)
+    return manager
+
+
+def _fresh_prefixes(pg_class: type) -> type:
+    """``pg_class`` whose every configuration gets a store prefix no earlier quorum used.
+
+    torchft configures the replica groups' process group under
+    ``<primary's store>/torchft/<quorum id>/<group rank>`` and needs each prefix to be new.
+    A replaced Lighthouse numbers its quorums from 1 again, while the groups that rejoin it
+    in place keep their stores, which still hold the keys of the old Lighthouse's quorums
+    of the same numbers: a group could read a peer's stale address. The step the quorum
+    starts at (the same for every member, never lower than any earlier quorum's) makes the
+    prefix new again."""
+    class FreshPrefixes(pg_class):
+        quorum_step: int | None = None      # the step of the quorum being configured (_QuorumStep)
+
+        def configure(self, store_addr: str, *args, **kwargs):
+            if self.quorum_step is not None:
+                store_addr = f"{store_addr}/step{self.quorum_step}"
+            return super().configure(store_addr, *args, **kwargs)
+
+    FreshPrefixes.__name__ = FreshPrefixes.__qualname__ = f"FreshPrefixes{pg_class.__name__}"
+    return FreshPrefixes
+
+
+class _QuorumStep:
+    """The manager's client to its manager server, which also notes each quorum's step on
+    the process group before the manager configures it (see :func:`_fresh_prefixes`)."""
+
+    def __init__(self, client, pg) -> None:
+        self._client, self._pg = client, pg
+
+    @classmethod
+    def watch(cls, manager, pg) -> None:
+        client = getattr(manager, "_client", None)
+        if client is None or not hasattr(client, "_quorum"):
+            log.warning("this torchft's Manager has no quorum client to watch: the process group's store "
+                        "prefixes are torchft's own (a replaced Lighthouse may reuse one)")
+            return
+        manager._client = cls(client, pg)
+
+    def _quorum(self, *args, **kwargs):
+        quorum = self._client._quorum(*args, **kwargs)
+        self._pg.quorum_step = quorum.max_step
+        return quorum
+
+    def __getattr__(self, name: str):
+        return getattr(self._client, name)
 
 
 def train_per_step(args: argparse.Namespace) -> dict:

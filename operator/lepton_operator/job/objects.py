@@ -84,6 +84,12 @@ LIGHTHOUSE_HEARTBEAT_TIMEOUT_MS = 2000
 # torchft's timeout of one collective, commit vote or healing transfer: a peer that stops
 # answering without closing its connections (a partitioned node) costs this much.
 FT_TIMEOUT_SECONDS = 30
+# How long one (re)connection of a replica group to the Lighthouse may take, each try
+# (torchft's default is 60 s). After the Lighthouse is replaced, a reconnection can first
+# reach the old pod's address until the Service's rules on the node catch up, a SYN that
+# nobody answers: this bounds what it costs. At a worker's start it is also how long the
+# Lighthouse has to come up (a worker that gives up is an uncounted restart).
+FT_CONNECT_TIMEOUT_SECONDS = 10
 # JobSpec fields that do not shape a worker pod (sizing, lifecycle, autoscaling, the network).
 _NOT_TEMPLATE = ("suspend", "backoff_limit", "active_deadline_seconds", "ttl_seconds_after_finished",
                  "autoscaling", "capacity", "network_policy", "rendezvous",
@@ -359,6 +365,15 @@ def _volumes(spec: JobSpec) -> tuple[list[Obj], list[Obj]]:
     return volumes, mounts
 
 
+def quorum_retries(quorum_timeout: int) -> int:
+    """How often a replica group's manager asks the Lighthouse again after a failed quorum
+    request (the Lighthouse gone, or replaced): torchft waits the quorum timeout divided by
+    this plus one between tries, so about once a second until the quorum timeout. A group
+    that joined a Lighthouse that is replaced joins the new one in place, within a second
+    of its start, without a restart."""
+    return max(1, int(quorum_timeout))
+
+
 def _worker_env(owner: Mapping[str, Any], spec: JobSpec, index: int) -> list[Obj]:
     """The worker container's environment: the job's identity, paths, fault tolerance, the user's."""
     m = owner["metadata"]
@@ -382,7 +397,9 @@ def _worker_env(owner: Mapping[str, Any], spec: JobSpec, index: int) -> list[Obj
                       env(contract.ENV_MIN_REPLICAS, spec.workers.min),
                       env(contract.ENV_LIGHTHOUSE, lighthouse_url(job)),
                       env(contract.ENV_FT_TIMEOUT, FT_TIMEOUT_SECONDS),
-                      env(contract.ENV_FT_QUORUM_TIMEOUT, spec.elastic.join_timeout)]
+                      env(contract.ENV_FT_QUORUM_TIMEOUT, spec.elastic.join_timeout),
+                      env(contract.ENV_FT_QUORUM_RETRIES, quorum_retries(spec.elastic.join_timeout)),
+                      env(contract.ENV_FT_CONNECT_TIMEOUT, FT_CONNECT_TIMEOUT_SECONDS)]
     variables += [copy.deepcopy(dict(v)) for v in spec.env]
     return variables
 

@@ -292,6 +292,7 @@ class _Job:
     capacity_short: bool = False
     request: CapacityRequestView | None = None   # the ProvisioningRequest, if any
     unreachable: str = ""               # why workers failed to reach a store whose pod is Ready
+    stalled: str = ""                   # why the job was judged stalled at the last reading (job.progress)
 
     @property
     def status(self) -> dict[str, Any]:
@@ -502,28 +503,37 @@ def replace_stale(job: _Job) -> None:
 
 # A store created this long after a worker started is not the store that worker joined.
 STORE_REPLACED_SECONDS = 10.0
+# How long replica groups that joined a replaced Lighthouse have to step with the new one
+# (they ask it again about once a second, ``objects.quorum_retries``) before a stall of the
+# job is theirs to restart.
+LIGHTHOUSE_REJOIN_SECONDS = 30.0
 
 
 def rejoin_lighthouse(job: _Job) -> None:
-    """perStep: replica groups that started before their Lighthouse was replaced wait in a
-    quorum the new one never answers (until the quorum timeout, ``joinTimeoutSeconds``).
-    Once the new Lighthouse is ready they are replaced at once, resuming from the
-    checkpoint: an uncounted restart. (A c10d store's agents exit when it goes, which
-    ``count_failures`` does not count.)"""
+    """perStep: replica groups that joined a Lighthouse that was replaced ask the new one for
+    their next quorum in place: their managers retry a failed quorum request about once a
+    second, so they step again within a second of its start, keeping their processes and
+    weights. Only when the job is stalled (no step in its window, ``job.progress``) while the
+    new Lighthouse has run for ``LIGHTHOUSE_REJOIN_SECONDS`` (a group whose request to the
+    old one hangs, as when its node went silent, would wait for the quorum timeout) are
+    those groups replaced, resuming from the checkpoint: an uncounted restart."""
     store = job.store
-    if not job.spec.per_step or store is None or not store.ready or store.deleting:
+    if not job.spec.per_step or store is None or not job.stalled or store == MISSING_STORE \
+            or not store.ready or store.deleting or not (created := _ts(store.created)):
         return
-    created = _ts(store.created)
-    orphans = [p for p in job.active if p.phase == "Running" and created and (started := _ts(p.started_at))
-               and (created - started).total_seconds() > STORE_REPLACED_SECONDS]
+    if (job.now - created).total_seconds() < LIGHTHOUSE_REJOIN_SECONDS:
+        return
+    running = [p for p in job.active if p.phase == "Running" and _ts(p.started_at)]
+    orphans = [p for p in running if (created - _ts(p.started_at)).total_seconds() > STORE_REPLACED_SECONDS]
     if not orphans:
         return
     job.plan.delete += [p.name for p in orphans]
     job.restarts["uncounted"] += len(orphans)
     job.status["restartCount"] = job.status.get("restartCount", 0) + len(orphans)
     job.plan.events.append((EVENT_NORMAL, REASON_WORKER_DISRUPTED,
-                            f"the Lighthouse was replaced at {store.created}: {len(orphans)} replica group(s) "
-                            "that joined the old one restart to join it, from the last checkpoint"))
+                            f"the job is stalled and {len(orphans)} replica group(s) started before the Lighthouse "
+                            f"was replaced at {store.created}: they restart from the last checkpoint to join the "
+                            "new one"))
     job.active = [p for p in job.active if p not in orphans]
     job.leaving += orphans
 
@@ -838,7 +848,7 @@ def _decide(spec: JobSpec, observed: JobObserved) -> Plan:
                vanished=observed.workers.vanished, template=observed.template,
                generation=meta.get("generation"), prev_phase=status.get("phase"),
                no_node_fits=observed.no_node_fits, free_capacity=observed.free_capacity, store=observed.store,
-               request=observed.request)
+               request=observed.request, stalled=observed.progress.stalled)
     selector = objects.worker_selector(meta.get("name", ""))
     for step in SETTLING_STEPS:
         outcome = step(job)

@@ -369,8 +369,9 @@ def quorum_retries(quorum_timeout: int) -> int:
     """How often a replica group's manager asks the Lighthouse again after a failed quorum
     request (the Lighthouse gone, or replaced): torchft waits the quorum timeout divided by
     this plus one between tries, so about once a second until the quorum timeout. A group
-    that joined a Lighthouse that is replaced joins the new one in place, within a second
-    of its start, without a restart."""
+    that joined a Lighthouse that is replaced joins the new one in place, without a
+    restart: about a second after its start where its address is reachable at once, up to
+    ``FT_CONNECT_TIMEOUT_SECONDS`` later where a reconnection first reaches the old pod."""
     return max(1, int(quorum_timeout))
 
 

@@ -56,6 +56,7 @@ from waiting import wait_for
 
 from attacks import OUTSIDE_NS, REFUSED, Attacks, attacker_pod
 from lepton_operator import config as operator_config
+from lepton_operator.core.status import get_condition
 from lepton_trainer.compress import AUTO_CANDIDATES_EXPORTED
 from realenv import RELEASE_NS, ROOT, dump, localcluster, pod_logs, record, security
 
@@ -774,8 +775,8 @@ def _lighthouse_timeline(c, t_delete: float, t_serving: float, t_step: float) ->
         return round(_ts(stamp) - t_delete, 1) if stamp else None
 
     rdzv = _json(c, "get", "pod", f"{FT_JOB}-rdzv", "-n", NS)
-    ready = next((x.get("lastTransitionTime") for x in rdzv["status"].get("conditions") or ()
-                  if x["type"] == "Ready" and x["status"] == "True"), None)
+    ready_condition = get_condition(rdzv["status"].get("conditions"), "Ready") or {}
+    ready = ready_condition.get("lastTransitionTime") if ready_condition.get("status") == "True" else None
     started = next((s["state"].get("running", {}).get("startedAt") for s in rdzv["status"].get(
         "containerStatuses") or ()), None)
     return {"lighthouse_created": at(rdzv["metadata"]["creationTimestamp"]), "lighthouse_started": at(started),
@@ -793,7 +794,7 @@ def _job_status(c, name: str) -> dict:
 
 
 def _ready(status: dict) -> dict:
-    return next((x for x in status.get("conditions", []) if x["type"] == "Ready"), {})
+    return get_condition(status.get("conditions"), "Ready") or {}
 
 
 def test_a_store_its_workers_cannot_reach_is_reported_and_never_counted(workspace):

@@ -242,14 +242,15 @@ def test_admission_gates_concurrency_and_memory_and_names_the_limits():
     assert (limits.budget, limits.max_rows) == (500, 5)          # 85% of 1000, less 350; 500 // 100
     gate.calibrate(limits)
     a = gate.enter(body_bytes=50)                                  # reserves 2 * 50
-    gate.add_rows(a, 3)                                            # and 300
-    assert gate.bytes == 400
+    assert gate.bytes == 100
+    gate.add_rows(a, 3)                                            # then 300 in its place
+    assert gate.bytes == 300
     b = gate.enter(body_bytes=0)
     with pytest.raises(admission.Refused) as busy:                 # a third request at once
         gate.enter(body_bytes=0)
     assert busy.value.reason == "concurrency" and not busy.value.too_large
     with pytest.raises(admission.Refused) as memory:               # fits alone, not beside a
-        gate.add_rows(b, 2)
+        gate.add_rows(b, 3)
     assert memory.value.reason == "memory" and not memory.value.too_large
     with pytest.raises(admission.Refused) as large:                # never fits
         gate.add_rows(b, 6)
@@ -258,5 +259,9 @@ def test_admission_gates_concurrency_and_memory_and_names_the_limits():
     gate.leave(a)
     gate.add_rows(b, 5)                                            # the whole budget, now free
     gate.leave(b)
+    c = gate.enter(body_bytes=200)                                 # the most rows, with a body beside
+    gate.add_rows(c, 5)                                            # them, fit an idle server
+    assert gate.bytes == 500
+    gate.leave(c)
     assert (gate.bytes, gate.requests) == (0, 0)
     assert refused == ["concurrency", "memory", "too_large"]

@@ -6,8 +6,12 @@ Every inference request (REST and gRPC alike) passes three gates before it is co
 1. **Concurrency**: at most ``max_concurrent`` requests are admitted at once (from the
    moment their headers arrive until they are answered); one more is refused at once.
 2. **Memory**: an admitted request reserves bytes from a budget: its body (times
-   ``BODY_FACTOR``: the body and what it decodes to) when it arrives, then its rows times
-   the measured bytes per row once it is decoded. A request that could never fit (more
+   ``BODY_FACTOR``: the body and what it decodes to) when it arrives; once it is decoded,
+   its rows times the measured bytes per row replace that reservation (what decoding made
+   of a JSON body is gone by then, and a binary body is the input tensors, which the bytes
+   of a row count twice; the raw text of a JSON body, held until the answer, is left to
+   the limit's headroom), so a request of ``max_rows`` rows always fits an idle server,
+   as the model configuration promises. A request that could never fit (more
    rows than ``max_rows``, or a body larger than the whole budget) is *too large*; one
    that does not fit now, beside the requests already admitted, is refused as *memory*.
 3. **The batch queue** (in :class:`serve.Batcher`): at most ``--max-queued-requests``
@@ -193,13 +197,15 @@ class Admission:
         self._reserve(ticket, body_bytes * BODY_FACTOR, f"a body of {body_bytes} bytes")
 
     def add_rows(self, ticket: Ticket, rows: int) -> None:
-        """Reserve the memory of a decoded request's ``rows``."""
+        """Reserve the memory of a decoded request's ``rows`` in place of its body's."""
         lim = self.limits
         if lim is None:
             return
         if rows > lim.max_rows:
             raise self._refuse("too_large", f"request too large: {rows} rows, the limit is {lim.max_rows} "
                                             f"rows per request ({lim.describe()})")
+        self.bytes -= ticket.bytes
+        ticket.bytes = 0
         self._reserve(ticket, rows * lim.row_bytes, f"{rows} rows")
 
     def _reserve(self, ticket: Ticket, size: int, what: str) -> None:

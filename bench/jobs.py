@@ -524,7 +524,7 @@ def plot(result: dict, path: Path) -> None:
             ys = [float(str(next((value(r) for r in result["rows"] if r["operator"] == name and r["jobs"] == s),
                                  0) or 0).lstrip(">")) for s in sizes]     # ">600": a lower bound
             bars = ax.bar([i + (j - (len(names) - 1) / 2) * 0.38 for i in range(len(sizes))], ys, 0.36, label=name)
-            ax.bar_label(bars, fmt="%.3g", fontsize=8)
+            ax.bar_label(bars, fmt=lambda v: f"{v:,.0f}" if v >= 1000 else f"{v:.3g}", fontsize=8)
         ax.set_xticks(range(len(sizes)), [f"{s:,} jobs" for s in sizes])
         ax.set_title(title, fontsize=10)
     axes.flat[0].legend(fontsize=8)

@@ -355,9 +355,10 @@ def test_a_canary_judged_on_time_to_first_token_against_stable_promotes_a_revisi
     of its tokens before its first, so its p95 is many times the stable one's (with answers
     of about 8 tokens it read 4.9 s against 2.4 s: promoted). It is measured three times, a
     minute apart, so that a minute in which no request happened to wait on it cannot promote
-    it alone. It is rolled back with reason AnalysisFailed and the stable revision keeps serving. Every request is answered 200,
-    but for those in flight on the slow canary when it is retired that its 30 s drain
-    cannot finish (at most one per client, after the rollback)."""
+    it alone. It is rolled back with reason AnalysisFailed and the stable revision keeps
+    serving. Every request is answered 200, but for those in flight on the slow canary when
+    it is retired that its 30 s drain cannot finish (at most one per client, after the
+    rollback)."""
     c, _ = llm_space
     first = _revisions(c)["stable"]
     spec = _spec()

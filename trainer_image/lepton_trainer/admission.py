@@ -204,8 +204,7 @@ class Admission:
         if rows > lim.max_rows:
             raise self._refuse("too_large", f"request too large: {rows} rows, the limit is {lim.max_rows} "
                                             f"rows per request ({lim.describe()})")
-        self.bytes -= ticket.bytes
-        ticket.bytes = 0
+        self._release(ticket)
         self._reserve(ticket, rows * lim.row_bytes, f"{rows} rows")
 
     def _reserve(self, ticket: Ticket, size: int, what: str) -> None:
@@ -223,7 +222,10 @@ class Admission:
         ticket.bytes += size
         self.bytes += size
 
-    def leave(self, ticket: Ticket) -> None:
-        self.requests -= 1
+    def _release(self, ticket: Ticket) -> None:
         self.bytes -= ticket.bytes
         ticket.bytes = 0
+
+    def leave(self, ticket: Ticket) -> None:
+        self.requests -= 1
+        self._release(ticket)
